@@ -1,0 +1,163 @@
+"""Check a composed config before any work starts, and fill in its `auto` values.
+
+Each problem raises one `ConfigError` naming the key, the value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import torch
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+from gdlab.data import N_CLASSES
+from gdlab.model import ACTIVATIONS, HEADS, INITS, LOSS_FOR_HEAD, LOSSES
+from gdlab.optimizers import FAILURE_MODES, OPTIMIZERS, RESETS
+
+BACKPROPS = ("autograd", "manual")
+ACCELERATORS = ("auto", "cpu", "gpu")
+PRECISIONS = (32, 64)
+DIRECTIONS = ("minimize", "maximize")
+TRAIN_METRICS = ("train/loss", "train/acc")
+TEST_METRICS = ("test/loss", "test/acc")
+
+
+class ConfigError(ValueError):
+    """A config value outside what gdlab accepts."""
+
+
+def _allowed(values) -> str:
+    return "|".join(str(v) for v in values)
+
+
+def check_choice(cfg, key: str, allowed) -> None:
+    value = OmegaConf.select(cfg, key)
+    if value not in allowed:
+        raise ConfigError(f"{key}={value!r} is not allowed; choose one of {_allowed(allowed)}")
+
+
+def check_number(cfg, key: str, low=None, high=None, *, low_open=False, high_open=False,
+                 integer=False, optional=False) -> None:  # fmt: skip
+    value = OmegaConf.select(cfg, key)
+    if value is None and optional:
+        return
+    kind = "an integer" if integer else "a number"
+    is_number = isinstance(value, int) if integer else isinstance(value, int | float)
+    if isinstance(value, bool) or not is_number:
+        raise ConfigError(f"{key}={value!r} must be {kind}")
+    too_low = low is not None and (value <= low if low_open else value < low)
+    too_high = high is not None and (value >= high if high_open else value > high)
+    if too_low or too_high:
+        left = "(" if low_open else "["
+        right = ")" if high_open else "]"
+        lo = "-inf" if low is None else low
+        hi = "inf" if high is None else high
+        raise ConfigError(f"{key}={value!r} is out of range; allowed: {kind} in {left}{lo}, {hi}{right}")
+
+
+def validate(cfg: DictConfig) -> DictConfig:
+    """Return a checked copy of `cfg` with model.head and loss resolved from `auto`."""
+    cfg = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
+    _check_dataset(cfg)
+    _check_model(cfg)
+    _check_init(cfg)
+    _check_optimizer(cfg)
+    _check_trainer(cfg)
+    check_choice(cfg, "backprop", BACKPROPS)
+    check_number(cfg, "seed", 0, integer=True)
+    check_choice(cfg, "direction", DIRECTIONS)
+    metrics = TRAIN_METRICS + (TEST_METRICS if cfg.dataset.test_size > 0 else ())
+    if cfg.objective in TEST_METRICS and cfg.objective not in metrics:
+        raise ConfigError(
+            f"objective={cfg.objective!r} needs a test split but dataset.test_size=0; "
+            f"choose one of {_allowed(metrics)} or set dataset.test_size in (0, 1)"
+        )
+    check_choice(cfg, "objective", metrics)
+    return cfg
+
+
+def _check_dataset(cfg) -> None:
+    check_choice(cfg, "dataset.name", tuple(N_CLASSES))
+    check_number(cfg, "dataset.test_size", 0, 1, high_open=True)
+    check_number(cfg, "dataset.noise", 0)
+    check_number(cfg, "dataset.repeats", 1, integer=True)
+    check_number(cfg, "dataset.random_state", 0, integer=True)
+    check_number(cfg, "dataset.n_samples", 4, integer=True, optional=True)
+    check_choice(cfg, "dataset.standardize", (True, False))
+
+
+def _check_model(cfg) -> None:
+    check_number(cfg, "model.depth", 0, integer=True)
+    width = cfg.model.width
+    if isinstance(width, ListConfig | list):
+        if len(width) != cfg.model.depth:
+            raise ConfigError(
+                f"model.width={list(width)} has {len(width)} entries but model.depth={cfg.model.depth}; "
+                "give one width per hidden layer, or a single int"
+            )
+        for i in range(len(width)):
+            check_number(cfg, f"model.width.{i}", 1, integer=True)
+    else:
+        check_number(cfg, "model.width", 1, integer=True)
+    check_choice(cfg, "model.activation", tuple(ACTIVATIONS))
+    check_choice(cfg, "model.head", ("auto", *HEADS))
+    check_choice(cfg, "loss", ("auto", *LOSSES))
+
+    n_classes = N_CLASSES[cfg.dataset.name]
+    if cfg.model.head == "auto":
+        cfg.model.head = "sigmoid" if n_classes == 2 else "softmax"
+    if cfg.model.head == "sigmoid" and n_classes != 2:
+        raise ConfigError(
+            f"model.head=sigmoid fits 2 classes but dataset={cfg.dataset.name} has {n_classes}; "
+            "use model.head=softmax"
+        )
+    if cfg.loss == "auto":
+        cfg.loss = "bce" if cfg.model.head == "sigmoid" else "ce"
+    needed_head = LOSS_FOR_HEAD.get(cfg.loss)
+    if needed_head is not None and needed_head != cfg.model.head:
+        fits = [loss for loss in LOSSES if LOSS_FOR_HEAD.get(loss, cfg.model.head) == cfg.model.head]
+        raise ConfigError(
+            f"loss={cfg.loss} needs model.head={needed_head}; with model.head={cfg.model.head} "
+            f"choose loss from {_allowed(fits)}"
+        )
+
+
+def _check_init(cfg) -> None:
+    check_choice(cfg, "init.name", INITS)
+    if cfg.init.name in ("small", "normal"):
+        check_number(cfg, "init.std", 0, low_open=True)
+
+
+def _check_optimizer(cfg) -> None:
+    check_choice(cfg, "optimizer.name", OPTIMIZERS)
+    check_number(cfg, "optimizer.lr", 0, low_open=True)
+    name = cfg.optimizer.name
+    if "batch_size" in cfg.optimizer:
+        check_number(cfg, "optimizer.batch_size", 1, integer=True, optional=True)
+    if name in ("sgd", "momentum"):
+        check_number(cfg, "optimizer.momentum", 0, 1, high_open=True)
+        check_choice(cfg, "optimizer.nesterov", (True, False))
+        if cfg.optimizer.nesterov and cfg.optimizer.momentum == 0:
+            raise ConfigError("optimizer.nesterov=true needs optimizer.momentum in (0, 1)")
+    if name == "lbfgs":
+        check_number(cfg, "optimizer.max_iter", 1, integer=True)
+        check_number(cfg, "optimizer.history_size", 1, integer=True)
+    if name == "backtracking":
+        check_number(cfg, "optimizer.c", 0, 1, low_open=True, high_open=True)
+        check_number(cfg, "optimizer.beta", 0, 1, low_open=True, high_open=True)
+        check_choice(cfg, "optimizer.reset", RESETS)
+        check_number(cfg, "optimizer.growth", 1)
+        check_number(cfg, "optimizer.lr_max", cfg.optimizer.lr)
+        check_number(cfg, "optimizer.lr_min", 0, cfg.optimizer.lr, low_open=True)
+        check_number(cfg, "optimizer.max_backtracks", 0, integer=True)
+        check_choice(cfg, "optimizer.on_failure", FAILURE_MODES)
+        check_number(cfg, "optimizer.tiny_step", 0, low_open=True)
+
+
+def _check_trainer(cfg) -> None:
+    check_number(cfg, "trainer.max_epochs", 1, integer=True)
+    check_choice(cfg, "trainer.accelerator", ACCELERATORS)
+    check_choice(cfg, "trainer.precision", PRECISIONS)
+    check_number(cfg, "trainer.stop_loss", 0, optional=True)
+    if cfg.trainer.accelerator == "gpu" and not torch.cuda.is_available():
+        raise ConfigError(
+            "trainer.accelerator=gpu but no CUDA GPU is available here; use trainer.accelerator=cpu|auto"
+        )

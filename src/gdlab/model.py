@@ -1,0 +1,178 @@
+"""The MLP, its losses, and a hand-written backward pass.
+
+Weights are stored as the labs write them: ``W[l]`` has shape (fan_in, fan_out), so a layer is
+``Z = A_prev @ W + b`` and the backward pass is ``dW = A_prev.T @ dZ``, ``db = sum_rows(dZ)``,
+``dA_prev = dZ @ W.T``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+# name -> (g, g') with g'(Z, A) the derivative at the pre-activation Z, given A = g(Z) to reuse.
+ACTIVATIONS = {
+    "sigmoid": (torch.sigmoid, lambda Z, A: A * (1 - A)),
+    "tanh": (torch.tanh, lambda Z, A: 1 - A * A),
+    "relu": (torch.relu, lambda Z, A: (Z > 0).to(Z.dtype)),
+}
+HEADS = ("sigmoid", "softmax")
+LOSSES = ("bce", "ce", "mse")
+LOSS_FOR_HEAD = {"bce": "sigmoid", "ce": "softmax"}  # mse fits either head
+INITS = ("small", "normal", "xavier", "he", "torch_default", "zeros")
+
+
+def head_output(Z: Tensor, head: str) -> Tensor:
+    """The network's prediction from the last layer's logits."""
+    return torch.sigmoid(Z) if head == "sigmoid" else torch.softmax(Z, dim=1)
+
+
+def encode_targets(y: Tensor, head: str, n_classes: int, dtype: torch.dtype) -> Tensor:
+    """Class indices -> targets shaped like the logits: (N, 1) for a sigmoid head, one-hot for softmax."""
+    if head == "sigmoid":
+        return y.to(dtype).unsqueeze(1)
+    return F.one_hot(y, n_classes).to(dtype)
+
+
+def compute_loss(Z: Tensor, T: Tensor, head: str, loss: str) -> Tensor:
+    """Mean loss over the batch. bce and ce work on the logits for numerical stability."""
+    if loss == "bce":
+        return F.binary_cross_entropy_with_logits(Z, T)
+    if loss == "ce":
+        return -(T * torch.log_softmax(Z, dim=1)).sum(dim=1).mean()
+    return ((head_output(Z, head) - T) ** 2).mean()  # mse: L = 1/n sum (y - y_hat)^2, as in lab 000
+
+
+def output_delta(Z: Tensor, T: Tensor, head: str, loss: str) -> Tensor:
+    """dZ at the last layer: the derivative of ``compute_loss`` with respect to the logits."""
+    Y_hat = head_output(Z, head)
+    if loss in ("bce", "ce"):
+        return (Y_hat - T) / Z.shape[0]
+    dY_hat = 2 * (Y_hat - T) / T.numel()
+    if head == "sigmoid":
+        return dY_hat * Y_hat * (1 - Y_hat)
+    return Y_hat * (dY_hat - (dY_hat * Y_hat).sum(dim=1, keepdim=True))  # softmax Jacobian
+
+
+def accuracy(Z: Tensor, T: Tensor, head: str) -> Tensor:
+    if head == "sigmoid":
+        return ((Z > 0) == (T > 0.5)).to(Z.dtype).mean()
+    return (Z.argmax(dim=1) == T.argmax(dim=1)).to(Z.dtype).mean()
+
+
+class MLP(nn.Module):
+    """depth hidden layers of `activation`, then a linear layer whose logits feed `head`."""
+
+    def __init__(self, sizes: list[int], activation: str, head: str, loss: str):
+        super().__init__()
+        self.sizes, self.activation, self.head, self.loss_name = list(sizes), activation, head, loss
+        pairs = list(zip(sizes[:-1], sizes[1:], strict=True))
+        self.W = nn.ParameterList(nn.Parameter(torch.empty(i, o)) for i, o in pairs)
+        self.b = nn.ParameterList(nn.Parameter(torch.zeros(o)) for _, o in pairs)
+
+    @property
+    def n_layers(self) -> int:
+        return len(self.W)
+
+    def forward(self, X: Tensor, cache: list | None = None) -> Tensor:
+        """Logits of the last layer. With `cache`, keeps (A_prev, Z, A) per layer for `backward`."""
+        g, _ = ACTIVATIONS[self.activation]
+        A = X
+        for l in range(self.n_layers):
+            Z = A @ self.W[l] + self.b[l]
+            A_next = g(Z) if l < self.n_layers - 1 else Z
+            if cache is not None:
+                cache.append((A, Z, A_next))
+            A = A_next
+        return Z
+
+    def loss(self, Z: Tensor, T: Tensor) -> Tensor:
+        return compute_loss(Z, T, self.head, self.loss_name)
+
+    def accuracy(self, Z: Tensor, T: Tensor) -> Tensor:
+        return accuracy(Z, T, self.head)
+
+    def predict_proba(self, X: Tensor) -> Tensor:
+        with torch.no_grad():
+            return head_output(self(X), self.head)
+
+    def backward(self, cache: list, T: Tensor) -> list[tuple[Tensor, Tensor]]:
+        """Hand-written backpropagation: [(dW, db)] per layer, from the forward `cache`."""
+        _, g_prime = ACTIVATIONS[self.activation]
+        _, Z_L, _ = cache[-1]
+        dZ = output_delta(Z_L, T, self.head, self.loss_name)
+        grads = [None] * self.n_layers
+        for l in reversed(range(self.n_layers)):
+            A_prev, _, _ = cache[l]
+            dW = A_prev.T @ dZ
+            db = dZ.sum(dim=0)
+            grads[l] = (dW, db)
+            if l > 0:
+                dA = dZ @ self.W[l].T
+                _, Z_prev, A_prev_act = cache[l - 1]
+                dZ = dA * g_prime(Z_prev, A_prev_act)
+        return grads
+
+    def manual_loss(self, X: Tensor, T: Tensor) -> tuple[Tensor, Tensor]:
+        """(loss, logits) whose gradient comes from `backward`, not from autograd's graph."""
+        return ManualBackprop.apply(self, X, T, *self.parameters())
+
+    def layer_grad_norms(self) -> Tensor:
+        """sqrt(|dW|^2 + |db|^2) per layer, from the current .grad."""
+        return torch.stack(
+            [torch.linalg.vector_norm(torch.cat([W.grad.flatten(), b.grad])) for W, b in zip(self.W, self.b, strict=True)]
+        )
+
+
+class ManualBackprop(torch.autograd.Function):
+    """Routes the hand-written gradients into `.grad`, so both gradient modes share one training loop."""
+
+    @staticmethod
+    def forward(ctx, model: MLP, X: Tensor, T: Tensor, *params: Tensor):
+        cache: list = []
+        Z = model.forward(X, cache)
+        ctx.model, ctx.cache, ctx.T = model, cache, T
+        ctx.mark_non_differentiable(Z)
+        return model.loss(Z, T), Z
+
+    @staticmethod
+    def backward(ctx, dloss: Tensor, _dZ: Tensor):
+        grads = ctx.model.backward(ctx.cache, ctx.T)
+        # parameters() yields all W, then all b (ParameterList registration order).
+        dWs = [dW * dloss for dW, _ in grads]
+        dbs = [db * dloss for _, db in grads]
+        return (None, None, None, *dWs, *dbs)
+
+
+def build_model(sizes: list[int], activation: str, head: str, loss: str) -> MLP:
+    return MLP(sizes, activation, head, loss)
+
+
+def layer_sizes(n_features: int, depth: int, width, n_outputs: int) -> list[int]:
+    widths = [width] * depth if isinstance(width, int) else list(width)
+    return [n_features, *widths, n_outputs]
+
+
+@torch.no_grad()
+def initialize(model: MLP, scheme: str, std: float | None = None) -> None:
+    """Draw W in float32 and in layer order (W1, [b1], W2, ...), so a seed gives the labs' numbers."""
+    for W, b in zip(model.W, model.b, strict=True):
+        fan_in, fan_out = W.shape
+        b.zero_()
+        if scheme in ("small", "normal"):
+            W.copy_(torch.randn(fan_in, fan_out) * std)
+        elif scheme == "xavier":
+            W.copy_(torch.randn(fan_in, fan_out) * math.sqrt(2.0 / (fan_in + fan_out)))
+        elif scheme == "he":
+            W.copy_(torch.randn(fan_in, fan_out) * math.sqrt(2.0 / fan_in))
+        elif scheme == "torch_default":
+            linear = nn.Linear(fan_in, fan_out)  # draws weight then bias, as nn.Linear does in the labs
+            W.copy_(linear.weight.T)
+            b.copy_(linear.bias)
+        elif scheme == "zeros":
+            W.zero_()
+        else:
+            raise ValueError(f"unknown init scheme {scheme!r}")

@@ -1,0 +1,165 @@
+"""Entry points: `gdlab-train` (a Hydra app) and `gdlab.run([...])` for notebooks.
+
+conf -> validate -> build (data, model, optimizer) -> fit (Lightning) -> final metrics -> objective.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import sys
+import time
+import warnings
+from dataclasses import dataclass, field
+
+import hydra
+import pandas as pd
+import pytorch_lightning as pl
+import torch
+from hydra import compose, initialize_config_module
+from omegaconf import DictConfig
+
+from gdlab.config import ConfigError, validate
+from gdlab.data import N_CLASSES, Dataset, load_dataset, make_loader
+from gdlab.model import MLP, build_model, encode_targets, initialize, layer_sizes
+from gdlab.module import GDLabModule
+
+CONFIG_MODULE = "gdlab.conf"
+DTYPES = {32: torch.float32, 64: torch.float64}
+LIGHTNING_PRECISION = {32: "32-true", 64: "64-true"}
+
+
+@dataclass
+class RunResult:
+    history: pd.DataFrame  # one row per epoch, one column per logged value
+    final: dict  # final metrics (at the trained weights), evaluation counts, wall time, objective
+    model: MLP
+    config: DictConfig
+    data: Dataset = field(repr=False)
+
+
+def compose_config(overrides: list[str] | None = None, config_name: str = "config") -> DictConfig:
+    """The composed config of `overrides`, as `gdlab-train` would see it (not yet validated)."""
+    with initialize_config_module(CONFIG_MODULE):
+        return compose(config_name, overrides=list(overrides or []))
+
+
+def run(overrides: list[str] | None = None) -> RunResult:
+    """Train one run from CLI-style overrides, e.g. ``run(["dataset=xor", "optimizer.lr=0.5"])``."""
+    return fit(validate(compose_config(overrides)))
+
+
+def build(cfg: DictConfig) -> tuple[Dataset, MLP]:
+    dtype = DTYPES[cfg.trainer.precision]
+    head = cfg.model.head
+    pl.seed_everything(cfg.seed, verbose=False)
+    n_classes = N_CLASSES[cfg.dataset.name]
+    data = load_dataset(cfg.dataset, lambda y, dt: encode_targets(y, head, n_classes, dt), dtype)
+    n_outputs = 1 if head == "sigmoid" else data.n_classes
+    sizes = layer_sizes(data.n_features, cfg.model.depth, cfg.model.width, n_outputs)
+    model = build_model(sizes, cfg.model.activation, head, cfg.loss)
+    initialize(model, cfg.init.name, cfg.init.get("std"))
+    return data, model.to(dtype)
+
+
+def make_trainer(cfg: DictConfig) -> pl.Trainer:
+    return pl.Trainer(
+        max_epochs=cfg.trainer.max_epochs,
+        accelerator=cfg.trainer.accelerator,
+        devices=1,
+        precision=LIGHTNING_PRECISION[cfg.trainer.precision],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+    )
+
+
+def fit(cfg: DictConfig) -> RunResult:
+    """Train a validated config and measure the result."""
+    data, model = build(cfg)
+    module = GDLabModule(model, cfg.optimizer, cfg.backprop, data.test, cfg.trainer.stop_loss)
+    loader = make_loader(data.train, cfg.optimizer.get("batch_size"), cfg.seed)
+    started = time.perf_counter()
+    with quiet_lightning():
+        make_trainer(cfg).fit(module, train_dataloaders=loader)
+    wall_time = time.perf_counter() - started
+    model = module.model.cpu()
+    final = final_metrics(model, data)
+    final.update(
+        epochs=len(module.history),
+        evals_fwd=module.evals["fwd"],
+        evals_fwdbwd=module.evals["fwdbwd"],
+        evals=module.evals["fwd"] + module.evals["fwdbwd"],
+        ls_failures=module.ls_failures,
+        wall_time=wall_time,
+        diverged_at=module.diverged_at,
+    )
+    final["objective"] = math.nan if module.diverged_at is not None else final[cfg.objective]
+    return RunResult(pd.DataFrame(module.history), final, model, cfg, data)
+
+
+@torch.no_grad()
+def final_metrics(model: MLP, data: Dataset) -> dict:
+    final = {}
+    for name, split in (("train", data.train), ("test", data.test)):
+        if split is None:
+            continue
+        Z = model(split.X)
+        final[f"{name}/loss"] = float(model.loss(Z, split.T))
+        final[f"{name}/acc"] = float(model.accuracy(Z, split.T))
+    return final
+
+
+class quiet_lightning:
+    """Silence Lightning's banner lines and its warnings about our deliberate choices."""
+
+    NAMES = ("pytorch_lightning", "lightning.pytorch", "lightning.fabric", "lightning_fabric")
+
+    def __enter__(self):
+        self._levels = {n: logging.getLogger(n).level for n in self.NAMES}
+        for n in self.NAMES:
+            logging.getLogger(n).setLevel(logging.ERROR)
+        self._warnings = warnings.catch_warnings()
+        self._warnings.__enter__()
+        warnings.filterwarnings("ignore", module="pytorch_lightning")
+        warnings.filterwarnings("ignore", module="lightning_fabric")
+
+    def __exit__(self, *exc):
+        self._warnings.__exit__(*exc)
+        for n, level in self._levels.items():
+            logging.getLogger(n).setLevel(level)
+
+
+def summary(result: RunResult) -> str:
+    f, cfg = result.final, result.config
+    parts = [f"{k}={f[k]:.6g}" for k in ("train/loss", "train/acc", "test/loss", "test/acc") if k in f]
+    lines = [
+        f"gdlab: {cfg.dataset.name} {cfg.optimizer.name} lr={cfg.optimizer.lr} depth={cfg.model.depth} "
+        f"backprop={cfg.backprop} seed={cfg.seed}",
+        "final: " + " ".join(parts),
+        f"epochs={f['epochs']} evals={f['evals']} (forward {f['evals_fwd']}, forward+backward "
+        f"{f['evals_fwdbwd']}) line_search_failures={f['ls_failures']} wall_time={f['wall_time']:.2f}s",
+    ]
+    if f["diverged_at"] is not None:
+        lines.append(f"diverged: loss became NaN/inf at epoch {f['diverged_at']}; objective is NaN")
+    lines.append(f"objective {cfg.objective} ({cfg.direction}) = {f['objective']:.6g}")
+    return "\n".join(lines)
+
+
+@hydra.main(config_path="pkg://gdlab.conf", config_name="config")
+def main(cfg: DictConfig) -> float:
+    try:
+        cfg = validate(cfg)
+    except ConfigError as error:
+        print(f"gdlab-train: error: {error}", file=sys.stderr)
+        sys.exit(2)
+    result = fit(cfg)
+    print(summary(result), flush=True)
+    return result.final["objective"]
+
+
+if __name__ == "__main__":
+    main()
