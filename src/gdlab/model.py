@@ -59,8 +59,8 @@ def output_delta(Z: Tensor, T: Tensor, head: str, loss: str) -> Tensor:
 
 def accuracy(Z: Tensor, T: Tensor, head: str) -> Tensor:
     if head == "sigmoid":
-        return ((Z > 0) == (T > 0.5)).to(Z.dtype).mean()
-    return (Z.argmax(dim=1) == T.argmax(dim=1)).to(Z.dtype).mean()
+        return ((Z > 0).to(T.dtype) == T).to(Z.dtype).mean()
+    return T.gather(1, Z.argmax(dim=1, keepdim=True)).mean()  # T is one-hot
 
 
 class MLP(nn.Module):
@@ -69,21 +69,32 @@ class MLP(nn.Module):
     def __init__(self, sizes: list[int], activation: str, head: str, loss: str):
         super().__init__()
         self.sizes, self.activation, self.head, self.loss_name = list(sizes), activation, head, loss
-        pairs = list(zip(sizes[:-1], sizes[1:], strict=True))
-        self.W = nn.ParameterList(nn.Parameter(torch.empty(i, o)) for i, o in pairs)
-        self.b = nn.ParameterList(nn.Parameter(torch.zeros(o)) for _, o in pairs)
+        # Parameters W1, b1, W2, b2, ... as in the labs; `layers` keeps them in a plain list
+        # because ParameterList indexing costs more than the matmul on these tiny networks.
+        self.layers: list[tuple[nn.Parameter, nn.Parameter]] = []
+        for l, (fan_in, fan_out) in enumerate(zip(sizes[:-1], sizes[1:], strict=True), start=1):
+            W, b = nn.Parameter(torch.empty(fan_in, fan_out)), nn.Parameter(torch.zeros(fan_out))
+            self.register_parameter(f"W{l}", W)
+            self.register_parameter(f"b{l}", b)
+            self.layers.append((W, b))
+        self.n_layers = len(self.layers)
 
     @property
-    def n_layers(self) -> int:
-        return len(self.W)
+    def W(self) -> list[nn.Parameter]:
+        return [W for W, _ in self.layers]
+
+    @property
+    def b(self) -> list[nn.Parameter]:
+        return [b for _, b in self.layers]
 
     def forward(self, X: Tensor, cache: list | None = None) -> Tensor:
         """Logits of the last layer. With `cache`, keeps (A_prev, Z, A) per layer for `backward`."""
         g, _ = ACTIVATIONS[self.activation]
+        last = self.n_layers - 1
         A = X
-        for l in range(self.n_layers):
-            Z = A @ self.W[l] + self.b[l]
-            A_next = g(Z) if l < self.n_layers - 1 else Z
+        for l, (W, b) in enumerate(self.layers):
+            Z = A @ W + b
+            A_next = g(Z) if l < last else Z
             if cache is not None:
                 cache.append((A, Z, A_next))
             A = A_next
@@ -111,7 +122,8 @@ class MLP(nn.Module):
             db = dZ.sum(dim=0)
             grads[l] = (dW, db)
             if l > 0:
-                dA = dZ @ self.W[l].T
+                W, _ = self.layers[l]
+                dA = dZ @ W.T
                 _, Z_prev, A_prev_act = cache[l - 1]
                 dZ = dA * g_prime(Z_prev, A_prev_act)
         return grads
@@ -120,11 +132,9 @@ class MLP(nn.Module):
         """(loss, logits) whose gradient comes from `backward`, not from autograd's graph."""
         return ManualBackprop.apply(self, X, T, *self.parameters())
 
-    def layer_grad_norms(self) -> Tensor:
-        """sqrt(|dW|^2 + |db|^2) per layer, from the current .grad."""
-        return torch.stack(
-            [torch.linalg.vector_norm(torch.cat([W.grad.flatten(), b.grad])) for W, b in zip(self.W, self.b, strict=True)]
-        )
+    def grad_norms(self) -> Tensor:
+        """[|dW1|, |db1|, |dW2|, ...] from the current .grad, in one call."""
+        return torch.stack(torch._foreach_norm([p.grad for layer in self.layers for p in layer]))
 
 
 class ManualBackprop(torch.autograd.Function):
@@ -141,10 +151,8 @@ class ManualBackprop(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dloss: Tensor, _dZ: Tensor):
         grads = ctx.model.backward(ctx.cache, ctx.T)
-        # parameters() yields all W, then all b (ParameterList registration order).
-        dWs = [dW * dloss for dW, _ in grads]
-        dbs = [db * dloss for _, db in grads]
-        return (None, None, None, *dWs, *dbs)
+        # parameters() yields W1, b1, W2, b2, ... (registration order).
+        return (None, None, None, *(d * dloss for layer in grads for d in layer))
 
 
 def build_model(sizes: list[int], activation: str, head: str, loss: str) -> MLP:
@@ -159,7 +167,7 @@ def layer_sizes(n_features: int, depth: int, width, n_outputs: int) -> list[int]
 @torch.no_grad()
 def initialize(model: MLP, scheme: str, std: float | None = None) -> None:
     """Draw W in float32 and in layer order (W1, [b1], W2, ...), so a seed gives the labs' numbers."""
-    for W, b in zip(model.W, model.b, strict=True):
+    for W, b in model.layers:
         fan_in, fan_out = W.shape
         b.zero_()
         if scheme in ("small", "normal"):
@@ -169,7 +177,9 @@ def initialize(model: MLP, scheme: str, std: float | None = None) -> None:
         elif scheme == "he":
             W.copy_(torch.randn(fan_in, fan_out) * math.sqrt(2.0 / fan_in))
         elif scheme == "torch_default":
-            linear = nn.Linear(fan_in, fan_out)  # draws weight then bias, as nn.Linear does in the labs
+            linear = nn.Linear(
+                fan_in, fan_out
+            )  # draws weight then bias, as nn.Linear does in the labs
             W.copy_(linear.weight.T)
             b.copy_(linear.bias)
         elif scheme == "zeros":

@@ -12,6 +12,18 @@ from gdlab.data import Split
 from gdlab.model import MLP
 from gdlab.optimizers import build_optimizer, step_info
 
+_PLAIN_TYPES = (str, bool, int, float, type(None))
+
+
+class EpochState:
+    """What one epoch accumulates: kept off the nn.Module, whose __setattr__ is slow on a hot path."""
+
+    def __init__(self, evals: dict):
+        self.losses, self.accs, self.sizes = [], [], []
+        self.grad_norms = None
+        self.test_metrics: tuple = ()
+        self.evals_before = dict(evals)
+
 
 class GDLabModule(pl.LightningModule):
     """Trains `model` with the configured optimizer; keeps one history row per epoch.
@@ -34,16 +46,31 @@ class GDLabModule(pl.LightningModule):
         self.evals = {"fwd": 0, "fwdbwd": 0}
         self.ls_failures = 0
         self.diverged_at: int | None = None
-        self.epoch_callbacks: list = []  # called with each finished history row
+        self.epoch_callbacks: list = []  # each called with every finished history row
+        self.test_on_device: tuple = ()
+        self.epoch = EpochState(self.evals)
+        self.started = 0.0
+
+    def __setattr__(self, name, value):
+        # Lightning sets bookkeeping attributes (e.g. _current_fx_name) on every hook call, and
+        # nn.Module.__setattr__'s Parameter/Buffer checks make that ~40% of Lightning's per-epoch
+        # cost on these tiny networks. A plain attribute that already exists is set directly,
+        # exactly as nn.Module would end up doing.
+        if type(value) in _PLAIN_TYPES and name in self.__dict__:
+            object.__setattr__(self, name, value)
+        else:
+            super().__setattr__(name, value)
 
     def configure_optimizers(self):
         return build_optimizer(self.optimizer_cfg, self.model.parameters())
 
     def on_fit_start(self) -> None:
-        self._test = None
         if self.test_split is not None:
-            self._test = (self.test_split.X.to(self.device), self.test_split.T.to(self.device))
-        self._t0 = time.perf_counter()
+            self.test_on_device = (
+                self.test_split.X.to(self.device),
+                self.test_split.T.to(self.device),
+            )
+        self.started = time.perf_counter()
 
     def loss_and_logits(self, X, T):
         if self.backprop == "manual":
@@ -52,17 +79,17 @@ class GDLabModule(pl.LightningModule):
         return self.model.loss(Z, T), Z
 
     def on_train_epoch_start(self) -> None:
-        self._epoch = {"loss": [], "acc": [], "n": [], "evals_before": dict(self.evals)}
-        self._grad_norms = None
-        if self._test is not None:
+        self.epoch.__init__(self.evals)
+        if self.test_on_device:
+            X, T = self.test_on_device
             with torch.no_grad():
-                Z = self.model(self._test[0])
-                self._test_metrics = (self.model.loss(Z, self._test[1]), self.model.accuracy(Z, self._test[1]))
+                Z = self.model(X)
+                self.epoch.test_metrics = (self.model.loss(Z, T), self.model.accuracy(Z, T))
 
     def training_step(self, batch, batch_idx):
         X, T = batch
         opt = self.optimizers()
-        first: dict = {}
+        epoch, first_of_step = self.epoch, []
 
         def closure():
             if not torch.is_grad_enabled():  # a line-search trial: forward only
@@ -72,18 +99,18 @@ class GDLabModule(pl.LightningModule):
             loss, Z = self.loss_and_logits(X, T)
             self.manual_backward(loss)
             self.evals["fwdbwd"] += 1
-            if not first:
-                first.update(loss=loss.detach(), acc=self.model.accuracy(Z.detach(), T))
-                self._grad_norms = self.model.layer_grad_norms()
+            if not first_of_step:  # the step's own point w: what the epoch row reports
+                first_of_step.append(True)
+                epoch.losses.append(loss.detach())
+                epoch.accs.append(self.model.accuracy(Z.detach(), T))
+                epoch.sizes.append(X.shape[0])
+                epoch.grad_norms = self.model.grad_norms()
             return loss
 
         opt.step(closure=closure)
-        self._epoch["loss"].append(first["loss"])
-        self._epoch["acc"].append(first["acc"])
-        self._epoch["n"].append(X.shape[0])
 
     def on_train_epoch_end(self) -> None:
-        row = self._epoch_row()
+        row = self.epoch_row()
         self.history.append(row)
         for callback in self.epoch_callbacks:
             callback(row)
@@ -93,41 +120,39 @@ class GDLabModule(pl.LightningModule):
         elif self.stop_loss is not None and row["train/loss"] < self.stop_loss:
             self.trainer.should_stop = True
 
-    def _epoch_row(self) -> dict:
-        e = self._epoch
-        weights = torch.tensor(e["n"], dtype=e["loss"][0].dtype, device=e["loss"][0].device)
-        weights = weights / weights.sum()
-        values = [(torch.stack(e["loss"]) * weights).sum(), (torch.stack(e["acc"]) * weights).sum()]
-        if self._test is not None:
-            values += list(self._test_metrics)
-        grad_norms = self._grad_norms
-        # One device-to-host transfer per epoch for all the scalars.
-        scalars = torch.cat([torch.stack(values), grad_norms]).tolist()
-        n_metrics = len(values)
-        layer_norms = scalars[n_metrics:]
+    def epoch_row(self) -> dict:
+        e = self.epoch
+        if len(e.losses) == 1:
+            train = [e.losses[0], e.accs[0]]
+        else:  # mini-batches: the epoch's mean, weighted by batch size
+            weights = torch.tensor(e.sizes, dtype=e.losses[0].dtype, device=e.losses[0].device)
+            weights = weights / weights.sum()
+            train = [(torch.stack(e.losses) * weights).sum(), (torch.stack(e.accs) * weights).sum()]
+        # One device-to-host transfer per epoch for every scalar.
+        scalars = torch.cat([torch.stack([*train, *e.test_metrics]), e.grad_norms]).tolist()
+        n_metrics = 2 + len(e.test_metrics)
+        norms = scalars[n_metrics:]
         row = {"epoch": self.current_epoch, "train/loss": scalars[0], "train/acc": scalars[1]}
-        if self._test is not None:
+        if e.test_metrics:
             row["test/loss"], row["test/acc"] = scalars[2], scalars[3]
-        row["grad_norm"] = math.sqrt(sum(n * n for n in layer_norms))
-        for l, n in enumerate(layer_norms, start=1):
-            row[f"grad_norm/layer{l}"] = n
+        row["grad_norm"] = math.sqrt(sum(n * n for n in norms))
+        for l in range(len(norms) // 2):
+            row[f"grad_norm/layer{l + 1}"] = math.hypot(norms[2 * l], norms[2 * l + 1])
         info = step_info(self.optimizers().optimizer)
         self.ls_failures += int(info["failed"])
-        fwd = self.evals["fwd"] - e["evals_before"]["fwd"]
-        fwdbwd = self.evals["fwdbwd"] - e["evals_before"]["fwdbwd"]
         row.update(
-            {
-                "loss_before": scalars[0],
-                "loss_after": info["loss_after"],
-                "trial_step": info["trial_step"],
-                "step": info["step"],
-                "backtracks": info["backtracks"],
-                "ls_failed": int(info["failed"]),
-                "ls_failures": self.ls_failures,
-                "evals/fwd": fwd,
-                "evals/fwdbwd": fwdbwd,
+            loss_before=scalars[0],
+            loss_after=info["loss_after"],
+            trial_step=info["trial_step"],
+            step=info["step"],
+            backtracks=info["backtracks"],
+            ls_failed=int(info["failed"]),
+            ls_failures=self.ls_failures,
+            **{
+                "evals/fwd": self.evals["fwd"] - e.evals_before["fwd"],
+                "evals/fwdbwd": self.evals["fwdbwd"] - e.evals_before["fwdbwd"],
                 "evals/total": self.evals["fwd"] + self.evals["fwdbwd"],
-                "time": time.perf_counter() - self._t0,
-            }
+                "time": time.perf_counter() - self.started,
+            },
         )
         return row

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 
 import torch
-from torch.optim import SGD, LBFGS, Adam, Optimizer
+from torch.optim import LBFGS, SGD, Adam, Optimizer
 
 OPTIMIZERS = ("gd", "sgd", "momentum", "backtracking", "adam", "lbfgs")
 RESETS = ("initial", "previous", "grow")
@@ -94,7 +94,11 @@ class Backtracking(Optimizer):
             move_to(step)
             f_after = f0 if step == 0.0 else math.nan
         self.last_step = dict(
-            trial_step=trial, step=step, backtracks=backtracks, loss_after=f_after, failed=not accepted
+            trial_step=trial,
+            step=step,
+            backtracks=backtracks,
+            loss_after=f_after,
+            failed=not accepted,
         )
         return f0
 
