@@ -50,9 +50,7 @@ def check_number(cfg, key: str, low=None, high=None, *, low_open=False, high_ope
         right = ")" if high_open else "]"
         lo = "-inf" if low is None else low
         hi = "inf" if high is None else high
-        raise ConfigError(
-            f"{key}={value!r} is out of range; allowed: {kind} in {left}{lo}, {hi}{right}"
-        )
+        raise ConfigError(f"{key}={value!r} is out of range; allowed: {kind} in {left}{lo}, {hi}{right}")
 
 
 def validate(cfg: DictConfig) -> DictConfig:
@@ -115,9 +113,7 @@ def _check_model(cfg) -> None:
         cfg.loss = "bce" if cfg.model.head == "sigmoid" else "ce"
     needed_head = LOSS_FOR_HEAD.get(cfg.loss)
     if needed_head is not None and needed_head != cfg.model.head:
-        fits = [
-            loss for loss in LOSSES if LOSS_FOR_HEAD.get(loss, cfg.model.head) == cfg.model.head
-        ]
+        fits = [loss for loss in LOSSES if LOSS_FOR_HEAD.get(loss, cfg.model.head) == cfg.model.head]
         raise ConfigError(
             f"loss={cfg.loss} needs model.head={needed_head}; with model.head={cfg.model.head} "
             f"choose loss from {_allowed(fits)}"

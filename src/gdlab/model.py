@@ -177,9 +177,7 @@ def initialize(model: MLP, scheme: str, std: float | None = None) -> None:
         elif scheme == "he":
             W.copy_(torch.randn(fan_in, fan_out) * math.sqrt(2.0 / fan_in))
         elif scheme == "torch_default":
-            linear = nn.Linear(
-                fan_in, fan_out
-            )  # draws weight then bias, as nn.Linear does in the labs
+            linear = nn.Linear(fan_in, fan_out)  # draws weight then bias, as nn.Linear does in the labs
             W.copy_(linear.weight.T)
             b.copy_(linear.bias)
         elif scheme == "zeros":

@@ -135,9 +135,7 @@ class quiet_lightning:
 
 def summary(result: RunResult) -> str:
     f, cfg = result.final, result.config
-    parts = [
-        f"{k}={f[k]:.6g}" for k in ("train/loss", "train/acc", "test/loss", "test/acc") if k in f
-    ]
+    parts = [f"{k}={f[k]:.6g}" for k in ("train/loss", "train/acc", "test/loss", "test/acc") if k in f]
     lines = [
         f"gdlab: {cfg.dataset.name} {cfg.optimizer.name} lr={cfg.optimizer.lr} depth={cfg.model.depth} "
         f"backprop={cfg.backprop} seed={cfg.seed}",
