@@ -46,11 +46,15 @@ def check_number(cfg, key: str, low=None, high=None, *, low_open=False, high_ope
     too_low = low is not None and (value <= low if low_open else value < low)
     too_high = high is not None and (value >= high if high_open else value > high)
     if too_low or too_high:
-        left = "(" if low_open else "["
-        right = ")" if high_open else "]"
-        lo = "-inf" if low is None else low
-        hi = "inf" if high is None else high
-        raise ConfigError(f"{key}={value!r} is out of range; allowed: {kind} in {left}{lo}, {hi}{right}")
+        raise ConfigError(
+            f"{key}={value!r} is out of range; allowed: {kind} {_range(low, high, low_open, high_open)}"
+        )
+
+
+def _range(low, high, low_open: bool, high_open: bool) -> str:
+    if high is None:
+        return f"{'>' if low_open else '>='} {low}"
+    return f"in {'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
 
 
 def validate(cfg: DictConfig) -> DictConfig:

@@ -63,7 +63,7 @@ class Backtracking(Optimizer):
         (group,) = self.param_groups
         params = [p for p in group["params"] if p.grad is not None or p.requires_grad]
         with torch.enable_grad():
-            f0 = float(closure())
+            f0 = closure().item()
         w0 = [p.detach().clone() for p in params]
         grads = [p.grad.detach().clone() for p in params]
         grad_sq = float(sum((g * g).sum() for g in grads))
@@ -76,7 +76,7 @@ class Backtracking(Optimizer):
         accepted, backtracks, f_trial = False, 0, math.nan
         while True:
             move_to(step)
-            f_trial = float(closure())
+            f_trial = closure().item()
             if armijo_condition(f_trial, f0, step, grad_sq, group["c"]):
                 accepted = True
                 break

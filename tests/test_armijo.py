@@ -1,0 +1,120 @@
+"""Armijo backtracking on problems whose answers are known."""
+
+import math
+
+import pytest
+import torch
+
+from gdlab.optimizers import Backtracking, armijo_condition
+
+A = torch.tensor([1.0, 10.0, 100.0], dtype=torch.float64)  # f(w) = 1/2 sum A w^2, L = 100
+
+
+def quadratic_closure(w, f=None):
+    f = f or (lambda w: 0.5 * (A * w * w).sum())
+
+    def closure():
+        if torch.is_grad_enabled():
+            w.grad = None
+            loss = f(w)
+            loss.backward()
+            return loss
+        return f(w)
+
+    return closure
+
+
+def make(lr=1.0, **kwargs):
+    w = torch.tensor([1.0, 1.0, 1.0], dtype=torch.float64, requires_grad=True)
+    return w, Backtracking([w], lr=lr, **kwargs)
+
+
+def test_accepted_step_satisfies_armijo_and_loss_decreases_every_step():
+    w, opt = make(lr=1.0, c=1e-4, beta=0.5)
+    closure = quadratic_closure(w)
+    f_start = previous = closure().item()
+    for _ in range(50):
+        g = A * w.detach()
+        f0 = opt.step(closure)
+        rec = opt.last_step
+        assert f0 == pytest.approx(previous, abs=1e-15)
+        assert not rec["failed"]
+        assert armijo_condition(rec["loss_after"], f0, rec["step"], float(g @ g), 1e-4)
+        assert rec["loss_after"] < f0
+        previous = rec["loss_after"]
+    assert previous < 0.1 * f_start
+
+
+def test_too_large_trial_step_shrinks_to_the_first_armijo_point():
+    w, opt = make(lr=1.0, c=1e-4, beta=0.5)
+    w0 = w.detach().clone()
+    g = A * w0
+    f0 = float(0.5 * (A * w0 * w0).sum())
+    opt.step(quadratic_closure(w))
+    rec = opt.last_step
+    # The accepted step is the largest of 1, 1/2, 1/4, ... meeting the condition.
+    expected, k = 1.0, 0
+    while True:
+        f_trial = float(0.5 * (A * (w0 - expected * g) ** 2).sum())
+        if armijo_condition(f_trial, f0, expected, float(g @ g), 1e-4):
+            break
+        expected, k = expected * 0.5, k + 1
+    assert rec["step"] == expected and rec["backtracks"] == k and k > 0
+    assert rec["trial_step"] == 1.0
+    torch.testing.assert_close(w.detach(), w0 - expected * g, rtol=0, atol=0)
+    assert armijo_condition(rec["loss_after"], f0, rec["step"], float(g @ g), 1e-4)
+
+
+def test_reset_rules_pick_the_first_trial_step():
+    for reset, expected in [("initial", 1.0), ("previous", None), ("grow", None)]:
+        w, opt = make(lr=1.0, reset=reset, growth=2.0, lr_max=5.0)
+        closure = quadratic_closure(w)
+        opt.step(closure)
+        accepted = opt.last_step["step"]
+        opt.step(closure)
+        trial = opt.last_step["trial_step"]
+        if reset == "initial":
+            assert trial == expected
+        elif reset == "previous":
+            assert trial == accepted
+        else:
+            assert trial == min(accepted * 2.0, 5.0)
+
+
+def test_failure_reverts_and_never_stores_a_zero_step():
+    w, opt = make(lr=1.0, beta=0.5, max_backtracks=2)  # 1, 1/2, 1/4 all overshoot on A=100
+    w0 = w.detach().clone()
+    f0 = opt.step(quadratic_closure(w))
+    rec = opt.last_step
+    assert rec["failed"] and rec["backtracks"] == 2 and rec["step"] == 0.0
+    assert rec["loss_after"] == f0
+    torch.testing.assert_close(w.detach(), w0, rtol=0, atol=0)
+    assert opt.last_accepted == 0.25 > 0
+
+
+def test_tiny_step_fallback_moves_by_the_tiny_step():
+    w, opt = make(lr=1.0, max_backtracks=0, on_failure="tiny_step", tiny_step=1e-6)
+    w0 = w.detach().clone()
+    opt.step(quadratic_closure(w))
+    assert opt.last_step["failed"] and opt.last_step["step"] == 1e-6
+    torch.testing.assert_close(w.detach(), w0 - 1e-6 * A * w0, rtol=0, atol=1e-15)
+
+
+def test_non_finite_trial_loss_is_a_failed_test_not_an_acceptance():
+    def f(w):  # NaN once the step overshoots past |w| > 2: a NaN must never pass Armijo
+        value = 0.5 * (A * w * w).sum()
+        return value if float(w.detach().abs().max()) < 2 else value * math.nan
+
+    w, opt = make(lr=1.0, beta=0.5)
+    opt.step(quadratic_closure(w, f))
+    rec = opt.last_step
+    assert not rec["failed"] and rec["backtracks"] > 0
+    assert math.isfinite(rec["loss_after"])
+    assert float(w.detach().abs().max()) < 2
+
+
+@pytest.mark.parametrize("value", [math.nan, math.inf])
+def test_armijo_condition_rejects_non_finite(value):
+    assert not armijo_condition(value, 1.0, 0.1, 1.0, 1e-4)
+    assert armijo_condition(0.5, 1.0, 0.1, 1.0, 1e-4)
+    assert not armijo_condition(0.99999, 1.0, 1.0, 1.0, 0.1)

@@ -1,0 +1,63 @@
+"""gdlab-train as a user runs it: a subprocess with overrides."""
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import gdlab
+
+GDLAB_TRAIN = str(Path(sys.executable).with_name("gdlab-train"))
+
+
+def train(*args, cwd):
+    return subprocess.run([GDLAB_TRAIN, *args], capture_output=True, text=True, cwd=cwd, timeout=300)
+
+
+def parse_final(stdout: str) -> dict:
+    line = next(line for line in stdout.splitlines() if line.startswith("final: "))
+    return {k: float(v) for k, v in re.findall(r"(\S+)=(\S+)", line)}
+
+
+def test_cli_run_prints_the_numbers_gdlab_run_computes(tmp_path):
+    overrides = ["dataset=moons", "optimizer=backtracking", "trainer.max_epochs=40", "backprop=manual",
+                 "objective=test/acc", "direction=maximize"]  # fmt: skip
+    proc = train(*overrides, f"hydra.run.dir={tmp_path}/run", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    expected = gdlab.run(overrides).final
+    printed = parse_final(proc.stdout)
+    for key in ("train/loss", "train/acc", "test/loss", "test/acc"):
+        assert printed[key] == pytest.approx(expected[key], rel=1e-5), key
+    assert f"epochs=40 evals={expected['evals']} " in proc.stdout
+    objective = re.search(r"objective test/acc \(maximize\) = (\S+)", proc.stdout)
+    assert float(objective.group(1)) == pytest.approx(expected["test/acc"], rel=1e-5)
+    saved = (tmp_path / "run" / ".hydra" / "overrides.yaml").read_text()
+    assert "optimizer=backtracking" in saved
+
+
+def test_bad_override_exits_non_zero_with_one_clear_message(tmp_path):
+    proc = train("optimizer.lr=-0.5", f"hydra.run.dir={tmp_path}/run", cwd=tmp_path)
+    assert proc.returncode == 2
+    assert "gdlab-train: error: optimizer.lr=-0.5 is out of range; allowed: a number > 0" in proc.stderr
+    assert "Traceback" not in proc.stderr + proc.stdout
+    assert "final:" not in proc.stdout  # nothing was trained
+
+
+def test_unknown_group_option_lists_the_available_ones(tmp_path):
+    proc = train("optimizer=rmsprop", cwd=tmp_path)
+    assert proc.returncode == 1
+    assert "Could not find 'optimizer/rmsprop'" in proc.stderr
+    for name in ("adam", "backtracking", "gd", "lbfgs", "momentum", "sgd"):
+        assert f"\t{name}\n" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_python_dash_m_is_the_same_app(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "gdlab.train", "dataset=xor", "trainer.max_epochs=3", f"hydra.run.dir={tmp_path}"],
+        capture_output=True, text=True, cwd=tmp_path, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert "epochs=3 evals=3 " in proc.stdout
