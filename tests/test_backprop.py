@@ -101,7 +101,7 @@ def test_init_schemes_have_their_scales():
     ]:
         M.initialize(model, scheme, std if scheme in ("small", "normal") else None)
         W1 = model.layers[0][0]
-        assert abs(float(W1.std()) / std - 1) < 0.02, scheme
+        assert abs(W1.std().item() / std - 1) < 0.02, scheme
         assert float(model.layers[0][1].abs().max()) == 0.0
     M.initialize(model, "zeros")
     assert all(float(p.abs().max()) == 0 for p in model.parameters())

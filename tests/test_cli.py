@@ -56,7 +56,8 @@ def test_unknown_group_option_lists_the_available_ones(tmp_path):
 
 def test_python_dash_m_is_the_same_app(tmp_path):
     proc = subprocess.run(
-        [sys.executable, "-m", "gdlab.train", "dataset=xor", "trainer.max_epochs=3", f"hydra.run.dir={tmp_path}"],
+        [sys.executable, "-m", "gdlab.train", "dataset=xor", "trainer.max_epochs=3",
+         f"hydra.run.dir={tmp_path}"],
         capture_output=True, text=True, cwd=tmp_path, timeout=300,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr

@@ -113,7 +113,8 @@ def test_moons_lab_figures_fixed_lr_vs_backtracking():
     assert fixed.final["train/acc"] == pytest.approx(0.865, abs=0.01)
     assert fixed.final["test/acc"] == pytest.approx(0.86, abs=0.01)
     armijo = gdlab.run([*MOONS_LAB_003, "optimizer=backtracking", "optimizer.lr=1.0", "optimizer.c=1e-4",
-                        "optimizer.beta=0.5", "optimizer.reset=initial", "optimizer.on_failure=tiny_step"])  # fmt: skip
+                        "optimizer.beta=0.5", "optimizer.reset=initial",
+                        "optimizer.on_failure=tiny_step"])  # fmt: skip
     assert armijo.final["test/acc"] == pytest.approx(0.98, abs=0.01)
     assert armijo.final["train/acc"] == pytest.approx(0.98, abs=0.01)
 
