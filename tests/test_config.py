@@ -6,6 +6,11 @@ import gdlab
 from gdlab.config import ConfigError, validate
 from gdlab.train import compose_config
 
+
+def run(overrides):
+    return gdlab.run([*overrides, "tracking=none"])
+
+
 BAD = [
     (["optimizer.lr=0"], "optimizer.lr=0 is out of range; allowed: a number > 0"),
     (["optimizer.lr=-1"], "optimizer.lr=-1 is out of range"),
@@ -50,7 +55,7 @@ BAD = [
 @pytest.mark.parametrize(("overrides", "message"), BAD)
 def test_bad_input_names_key_and_allowed_values(overrides, message):
     with pytest.raises(ConfigError) as error:
-        gdlab.run(overrides)
+        run(overrides)
     assert message in str(error.value)
 
 
@@ -68,4 +73,4 @@ def test_gpu_request_without_a_gpu_is_refused():
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
     with pytest.raises(ConfigError, match="trainer.accelerator=gpu but no CUDA GPU is available"):
-        gdlab.run(["trainer.accelerator=gpu"])
+        run(["trainer.accelerator=gpu"])

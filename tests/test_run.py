@@ -8,6 +8,11 @@ import torch
 
 import gdlab
 
+
+def run(overrides):
+    return gdlab.run([*overrides, "tracking=none"])
+
+
 XOR_LAB_002 = [
     "dataset=xor", "dataset.repeats=500", "model.depth=2", "model.width=8", "model.activation=relu",
     "model.head=softmax", "loss=ce", "init=he", "optimizer=gd", "optimizer.lr=0.1",
@@ -24,15 +29,15 @@ STEP_RECORD = ["loss_before", "loss_after", "trial_step", "step", "backtracks", 
 def test_manual_and_autograd_give_the_same_500_step_curve():
     common = ["dataset=moons", "model.depth=2", "model.width=8", "model.activation=tanh",
               "trainer.max_epochs=500", "optimizer.lr=0.5"]  # fmt: skip
-    auto = gdlab.run([*common, "backprop=autograd"]).history["train/loss"].to_numpy()
-    manual = gdlab.run([*common, "backprop=manual"]).history["train/loss"].to_numpy()
+    auto = run([*common, "backprop=autograd"]).history["train/loss"].to_numpy()
+    manual = run([*common, "backprop=manual"]).history["train/loss"].to_numpy()
     assert len(auto) == len(manual) == 500
     assert auto[-1] < 0.5 * auto[0]
     np.testing.assert_allclose(manual, auto, rtol=0, atol=1e-9)
 
 
 def test_history_has_one_row_per_epoch_and_the_step_record():
-    r = gdlab.run(["dataset=moons", "optimizer=backtracking", "trainer.max_epochs=20"])
+    r = run(["dataset=moons", "optimizer=backtracking", "trainer.max_epochs=20"])
     h = r.history
     assert list(h["epoch"]) == list(range(20))
     for column in ["train/loss", "train/acc", "test/loss", "test/acc", "grad_norm/layer1",
@@ -49,14 +54,14 @@ def test_history_has_one_row_per_epoch_and_the_step_record():
 
 
 def test_gd_record_uses_the_fixed_lr_and_one_evaluation_per_step():
-    h = gdlab.run(["dataset=xor", "optimizer.lr=0.3", "trainer.max_epochs=5"]).history
+    h = run(["dataset=xor", "optimizer.lr=0.3", "trainer.max_epochs=5"]).history
     assert (h["step"] == 0.3).all() and (h["backtracks"] == 0).all() and (h["evals/fwdbwd"] == 1).all()
     assert "test/loss" not in h.columns  # xor: no test split
     assert h["loss_after"].isna().all()  # GD does not measure it; the next row's train/loss is it
 
 
 def test_divergence_stops_at_that_epoch_with_nan_objective():
-    r = gdlab.run(["dataset=moons", "optimizer.lr=1e200", "trainer.max_epochs=50"])
+    r = run(["dataset=moons", "optimizer.lr=1e200", "trainer.max_epochs=50"])
     assert r.final["diverged_at"] is not None and r.final["diverged_at"] < 49
     assert len(r.history) == r.final["diverged_at"] + 1
     assert not math.isfinite(r.history["train/loss"].iloc[-1])
@@ -64,16 +69,14 @@ def test_divergence_stops_at_that_epoch_with_nan_objective():
 
 
 def test_stop_loss_stops_early():
-    r = gdlab.run(
-        ["dataset=moons", "optimizer=backtracking", "trainer.max_epochs=300", "trainer.stop_loss=0.2"]
-    )
+    r = run(["dataset=moons", "optimizer=backtracking", "trainer.max_epochs=300", "trainer.stop_loss=0.2"])
     h = r.history
     assert h["train/loss"].iloc[-1] < 0.2 <= h["train/loss"].iloc[-2]
     assert len(h) < 300
 
 
 def test_minibatch_sgd_reshuffles_and_counts_one_evaluation_per_batch():
-    r = gdlab.run(["dataset=moons", "optimizer=sgd", "optimizer.batch_size=100", "trainer.max_epochs=30"])
+    r = run(["dataset=moons", "optimizer=sgd", "optimizer.batch_size=100", "trainer.max_epochs=30"])
     h = r.history
     assert (h["evals/fwdbwd"] == 4).all()  # 400 training points / 100
     assert h["train/loss"].iloc[-1] < 0.6 * h["train/loss"].iloc[0]
@@ -81,38 +84,38 @@ def test_minibatch_sgd_reshuffles_and_counts_one_evaluation_per_batch():
 
 @pytest.mark.parametrize("optimizer", ["momentum", "adam", "lbfgs"])
 def test_reference_optimizers_learn_moons(optimizer):
-    r = gdlab.run(["dataset=moons", f"optimizer={optimizer}", "trainer.max_epochs=100"])
+    r = run(["dataset=moons", f"optimizer={optimizer}", "trainer.max_epochs=100"])
     assert r.final["test/acc"] > 0.85, r.final
     if optimizer == "lbfgs":
         assert r.final["evals_fwdbwd"] > 100  # the strong-Wolfe search evaluates more than once
 
 
 def test_digits_softmax_and_circles():
-    digits = gdlab.run(["dataset=digits", "model.width=32", "optimizer=adam", "trainer.max_epochs=60"])
+    digits = run(["dataset=digits", "model.width=32", "optimizer=adam", "trainer.max_epochs=60"])
     assert digits.config.model.head == "softmax" and digits.config.loss == "ce"
     assert digits.model.layers[-1][0].shape == (32, 10)
     assert digits.final["test/acc"] > 0.9
-    circles = gdlab.run(["dataset=circles", "optimizer=backtracking", "trainer.max_epochs=100"])
+    circles = run(["dataset=circles", "optimizer=backtracking", "trainer.max_epochs=100"])
     assert circles.final["test/acc"] > 0.95
 
 
 def test_zeros_init_keeps_hidden_units_identical():
-    r = gdlab.run(["dataset=moons", "init=zeros", "model.width=8", "trainer.max_epochs=50"])
+    r = run(["dataset=moons", "init=zeros", "model.width=8", "trainer.max_epochs=50"])
     W1 = r.model.layers[0][0].detach()
     assert torch.equal(W1, W1[:, :1].expand_as(W1))  # symmetry is never broken
 
 
 def test_float32_precision_and_dtype():
-    r = gdlab.run(["dataset=xor", "trainer.precision=32", "trainer.max_epochs=3"])
+    r = run(["dataset=xor", "trainer.precision=32", "trainer.max_epochs=3"])
     assert r.model.layers[0][0].dtype == torch.float32
-    assert gdlab.run(["dataset=xor", "trainer.max_epochs=1"]).model.layers[0][0].dtype == torch.float64
+    assert run(["dataset=xor", "trainer.max_epochs=1"]).model.layers[0][0].dtype == torch.float64
 
 
 def test_moons_lab_figures_fixed_lr_vs_backtracking():
-    fixed = gdlab.run([*MOONS_LAB_003, "optimizer=gd", "optimizer.lr=0.1"])
+    fixed = run([*MOONS_LAB_003, "optimizer=gd", "optimizer.lr=0.1"])
     assert fixed.final["train/acc"] == pytest.approx(0.865, abs=0.01)
     assert fixed.final["test/acc"] == pytest.approx(0.86, abs=0.01)
-    armijo = gdlab.run([*MOONS_LAB_003, "optimizer=backtracking", "optimizer.lr=1.0", "optimizer.c=1e-4",
+    armijo = run([*MOONS_LAB_003, "optimizer=backtracking", "optimizer.lr=1.0", "optimizer.c=1e-4",
                         "optimizer.beta=0.5", "optimizer.reset=initial",
                         "optimizer.on_failure=tiny_step"])  # fmt: skip
     assert armijo.final["test/acc"] == pytest.approx(0.98, abs=0.01)
@@ -121,7 +124,7 @@ def test_moons_lab_figures_fixed_lr_vs_backtracking():
 
 @pytest.mark.slow
 def test_xor_relu_he_softmax_lab_figure():
-    r = gdlab.run([*XOR_LAB_002, "trainer.max_epochs=5000", "seed=2"])
+    r = run([*XOR_LAB_002, "trainer.max_epochs=5000", "seed=2"])
     assert r.final["epochs"] == 5000
     assert r.final["train/loss"] <= 1e-3
     assert r.final["train/acc"] == 1.0

@@ -1,8 +1,17 @@
 """gdlab: gradient descent, backpropagation and backtracking line search on small deep networks."""
 
 __version__ = "0.1.0"
-
-from gdlab.config import ConfigError  # noqa: E402
-from gdlab.train import RunResult, run  # noqa: E402
-
 __all__ = ["ConfigError", "RunResult", "run", "__version__"]
+
+
+def __getattr__(name: str):
+    # Lazy, so light submodules (the metric writer process, masking) don't import torch and Lightning.
+    if name in ("run", "RunResult"):
+        from gdlab import train
+
+        return getattr(train, name)
+    if name == "ConfigError":
+        from gdlab.config import ConfigError
+
+        return ConfigError
+    raise AttributeError(f"module 'gdlab' has no attribute {name!r}")

@@ -16,6 +16,7 @@ BACKPROPS = ("autograd", "manual")
 ACCELERATORS = ("auto", "cpu", "gpu")
 PRECISIONS = (32, 64)
 DIRECTIONS = ("minimize", "maximize")
+TRACKING_BACKENDS = ("local", "server", "none")
 TRAIN_METRICS = ("train/loss", "train/acc")
 TEST_METRICS = ("test/loss", "test/acc")
 
@@ -65,6 +66,7 @@ def validate(cfg: DictConfig) -> DictConfig:
     _check_init(cfg)
     _check_optimizer(cfg)
     _check_trainer(cfg)
+    _check_tracking(cfg)
     check_choice(cfg, "backprop", BACKPROPS)
     check_number(cfg, "seed", 0, integer=True)
     check_choice(cfg, "direction", DIRECTIONS)
@@ -154,6 +156,18 @@ def _check_optimizer(cfg) -> None:
         check_number(cfg, "optimizer.max_backtracks", 0, integer=True)
         check_choice(cfg, "optimizer.on_failure", FAILURE_MODES)
         check_number(cfg, "optimizer.tiny_step", 0, low_open=True)
+
+
+def _check_tracking(cfg) -> None:
+    check_choice(cfg, "tracking.backend", TRACKING_BACKENDS)
+    if cfg.tracking.backend == "server":
+        uri = cfg.tracking.get("uri")
+        if not isinstance(uri, str) or "://" not in uri:
+            raise ConfigError(
+                f"tracking.uri={uri!r} must be a tracking server URL such as http://127.0.0.1:5000"
+            )
+    if cfg.tracking.backend != "none":
+        check_number(cfg, "tracking.flush_seconds", 0)
 
 
 def _check_trainer(cfg) -> None:

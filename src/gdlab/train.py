@@ -11,19 +11,31 @@ import sys
 import time
 import warnings
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import hydra
 import pandas as pd
 import pytorch_lightning as pl
 import torch
 from hydra import compose, initialize_config_module
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
+from gdlab.artifacts import write_history, write_run_outputs
 from gdlab.config import ConfigError, validate
 from gdlab.data import N_CLASSES, Dataset, load_dataset, make_loader
 from gdlab.model import MLP, build_model, encode_targets, initialize, layer_sizes
 from gdlab.module import GDLabModule
+from gdlab.tracking import (
+    MlflowRun,
+    TrackingUnavailable,
+    mask_saved_hydra_configs,
+    masked_config,
+    run_name,
+    tracking_uri,
+)
 
+log = logging.getLogger("gdlab")
 CONFIG_MODULE = "gdlab.conf"
 DTYPES = {32: torch.float32, 64: torch.float64}
 LIGHTNING_PRECISION = {32: "32-true", 64: "64-true"}
@@ -44,9 +56,9 @@ def compose_config(overrides: list[str] | None = None, config_name: str = "confi
         return compose(config_name, overrides=list(overrides or []))
 
 
-def run(overrides: list[str] | None = None) -> RunResult:
+def run(overrides: list[str] | None = None, output_dir: str | Path | None = None) -> RunResult:
     """Train one run from CLI-style overrides, e.g. ``run(["dataset=xor", "optimizer.lr=0.5"])``."""
-    return fit(validate(compose_config(overrides)))
+    return fit(validate(compose_config(overrides)), overrides, output_dir)
 
 
 def build(cfg: DictConfig) -> tuple[Dataset, MLP]:
@@ -77,15 +89,43 @@ def make_trainer(cfg: DictConfig) -> pl.Trainer:
     )
 
 
-def fit(cfg: DictConfig) -> RunResult:
-    """Train a validated config and measure the result."""
+def fit(
+    cfg: DictConfig, overrides: list[str] | None = None, output_dir: str | Path | None = None
+) -> RunResult:
+    """Train a validated config, measure the result, and track it (tracking.backend != none).
+
+    The tracking run is created before training, so an unreachable backend stops the run before
+    any work. Whatever happens later (an exception, Ctrl-C, SIGTERM, divergence, a tracking outage),
+    the history and artifacts are written to `output_dir` and the MLflow run is closed with the
+    matching status.
+    """
+    overrides = list(overrides or [])
     data, model = build(cfg)
     module = GDLabModule(model, cfg.optimizer, cfg.backprop, data.test, cfg.trainer.stop_loss)
     loader = make_loader(data.train, cfg.optimizer.get("batch_size"), cfg.seed)
-    started = time.perf_counter()
     with quiet_lightning():
-        make_trainer(cfg).fit(module, train_dataloaders=loader)
-    wall_time = time.perf_counter() - started
+        trainer = make_trainer(cfg)
+    run = None
+    if tracking_uri(cfg) is not None:
+        run = MlflowRun(cfg, overrides, device=str(trainer.strategy.root_device))
+        module.epoch_callbacks.append(run.log_epoch)
+    output_dir = Path(output_dir) if output_dir else default_output_dir(cfg, run)
+    status, started = "FAILED", time.perf_counter()
+    try:
+        with quiet_lightning():
+            trainer.fit(module, train_dataloaders=loader)
+        status = "FAILED" if module.diverged_at is not None else "FINISHED"
+    except (KeyboardInterrupt, SystemExit):  # Lightning turns Ctrl-C and SIGTERM into SystemExit
+        status = "KILLED"
+        raise
+    finally:
+        result = collect_result(cfg, module, data, time.perf_counter() - started)
+        if output_dir is not None:
+            save_outputs(result, overrides, output_dir, run, status)
+    return result
+
+
+def collect_result(cfg: DictConfig, module: GDLabModule, data: Dataset, wall_time: float) -> RunResult:
     model = module.model.cpu()
     final = final_metrics(model, data)
     final.update(
@@ -99,6 +139,40 @@ def fit(cfg: DictConfig) -> RunResult:
     )
     final["objective"] = math.nan if module.diverged_at is not None else final[cfg.objective]
     return RunResult(pd.DataFrame(module.history), final, model, cfg, data)
+
+
+def default_output_dir(cfg: DictConfig, run: MlflowRun | None) -> Path | None:
+    """Hydra's job directory under gdlab-train; for a tracked gdlab.run, <tracking.dir>/outputs/<run>."""
+    if HydraConfig.initialized():
+        return Path(HydraConfig.get().runtime.output_dir)
+    if run is None:
+        return None
+    return Path(cfg.tracking.dir).resolve() / "outputs" / f"{run_name(cfg)}-{run.run_id[:8]}"
+
+
+def save_outputs(result: RunResult, overrides: list[str], output_dir: Path, run: MlflowRun | None,
+                 status: str) -> None:  # fmt: skip
+    """History first (it is what an outage or a crash must not lose), then plots, then MLflow."""
+    result.final["output_dir"] = str(output_dir)
+    write_history(output_dir, result.history)
+    cfg = masked_config(result.config)
+    try:
+        write_run_outputs(output_dir, cfg, overrides, result.history, result.model, result.data)
+    except Exception as error:  # a plot must never cost the run its history or its MLflow status
+        log.warning("gdlab: could not write every artifact to %s: %s", output_dir, error)
+    if run is None:
+        return
+    if result.final["diverged_at"] is not None:
+        run.set_tags({"failure.reason": "loss became NaN/inf", "failure.epoch": result.final["diverged_at"]})
+    run.log_artifacts(output_dir)
+    run.end(status)
+    result.final.update(mlflow_run_id=run.run_id, tracking_outage=run.outage)
+    if run.outage:
+        log.warning(
+            "gdlab: the tracking backend failed during the run (%s); the full history is in %s",
+            run.outage,
+            output_dir / "history.csv",
+        )
 
 
 @torch.no_grad()
@@ -143,6 +217,12 @@ def summary(result: RunResult) -> str:
         f"epochs={f['epochs']} evals={f['evals']} (forward {f['evals_fwd']}, forward+backward "
         f"{f['evals_fwdbwd']}) line_search_failures={f['ls_failures']} wall_time={f['wall_time']:.2f}s",
     ]
+    if f.get("mlflow_run_id"):
+        lines.append(
+            f"mlflow run {f['mlflow_run_id']} in experiment '{cfg.tracking.experiment or cfg.dataset.name}'"
+        )
+    if f.get("tracking_outage"):
+        lines.append(f"tracking outage: {f['tracking_outage']}; full history kept in {f['output_dir']}")
     if f["diverged_at"] is not None:
         lines.append(f"diverged: loss became NaN/inf at epoch {f['diverged_at']}; objective is NaN")
     lines.append(f"objective {cfg.objective} ({cfg.direction}) = {f['objective']:.6g}")
@@ -151,12 +231,20 @@ def summary(result: RunResult) -> str:
 
 @hydra.main(config_path="pkg://gdlab.conf", config_name="config")
 def main(cfg: DictConfig) -> float:
+    hydra_cfg = HydraConfig.get()
+    if hydra_cfg.output_subdir is not None:
+        mask_saved_hydra_configs(Path(hydra_cfg.runtime.output_dir) / hydra_cfg.output_subdir)
     try:
         cfg = validate(cfg)
     except ConfigError as error:
         print(f"gdlab-train: error: {error}", file=sys.stderr)
         sys.exit(2)
-    result = fit(cfg)
+    overrides = list(hydra_cfg.overrides.task)
+    try:
+        result = fit(cfg, overrides)
+    except TrackingUnavailable as error:
+        print(f"gdlab-train: error: {error}", file=sys.stderr)
+        sys.exit(3)
     print(summary(result), flush=True)
     return result.final["objective"]
 

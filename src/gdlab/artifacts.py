@@ -1,0 +1,101 @@
+"""What a run leaves in its output directory: config, overrides, history, plots and weights."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only; never needs a display
+
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import torch  # noqa: E402
+from omegaconf import DictConfig, OmegaConf  # noqa: E402
+
+from gdlab.data import Dataset  # noqa: E402
+from gdlab.model import MLP  # noqa: E402
+from gdlab.tracking import run_name  # noqa: E402
+
+
+def write_history(directory: Path, history: pd.DataFrame) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / "history.csv"
+    history.to_csv(path, index=False)
+    return path
+
+
+def write_run_outputs(directory: Path, cfg: DictConfig, overrides: list[str], history: pd.DataFrame,
+                      model: MLP, data: Dataset) -> list[Path]:  # fmt: skip
+    """Config (passwords already masked by the caller), overrides, history, plots and weights."""
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
+    (directory / "overrides.txt").write_text("\n".join(overrides) + "\n")
+    paths = [directory / "config.yaml", directory / "overrides.txt", write_history(directory, history)]
+    torch.save(model.state_dict(), directory / "weights.pt")
+    paths.append(directory / "weights.pt")
+    if len(history):
+        paths.append(plot_curves(history, directory / "curves.png", title=run_name(cfg)))
+    if data.n_features == 2:
+        paths.append(plot_decision_boundary(model, data, directory / "decision_boundary.png"))
+    elif data.test is not None or data.n_classes > 2:
+        paths.append(plot_confusion_matrix(model, data, directory / "confusion_matrix.png"))
+    return paths
+
+
+def plot_curves(history: pd.DataFrame, path: Path, title: str = "") -> Path:
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
+    for split in ("train", "test"):
+        if f"{split}/loss" in history:
+            ax_loss.plot(history["epoch"], history[f"{split}/loss"], label=split)
+            ax_acc.plot(history["epoch"], history[f"{split}/acc"], label=split)
+    ax_loss.set(xlabel="epoch", ylabel="loss", yscale="log", title="loss")
+    ax_acc.set(xlabel="epoch", ylabel="accuracy", ylim=(0, 1.05), title="accuracy")
+    for ax in (ax_loss, ax_acc):
+        ax.grid(True, alpha=0.3)
+        ax.legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    return path
+
+
+@torch.no_grad()
+def plot_decision_boundary(model: MLP, data: Dataset, path: Path) -> Path:
+    X = data.train.X.cpu().double().numpy()
+    (x0, x1), (y0, y1) = (
+        (X[:, 0].min() - 0.5, X[:, 0].max() + 0.5),
+        (X[:, 1].min() - 0.5, X[:, 1].max() + 0.5),
+    )
+    xx, yy = np.meshgrid(np.linspace(x0, x1, 200), np.linspace(y0, y1, 200))
+    grid = torch.as_tensor(np.c_[xx.ravel(), yy.ravel()], dtype=data.train.X.dtype)
+    proba = model.cpu().predict_proba(grid)
+    p1 = (proba[:, 0] if model.head == "sigmoid" else proba[:, 1]).reshape(xx.shape).numpy()
+    fig, ax = plt.subplots(figsize=(5, 4.5))
+    contour = ax.contourf(xx, yy, p1, levels=20, cmap="RdBu_r", alpha=0.7, vmin=0, vmax=1)
+    ax.contour(xx, yy, p1, levels=[0.5], colors="k", linewidths=1)
+    ax.scatter(X[:, 0], X[:, 1], c=data.train.y, cmap="RdBu_r", edgecolors="k", s=14)
+    fig.colorbar(contour, ax=ax, label="P(class 1)")
+    ax.set(title=f"decision boundary ({data.name}, train points)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    return path
+
+
+@torch.no_grad()
+def plot_confusion_matrix(model: MLP, data: Dataset, path: Path) -> Path:
+    from sklearn.metrics import ConfusionMatrixDisplay
+
+    split = data.test if data.test is not None else data.train
+    Z = model.cpu()(split.X)
+    predicted = (Z[:, 0] > 0).long() if model.head == "sigmoid" else Z.argmax(dim=1)
+    fig, ax = plt.subplots(figsize=(6, 5.5))
+    ConfusionMatrixDisplay.from_predictions(split.y, predicted.numpy(), ax=ax, colorbar=False)
+    ax.set(title=f"confusion matrix ({data.name}, {'test' if data.test is not None else 'train'})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    return path

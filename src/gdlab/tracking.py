@@ -1,0 +1,341 @@
+"""MLflow tracking: one run per training run, buffered metrics, artifacts, parent runs for sweeps.
+
+Everything goes through `mlflow.MlflowClient`. Per-epoch metrics are buffered and written with
+`log_batch` (at most 1000 per call) every `flush_seconds` and at the end; the history is also kept
+in the run's local output directory, so a tracking outage never loses a curve.
+"""
+
+from __future__ import annotations
+
+import atexit
+import json
+import math
+import os
+import queue
+import re
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterable
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from gdlab.masking import mask_passwords
+
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")  # no network calls from a lab tool
+PARENT_ENV = "GDLAB_MLFLOW_PARENT_RUN_ID"
+MAX_BATCH = 1000
+# History columns not sent to MLflow as metrics: the epoch is the step, MLflow stamps each value with
+# its wall time, and the other two repeat a logged one (train/loss, ls_failures).
+UNLOGGED = frozenset({"epoch", "time", "loss_before", "ls_failed"})
+# Step-record values logged only when they change (GD's are constant): each MLflow row costs ~70 µs.
+LOGGED_ON_CHANGE = frozenset({"trial_step", "step", "backtracks", "ls_failures", "evals/fwd", "evals/fwdbwd"})
+
+
+def masked_config(cfg: DictConfig) -> DictConfig:
+    """A copy of `cfg` with every password in every URL masked: what gdlab saves and logs."""
+    return OmegaConf.create(mask_passwords(OmegaConf.to_yaml(cfg)))
+
+
+def mask_saved_hydra_configs(hydra_dir: Path) -> None:
+    """Hydra saves the composed config before gdlab runs: mask the passwords it wrote there."""
+    for path in Path(hydra_dir).glob("*.yaml"):
+        text = path.read_text()
+        masked = mask_passwords(text)
+        if masked != text:
+            path.write_text(masked)
+
+
+def tracking_uri(cfg: DictConfig) -> str | None:
+    """The MLflow tracking URI of a config (None: tracking off).
+
+    local: MLFLOW_TRACKING_URI if set, else a SQLite store under tracking.dir (default mlruns/).
+    server: tracking.uri.
+    """
+    backend = cfg.tracking.backend
+    if backend == "none":
+        return None
+    if backend == "server":
+        return cfg.tracking.uri
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"]
+    return f"sqlite:///{Path(cfg.tracking.dir).resolve() / 'mlflow.db'}"
+
+
+def artifact_root(cfg: DictConfig, uri: str) -> str | None:
+    """Where a new experiment keeps artifacts: mlruns/artifacts/<experiment> for the embedded store."""
+    if cfg.tracking.backend == "local" and uri.startswith("sqlite:"):
+        folder = re.sub(r"[^A-Za-z0-9_.-]+", "_", experiment_name(cfg))
+        return (Path(cfg.tracking.dir).resolve() / "artifacts" / folder).as_uri()
+    return None  # a tracking server decides (its --default-artifact-root / --artifacts-destination)
+
+
+def experiment_name(cfg: DictConfig) -> str:
+    return cfg.tracking.get("experiment") or cfg.dataset.name
+
+
+def run_name(cfg: DictConfig) -> str:
+    """A name a person can read: moons-backtracking-d1-w16-lr1-s42."""
+    width = cfg.model.width
+    width = "x".join(map(str, width)) if isinstance(width, Iterable) and not isinstance(width, str) else width
+    return (
+        f"{cfg.dataset.name}-{cfg.optimizer.name}-d{cfg.model.depth}-w{width}"
+        f"-lr{cfg.optimizer.lr:g}-s{cfg.seed}" + ("-manual" if cfg.backprop == "manual" else "")
+    )
+
+
+def flatten(cfg: DictConfig) -> dict[str, str]:
+    """Resolved config as short dotted keys (optimizer.lr, model.depth, ...), values as MLflow params."""
+    from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH
+
+    flat: dict[str, str] = {}
+
+    def walk(node, prefix: str) -> None:
+        if isinstance(node, dict) and node:
+            for key, value in node.items():
+                walk(value, f"{prefix}.{key}" if prefix else str(key))
+        else:
+            text = mask_passwords(str(node))
+            flat[prefix] = (
+                text if len(text) <= MAX_PARAM_VAL_LENGTH else text[: MAX_PARAM_VAL_LENGTH - 3] + "..."
+            )
+
+    container = OmegaConf.to_container(cfg, resolve=True)
+    container.pop("hydra", None)
+    walk(container, "")
+    return flat
+
+
+def git_state() -> tuple[str, str]:
+    """(commit, dirty) of the gdlab checkout, or ('unknown', 'unknown') outside one."""
+    here = Path(__file__).resolve().parent
+    try:
+        commit = subprocess.run(["git", "-C", str(here), "rev-parse", "HEAD"], capture_output=True,
+                                text=True, timeout=10, check=True).stdout.strip()  # fmt: skip
+        status = subprocess.run(["git", "-C", str(here), "status", "--porcelain", "--untracked-files=no"],
+                                capture_output=True, text=True, timeout=10, check=True).stdout  # fmt: skip
+        return commit, str(bool(status.strip())).lower()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown", "unknown"
+
+
+def run_tags(cfg: DictConfig, overrides: list[str], device: str, extra: dict | None = None) -> dict[str, str]:
+    import pytorch_lightning
+    import torch
+
+    import gdlab
+
+    commit, dirty = git_state()
+    tags = {
+        "dataset": cfg.dataset.name,
+        "optimizer": cfg.optimizer.name,
+        "backprop": cfg.backprop,
+        "init": cfg.init.name,
+        "seed": str(cfg.seed),
+        "device": device,
+        "git.commit": commit,
+        "git.dirty": dirty,
+        "version.gdlab": gdlab.__version__,
+        "version.torch": torch.__version__,
+        "version.lightning": pytorch_lightning.__version__,
+        "overrides": mask_passwords(" ".join(overrides)),
+        "mlflow.note.content": f"gdlab-train {mask_passwords(' '.join(overrides))}".strip(),
+    }
+    tags.update({k: mask_passwords(str(v)) for k, v in (extra or {}).items()})
+    return tags
+
+
+class MetricWriter:
+    """A child process (`gdlab.metric_writer`) that writes metrics to MLflow; one per tracking URI.
+
+    MLflow's store costs ~70 µs per metric row (SQLAlchemy ORM): a dozen metrics cost as much as a
+    whole training epoch of these networks, and a thread would still hold the GIL. So the writing
+    runs in its own process, on another core; training hands it JSON lines through a feeder thread.
+    A plain subprocess (not multiprocessing) so a user's script is never re-imported.
+    """
+
+    _instances: dict[str, MetricWriter] = {}
+
+    @classmethod
+    def for_uri(cls, uri: str) -> MetricWriter:
+        writer = cls._instances.get(uri)
+        if writer is None or writer.process.poll() is not None:
+            writer = cls._instances[uri] = cls(uri)
+        return writer
+
+    def __init__(self, uri: str):
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "gdlab.metric_writer", uri],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1,
+        )  # fmt: skip
+        self.used = False
+        self.outbox: queue.Queue = queue.Queue()
+        self.feeder = threading.Thread(target=self._feed, name="gdlab-metric-feeder", daemon=True)
+        self.feeder.start()
+        atexit.register(self.close)
+
+    def _feed(self) -> None:
+        while (message := self.outbox.get()) is not None:
+            try:
+                self.process.stdin.write(json.dumps(message) + "\n")
+            except (BrokenPipeError, ValueError, OSError):
+                return
+
+    def submit(self, run_id: str, metrics: list[tuple]) -> None:
+        self.used = True
+        self.outbox.put({"run": run_id, "metrics": metrics})
+
+    def drain(self, run_id: str, timeout: float) -> tuple[int, str | None]:
+        """Wait until everything submitted for `run_id` is written: (rows written, first error)."""
+        self.outbox.put({"drain": run_id})
+        replies: queue.Queue = queue.Queue()
+        reader = threading.Thread(target=lambda: replies.put(self.process.stdout.readline()), daemon=True)
+        reader.start()
+        try:
+            line = replies.get(timeout=timeout)
+        except queue.Empty:
+            return 0, f"the metric writer did not finish within {timeout:.0f} s"
+        if not line:
+            return 0, f"the metric writer exited with status {self.process.wait()}"
+        reply = json.loads(line)
+        return reply["written"], reply["error"]
+
+    def close(self) -> None:
+        if self.process.poll() is None and not self.used:
+            self.process.kill()  # never given anything: don't wait for its imports to finish
+        if self.process.poll() is None:
+            self.outbox.put(None)
+            self.feeder.join(timeout=30)
+            self.process.stdin.close()
+            try:
+                self.process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+
+
+class TrackingUnavailable(RuntimeError):
+    """The tracking backend cannot be reached when a run starts."""
+
+
+class MlflowRun:
+    """One training run in MLflow: created at `start`, fed per epoch by `log_epoch`, closed by `end`."""
+
+    def __init__(self, cfg: DictConfig, overrides: list[str], device: str = "cpu",
+                 parent_run_id: str | None = None, extra_tags: dict | None = None):  # fmt: skip
+        from mlflow import MlflowClient
+
+        self.cfg = cfg
+        self.uri = tracking_uri(cfg)
+        self.client = MlflowClient(tracking_uri=self.uri)
+        self.flush_seconds = float(cfg.tracking.get("flush_seconds", 1.0))
+        self.drain_timeout = float(cfg.tracking.get("drain_timeout", 600.0))
+        self.buffer: list = []
+        self.last_flush = time.monotonic()
+        self.outage: str | None = None
+        self.metrics_logged = 0
+        self.parent_run_id = parent_run_id or os.environ.get(PARENT_ENV)
+        tags = run_tags(cfg, overrides, device, extra_tags)
+        if self.parent_run_id:
+            tags["mlflow.parentRunId"] = self.parent_run_id
+        self.run_id = self._create_run(tags)
+        # Started now, so its imports overlap Lightning's start-up; kept for the next runs (sweeps).
+        self.writer = MetricWriter.for_uri(self.uri)
+        self.submitted = False
+        self.last_values: dict = {}
+
+    def _create_run(self, tags: dict) -> str:
+        from mlflow.entities import Param
+
+        try:
+            experiment_id = get_or_create_experiment(self.client, experiment_name(self.cfg),
+                                                     artifact_root(self.cfg, self.uri))  # fmt: skip
+            run = self.client.create_run(experiment_id, run_name=run_name(self.cfg), tags=tags)
+            params = [Param(k, v) for k, v in flatten(self.cfg).items()]
+            for i in range(0, len(params), 100):
+                self.client.log_batch(run.info.run_id, params=params[i : i + 100])
+        except Exception as error:  # any transport or store error: refuse before training starts
+            raise TrackingUnavailable(
+                f"cannot reach the MLflow tracking backend at {mask_passwords(self.uri)}: "
+                f"{mask_passwords(str(error)).splitlines()[0]}"
+            ) from error
+        return run.info.run_id
+
+    def log_epoch(self, row: dict) -> None:
+        step, timestamp = row["epoch"], int(time.time() * 1000)
+        for key, value in row.items():
+            if key in UNLOGGED or (isinstance(value, float) and math.isnan(value)):
+                continue
+            if key in LOGGED_ON_CHANGE:
+                if self.last_values.get(key) == value:
+                    continue
+                self.last_values[key] = value
+            self.buffer.append((key, value, timestamp, step))
+        if time.monotonic() - self.last_flush >= self.flush_seconds:
+            self.flush()
+
+    def flush(self) -> None:
+        """Hand the buffered metrics to the writer process."""
+        self.last_flush = time.monotonic()
+        if self.buffer:
+            self.writer.submit(self.run_id, self.buffer)
+            self.submitted = True
+            self.buffer = []
+
+    def write_remaining(self) -> None:
+        """End of run: wait for the writer; a run shorter than one flush writes its few rows here."""
+        if self.submitted:
+            self.flush()
+            written, error = self.writer.drain(self.run_id, timeout=self.drain_timeout)
+            self.metrics_logged += written
+            if error:
+                self.outage = self.outage or error
+            return
+        from mlflow.entities import Metric
+
+        metrics = [Metric(*fields) for fields in self.buffer]
+        for i in range(0, len(metrics), MAX_BATCH):
+            try:
+                self.client.log_batch(self.run_id, metrics=metrics[i : i + MAX_BATCH])
+            except Exception as error:
+                self.outage = self.outage or mask_passwords(str(error)).splitlines()[0]
+                return
+            self.metrics_logged += len(metrics[i : i + MAX_BATCH])
+        self.buffer = []
+
+    def log_artifacts(self, directory: Path) -> None:
+        try:
+            self.client.log_artifacts(self.run_id, str(directory))
+        except Exception as error:
+            self.outage = self.outage or mask_passwords(str(error)).splitlines()[0]
+
+    def set_tags(self, tags: dict) -> None:
+        for key, value in tags.items():
+            try:
+                self.client.set_tag(self.run_id, key, mask_passwords(str(value)))
+            except Exception as error:
+                self.outage = self.outage or mask_passwords(str(error)).splitlines()[0]
+
+    def end(self, status: str) -> None:
+        """Write every buffered metric, then close the run as FINISHED, FAILED or KILLED."""
+        self.write_remaining()
+        try:
+            self.client.set_terminated(self.run_id, status=status)
+        except Exception as error:
+            self.outage = self.outage or mask_passwords(str(error)).splitlines()[0]
+
+
+def get_or_create_experiment(client, name: str, artifact_location: str | None) -> str:
+    experiment = client.get_experiment_by_name(name)
+    if experiment is not None:
+        if experiment.lifecycle_stage == "deleted":
+            client.restore_experiment(experiment.experiment_id)
+        return experiment.experiment_id
+    try:
+        return client.create_experiment(name, artifact_location=artifact_location)
+    except Exception:  # created meanwhile by a concurrent run
+        experiment = client.get_experiment_by_name(name)
+        if experiment is None:
+            raise
+        return experiment.experiment_id
