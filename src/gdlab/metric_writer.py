@@ -34,6 +34,8 @@ def main(uri: str) -> None:
             print(json.dumps(reply), flush=True)
             continue
         run_id = message["run"]
+        if run_id in errors:  # backend down for this run: its history.csv keeps the rest
+            continue
         metrics = [Metric(*fields) for fields in message["metrics"]]
         for i in range(0, len(metrics), MAX_BATCH):
             batch = metrics[i : i + MAX_BATCH]
@@ -42,6 +44,7 @@ def main(uri: str) -> None:
                 written[run_id] = written.get(run_id, 0) + len(batch)
             except Exception as error:  # an outage: the run's local history keeps these values
                 errors.setdefault(run_id, mask_passwords(str(error)).splitlines()[0])
+                break
 
 
 if __name__ == "__main__":

@@ -25,11 +25,26 @@ from omegaconf import DictConfig, OmegaConf
 from gdlab.masking import mask_passwords
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")  # no network calls from a lab tool
+# MLflow's REST client retries 7 times with exponential backoff (minutes against a dead server);
+# a training run should notice an outage within seconds and keep going. Users can still override.
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
 PARENT_ENV = "GDLAB_MLFLOW_PARENT_RUN_ID"
 MAX_BATCH = 1000
 # History columns not sent to MLflow as metrics: the epoch is the step, MLflow stamps each value with
 # its wall time, and the other two repeat a logged one (train/loss, ls_failures).
 UNLOGGED = frozenset({"epoch", "time", "loss_before", "ls_failed"})
+FINAL_METRICS = (
+    "train/loss",
+    "train/acc",
+    "test/loss",
+    "test/acc",
+    "objective",
+    "epochs",
+    "evals",
+    "wall_time",
+)
 # Step-record values logged only when they change (GD's are constant): each MLflow row costs ~70 µs.
 LOGGED_ON_CHANGE = frozenset({"trial_step", "step", "backtracks", "ls_failures", "evals/fwd", "evals/fwdbwd"})
 
@@ -249,8 +264,12 @@ class MlflowRun:
         from mlflow.entities import Param
 
         try:
-            experiment_id = get_or_create_experiment(self.client, experiment_name(self.cfg),
-                                                     artifact_root(self.cfg, self.uri))  # fmt: skip
+            if self.parent_run_id:  # a trial lives in its sweep's experiment
+                experiment_id = self.client.get_run(self.parent_run_id).info.experiment_id
+            else:
+                experiment_id = get_or_create_experiment(
+                    self.client, experiment_name(self.cfg), artifact_root(self.cfg, self.uri)
+                )
             run = self.client.create_run(experiment_id, run_name=run_name(self.cfg), tags=tags)
             params = [Param(k, v) for k, v in flatten(self.cfg).items()]
             for i in range(0, len(params), 100):
@@ -274,6 +293,14 @@ class MlflowRun:
             self.buffer.append((key, value, timestamp, step))
         if time.monotonic() - self.last_flush >= self.flush_seconds:
             self.flush()
+
+    def log_final(self, final: dict) -> None:
+        """The result at the trained weights (what gdlab-train returns) as final/<metric>."""
+        timestamp, step = int(time.time() * 1000), final["epochs"]
+        for key in FINAL_METRICS:
+            value = final.get(key)
+            if isinstance(value, int | float) and not math.isnan(value):
+                self.buffer.append((f"final/{key}", value, timestamp, step))
 
     def flush(self) -> None:
         """Hand the buffered metrics to the writer process."""

@@ -20,10 +20,12 @@ import torch
 from hydra import compose, initialize_config_module
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
+from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from gdlab.artifacts import write_history, write_run_outputs
 from gdlab.config import ConfigError, validate
 from gdlab.data import N_CLASSES, Dataset, load_dataset, make_loader
+from gdlab.masking import mask_passwords
 from gdlab.model import MLP, build_model, encode_targets, initialize, layer_sizes
 from gdlab.module import GDLabModule
 from gdlab.tracking import (
@@ -157,13 +159,15 @@ def save_outputs(result: RunResult, overrides: list[str], output_dir: Path, run:
     write_history(output_dir, result.history)
     cfg = masked_config(result.config)
     try:
-        write_run_outputs(output_dir, cfg, overrides, result.history, result.model, result.data)
+        masked_overrides = [mask_passwords(o) for o in overrides]
+        write_run_outputs(output_dir, cfg, masked_overrides, result.history, result.model, result.data)
     except Exception as error:  # a plot must never cost the run its history or its MLflow status
         log.warning("gdlab: could not write every artifact to %s: %s", output_dir, error)
     if run is None:
         return
     if result.final["diverged_at"] is not None:
         run.set_tags({"failure.reason": "loss became NaN/inf", "failure.epoch": result.final["diverged_at"]})
+    run.log_final(result.final)
     run.log_artifacts(output_dir)
     run.end(status)
     result.final.update(mlflow_run_id=run.run_id, tracking_outage=run.outage)
@@ -245,6 +249,12 @@ def main(cfg: DictConfig) -> float:
     except TrackingUnavailable as error:
         print(f"gdlab-train: error: {error}", file=sys.stderr)
         sys.exit(3)
+    except SIGTERMException:  # Lightning's: raised at the end of the epoch that received SIGTERM
+        print(
+            f"gdlab-train: stopped by SIGTERM; partial history in {hydra_cfg.runtime.output_dir}",
+            file=sys.stderr,
+        )
+        sys.exit(143)
     print(summary(result), flush=True)
     return result.final["objective"]
 

@@ -1,0 +1,122 @@
+"""One MLflow parent run per sweep invocation; every trial's run is its child.
+
+Hydra multirun (basic or Optuna sweeper) reaches this through `MlflowSweepCallback`, registered in
+conf/config.yaml; `gdlab-sweep` calls `start_parent_run` / `finish_parent_run` itself. The parent's
+id reaches the trials through the GDLAB_MLFLOW_PARENT_RUN_ID environment variable, so launchers
+that start jobs in other processes on this machine see it too.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, OmegaConf
+
+from gdlab.masking import mask_passwords
+from gdlab.tracking import (
+    PARENT_ENV,
+    artifact_root,
+    experiment_name,
+    get_or_create_experiment,
+    tracking_uri,
+)
+
+
+def start_parent_run(cfg: DictConfig, name: str, tags: dict | None = None) -> str | None:
+    """Create the sweep's parent run (None when tracking is off) and export its id to the trials."""
+    uri = tracking_uri(cfg)
+    if uri is None:
+        return None
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    experiment_id = get_or_create_experiment(client, experiment_name(cfg), artifact_root(cfg, uri))
+    tags = {"gdlab.kind": "sweep", **{k: mask_passwords(str(v)) for k, v in (tags or {}).items()}}
+    run = client.create_run(experiment_id, run_name=name, tags=tags)
+    os.environ[PARENT_ENV] = run.info.run_id
+    return run.info.run_id
+
+
+def finish_parent_run(cfg: DictConfig, parent_run_id: str) -> dict:
+    """Record the best child (by cfg.objective and cfg.direction) on the parent and close it."""
+    from mlflow import MlflowClient
+
+    os.environ.pop(PARENT_ENV, None)
+    client = MlflowClient(tracking_uri=tracking_uri(cfg))
+    parent = client.get_run(parent_run_id)
+    children = client.search_runs(
+        [parent.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}'"
+    )
+    summary = best_child(children, f"final/{cfg.objective}", cfg.direction)
+    finished = sum(run.info.status == "FINISHED" for run in children)
+    client.log_metric(parent_run_id, "sweep/trials", len(children))
+    client.log_metric(parent_run_id, "sweep/finished", finished)
+    if summary:
+        best = summary["run"]
+        client.log_metric(parent_run_id, f"best/{cfg.objective}", summary["value"])
+        client.log_param(parent_run_id, "objective", cfg.objective)
+        client.log_param(parent_run_id, "direction", cfg.direction)
+        client.set_tag(parent_run_id, "best.run_id", best.info.run_id)
+        client.set_tag(parent_run_id, "best.run_name", best.info.run_name)
+        for key, value in differing_params(children, best).items():
+            client.set_tag(parent_run_id, f"best.{key}", value)
+    client.set_terminated(parent_run_id, status="FINISHED" if finished or not children else "FAILED")
+    return summary
+
+
+def best_child(children: list, objective: str, direction: str) -> dict:
+    """The child with the best final objective among those that finished with a finite value."""
+    scored = [
+        (run.data.metrics[objective], run)
+        for run in children
+        if run.info.status == "FINISHED" and math.isfinite(run.data.metrics.get(objective, math.nan))
+    ]
+    if not scored:
+        return {}
+    pick = min if direction == "minimize" else max
+    value, run = pick(scored, key=lambda pair: pair[0])
+    return {"value": value, "run": run}
+
+
+def differing_params(children: list, run) -> dict:
+    """The params of `run` whose value is not the same in every child: what the sweep varied."""
+    keys = set().union(*(child.data.params for child in children))
+    varying = {k for k in keys if len({child.data.params.get(k) for child in children}) > 1}
+    return {k: v for k, v in run.data.params.items() if k in varying}
+
+
+class MlflowSweepCallback(Callback):
+    """Hydra callback: a parent run around every multirun, closed with the best child's result."""
+
+    def __init__(self) -> None:
+        self.parent_run_id: str | None = None
+
+    def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
+        cfg = _task_config(config)
+        if cfg.tracking.backend == "none":
+            return
+        sweep_dir = config.hydra.sweep.dir
+        overrides = " ".join(config.hydra.overrides.task)
+        self.parent_run_id = start_parent_run(
+            cfg,
+            name=f"sweep-{os.path.basename(str(sweep_dir))}",
+            tags={
+                "gdlab.sweep_dir": sweep_dir,
+                "overrides": overrides,
+                "sweeper": config.hydra.sweeper.get("_target_", ""),
+            },  # fmt: skip
+        )
+
+    def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
+        if self.parent_run_id:
+            finish_parent_run(_task_config(config), self.parent_run_id)
+            self.parent_run_id = None
+
+
+def _task_config(config: DictConfig) -> DictConfig:
+    """The sweep-level config without the hydra node (trial values are not applied here)."""
+    container = OmegaConf.to_container(config, resolve=False)
+    container.pop("hydra", None)
+    return OmegaConf.create(container)

@@ -1,0 +1,259 @@
+"""MLflow tracking against real stores: an SQLite file and a real `mlflow server` subprocess."""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from mlflow import MlflowClient
+
+import gdlab
+
+BIN = Path(sys.executable).parent
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(autouse=True)
+def _no_ambient_tracking_uri(monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("GDLAB_MLFLOW_PARENT_RUN_ID", raising=False)
+
+
+def sqlite_client(store: Path) -> MlflowClient:
+    return MlflowClient(tracking_uri=f"sqlite:///{store / 'mlflow.db'}")
+
+
+def all_runs(client: MlflowClient) -> list:
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    return client.search_runs(experiments)
+
+
+def test_a_run_lands_completely_in_the_sqlite_store(tmp_path):
+    r = gdlab.run(
+        ["dataset=moons", "optimizer=backtracking", "trainer.max_epochs=25", f"tracking.dir={tmp_path}"]
+    )
+    client = sqlite_client(tmp_path)
+    run = client.get_run(r.final["mlflow_run_id"])
+    assert run.info.status == "FINISHED"
+    assert run.info.run_name == "moons-backtracking-d1-w16-lr1-s42"
+    assert client.get_experiment(run.info.experiment_id).name == "moons"
+
+    curve = client.get_metric_history(run.info.run_id, "train/loss")
+    assert [m.step for m in curve] == list(range(25))
+    assert [m.value for m in curve] == pytest.approx(list(r.history["train/loss"]), rel=1e-12)
+    for key in ("train/acc", "test/loss", "test/acc", "grad_norm", "grad_norm/layer1", "grad_norm/layer2",
+                "loss_after", "evals/total"):  # fmt: skip
+        assert len(client.get_metric_history(run.info.run_id, key)) == 25, key
+    for key in ("step", "backtracks", "evals/fwd", "trial_step", "ls_failures"):
+        assert client.get_metric_history(run.info.run_id, key), key  # logged when they change
+    assert run.data.metrics["final/train/loss"] == pytest.approx(r.final["train/loss"], rel=1e-12)
+    assert run.data.metrics["final/evals"] == r.final["evals"] == 50
+
+    params = run.data.params
+    assert params["optimizer.lr"] == "1.0" and params["model.depth"] == "1"
+    assert params["optimizer.reset"] == "initial" and params["dataset.name"] == "moons"
+    tags = run.data.tags
+    assert (tags["dataset"], tags["optimizer"], tags["backprop"], tags["init"], tags["seed"]) == (
+        "moons", "backtracking", "autograd", "torch_default", "42",
+    )  # fmt: skip
+    assert len(tags["git.commit"]) in (40, 7) and tags["git.dirty"] in ("true", "false")
+    assert tags["version.torch"].startswith("2.") and tags["device"] == "cpu"
+    assert "optimizer=backtracking" in tags["overrides"]
+
+    names = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"config.yaml", "overrides.txt", "history.csv", "curves.png", "decision_boundary.png",
+            "weights.pt"} <= names  # fmt: skip
+    local = Path(client.download_artifacts(run.info.run_id, "", str(tmp_path / "download")))
+    for png in ("curves.png", "decision_boundary.png"):
+        data = (local / png).read_bytes()
+        assert data.startswith(PNG_SIGNATURE) and len(data) > 5000
+    history = pd.read_csv(local / "history.csv")
+    assert len(history) == 25 and history["train/loss"].iloc[-1] == pytest.approx(curve[-1].value, rel=1e-12)
+
+
+def test_digits_gets_a_confusion_matrix_and_long_params_do_not_fail(tmp_path):
+    long_note = "x" * 9000
+    r = gdlab.run(
+        ["dataset=digits", "trainer.max_epochs=3", f"tracking.dir={tmp_path}", f"+note={long_note}"]
+    )
+    client = sqlite_client(tmp_path)
+    run = client.get_run(r.final["mlflow_run_id"])
+    assert "confusion_matrix.png" in {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert run.data.params["note"].startswith("xxx") and len(run.data.params["note"]) == 6000
+
+
+def test_divergence_ends_the_run_failed_with_reason_and_epoch(tmp_path):
+    r = gdlab.run(
+        ["dataset=moons", "optimizer.lr=1e200", "trainer.max_epochs=20", f"tracking.dir={tmp_path}"]
+    )
+    run = sqlite_client(tmp_path).get_run(r.final["mlflow_run_id"])
+    assert run.info.status == "FAILED"
+    assert run.data.tags["failure.reason"] == "loss became NaN/inf"
+    assert run.data.tags["failure.epoch"] == str(r.final["diverged_at"]) == "1"
+
+
+def test_mlflow_tracking_uri_in_the_environment_overrides_the_default(tmp_path, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'elsewhere.db'}")
+    r = gdlab.run(["dataset=xor", "trainer.max_epochs=3", f"tracking.dir={tmp_path / 'unused'}"])
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'elsewhere.db'}")
+    assert client.get_run(r.final["mlflow_run_id"]).info.status == "FINISHED"
+    assert not (tmp_path / "unused" / "mlflow.db").exists()
+
+
+def test_passwords_appear_nowhere_in_the_store_or_outputs(tmp_path):
+    secret = "s3cretPW"
+    storage = f"postgresql://alice:{secret}@db.example:5432/optuna"
+    proc = subprocess.run(
+        [str(BIN / "gdlab-train"), "dataset=xor", "trainer.max_epochs=5", f"+storage={storage}",
+         "hydra.run.dir=run"],
+        capture_output=True, text=True, cwd=tmp_path, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert secret not in proc.stdout + proc.stderr
+    files = [p for p in tmp_path.rglob("*") if p.is_file()]
+    assert any(p.name == "mlflow.db" for p in files) and any(p.name == "config.yaml" for p in files)
+    leaking = [str(p) for p in files if secret.encode() in p.read_bytes()]
+    assert leaking == []
+    run = all_runs(sqlite_client(tmp_path / "mlruns"))[0]
+    assert run.data.params["storage"] == "postgresql://alice:***@db.example:5432/optuna"
+
+
+def test_multirun_makes_one_parent_with_a_child_per_job(tmp_path):
+    proc = subprocess.run(
+        [str(BIN / "gdlab-train"), "-m", "optimizer.lr=0.01,0.1,1", "trainer.max_epochs=15",
+         "hydra.sweep.dir=sweep"],
+        capture_output=True, text=True, cwd=tmp_path, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    runs = all_runs(sqlite_client(tmp_path / "mlruns"))
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    assert len(parents) == 1 and len(runs) == 4
+    parent = parents[0]
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert sorted(r.data.params["optimizer.lr"] for r in children) == ["0.01", "0.1", "1"]
+    assert all(r.info.status == "FINISHED" for r in [parent, *children])
+    best = min(children, key=lambda r: r.data.metrics["final/train/loss"])
+    assert parent.data.tags["best.run_id"] == best.info.run_id
+    assert parent.data.tags["best.optimizer.lr"] == best.data.params["optimizer.lr"]
+    assert parent.data.metrics["best/train/loss"] == best.data.metrics["final/train/loss"]
+    assert parent.data.metrics["sweep/trials"] == 3
+
+
+def wait_for_metrics(client: MlflowClient, key: str, at_least: int, timeout: float = 120) -> str:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            for run in all_runs(client):
+                if len(client.get_metric_history(run.info.run_id, key)) >= at_least:
+                    return run.info.run_id
+        except Exception:
+            pass  # the store may not exist yet
+        time.sleep(0.3)
+    raise AssertionError(f"no run logged {at_least} values of {key} within {timeout} s")
+
+
+@pytest.mark.slow
+def test_sigterm_mid_run_ends_killed_with_the_partial_curve(tmp_path):
+    proc = subprocess.Popen(
+        [str(BIN / "gdlab-train"), "dataset=xor", "trainer.max_epochs=200000", "tracking.flush_seconds=0.2",
+         "hydra.run.dir=run"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
+    )  # fmt: skip
+    try:
+        client = sqlite_client(tmp_path / "mlruns")
+        run_id = wait_for_metrics(client, "train/loss", 50)
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 143, stderr
+    assert "stopped by SIGTERM" in stderr
+    run = client.get_run(run_id)
+    assert run.info.status == "KILLED"
+    history = pd.read_csv(tmp_path / "run" / "history.csv")
+    assert 50 <= len(history) < 200000
+    curve = client.get_metric_history(run_id, "train/loss")
+    assert len(curve) == len(history)  # everything computed before the signal is in MLflow
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def mlflow_server(tmp_path):
+    port = free_port()
+    server = subprocess.Popen(
+        [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+         "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
+         "--artifacts-destination", str(tmp_path / "server-artifacts")],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
+                if response.status == 200:
+                    break
+        except OSError:
+            time.sleep(0.5)
+    else:
+        os.killpg(server.pid, signal.SIGKILL)
+        raise AssertionError("mlflow server did not start")
+    yield url, server
+    if server.poll() is None:
+        os.killpg(server.pid, signal.SIGKILL)
+        server.wait()
+
+
+@pytest.mark.slow
+def test_tracking_server_end_to_end_and_an_outage_mid_run(tmp_path, mlflow_server, monkeypatch):
+    url, server = mlflow_server
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    r = gdlab.run(["dataset=moons", "trainer.max_epochs=30", "tracking=server", f"tracking.uri={url}",
+                   f"tracking.dir={tmp_path / 'local'}"])  # fmt: skip
+    client = MlflowClient(tracking_uri=url)
+    run = client.get_run(r.final["mlflow_run_id"])
+    assert run.info.status == "FINISHED" and r.final["tracking_outage"] is None
+    assert len(client.get_metric_history(run.info.run_id, "train/loss")) == 30
+    assert "curves.png" in {a.path for a in client.list_artifacts(run.info.run_id)}
+
+    env = {**os.environ, "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0"}
+    train = subprocess.Popen(
+        [str(BIN / "gdlab-train"), "dataset=xor", "trainer.max_epochs=6000", "tracking=server",
+         f"tracking.uri={url}", "tracking.flush_seconds=0.2", "hydra.run.dir=run"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path, env=env,
+    )  # fmt: skip
+    try:
+        wait_for_metrics(client, "train/loss", 100)
+        os.killpg(server.pid, signal.SIGKILL)  # the server dies mid-run
+        server.wait()
+        stdout, stderr = train.communicate(timeout=300)
+    finally:
+        train.kill()
+    assert train.returncode == 0, stderr
+    assert "tracking outage" in stdout
+    assert "epochs=6000 " in stdout
+    history = pd.read_csv(tmp_path / "run" / "history.csv")
+    assert list(history["epoch"]) == list(range(6000))
+
+
+def test_unreachable_server_at_start_is_one_clear_error_before_training(tmp_path):
+    env = {**os.environ, "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0"}
+    proc = subprocess.run(
+        [str(BIN / "gdlab-train"), "tracking=server", f"tracking.uri=http://127.0.0.1:{free_port()}",
+         "hydra.run.dir=run"],
+        capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 3
+    assert "gdlab-train: error: cannot reach the MLflow tracking backend at http://127.0.0.1:" in proc.stderr
+    assert "Traceback" not in proc.stderr and "final:" not in proc.stdout
