@@ -160,7 +160,8 @@ def save_outputs(result: RunResult, overrides: list[str], output_dir: Path, run:
     cfg = masked_config(result.config)
     try:
         masked_overrides = [mask_passwords(o) for o in overrides]
-        write_run_outputs(output_dir, cfg, masked_overrides, result.history, result.model, result.data)
+        write_run_outputs(output_dir, cfg, masked_overrides, result.history, result.model, result.data,
+                          plots=cfg.tracking.get("plots", True))  # fmt: skip
     except Exception as error:  # a plot must never cost the run its history or its MLflow status
         log.warning("gdlab: could not write every artifact to %s: %s", output_dir, error)
     if run is None:
