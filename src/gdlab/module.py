@@ -34,7 +34,7 @@ class GDLabModule(pl.LightningModule):
     """
 
     def __init__(self, model: MLP, optimizer_cfg, backprop: str, test: Split | None = None,
-                 stop_loss: float | None = None):  # fmt: skip
+                 stop_loss: float | None = None, max_evals: int | None = None):  # fmt: skip
         super().__init__()
         self.automatic_optimization = False
         self.model = model
@@ -42,6 +42,7 @@ class GDLabModule(pl.LightningModule):
         self.backprop = backprop
         self.test_split = test
         self.stop_loss = stop_loss
+        self.max_evals = max_evals
         self.history: list[dict] = []
         self.evals = {"fwd": 0, "fwdbwd": 0}
         self.ls_failures = 0
@@ -118,6 +119,8 @@ class GDLabModule(pl.LightningModule):
             self.diverged_at = row["epoch"]
             self.trainer.should_stop = True
         elif self.stop_loss is not None and row["train/loss"] < self.stop_loss:
+            self.trainer.should_stop = True
+        elif self.max_evals is not None and row["evals/total"] >= self.max_evals:
             self.trainer.should_stop = True
 
     def epoch_row(self) -> dict:

@@ -20,6 +20,7 @@ import torch
 from hydra import compose, initialize_config_module
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
+from optuna import TrialPruned
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from gdlab.artifacts import write_history, write_run_outputs
@@ -92,25 +93,32 @@ def make_trainer(cfg: DictConfig) -> pl.Trainer:
 
 
 def fit(
-    cfg: DictConfig, overrides: list[str] | None = None, output_dir: str | Path | None = None
+    cfg: DictConfig,
+    overrides: list[str] | None = None,
+    output_dir: str | Path | None = None,
+    epoch_callbacks: list | tuple = (),
+    tags: dict | None = None,
 ) -> RunResult:
     """Train a validated config, measure the result, and track it (tracking.backend != none).
 
     The tracking run is created before training, so an unreachable backend stops the run before
     any work. Whatever happens later (an exception, Ctrl-C, SIGTERM, divergence, a tracking outage),
     the history and artifacts are written to `output_dir` and the MLflow run is closed with the
-    matching status.
+    matching status. `epoch_callbacks` see every history row (a sweep reports to Optuna there and
+    may raise `optuna.TrialPruned`); `tags` are added to the MLflow run.
     """
     overrides = list(overrides or [])
     data, model = build(cfg)
-    module = GDLabModule(model, cfg.optimizer, cfg.backprop, data.test, cfg.trainer.stop_loss)
+    module = GDLabModule(model, cfg.optimizer, cfg.backprop, data.test, cfg.trainer.stop_loss,
+                         cfg.trainer.get("max_evals"))  # fmt: skip
     loader = make_loader(data.train, cfg.optimizer.get("batch_size"), cfg.seed)
     with quiet_lightning():
         trainer = make_trainer(cfg)
     run = None
     if tracking_uri(cfg) is not None:
-        run = MlflowRun(cfg, overrides, device=str(trainer.strategy.root_device))
+        run = MlflowRun(cfg, overrides, device=str(trainer.strategy.root_device), extra_tags=tags)
         module.epoch_callbacks.append(run.log_epoch)
+    module.epoch_callbacks.extend(epoch_callbacks)
     output_dir = Path(output_dir) if output_dir else default_output_dir(cfg, run)
     status, started = "FAILED", time.perf_counter()
     try:
@@ -119,6 +127,11 @@ def fit(
         status = "FAILED" if module.diverged_at is not None else "FINISHED"
     except (KeyboardInterrupt, SystemExit):  # Lightning turns Ctrl-C and SIGTERM into SystemExit
         status = "KILLED"
+        raise
+    except TrialPruned:
+        status = "KILLED"
+        if run is not None:
+            run.set_tags({"optuna.state": "PRUNED", "failure.reason": "pruned by the sweep's pruner"})
         raise
     finally:
         result = collect_result(cfg, module, data, time.perf_counter() - started)

@@ -1,0 +1,419 @@
+"""gdlab-sweep: run trials of a named sweep (sweeps/NAME.yaml) in-process through Optuna's own API.
+
+The sweep file is the one Hydra's Optuna sweeper reads for `gdlab-train -m +sweep=NAME`; its search
+space is parsed by that plugin's own override-to-distribution code. On top of the plugin this adds
+pruning, a budget of finished trials across invocations, a per-study lock, heartbeats and retries
+for dead trials, and K worker processes on one study.
+"""
+
+from __future__ import annotations
+
+import argparse
+import fcntl
+import math
+import os
+import subprocess
+import sys
+import time
+import warnings
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+import optuna
+from hydra import compose, initialize_config_module
+from hydra.errors import HydraException
+from hydra.utils import instantiate
+from hydra_plugins.hydra_optuna_sweeper._impl import OptunaSweeperImpl, create_params_from_overrides
+from omegaconf import DictConfig, OmegaConf
+from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+from optuna.trial import TrialState
+
+from gdlab.config import ConfigError, validate
+from gdlab.masking import mask_passwords
+from gdlab.sweep_tracking import finish_parent_run, start_parent_run
+from gdlab.tracking import PARENT_ENV, tracking_uri
+
+FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+# What a sweep file may instantiate: Optuna's samplers and pruners, and gdlab's search-space hooks.
+TRUSTED_TARGETS = ["optuna.samplers.*", "optuna.pruners.*", "gdlab.sweep.*"]
+HEARTBEAT_SECONDS = 10  # a worker killed mid-trial is noticed GRACE_SECONDS later
+GRACE_SECONDS = 30
+
+
+class SweepError(ValueError):
+    """A sweep name, file or search space gdlab-sweep cannot run."""
+
+
+@dataclass
+class SweepSpec:
+    name: str
+    overrides: list[str]  # extra CLI overrides, applied to every trial
+    task: DictConfig  # the sweep-level config (no hydra node)
+    distributions: dict
+    fixed_params: dict
+    study_name: str
+    storage: str
+    direction: str
+    budget: int
+    sampler: optuna.samplers.BaseSampler
+    pruner: optuna.pruners.BasePruner
+    report_every: int
+    max_failure_rate: float
+    custom_search_space: object | None
+
+
+def available_sweeps() -> list[str]:
+    from importlib.resources import files
+
+    return sorted(p.name[: -len(".yaml")] for p in (files("gdlab.conf") / "sweep").iterdir()
+                  if p.name.endswith(".yaml"))  # fmt: skip
+
+
+def compose_trial(name: str, overrides: list[str], hydra: bool = False) -> DictConfig:
+    with initialize_config_module("gdlab.conf"):
+        return compose("config", overrides=[f"+sweep={name}", *overrides], return_hydra_config=hydra)
+
+
+def load_sweep(name: str, overrides: list[str] | None = None) -> SweepSpec:
+    """Parse and check a named sweep before any trial runs."""
+    overrides = list(overrides or [])
+    if name not in available_sweeps():
+        raise SweepError(f"unknown sweep {name!r}; available: {', '.join(available_sweeps())}")
+    try:
+        full = compose_trial(name, overrides, hydra=True)
+    except HydraException as error:
+        raise SweepError(f"sweeps/{name}.yaml: {error}") from error
+    sweeper = full.hydra.sweeper
+    task = OmegaConf.create({k: v for k, v in OmegaConf.to_container(full).items() if k != "hydra"})
+    space = [f"{key}={value}" for key, value in (sweeper.params or {}).items()]
+    try:
+        distributions, fixed_params, _ = create_params_from_overrides(space)
+    except Exception as error:
+        raise SweepError(f"sweeps/{name}.yaml: hydra.sweeper.params: {error}") from error
+    check_search_space(name, overrides, task, full, distributions)
+    extra = task.get("gdlab_sweep") or {}
+    sampler = instantiate(sweeper.sampler, _execution_whitelist_=TRUSTED_TARGETS)
+    if isinstance(sampler, partial):  # GridSampler: its grid comes from the search space
+        grid = {k: OptunaSweeperImpl._to_grid_sampler_choices(d) for k, d in distributions.items()}
+        sampler = sampler(search_space=grid)
+    custom = sweeper.get("custom_search_space")
+    return SweepSpec(
+        name=name,
+        overrides=overrides,
+        task=task,
+        distributions=distributions,
+        fixed_params=fixed_params,
+        study_name=sweeper.study_name or name,
+        storage=sweeper.storage or "sqlite:///mlruns/optuna.db",
+        direction=str(sweeper.direction),
+        budget=int(sweeper.n_trials),
+        sampler=sampler,
+        pruner=instantiate(extra.pruner, _execution_whitelist_=TRUSTED_TARGETS)
+        if extra.get("pruner")
+        else optuna.pruners.MedianPruner(),
+        report_every=int(extra.get("report_every", 10)),
+        max_failure_rate=float(extra.get("max_failure_rate", 0.5)),
+        custom_search_space=instantiate(
+            {"_target_": custom, "_partial_": True}, _execution_whitelist_=TRUSTED_TARGETS
+        )
+        if custom
+        else None,
+    )
+
+
+def check_search_space(name: str, overrides: list[str], task: DictConfig, full: DictConfig,
+                       distributions: dict) -> None:  # fmt: skip
+    """Every searched key exists, and the configs at the edges of the space validate."""
+    choices = full.hydra.runtime.choices
+    for key in distributions:
+        if key not in choices and OmegaConf.select(task, key, default="__missing__") == "__missing__":
+            raise SweepError(f"sweeps/{name}.yaml: hydra.sweeper.params: unknown key {key!r}")
+    try:
+        validate(task)
+        for key, distribution in distributions.items():
+            for value in edge_values(distribution):
+                validate(compose_trial(name, [*overrides, f"{key}={value}"]))
+    except ConfigError as error:
+        raise SweepError(f"sweeps/{name}.yaml: {error}") from error
+    except HydraException as error:
+        raise SweepError(f"sweeps/{name}.yaml: {error}") from error
+
+
+def edge_values(distribution) -> list:
+    if isinstance(distribution, CategoricalDistribution):
+        return list(distribution.choices)
+    return [distribution.low, distribution.high]
+
+
+def suggest(trial: optuna.Trial, name: str, distribution):
+    """Draw one value through the public suggest API."""
+    if isinstance(distribution, CategoricalDistribution):
+        return trial.suggest_categorical(name, distribution.choices)
+    if isinstance(distribution, IntDistribution):
+        return trial.suggest_int(name, distribution.low, distribution.high, step=distribution.step,
+                                 log=distribution.log)  # fmt: skip
+    if isinstance(distribution, FloatDistribution):
+        return trial.suggest_float(name, distribution.low, distribution.high, step=distribution.step,
+                                   log=distribution.log)  # fmt: skip
+    raise SweepError(f"unsupported distribution for {name}: {distribution}")
+
+
+def lr_per_optimizer(cfg: DictConfig, trial: optuna.Trial) -> None:
+    """custom_search_space: optimizer.lr log-uniform over the chosen optimizer's gdlab_sweep.lr_ranges."""
+    low, high = cfg.gdlab_sweep.lr_ranges[trial.params["optimizer"]]
+    trial.suggest_float("optimizer.lr", low, high, log=True)
+
+
+class PruningReporter:
+    """An epoch callback: report the objective every few epochs and stop a hopeless trial."""
+
+    def __init__(self, trial: optuna.Trial, objective: str, every: int):
+        self.trial, self.objective, self.every = trial, objective, every
+
+    def __call__(self, row: dict) -> None:
+        epoch = row["epoch"]
+        if epoch == 0 or epoch % self.every:
+            return
+        value = row.get(self.objective, math.nan)
+        if not math.isfinite(value):
+            return  # divergence ends the run itself, as FAIL
+        self.trial.report(value, epoch)
+        if self.trial.should_prune():
+            raise optuna.TrialPruned(f"pruned at epoch {epoch} ({self.objective}={value:.4g})")
+
+
+def make_objective(spec: SweepSpec, output_root: Path):
+    from gdlab.train import compose_config, fit
+
+    def objective(trial: optuna.Trial) -> float:
+        for key, distribution in spec.distributions.items():
+            suggest(trial, key, distribution)
+        if spec.custom_search_space is not None:
+            spec.custom_search_space(spec.task, trial)
+        params = {**trial.params, **spec.fixed_params}
+        overrides = [f"+sweep={spec.name}", *spec.overrides, *(f"{k}={v}" for k, v in params.items())]
+        cfg = validate(compose_config(overrides))
+        result = fit(
+            cfg,
+            overrides,
+            output_dir=output_root / f"trial-{trial.number}",
+            epoch_callbacks=[PruningReporter(trial, cfg.objective, spec.report_every)],
+            tags={"optuna.study": spec.study_name, "optuna.trial": trial.number},
+        )
+        if result.final.get("mlflow_run_id"):
+            trial.set_user_attr("mlflow_run_id", result.final["mlflow_run_id"])
+        if result.final["diverged_at"] is not None:
+            trial.set_user_attr("failure", f"loss became NaN/inf at epoch {result.final['diverged_at']}")
+        return result.final["objective"]  # NaN makes the trial FAIL in Optuna
+
+    return objective
+
+
+class TrialLogger:
+    """One log line per finished trial: k/N, state, value, params, best so far. Stops a failing sweep."""
+
+    def __init__(self, budget: int, max_failure_rate: float, out=sys.stdout):
+        self.budget, self.max_failure_rate, self.out = budget, max_failure_rate, out
+        self.states: list[TrialState] = []
+
+    def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        self.states.append(trial.state)
+        finished = len(study.get_trials(deepcopy=False, states=FINISHED))
+        try:
+            best = f"{study.best_value:.6g} (trial {study.best_trial.number})"
+        except ValueError:
+            best = "none yet"
+        value = "" if trial.value is None else f" value={trial.value:.6g}"
+        reason = trial.user_attrs.get("failure", "")
+        reason = f" reason={reason}" if reason else ""
+        line = (
+            f"trial {finished}/{self.budget} #{trial.number} {trial.state.name}{value} params={trial.params}"
+        )
+        print(f"{line}{reason} best={best}", file=self.out, flush=True)
+        if len(self.states) >= 5 and self.failure_rate > self.max_failure_rate:
+            print(f"gdlab-sweep: failure rate {self.failure_rate:.0%} is over {self.max_failure_rate:.0%}; "
+                  "stopping", file=self.out, flush=True)  # fmt: skip
+            study.stop()
+
+    @property
+    def failure_rate(self) -> float:
+        return sum(s == TrialState.FAIL for s in self.states) / max(1, len(self.states))
+
+
+def make_storage(url: str) -> optuna.storages.RDBStorage:
+    """RDB storage with heartbeats: a trial whose process died goes FAIL and is retried."""
+    engine_kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {"pool_pre_ping": True}
+    if url.startswith("sqlite:///") and not url.startswith("sqlite:////"):
+        Path(url[len("sqlite:///") :]).parent.mkdir(parents=True, exist_ok=True)
+    try:
+        return optuna.storages.RDBStorage(
+            url,
+            engine_kwargs=engine_kwargs,
+            heartbeat_interval=HEARTBEAT_SECONDS,
+            grace_period=GRACE_SECONDS,
+            heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=2),
+        )
+    except Exception as error:
+        raise SweepError(f"--storage {mask_passwords(url)} is not a usable Optuna database: "
+                         f"{mask_passwords(str(error)).splitlines()[0]}") from error  # fmt: skip
+
+
+class StudyLock:
+    """One gdlab-sweep per study on this machine: an exclusive flock on <tracking.dir>/locks/<study>.lock."""
+
+    def __init__(self, directory: Path, study_name: str):
+        directory.mkdir(parents=True, exist_ok=True)
+        self.path = directory / f"{study_name}.lock"
+        self.file = open(self.path, "a+")  # noqa: SIM115 (held for the process's life)
+
+    def acquire(self) -> bool:
+        try:
+            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+        self.file.seek(0)
+        self.file.truncate()
+        self.file.write(f"{os.getpid()}\n")
+        self.file.flush()
+        return True
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(
+        prog="gdlab-sweep", description="Run trials of a named sweep with Optuna."
+    )
+    parser.add_argument("name", help=f"a sweep in sweeps/ ({', '.join(available_sweeps())})")
+    parser.add_argument(
+        "overrides", nargs="*", help="extra overrides for every trial, e.g. trainer.max_epochs=50"
+    )
+    parser.add_argument("--n-trials", type=int, help="run at most this many trials in this invocation")
+    parser.add_argument("--timeout", type=float, help="stop starting trials after this many seconds")
+    parser.add_argument(
+        "--storage", help="Optuna storage URL (default: the sweep's, sqlite:///mlruns/optuna.db)"
+    )
+    parser.add_argument("--study", help="study name (default: the sweep's)")
+    parser.add_argument(
+        "--budget", type=int, help="finished trials the study should hold (default: the sweep's)"
+    )
+    parser.add_argument("--workers", type=int, default=1, help="worker processes on this study (default 1)")
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--parent-run-id", help=argparse.SUPPRESS)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        spec = load_sweep(args.name, args.overrides)
+        study_name, budget = args.study or spec.study_name, args.budget or spec.budget
+        storage_url = args.storage or spec.storage
+        if args.workers < 1:
+            raise SweepError(f"--workers={args.workers} must be >= 1")
+        lock = None if args.worker else StudyLock(Path(spec.task.tracking.dir) / "locks", study_name)
+        if lock is not None and not lock.acquire():
+            print(f"gdlab-sweep: study {study_name!r} is already being run by another gdlab-sweep on this "
+                  f"machine (lock {lock.path}); nothing to do")  # fmt: skip
+            return 0
+        storage = make_storage(storage_url)
+        study = optuna.create_study(
+            study_name=study_name, storage=storage, sampler=spec.sampler, pruner=spec.pruner,
+            direction=spec.direction, load_if_exists=True,
+        )  # fmt: skip
+    except (SweepError, ConfigError) as error:
+        print(f"gdlab-sweep: error: {error}", file=sys.stderr)
+        return 2
+    return run_sweep(args, spec, study, storage_url, budget)
+
+
+def run_sweep(args, spec: SweepSpec, study: optuna.Study, storage_url: str, budget: int) -> int:
+    finished = len(study.get_trials(deepcopy=False, states=FINISHED))
+    if finished >= budget:
+        print(f"gdlab-sweep: study {study.study_name!r} holds {finished}/{budget} finished trials: "
+              "budget reached")  # fmt: skip
+        return 0
+    print(f"gdlab-sweep: study {study.study_name!r} in {mask_passwords(storage_url)}: "
+          f"{finished}/{budget} finished trials", flush=True)  # fmt: skip
+    parent_run_id = args.parent_run_id
+    if parent_run_id:
+        os.environ[PARENT_ENV] = parent_run_id
+    elif tracking_uri(spec.task) is not None:
+        parent_run_id = start_parent_run(
+            spec.task, name=f"{study.study_name}-{time.strftime('%Y%m%d-%H%M%S')}",
+            tags={"optuna.study": study.study_name, "optuna.storage": storage_url, "sweep": spec.name},
+        )  # fmt: skip
+    workers = [start_worker(args, study.study_name, storage_url, budget, parent_run_id)
+               for _ in range(args.workers - 1)]  # fmt: skip
+    logger = TrialLogger(budget, spec.max_failure_rate)
+    study.optimize(
+        make_objective(spec, Path("outputs") / "sweeps" / study.study_name),
+        n_trials=args.n_trials,
+        timeout=args.timeout,
+        callbacks=[optuna.study.MaxTrialsCallback(budget, states=FINISHED), logger],
+        catch=(Exception,),
+    )
+    worker_failed = any(worker.wait() != 0 for worker in workers)
+    if not args.worker and parent_run_id:
+        finish_parent_run(spec.task, parent_run_id)
+        log_study_plots(spec.task, parent_run_id, study)
+    if logger.failure_rate > spec.max_failure_rate or worker_failed:
+        print(f"gdlab-sweep: failure rate {logger.failure_rate:.0%} is over {spec.max_failure_rate:.0%}",
+              file=sys.stderr)  # fmt: skip
+        return 1
+    total = len(study.get_trials(deepcopy=False, states=FINISHED))
+    try:
+        print(f"gdlab-sweep: done: {total}/{budget} finished trials; best {study.best_value:.6g} "
+              f"with {study.best_trial.params}")  # fmt: skip
+    except ValueError:
+        print(f"gdlab-sweep: done: {total}/{budget} finished trials; none completed")
+    return 0
+
+
+def start_worker(args, study_name: str, storage_url: str, budget: int, parent_run_id: str | None):
+    command = [sys.executable, "-m", "gdlab.sweep", args.name, *args.overrides, "--worker",
+               "--study", study_name, "--storage", storage_url, "--budget", str(budget)]  # fmt: skip
+    if parent_run_id:
+        command += ["--parent-run-id", parent_run_id]
+    if args.n_trials:
+        command += ["--n-trials", str(args.n_trials)]
+    if args.timeout:
+        command += ["--timeout", str(args.timeout)]
+    return subprocess.Popen(command)
+
+
+def log_study_plots(task: DictConfig, parent_run_id: str, study: optuna.Study) -> None:
+    """Optuna's own plots, as PNGs on the parent run; a plot that needs more trials is skipped."""
+    import tempfile
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from mlflow import MlflowClient
+    from optuna.visualization import matplotlib as plots
+
+    makers = {
+        "optimization_history": plots.plot_optimization_history,
+        "param_importances": plots.plot_param_importances,
+        "parallel_coordinate": plots.plot_parallel_coordinate,
+        "slice": plots.plot_slice,
+        "contour": plots.plot_contour,
+    }
+    with tempfile.TemporaryDirectory() as folder:
+        for name, make in makers.items():
+            try:
+                make(study)
+                plt.gcf().set_size_inches(10, 6)
+                plt.savefig(Path(folder) / f"{name}.png", dpi=80, bbox_inches="tight")
+            except Exception as error:  # e.g. importances need two completed trials
+                print(f"gdlab-sweep: no {name} plot: {str(error).splitlines()[0] if str(error) else error!r}")
+            finally:
+                plt.close("all")
+        client = MlflowClient(tracking_uri=tracking_uri(task))
+        client.log_artifacts(parent_run_id, folder, "optuna")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
