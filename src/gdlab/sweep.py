@@ -63,11 +63,18 @@ class SweepSpec:
     custom_search_space: object | None
 
 
-def available_sweeps() -> list[str]:
+def available_sweeps(config_dir: Path | None = None) -> list[str]:
+    """The shipped sweeps (sweeps/), plus those in <config_dir>/sweep/."""
     from importlib.resources import files
 
-    return sorted(p.name[: -len(".yaml")] for p in (files("gdlab.conf") / "sweep").iterdir()
-                  if p.name.endswith(".yaml"))  # fmt: skip
+    folders = [files("gdlab.conf") / "sweep"] + ([Path(config_dir) / "sweep"] if config_dir else [])
+    return sorted({p.name[: -len(".yaml")] for folder in folders if folder.is_dir()
+                   for p in folder.iterdir() if p.name.endswith(".yaml")})  # fmt: skip
+
+
+def search_path_override(config_dir: Path | None) -> list[str]:
+    """Hydra's own way to add a config root (as gdlab-train --config-dir DIR does)."""
+    return [f"hydra.searchpath=[file://{Path(config_dir).resolve()}]"] if config_dir else []
 
 
 def compose_trial(name: str, overrides: list[str], hydra: bool = False) -> DictConfig:
@@ -75,11 +82,11 @@ def compose_trial(name: str, overrides: list[str], hydra: bool = False) -> DictC
         return compose("config", overrides=[f"+sweep={name}", *overrides], return_hydra_config=hydra)
 
 
-def load_sweep(name: str, overrides: list[str] | None = None) -> SweepSpec:
+def load_sweep(name: str, overrides: list[str] | None = None, config_dir: Path | None = None) -> SweepSpec:
     """Parse and check a named sweep before any trial runs."""
-    overrides = list(overrides or [])
-    if name not in available_sweeps():
-        raise SweepError(f"unknown sweep {name!r}; available: {', '.join(available_sweeps())}")
+    overrides = [*search_path_override(config_dir), *(overrides or [])]
+    if name not in available_sweeps(config_dir):
+        raise SweepError(f"unknown sweep {name!r}; available: {', '.join(available_sweeps(config_dir))}")
     try:
         full = compose_trial(name, overrides, hydra=True)
     except HydraException as error:
@@ -297,6 +304,9 @@ def parse_args(argv):
         "--budget", type=int, help="finished trials the study should hold (default: the sweep's)"
     )
     parser.add_argument("--workers", type=int, default=1, help="worker processes on this study (default 1)")
+    parser.add_argument(
+        "--config-dir", type=Path, help="an extra config root whose sweep/ folder holds more sweeps"
+    )
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--parent-run-id", help=argparse.SUPPRESS)
     return parser.parse_args(argv)
@@ -307,7 +317,7 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     try:
-        spec = load_sweep(args.name, args.overrides)
+        spec = load_sweep(args.name, args.overrides, args.config_dir)
         study_name, budget = args.study or spec.study_name, args.budget or spec.budget
         storage_url = args.storage or spec.storage
         if args.workers < 1:
@@ -373,6 +383,7 @@ def run_sweep(args, spec: SweepSpec, study: optuna.Study, storage_url: str, budg
 
 def start_worker(args, study_name: str, storage_url: str, budget: int, parent_run_id: str | None):
     command = [sys.executable, "-m", "gdlab.sweep", args.name, *args.overrides, "--worker",
+               *(["--config-dir", str(args.config_dir)] if args.config_dir else []),
                "--study", study_name, "--storage", storage_url, "--budget", str(budget)]  # fmt: skip
     if parent_run_id:
         command += ["--parent-run-id", parent_run_id]

@@ -1,0 +1,198 @@
+"""gdlab-report on real runs in a real MLflow SQLite store: the tables, the files, the parent-run case."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+from mlflow import MlflowClient
+
+import gdlab
+from gdlab.report import TrackedRun, build_report, make_final_table
+
+GDLAB_REPORT = str(Path(sys.executable).with_name("gdlab-report"))
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+EPOCHS = 30
+COMMON = ["dataset=moons", f"trainer.max_epochs={EPOCHS}"]
+RUNS = {
+    "optimizer.name=gd optimizer.lr=0.1": ["optimizer=gd", "optimizer.lr=0.1"],
+    "optimizer.name=gd optimizer.lr=0.5": ["optimizer=gd", "optimizer.lr=0.5"],
+    "optimizer.name=backtracking optimizer.lr=1.0": ["optimizer=backtracking"],
+}  # the label each run should get: the params that differ between the three
+FINAL_METRICS = ["train/loss", "train/acc", "test/loss", "test/acc", "evals/total"]
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    """A fresh tracking directory, with neither MLflow's nor gdlab's environment variables leaking in."""
+    torch.set_num_threads(1)  # as conftest does for each test; module fixtures run before its fixture
+    with pytest.MonkeyPatch.context() as patch:
+        patch.delenv("MLFLOW_TRACKING_URI", raising=False)
+        patch.delenv("GDLAB_MLFLOW_PARENT_RUN_ID", raising=False)
+        directory = tmp_path_factory.mktemp("tracking")
+        yield directory, f"sqlite:///{directory / 'mlflow.db'}"
+
+
+def train(directory: Path, experiment: str, overrides: list[str]) -> gdlab.RunResult:
+    return gdlab.run([*COMMON, *overrides, f"tracking.dir={directory}", f"tracking.experiment={experiment}"])
+
+
+def report_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    return subprocess.run(
+        [GDLAB_REPORT, *args], capture_output=True, text=True, cwd=cwd, env=env, timeout=300
+    )
+
+
+@pytest.fixture(scope="module")
+def lab(store, tmp_path_factory):
+    """Three runs in experiment 'lab' and the report gdlab-report makes of them."""
+    directory, uri = store
+    results = {label: train(directory, "lab", overrides) for label, overrides in RUNS.items()}
+    out = tmp_path_factory.mktemp("report") / "lab"
+    proc = report_cli(
+        "lab", "--tracking-uri", uri, "--out", str(out), "--epochs", "0,10,29,40", cwd=directory
+    )
+    return results, proc, out
+
+
+def read_table(out: Path, name: str) -> pd.DataFrame:
+    return pd.read_csv(out / name, index_col="run")
+
+
+def test_cli_exits_0_and_prints_both_tables(lab):
+    results, proc, _ = lab
+    assert proc.returncode == 0, proc.stderr
+    assert "train loss and accuracy by epoch" in proc.stdout
+    assert "final metrics, sorted by train/loss (minimize)" in proc.stdout
+    for label in RUNS:
+        assert proc.stdout.count(label) == 2, label  # one row in each table
+
+
+def test_final_table_has_the_runs_last_logged_values_sorted_by_the_objective(lab):
+    results, _, out = lab
+    final = read_table(out, "final_metrics.csv")
+    assert sorted(final.index) == sorted(RUNS)
+    assert final["train/loss"].is_monotonic_increasing  # objective train/loss, minimize
+    for label, result in results.items():
+        row, last_epoch = final.loc[label], result.history.iloc[-1]
+        for metric in FINAL_METRICS:
+            # MLflow's last value is history's last row (the start of the last epoch), not result.final.
+            assert row[metric] == pytest.approx(last_epoch[metric], rel=1e-9), (label, metric)
+        assert row["evals/total"] == result.final["evals"]
+        assert row["epochs"] == result.final["epochs"] == EPOCHS
+
+
+def test_epoch_table_matches_the_history_and_leaves_missing_epochs_blank(lab):
+    results, _, out = lab
+    table = read_table(out, "epoch_table.csv")
+    assert list(table.columns) == [f"{metric}@{epoch}" for metric in ("train/loss", "train/acc")
+                                   for epoch in (0, 10, 29, 40)]  # fmt: skip
+    for label, result in results.items():
+        for metric in ("train/loss", "train/acc"):
+            assert table.loc[label, f"{metric}@10"] == pytest.approx(
+                result.history[metric].iloc[10], rel=1e-9
+            )
+            assert table.loc[label, f"{metric}@29"] == pytest.approx(
+                result.history[metric].iloc[29], rel=1e-9
+            )
+            assert pd.isna(table.loc[label, f"{metric}@40"])  # no run got that far
+
+
+def test_labels_name_only_the_params_that_differ(lab):
+    _, proc, out = lab
+    labels = set(read_table(out, "final_metrics.csv").index)
+    assert labels == set(RUNS)
+    assert not any("seed=" in label or "dataset." in label for label in labels)
+
+
+def test_report_files(lab):
+    _, _, out = lab
+    for name in ("loss_curves.png", "accuracy_curves.png", "loss_vs_evals.png"):  # optimizers differ
+        data = (out / name).read_bytes()
+        assert data.startswith(PNG_SIGNATURE) and len(data) > 5000, name
+        assert f"]({name})" in (out / "report.md").read_text()
+    markdown = (out / "report.md").read_text()
+    final = read_table(out, "final_metrics.csv")
+    for label, row in final.iterrows():
+        assert f"| {label} | {row['train/loss']:.6g} | {row['train/acc']:.6g} |" in markdown
+    assert "| run | train/loss | train/acc | test/loss | test/acc | evals/total | epochs |" in markdown
+
+
+def test_unknown_target_is_one_clear_error(store, tmp_path):
+    _, uri = store
+    proc = report_cli(
+        "no-such-experiment", "--tracking-uri", uri, "--out", str(tmp_path / "out"), cwd=tmp_path
+    )
+    assert proc.returncode == 2
+    assert (
+        "gdlab-report: error: 'no-such-experiment' is neither an experiment name nor a run id" in proc.stderr
+    )
+    assert "Traceback" not in proc.stderr + proc.stdout
+    assert not (tmp_path / "out").exists()
+
+
+def test_missing_store_is_an_error_and_creates_nothing(tmp_path):
+    proc = report_cli("lab", cwd=tmp_path)  # default store ./mlruns/mlflow.db does not exist here
+    assert proc.returncode == 2 and "no MLflow store at sqlite:///" in proc.stderr
+    assert "Traceback" not in proc.stderr and not (tmp_path / "mlruns").exists()
+
+
+def test_default_epochs_and_output_folder(lab, store, tmp_path, monkeypatch):
+    _, uri = store
+    monkeypatch.chdir(tmp_path)
+    report = build_report("lab", tracking_uri=uri)
+    assert list(report.epoch_table.columns[:4]) == [
+        "train/loss@0",
+        "train/loss@3",
+        "train/loss@15",
+        "train/loss@29",
+    ]
+    assert report.paths[0] == Path("reports/lab/report.md") and report.paths[0].is_file()
+    assert report.parent_run_id is None and not report.logged_to_parent
+
+
+def test_parent_run_report_covers_its_children_and_is_logged_to_it(store, tmp_path, monkeypatch):
+    directory, uri = store
+    client = MlflowClient(tracking_uri=uri)
+    experiment_id = client.create_experiment(
+        "sweep", artifact_location=(directory / "artifacts" / "sweep").as_uri()
+    )
+    parent_id = client.create_run(experiment_id, run_name="sweep").info.run_id
+    monkeypatch.setenv("GDLAB_MLFLOW_PARENT_RUN_ID", parent_id)
+    children = {train(directory, "sweep", ["optimizer.lr=0.1"]).final["mlflow_run_id"],
+                train(directory, "sweep", ["optimizer.lr=0.5"]).final["mlflow_run_id"]}  # fmt: skip
+    monkeypatch.delenv("GDLAB_MLFLOW_PARENT_RUN_ID")
+    outsider = train(directory, "sweep", ["optimizer=backtracking"]).final["mlflow_run_id"]
+
+    unlogged = build_report(parent_id, tracking_uri=uri, out=tmp_path / "unlogged", log=False)
+    assert {run.run_id for run in unlogged.runs} == children
+    assert client.list_artifacts(parent_id, "report") == []
+
+    proc = report_cli(parent_id, "--tracking-uri", uri, "--out", str(tmp_path / "sweep"), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    final = read_table(tmp_path / "sweep", "final_metrics.csv")
+    assert sorted(final.index) == ["optimizer.lr=0.1", "optimizer.lr=0.5"]  # only the lr differs
+    assert not (tmp_path / "sweep" / "loss_vs_evals.png").exists()  # one optimizer: nothing to compare
+    logged = {Path(f.path).name for f in client.list_artifacts(parent_id, "report")}
+    assert {"report.md", "final_metrics.csv", "loss_curves.png", "accuracy_curves.png"} <= logged
+
+    # The experiment's report has the three training runs, not the parent run (it logs no metrics).
+    whole = build_report("sweep", tracking_uri=uri, out=tmp_path / "experiment")
+    assert {run.run_id for run in whole.runs} == children | {outsider}
+
+
+def test_a_diverged_run_sorts_last_whatever_its_last_logged_loss():
+    # NaN/inf are not logged: the diverged run's last train/loss is its (low) epoch-0 value.
+    def tracked(label, losses, **outcome):
+        curves = pd.DataFrame({"train/loss": losses, "evals/total": range(1, len(losses) + 1)})
+        return TrackedRun(label, label, {}, curves, label=label, **outcome)
+
+    runs = [tracked("diverged", [0.1], status="FAILED", diverged_at="1"), tracked("ok", [0.7, 0.5])]
+    table = make_final_table(runs, "train/loss", "minimize")
+    assert list(table.index) == ["ok", "diverged"]
+    assert list(table["status"]) == ["FINISHED", "diverged at epoch 1"]
+    assert list(table["epochs"]) == [2, 1] and "test/loss" not in table

@@ -1,0 +1,209 @@
+"""Sweeps both ways: Hydra's Optuna sweeper (gdlab-train -m +sweep=NAME) and gdlab-sweep."""
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+from mlflow import MlflowClient
+from optuna.trial import TrialState
+
+from gdlab.sweep import load_sweep
+
+BIN = Path(sys.executable).parent
+SHORT = ["trainer.max_epochs=20"]
+
+
+@pytest.fixture(autouse=True)
+def _clean_env(monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("GDLAB_MLFLOW_PARENT_RUN_ID", raising=False)
+
+
+def sweep(*args, cwd, timeout=600):
+    return subprocess.run([str(BIN / "gdlab-sweep"), *args], capture_output=True, text=True, cwd=cwd,
+                          timeout=timeout)  # fmt: skip
+
+
+def study(cwd: Path, name: str) -> optuna.Study:
+    return optuna.load_study(study_name=name, storage=f"sqlite:///{cwd / 'mlruns' / 'optuna.db'}")
+
+
+def runs_by_parent(cwd: Path, experiment: str) -> tuple[list, dict]:
+    client = MlflowClient(tracking_uri=f"sqlite:///{cwd / 'mlruns' / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    children = {p.info.run_id: [r for r in runs if r.data.tags.get("mlflow.parentRunId") == p.info.run_id]
+                for p in parents}  # fmt: skip
+    return parents, children
+
+
+def write_sweep(folder: Path, name: str, body: str) -> Path:
+    (folder / "sweep").mkdir(parents=True, exist_ok=True)
+    (folder / "sweep" / f"{name}.yaml").write_text(body)
+    return folder
+
+
+NAN_SWEEP = """# @package _global_
+defaults:
+  - override /dataset: moons
+  - override /hydra/sweeper: optuna
+  - override /hydra/sweeper/sampler: grid
+trainer:
+  max_epochs: 15
+objective: test/loss
+tracking:
+  experiment: sweep-diverging
+hydra:
+  sweeper:
+    study_name: diverging
+    storage: sqlite:///mlruns/optuna.db
+    direction: minimize
+    n_trials: 3
+    n_jobs: 1
+    params:
+      optimizer.lr: choice(0.1, 1e200, 0.5)
+gdlab_sweep:
+  pruner:
+    _target_: optuna.pruners.NopPruner
+  max_failure_rate: 0.5
+"""
+
+
+def test_every_shipped_sweep_parses_and_validates():
+    for name in ("lr_depth", "lr_depth_xor", "optimizers", "init_activation", "seeds", "digits_depth_width"):
+        spec = load_sweep(name)
+        assert spec.study_name == name and spec.budget > 0 and spec.distributions, name
+    spec = load_sweep("lr_depth")
+    lr = spec.distributions["optimizer.lr"]
+    assert (lr.low, lr.high, lr.log) == (1e-3, 10, True)
+    assert (spec.distributions["model.depth"].low, spec.distributions["model.depth"].high) == (1, 4)
+    assert isinstance(spec.pruner, optuna.pruners.MedianPruner)
+
+
+@pytest.mark.slow
+def test_hydra_multirun_sweep_tracks_trials_and_resumes(tmp_path):
+    command = [str(BIN / "gdlab-train"), "-m", "+sweep=lr_depth", "hydra.sweeper.n_trials=3", *SHORT]
+    for _ in range(2):
+        proc = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, timeout=600)
+        assert proc.returncode == 0, proc.stderr
+        time.sleep(1.1)  # each invocation gets its own multirun/<date>/<time> directory
+    trials = study(tmp_path, "lr_depth").trials
+    assert len(trials) == 6 and all(t.state == TrialState.COMPLETE for t in trials)
+    assert len(list((tmp_path / "multirun").glob("*/*"))) == 2
+    parents, children = runs_by_parent(tmp_path, "sweep-lr_depth")
+    assert len(parents) == 2
+    first = min(parents, key=lambda r: r.info.start_time)
+    kids = children[first.info.run_id]
+    assert len(kids) == 3
+    expected = sorted((float(t.params["optimizer.lr"]), int(t.params["model.depth"])) for t in trials[:3])
+    got = sorted((float(r.data.params["optimizer.lr"]), int(r.data.params["model.depth"])) for r in kids)
+    assert got == pytest.approx(expected)
+
+
+@pytest.mark.slow
+def test_gdlab_sweep_budget_pruning_and_the_parent_run(tmp_path):
+    args = ["lr_depth", "trainer.max_epochs=60", "--budget", "8"]
+    proc = sweep(*args, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "trial 8/8 " in proc.stdout and "done: 8/8 finished trials" in proc.stdout
+    s = study(tmp_path, "lr_depth")
+    states = [t.state for t in s.trials]
+    assert states.count(TrialState.COMPLETE) + states.count(TrialState.PRUNED) == 8
+    assert TrialState.PRUNED in states  # the hopeless small learning rates are stopped early
+    again = sweep(*args, cwd=tmp_path)
+    assert again.returncode == 0 and "budget reached" in again.stdout
+    assert len(study(tmp_path, "lr_depth").trials) == 8
+
+    parents, children = runs_by_parent(tmp_path, "sweep-lr_depth")
+    assert len(parents) == 1
+    parent, kids = parents[0], children[parents[0].info.run_id]
+    assert len(kids) == 8
+    by_trial = {int(r.data.tags["optuna.trial"]): r for r in kids}
+    for trial in s.trials:
+        run = by_trial[trial.number]
+        assert float(run.data.params["optimizer.lr"]) == pytest.approx(trial.params["optimizer.lr"])
+        assert run.data.tags["optuna.study"] == "lr_depth"
+        if trial.state == TrialState.PRUNED:
+            assert run.data.tags["optuna.state"] == "PRUNED" and run.info.status == "KILLED"
+        else:
+            assert run.data.metrics["final/test/loss"] == pytest.approx(trial.value)
+    assert parent.data.metrics["best/test/loss"] == pytest.approx(s.best_value)
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}")
+    plots = {a.path for a in client.list_artifacts(parent.info.run_id, "optuna")}
+    assert "optuna/optimization_history.png" in plots and "optuna/param_importances.png" in plots
+
+
+@pytest.mark.slow
+def test_a_nan_trial_fails_and_the_sweep_goes_on(tmp_path):
+    write_sweep(tmp_path / "cfg", "diverging", NAN_SWEEP)
+    proc = sweep("diverging", "--config-dir", str(tmp_path / "cfg"), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    trials = study(tmp_path, "diverging").trials
+    by_lr = {t.params["optimizer.lr"]: t for t in trials}
+    assert by_lr[1e200].state == TrialState.FAIL
+    assert "NaN/inf" in by_lr[1e200].user_attrs["failure"]
+    assert by_lr[0.1].state == by_lr[0.5].state == TrialState.COMPLETE
+    assert "FAIL" in proc.stdout and "reason=loss became NaN/inf" in proc.stdout
+
+
+@pytest.mark.slow
+def test_two_workers_lose_and_duplicate_nothing(tmp_path):
+    proc = sweep("lr_depth", "trainer.max_epochs=15", "gdlab_sweep.pruner._target_=optuna.pruners.NopPruner",
+                 "--budget", "8", "--workers", "2", cwd=tmp_path)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    trials = study(tmp_path, "lr_depth").trials
+    complete = [t for t in trials if t.state == TrialState.COMPLETE]
+    assert len(complete) >= 8 and len(complete) == len(trials)
+    parents, children = runs_by_parent(tmp_path, "sweep-lr_depth")
+    kids = children[parents[0].info.run_id]
+    numbers = sorted(int(r.data.tags["optuna.trial"]) for r in kids)
+    assert numbers == sorted(t.number for t in trials)  # exactly one child run per trial
+
+
+@pytest.mark.slow
+def test_a_second_concurrent_invocation_exits_zero(tmp_path):
+    command = [str(BIN / "gdlab-sweep"), "lr_depth", "trainer.max_epochs=2000", "--budget", "50"]
+    first = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+    try:
+        lock = tmp_path / "mlruns" / "locks" / "lr_depth.lock"
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and not (lock.exists() and lock.read_text().strip()):
+            time.sleep(0.2)
+        assert lock.read_text().strip() == str(first.pid)
+        second = sweep("lr_depth", cwd=tmp_path)
+        assert second.returncode == 0
+        assert "already being run by another gdlab-sweep" in second.stdout
+    finally:
+        first.kill()
+        first.wait()
+
+
+def test_bad_sweep_input_is_refused_before_any_trial(tmp_path):
+    proc = sweep("no_such_sweep", cwd=tmp_path)
+    assert proc.returncode == 2
+    assert "unknown sweep 'no_such_sweep'; available: digits_depth_width, init_activation" in proc.stderr
+    write_sweep(
+        tmp_path / "cfg",
+        "badkey",
+        NAN_SWEEP.replace(
+            "optimizer.lr: choice(0.1, 1e200, 0.5)", "optimizer.learning_rate: interval(0.1, 1)"
+        ),
+    )
+    proc = sweep("badkey", "--config-dir", str(tmp_path / "cfg"), cwd=tmp_path)
+    assert proc.returncode == 2
+    assert "unknown key 'optimizer.learning_rate'" in proc.stderr
+    write_sweep(
+        tmp_path / "cfg",
+        "badrange",
+        NAN_SWEEP.replace("optimizer.lr: choice(0.1, 1e200, 0.5)", "optimizer.lr: interval(-1, 1)"),
+    )
+    proc = sweep("badrange", "--config-dir", str(tmp_path / "cfg"), cwd=tmp_path)
+    assert proc.returncode == 2
+    assert "optimizer.lr=-1" in proc.stderr and "allowed: a number > 0" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "mlruns" / "optuna.db").exists()
+    os.environ.pop("GDLAB_MLFLOW_PARENT_RUN_ID", None)
