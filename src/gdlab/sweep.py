@@ -100,11 +100,10 @@ def load_sweep(name: str, overrides: list[str] | None = None, config_dir: Path |
         raise SweepError(f"sweeps/{name}.yaml: hydra.sweeper.params: {error}") from error
     check_search_space(name, overrides, task, full, distributions)
     extra = task.get("gdlab_sweep") or {}
-    sampler = instantiate(sweeper.sampler, _execution_whitelist_=TRUSTED_TARGETS)
-    if isinstance(sampler, partial):  # GridSampler: its grid comes from the search space
-        grid = {k: OptunaSweeperImpl._to_grid_sampler_choices(d) for k, d in distributions.items()}
-        sampler = sampler(search_space=grid)
-    custom = sweeper.get("custom_search_space")
+    try:
+        sampler, pruner, custom = build_optuna_parts(sweeper, extra, distributions)
+    except Exception as error:  # a bad _target_ or argument in the sweep file
+        raise SweepError(f"sweeps/{name}.yaml: {str(error).splitlines()[0]}") from error
     return SweepSpec(
         name=name,
         overrides=overrides,
@@ -113,20 +112,29 @@ def load_sweep(name: str, overrides: list[str] | None = None, config_dir: Path |
         fixed_params=fixed_params,
         study_name=sweeper.study_name or name,
         storage=sweeper.storage or "sqlite:///mlruns/optuna.db",
-        direction=str(sweeper.direction),
+        direction=getattr(sweeper.direction, "name", str(sweeper.direction)),
         budget=int(sweeper.n_trials),
         sampler=sampler,
-        pruner=instantiate(extra.pruner, _execution_whitelist_=TRUSTED_TARGETS)
-        if extra.get("pruner")
-        else optuna.pruners.MedianPruner(),
+        pruner=pruner,
         report_every=int(extra.get("report_every", 10)),
         max_failure_rate=float(extra.get("max_failure_rate", 0.5)),
-        custom_search_space=instantiate(
-            {"_target_": custom, "_partial_": True}, _execution_whitelist_=TRUSTED_TARGETS
-        )
-        if custom
-        else None,
+        custom_search_space=custom,
     )
+
+
+def build_optuna_parts(sweeper: DictConfig, extra: DictConfig, distributions: dict):
+    """(sampler, pruner, custom search space hook) from the sweep file, with Hydra's instantiate."""
+    sampler = instantiate(sweeper.sampler, _execution_whitelist_=TRUSTED_TARGETS)
+    if isinstance(sampler, partial):  # GridSampler: its grid comes from the search space
+        grid = {k: OptunaSweeperImpl._to_grid_sampler_choices(d) for k, d in distributions.items()}
+        sampler = sampler(search_space=grid)
+    pruner = optuna.pruners.MedianPruner()
+    if extra.get("pruner"):
+        pruner = instantiate(extra.pruner, _execution_whitelist_=TRUSTED_TARGETS)
+    custom = sweeper.get("custom_search_space")
+    if custom:
+        custom = instantiate({"_target_": custom, "_partial_": True}, _execution_whitelist_=TRUSTED_TARGETS)
+    return sampler, pruner, custom
 
 
 def check_search_space(name: str, overrides: list[str], task: DictConfig, full: DictConfig,
