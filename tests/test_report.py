@@ -67,7 +67,7 @@ def test_cli_exits_0_and_prints_both_tables(lab):
     results, proc, _ = lab
     assert proc.returncode == 0, proc.stderr
     assert "train loss and accuracy by epoch" in proc.stdout
-    assert "final metrics, sorted by train/loss (minimize)" in proc.stdout
+    assert "final metrics, sorted by final/train/loss (minimize)" in proc.stdout
     for label in RUNS:
         assert proc.stdout.count(label) == 2, label  # one row in each table
 
@@ -76,12 +76,14 @@ def test_final_table_has_the_runs_last_logged_values_sorted_by_the_objective(lab
     results, _, out = lab
     final = read_table(out, "final_metrics.csv")
     assert sorted(final.index) == sorted(RUNS)
-    assert final["train/loss"].is_monotonic_increasing  # objective train/loss, minimize
+    # gdlab's objective train/loss, minimize, at the trained weights (final/train/loss)
+    assert final["final/train/loss"].is_monotonic_increasing
     for label, result in results.items():
         row, last_epoch = final.loc[label], result.history.iloc[-1]
         for metric in FINAL_METRICS:
             # MLflow's last value is history's last row (the start of the last epoch), not result.final.
             assert row[metric] == pytest.approx(last_epoch[metric], rel=1e-9), (label, metric)
+        assert row["final/train/loss"] == pytest.approx(result.final["train/loss"], rel=1e-9)
         assert row["evals/total"] == result.final["evals"]
         assert row["epochs"] == result.final["epochs"] == EPOCHS
 
@@ -119,7 +121,10 @@ def test_report_files(lab):
     final = read_table(out, "final_metrics.csv")
     for label, row in final.iterrows():
         assert f"| {label} | {row['train/loss']:.6g} | {row['train/acc']:.6g} |" in markdown
-    assert "| run | train/loss | train/acc | test/loss | test/acc | evals/total | epochs |" in markdown
+    header = (
+        "| run | train/loss | train/acc | test/loss | test/acc | evals/total | final/train/loss | epochs |"
+    )
+    assert header in markdown
 
 
 def test_unknown_target_is_one_clear_error(store, tmp_path):

@@ -51,6 +51,7 @@ class TrackedRun:
     status: str = "FINISHED"  # MLflow's: FINISHED, FAILED, KILLED, RUNNING
     diverged_at: str | None = None  # gdlab's failure.epoch tag: the loss became NaN/inf there
     label: str = ""
+    latest: dict = field(default_factory=dict)  # every metric's latest value (final/<metric> included)
 
     @property
     def outcome(self) -> str:
@@ -62,7 +63,7 @@ class TrackedRun:
 
     def last(self, metric: str) -> float:
         if metric not in self.curves:
-            return math.nan
+            return float(self.latest.get(metric, math.nan))
         values = self.curves[metric].dropna()
         return float(values.iloc[-1]) if len(values) else math.nan
 
@@ -146,7 +147,7 @@ def load_run(client, run) -> TrackedRun:
     frame.index.name = "epoch"
     name = run.data.tags.get("mlflow.runName") or run.info.run_name or run.info.run_id
     return TrackedRun(run.info.run_id, name, dict(run.data.params), frame, run.info.status,
-                      run.data.tags.get("failure.epoch"))  # fmt: skip
+                      run.data.tags.get("failure.epoch"), latest=dict(run.data.metrics))  # fmt: skip
 
 
 def load_runs(client, target: str) -> tuple[list[TrackedRun], str | None]:
@@ -204,8 +205,12 @@ def objective_and_direction(runs: list[TrackedRun], objective: str | None) -> tu
     """The runs' own objective and direction; a metric named with --objective is maximized if it is an
     accuracy, since the runs' direction belongs to their own objective."""
     runs_objective = most_common_param(runs, "objective", "train/loss")
+    if all(f"final/{runs_objective}" in run.latest for run in runs):
+        runs_objective = f"final/{runs_objective}"  # gdlab's objective: the value at the trained weights
     if objective is None or objective == runs_objective:
         return runs_objective, most_common_param(runs, "direction", "minimize")
+    if objective.startswith("final/") and objective[len("final/") :] == runs_objective.removeprefix("final/"):
+        return objective, most_common_param(runs, "direction", "minimize")
     return objective, "maximize" if objective.endswith("acc") else "minimize"
 
 

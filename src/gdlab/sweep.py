@@ -374,7 +374,10 @@ def run_sweep(args, spec: SweepSpec, study: optuna.Study, storage_url: str, budg
     )
     worker_failed = any(worker.wait() != 0 for worker in workers)
     if not args.worker and parent_run_id:
-        finish_parent_run(spec.task, parent_run_id)
+        report_dir = (
+            Path("outputs") / "sweeps" / study.study_name / f"report-{time.strftime('%Y%m%d-%H%M%S')}"
+        )
+        finish_parent_run(spec.task, parent_run_id, report_dir)
         log_study_plots(spec.task, parent_run_id, study)
     if logger.failure_rate > spec.max_failure_rate or worker_failed:
         print(f"gdlab-sweep: failure rate {logger.failure_rate:.0%} is over {spec.max_failure_rate:.0%}",

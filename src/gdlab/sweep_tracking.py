@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import os
+from pathlib import Path
 
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
@@ -39,8 +40,9 @@ def start_parent_run(cfg: DictConfig, name: str, tags: dict | None = None) -> st
     return run.info.run_id
 
 
-def finish_parent_run(cfg: DictConfig, parent_run_id: str) -> dict:
-    """Record the best child (by cfg.objective and cfg.direction) on the parent and close it."""
+def finish_parent_run(cfg: DictConfig, parent_run_id: str, report_dir: str | Path | None = None) -> dict:
+    """Record the best child (by cfg.objective and cfg.direction) and the comparison report on the
+    parent, and close it."""
     from mlflow import MlflowClient
 
     os.environ.pop(PARENT_ENV, None)
@@ -62,8 +64,22 @@ def finish_parent_run(cfg: DictConfig, parent_run_id: str) -> dict:
         client.set_tag(parent_run_id, "best.run_name", best.info.run_name)
         for key, value in differing_params(children, best).items():
             client.set_tag(parent_run_id, f"best.{key}", value)
+    if children:
+        attach_report(cfg, parent_run_id, report_dir)
     client.set_terminated(parent_run_id, status="FINISHED" if finished or not children else "FAILED")
     return summary
+
+
+def attach_report(cfg: DictConfig, parent_run_id: str, report_dir: str | Path | None) -> None:
+    """gdlab-report on the sweep's children, logged to the parent; a failure here costs only the report."""
+    from gdlab.report import ReportError, build_report
+
+    try:
+        report = build_report(parent_run_id, tracking_uri=tracking_uri(cfg), out=report_dir,
+                              objective=f"final/{cfg.objective}")  # fmt: skip
+        print(f"gdlab: sweep report in {report.paths[0].parent}")
+    except (ReportError, Exception) as error:
+        print(f"gdlab: no sweep report: {str(error).splitlines()[0] if str(error) else error!r}")
 
 
 def best_child(children: list, objective: str, direction: str) -> dict:
@@ -111,7 +127,8 @@ class MlflowSweepCallback(Callback):
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
         if self.parent_run_id:
-            finish_parent_run(_task_config(config), self.parent_run_id)
+            report_dir = Path(str(config.hydra.sweep.dir)) / "report"
+            finish_parent_run(_task_config(config), self.parent_run_id, report_dir)
             self.parent_run_id = None
 
 
