@@ -4,19 +4,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import matplotlib
+import numpy as np
+import pandas as pd
+import torch
+from matplotlib.figure import Figure  # not pyplot: a notebook's own backend and figures stay untouched
+from omegaconf import DictConfig, OmegaConf
 
-matplotlib.use("Agg")  # files only; never needs a display
-
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-import torch  # noqa: E402
-from omegaconf import DictConfig, OmegaConf  # noqa: E402
-
-from gdlab.data import Dataset  # noqa: E402
-from gdlab.model import MLP  # noqa: E402
-from gdlab.tracking import run_name  # noqa: E402
+from gdlab.data import Dataset
+from gdlab.model import MLP
+from gdlab.tracking import run_name
 
 
 def write_history(directory: Path, history: pd.DataFrame) -> Path:
@@ -47,7 +43,8 @@ def write_run_outputs(directory: Path, cfg: DictConfig, overrides: list[str], hi
 
 
 def plot_curves(history: pd.DataFrame, path: Path, title: str = "") -> Path:
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
+    fig = Figure(figsize=(10, 4))
+    ax_loss, ax_acc = fig.subplots(1, 2)
     for split in ("train", "test"):
         if f"{split}/loss" in history:
             ax_loss.plot(history["epoch"], history[f"{split}/loss"], label=split)
@@ -60,7 +57,6 @@ def plot_curves(history: pd.DataFrame, path: Path, title: str = "") -> Path:
     fig.suptitle(title)
     fig.subplots_adjust(left=0.08, right=0.98, bottom=0.13, top=0.84, wspace=0.25)  # tight_layout: 0.1 s
     fig.savefig(path, dpi=80)
-    plt.close(fig)
     return path
 
 
@@ -75,7 +71,8 @@ def plot_decision_boundary(model: MLP, data: Dataset, path: Path) -> Path:
     grid = torch.as_tensor(np.c_[xx.ravel(), yy.ravel()], dtype=data.train.X.dtype)
     proba = model.cpu().predict_proba(grid)
     p1 = (proba[:, 0] if model.head == "sigmoid" else proba[:, 1]).reshape(xx.shape).numpy()
-    fig, ax = plt.subplots(figsize=(5, 4.5))
+    fig = Figure(figsize=(5, 4.5))
+    ax = fig.subplots()
     contour = ax.contourf(xx, yy, p1, levels=11, cmap="RdBu_r", alpha=0.7, vmin=0, vmax=1)
     ax.contour(xx, yy, p1, levels=[0.5], colors="k", linewidths=1)
     ax.scatter(X[:, 0], X[:, 1], c=data.train.y, cmap="RdBu_r", edgecolors="k", s=14)
@@ -83,7 +80,6 @@ def plot_decision_boundary(model: MLP, data: Dataset, path: Path) -> Path:
     ax.set(title=f"decision boundary ({data.name}, train points)")
     fig.subplots_adjust(left=0.12, right=0.98, bottom=0.08, top=0.92)
     fig.savefig(path, dpi=80)
-    plt.close(fig)
     return path
 
 
@@ -94,10 +90,10 @@ def plot_confusion_matrix(model: MLP, data: Dataset, path: Path) -> Path:
     split = data.test if data.test is not None else data.train
     Z = model.cpu()(split.X)
     predicted = (Z[:, 0] > 0).long() if model.head == "sigmoid" else Z.argmax(dim=1)
-    fig, ax = plt.subplots(figsize=(6, 5.5))
+    fig = Figure(figsize=(6, 5.5))
+    ax = fig.subplots()
     ConfusionMatrixDisplay.from_predictions(split.y, predicted.numpy(), ax=ax, colorbar=False)
     ax.set(title=f"confusion matrix ({data.name}, {'test' if data.test is not None else 'train'})")
     fig.tight_layout()
     fig.savefig(path, dpi=80)
-    plt.close(fig)
     return path

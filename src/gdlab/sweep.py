@@ -409,10 +409,7 @@ def log_study_plots(task: DictConfig, parent_run_id: str, study: optuna.Study) -
     """Optuna's own plots, as PNGs on the parent run; a plot that needs more trials is skipped."""
     import tempfile
 
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # optuna's plots draw through pyplot
     from mlflow import MlflowClient
     from optuna.visualization import matplotlib as plots
 
