@@ -32,9 +32,10 @@ from optuna.trial import TrialState
 from gdlab.config import ConfigError, validate
 from gdlab.masking import mask_passwords
 from gdlab.sweep_tracking import finish_parent_run, start_parent_run
-from gdlab.tracking import PARENT_ENV, tracking_uri
+from gdlab.tracking import PARENT_ENV, TrackingUnavailable, tracking_uri
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+STORAGE_ENV = "GDLAB_OPTUNA_STORAGE"
 # What a sweep file may instantiate: Optuna's samplers and pruners, and gdlab's search-space hooks.
 TRUSTED_TARGETS = ["optuna.samplers.*", "optuna.pruners.*", "gdlab.sweep.*"]
 HEARTBEAT_SECONDS = 10  # a worker killed mid-trial is noticed GRACE_SECONDS later
@@ -256,22 +257,89 @@ class TrialLogger:
         return sum(s == TrialState.FAIL for s in self.states) / max(1, len(self.states))
 
 
-def make_storage(url: str) -> optuna.storages.RDBStorage:
-    """RDB storage with heartbeats: a trial whose process died goes FAIL and is retried."""
-    engine_kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {"pool_pre_ping": True}
+def make_storage(url: str, heartbeat: int = HEARTBEAT_SECONDS, grace: int = GRACE_SECONDS):
+    """RDB storage with heartbeats: a trial whose process died goes FAIL and is retried (twice)."""
+    is_sqlite = url.startswith("sqlite")
+    engine_kwargs = {"connect_args": {"timeout": 60}} if is_sqlite else {"pool_pre_ping": True}
     if url.startswith("sqlite:///") and not url.startswith("sqlite:////"):
         Path(url[len("sqlite:///") :]).parent.mkdir(parents=True, exist_ok=True)
     try:
+        check_is_optuna_database(url)
         return optuna.storages.RDBStorage(
             url,
             engine_kwargs=engine_kwargs,
-            heartbeat_interval=HEARTBEAT_SECONDS,
-            grace_period=GRACE_SECONDS,
+            heartbeat_interval=heartbeat,
+            grace_period=grace,
             heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=2),
         )
+    except SweepError:
+        raise
     except Exception as error:
         raise SweepError(f"--storage {mask_passwords(url)} is not a usable Optuna database: "
                          f"{mask_passwords(str(error)).splitlines()[0]}") from error  # fmt: skip
+
+
+def check_is_optuna_database(url: str) -> None:
+    """Refuse, before writing anything, a database that holds tables but not Optuna's."""
+    import sqlalchemy
+
+    engine = sqlalchemy.create_engine(url)
+    try:
+        tables = set(sqlalchemy.inspect(engine).get_table_names())
+    finally:
+        engine.dispose()
+    if tables and not {"studies", "trials", "version_info"} <= tables:
+        raise SweepError(
+            f"--storage {mask_passwords(url)} is not an Optuna database (it holds other tables: "
+            f"{', '.join(sorted(tables)[:5])}); use an empty database or an existing Optuna one"
+        )
+
+
+def search_space_signature(spec: SweepSpec) -> str:
+    """What makes trials comparable: the sweep's distributions (custom hooks named, not expanded)."""
+    import json
+
+    space = {key: repr(distribution) for key, distribution in sorted(spec.distributions.items())}
+    if spec.custom_search_space is not None:
+        space["custom_search_space"] = getattr(
+            spec.custom_search_space, "func", spec.custom_search_space
+        ).__name__
+    return json.dumps({"sweep": spec.name, "space": space}, sort_keys=True)
+
+
+def check_same_search_space(study: optuna.Study, spec: SweepSpec) -> None:
+    signature = search_space_signature(spec)
+    stored = study.user_attrs.get("gdlab.search_space")
+    if stored is None:
+        study.set_user_attr("gdlab.search_space", signature)
+    elif stored != signature:
+        raise SweepError(
+            f"study {study.study_name!r} was created by another search space ({stored}); this "
+            f"invocation's is {signature}. Use another --study name instead of mixing incompatible trials."
+        )
+
+
+def repair_killed_runs(task: DictConfig, study: optuna.Study) -> int:
+    """End as KILLED the MLflow runs left RUNNING by trials whose process died (their trial is over)."""
+    uri = tracking_uri(task)
+    if uri is None:
+        return 0
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    states = {t.number: t.state for t in study.get_trials(deepcopy=False)}
+    filter_string = f"tags.`optuna.study` = '{study.study_name}' and attributes.status = 'RUNNING'"
+    repaired = 0
+    for experiment in client.search_experiments():
+        for run in client.search_runs([experiment.experiment_id], filter_string=filter_string):
+            number = int(run.data.tags.get("optuna.trial", -1))
+            if states.get(number) not in (None, TrialState.RUNNING):
+                client.set_tag(
+                    run.info.run_id, "failure.reason", "its worker died; the trial failed by heartbeat"
+                )
+                client.set_terminated(run.info.run_id, status="KILLED")
+                repaired += 1
+    return repaired
 
 
 class StudyLock:
@@ -315,6 +383,18 @@ def parse_args(argv):
     parser.add_argument(
         "--config-dir", type=Path, help="an extra config root whose sweep/ folder holds more sweeps"
     )
+    parser.add_argument(
+        "--heartbeat-interval",
+        type=int,
+        default=HEARTBEAT_SECONDS,
+        help=f"seconds between a running trial's heartbeats (default {HEARTBEAT_SECONDS})",
+    )
+    parser.add_argument(
+        "--grace-period",
+        type=int,
+        default=GRACE_SECONDS,
+        help=f"seconds without a heartbeat before a trial counts as dead (default {GRACE_SECONDS})",
+    )
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--parent-run-id", help=argparse.SUPPRESS)
     return parser.parse_args(argv)
@@ -327,7 +407,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         spec = load_sweep(args.name, args.overrides, args.config_dir)
         study_name, budget = args.study or spec.study_name, args.budget or spec.budget
-        storage_url = args.storage or spec.storage
+        storage_url = args.storage or os.environ.get(STORAGE_ENV) or spec.storage
         if args.workers < 1:
             raise SweepError(f"--workers={args.workers} must be >= 1")
         lock = None if args.worker else StudyLock(Path(spec.task.tracking.dir) / "locks", study_name)
@@ -335,15 +415,20 @@ def main(argv: list[str] | None = None) -> int:
             print(f"gdlab-sweep: study {study_name!r} is already being run by another gdlab-sweep on this "
                   f"machine (lock {lock.path}); nothing to do")  # fmt: skip
             return 0
-        storage = make_storage(storage_url)
+        storage = make_storage(storage_url, args.heartbeat_interval, args.grace_period)
         study = optuna.create_study(
             study_name=study_name, storage=storage, sampler=spec.sampler, pruner=spec.pruner,
             direction=spec.direction, load_if_exists=True,
         )  # fmt: skip
+        check_same_search_space(study, spec)
     except (SweepError, ConfigError) as error:
         print(f"gdlab-sweep: error: {error}", file=sys.stderr)
         return 2
-    return run_sweep(args, spec, study, storage_url, budget)
+    try:
+        return run_sweep(args, spec, study, storage_url, budget)
+    except TrackingUnavailable as error:
+        print(f"gdlab-sweep: error: {error}", file=sys.stderr)
+        return 3
 
 
 def run_sweep(args, spec: SweepSpec, study: optuna.Study, storage_url: str, budget: int) -> int:
@@ -358,6 +443,7 @@ def run_sweep(args, spec: SweepSpec, study: optuna.Study, storage_url: str, budg
     if parent_run_id:
         os.environ[PARENT_ENV] = parent_run_id
     elif tracking_uri(spec.task) is not None:
+        repair_killed_runs(spec.task, study)
         parent_run_id = start_parent_run(
             spec.task, name=f"{study.study_name}-{time.strftime('%Y%m%d-%H%M%S')}",
             tags={"optuna.study": study.study_name, "optuna.storage": storage_url, "sweep": spec.name},
@@ -374,6 +460,9 @@ def run_sweep(args, spec: SweepSpec, study: optuna.Study, storage_url: str, budg
     )
     worker_failed = any(worker.wait() != 0 for worker in workers)
     if not args.worker and parent_run_id:
+        repaired = repair_killed_runs(spec.task, study)
+        if repaired:
+            print(f"gdlab-sweep: ended {repaired} MLflow run(s) of dead workers as KILLED")
         report_dir = (
             Path("outputs") / "sweeps" / study.study_name / f"report-{time.strftime('%Y%m%d-%H%M%S')}"
         )
@@ -395,14 +484,17 @@ def run_sweep(args, spec: SweepSpec, study: optuna.Study, storage_url: str, budg
 def start_worker(args, study_name: str, storage_url: str, budget: int, parent_run_id: str | None):
     command = [sys.executable, "-m", "gdlab.sweep", args.name, *args.overrides, "--worker",
                *(["--config-dir", str(args.config_dir)] if args.config_dir else []),
-               "--study", study_name, "--storage", storage_url, "--budget", str(budget)]  # fmt: skip
+               "--study", study_name, "--budget", str(budget),
+               "--heartbeat-interval", str(args.heartbeat_interval),
+               "--grace-period", str(args.grace_period)]  # fmt: skip
     if parent_run_id:
         command += ["--parent-run-id", parent_run_id]
     if args.n_trials:
         command += ["--n-trials", str(args.n_trials)]
     if args.timeout:
         command += ["--timeout", str(args.timeout)]
-    return subprocess.Popen(command)
+    # The storage URL (it may hold a password) goes by environment, so `ps` never shows it.
+    return subprocess.Popen(command, env={**os.environ, STORAGE_ENV: storage_url})
 
 
 def log_study_plots(task: DictConfig, parent_run_id: str, study: optuna.Study) -> None:

@@ -18,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 from gdlab.masking import mask_passwords
 from gdlab.tracking import (
     PARENT_ENV,
+    TrackingUnavailable,
     artifact_root,
     experiment_name,
     get_or_create_experiment,
@@ -33,9 +34,15 @@ def start_parent_run(cfg: DictConfig, name: str, tags: dict | None = None) -> st
     from mlflow import MlflowClient
 
     client = MlflowClient(tracking_uri=uri)
-    experiment_id = get_or_create_experiment(client, experiment_name(cfg), artifact_root(cfg, uri))
     tags = {"gdlab.kind": "sweep", **{k: mask_passwords(str(v)) for k, v in (tags or {}).items()}}
-    run = client.create_run(experiment_id, run_name=name, tags=tags)
+    try:
+        experiment_id = get_or_create_experiment(client, experiment_name(cfg), artifact_root(cfg, uri))
+        run = client.create_run(experiment_id, run_name=name, tags=tags)
+    except Exception as error:
+        raise TrackingUnavailable(
+            f"cannot reach the MLflow tracking backend at {mask_passwords(uri)}: "
+            f"{mask_passwords(str(error)).splitlines()[0]}"
+        ) from error
     os.environ[PARENT_ENV] = run.info.run_id
     return run.info.run_id
 
