@@ -12,6 +12,7 @@ import argparse
 import fcntl
 import math
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -327,19 +328,44 @@ def repair_killed_runs(task: DictConfig, study: optuna.Study) -> int:
     from mlflow import MlflowClient
 
     client = MlflowClient(tracking_uri=uri)
+    try:
+        return _repair(client, study)
+    except Exception as error:  # repairing is housekeeping: it never stops a sweep
+        print(f"gdlab-sweep: could not repair MLflow runs: {mask_passwords(str(error)).splitlines()[0]}")
+        return 0
+
+
+def _repair(client, study: optuna.Study) -> int:
     states = {t.number: t.state for t in study.get_trials(deepcopy=False)}
     filter_string = f"tags.`optuna.study` = '{study.study_name}' and attributes.status = 'RUNNING'"
     repaired = 0
     for experiment in client.search_experiments():
         for run in client.search_runs([experiment.experiment_id], filter_string=filter_string):
-            number = int(run.data.tags.get("optuna.trial", -1))
-            if states.get(number) not in (None, TrialState.RUNNING):
-                client.set_tag(
-                    run.info.run_id, "failure.reason", "its worker died; the trial failed by heartbeat"
-                )
+            tags = run.data.tags
+            if "optuna.trial" in tags:
+                dead = states.get(int(tags["optuna.trial"])) not in (None, TrialState.RUNNING)
+                reason = "its worker died; the trial failed by heartbeat"
+            else:  # a sweep's parent run: dead if its process, on this host, is gone
+                pid = int(tags.get("gdlab.pid", 0))
+                dead = tags.get("gdlab.host") == socket.gethostname() and not process_alive(pid)
+                reason = "its gdlab-sweep process died"
+            if dead:
+                client.set_tag(run.info.run_id, "failure.reason", reason)
                 client.set_terminated(run.info.run_id, status="KILLED")
                 repaired += 1
     return repaired
+
+
+def process_alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process
+    return True
 
 
 class StudyLock:
@@ -443,11 +469,12 @@ def run_sweep(args, spec: SweepSpec, study: optuna.Study, storage_url: str, budg
     if parent_run_id:
         os.environ[PARENT_ENV] = parent_run_id
     elif tracking_uri(spec.task) is not None:
-        repair_killed_runs(spec.task, study)
         parent_run_id = start_parent_run(
             spec.task, name=f"{study.study_name}-{time.strftime('%Y%m%d-%H%M%S')}",
-            tags={"optuna.study": study.study_name, "optuna.storage": storage_url, "sweep": spec.name},
+            tags={"optuna.study": study.study_name, "optuna.storage": storage_url, "sweep": spec.name,
+                  "gdlab.host": socket.gethostname(), "gdlab.pid": os.getpid()},
         )  # fmt: skip
+        repair_killed_runs(spec.task, study)
     workers = [start_worker(args, study.study_name, storage_url, budget, parent_run_id)
                for _ in range(args.workers - 1)]  # fmt: skip
     logger = TrialLogger(budget, spec.max_failure_rate)
@@ -462,7 +489,7 @@ def run_sweep(args, spec: SweepSpec, study: optuna.Study, storage_url: str, budg
     if not args.worker and parent_run_id:
         repaired = repair_killed_runs(spec.task, study)
         if repaired:
-            print(f"gdlab-sweep: ended {repaired} MLflow run(s) of dead workers as KILLED")
+            print(f"gdlab-sweep: ended {repaired} MLflow run(s) left RUNNING by dead processes as KILLED")
         report_dir = (
             Path("outputs") / "sweeps" / study.study_name / f"report-{time.strftime('%Y%m%d-%H%M%S')}"
         )

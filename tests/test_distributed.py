@@ -1,0 +1,248 @@
+"""Many workers, one study: PostgreSQL-backed sweeps, a real MLflow server, kill -9, and credentials.
+
+PostgreSQL runs at 127.0.0.1:5432 (trust auth); every test makes and drops its own databases.
+"""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+import uuid
+from pathlib import Path
+
+import optuna
+import psycopg
+import pytest
+from mlflow import MlflowClient
+from optuna.trial import TrialState
+
+BIN = Path(sys.executable).parent
+ADMIN = "postgresql://postgres@127.0.0.1:5432/test"
+PASSWORD = "s3cret-pw"  # trust auth ignores it; gdlab must never write it anywhere
+
+
+def postgres_available() -> bool:
+    try:
+        with psycopg.connect(ADMIN, connect_timeout=3):
+            return True
+    except psycopg.OperationalError:
+        return False
+
+
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(not postgres_available(), reason="no PostgreSQL at :5432")]
+
+
+@pytest.fixture
+def make_database():
+    names = []
+
+    def make() -> str:
+        name = f"gdlab_{uuid.uuid4().hex[:12]}"
+        with psycopg.connect(ADMIN, autocommit=True) as conn:
+            conn.execute(f'CREATE DATABASE "{name}"')
+        names.append(name)
+        return name
+
+    yield make
+    with psycopg.connect(ADMIN, autocommit=True) as conn:
+        for name in names:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def storage_url(database: str) -> str:
+    return f"postgresql+psycopg://postgres:{PASSWORD}@127.0.0.1:5432/{database}"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def mlflow_server(make_database, tmp_path):
+    """`mlflow server` with a PostgreSQL backend store and an artifact destination, on loopback."""
+    port = free_port()
+    server = subprocess.Popen(
+        [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "2",
+         "--backend-store-uri", storage_url(make_database()),
+         "--artifacts-destination", str(tmp_path / "server-artifacts")],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
+                if response.status == 200:
+                    break
+        except OSError:
+            time.sleep(0.5)
+    else:
+        os.killpg(server.pid, signal.SIGKILL)
+        raise AssertionError("mlflow server did not start")
+    yield url
+    os.killpg(server.pid, signal.SIGKILL)
+    server.wait()
+
+
+def sweep(*args, cwd, env=None, timeout=900):
+    return subprocess.run([str(BIN / "gdlab-sweep"), *args], capture_output=True, text=True, cwd=cwd,
+                          env={**os.environ, **(env or {})}, timeout=timeout)  # fmt: skip
+
+
+def pg_dump(database: str) -> str:
+    return subprocess.run(["pg_dump", "-h", "127.0.0.1", "-U", "postgres", database], capture_output=True,
+                          text=True, check=True).stdout  # fmt: skip
+
+
+def test_four_workers_on_postgres_lose_and_duplicate_nothing(tmp_path, make_database, mlflow_server):
+    optuna_db = make_database()
+    tracking = mlflow_server.replace("http://", f"http://gdlab:{PASSWORD}@")
+    proc = sweep("lr_depth", "trainer.max_epochs=8", "gdlab_sweep.pruner.n_startup_trials=1000",
+                 "tracking=server", f"tracking.uri={tracking}", "--budget", "40", "--workers", "4",
+                 "--storage", storage_url(optuna_db), cwd=tmp_path)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    study = optuna.load_study(study_name="lr_depth", storage=storage_url(optuna_db))
+    trials = study.get_trials()
+    assert 40 <= len(trials) <= 43  # running workers may each finish one trial past the budget
+    assert all(t.state == TrialState.COMPLETE for t in trials)
+    assert len({t.number for t in trials}) == len(trials)
+
+    client = MlflowClient(tracking_uri=mlflow_server)
+    experiment = client.get_experiment_by_name("sweep-lr_depth")
+    runs = client.search_runs([experiment.experiment_id], max_results=1000)
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    assert len(parents) == 1
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
+    by_number = {}
+    for run in children:
+        by_number.setdefault(int(run.data.tags["optuna.trial"]), []).append(run)
+    assert sorted(by_number) == sorted(t.number for t in trials)  # none lost
+    assert all(len(found) == 1 for found in by_number.values())  # none duplicated
+    for trial in trials:
+        run = by_number[trial.number][0]
+        assert run.info.status == "FINISHED"
+        assert float(run.data.params["optimizer.lr"]) == trial.params["optimizer.lr"]
+        assert int(run.data.params["model.depth"]) == trial.params["model.depth"]
+        assert run.data.metrics["final/test/loss"] == pytest.approx(trial.value, rel=1e-12)
+
+    # The password is nowhere: not in either database, the artifacts, the outputs or the logs.
+    assert PASSWORD not in proc.stdout + proc.stderr
+    assert PASSWORD not in pg_dump(optuna_db)
+    backend = client.get_run(parents[0].info.run_id)  # the server's own database
+    assert PASSWORD not in str(backend.data.tags) + str(backend.data.params)
+    files = [p for p in tmp_path.rglob("*") if p.is_file()]
+    assert files and not [str(p) for p in files if PASSWORD.encode() in p.read_bytes()]
+
+
+def test_backend_database_of_the_server_holds_no_password(tmp_path, make_database, mlflow_server):
+    tracking = mlflow_server.replace("http://", f"http://gdlab:{PASSWORD}@")
+    storage = storage_url(make_database())
+    proc = sweep("lr_depth", "trainer.max_epochs=5", "tracking=server", f"tracking.uri={tracking}",
+                 "--budget", "2", "--storage", storage, cwd=tmp_path)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    with psycopg.connect(ADMIN) as conn:
+        databases = [
+            row[0] for row in conn.execute("SELECT datname FROM pg_database WHERE datname LIKE 'gdlab_%'")
+        ]
+    for database in databases:
+        assert PASSWORD not in pg_dump(database), database
+
+
+def test_kill_9_of_a_worker_mid_trial_is_failed_retried_and_repaired(tmp_path, make_database):
+    storage = storage_url(make_database())
+    heartbeat = ["--heartbeat-interval", "1", "--grace-period", "3", "--storage", storage]
+    victim = subprocess.Popen(
+        [str(BIN / "gdlab-sweep"), "lr_depth", "trainer.max_epochs=100000", "--budget", "3", *heartbeat],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=tmp_path, start_new_session=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 120
+        running = []
+        while time.monotonic() < deadline and not running:
+            time.sleep(0.5)
+            try:
+                study = optuna.load_study(study_name="lr_depth", storage=storage)
+                running = study.get_trials(states=(TrialState.RUNNING,))
+            except KeyError:
+                pass  # the study does not exist yet
+        assert running, "no trial started"
+        time.sleep(2)  # mid-trial: its MLflow run exists and is RUNNING
+    finally:
+        os.killpg(victim.pid, signal.SIGKILL)  # the worker and its metric writer
+        victim.wait()
+    killed = running[0].number
+    time.sleep(4)  # past the grace period
+
+    proc = sweep("lr_depth", "trainer.max_epochs=10", "--budget", "3", *heartbeat, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    study = optuna.load_study(study_name="lr_depth", storage=storage)
+    by_number = {t.number: t for t in study.get_trials()}
+    assert by_number[killed].state == TrialState.FAIL
+    retried = [t for t in by_number.values() if t.system_attrs.get("failed_trial") == killed]
+    assert len(retried) == 1 and retried[0].params == by_number[killed].params
+    assert retried[0].state in (TrialState.COMPLETE, TrialState.PRUNED)
+    assert len(study.get_trials(states=(TrialState.COMPLETE, TrialState.PRUNED))) == 3
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("sweep-lr_depth")
+    runs = client.search_runs([experiment.experiment_id], filter_string=f"tags.`optuna.trial` = '{killed}'")
+    assert runs and all(r.info.status == "KILLED" for r in runs)
+    still = client.search_runs([experiment.experiment_id], filter_string="attributes.status = 'RUNNING'")
+    assert not still, proc.stdout[-2000:]
+
+
+def test_tracking_server_down_when_the_sweep_starts(tmp_path, make_database):
+    proc = sweep("lr_depth", "tracking=server", f"tracking.uri=http://127.0.0.1:{free_port()}",
+                 "--budget", "2", "--storage", storage_url(make_database()),
+                 env={"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0"}, cwd=tmp_path)  # fmt: skip
+    assert proc.returncode == 3
+    assert "gdlab-sweep: error: cannot reach the MLflow tracking backend at http://127.0.0.1:" in proc.stderr
+    assert "Traceback" not in proc.stderr and "trial 1/" not in proc.stdout
+
+
+def test_a_database_that_is_not_optuna_is_refused_untouched(tmp_path, make_database):
+    database = make_database()
+    with psycopg.connect(ADMIN.replace("/test", f"/{database}"), autocommit=True) as conn:
+        conn.execute("CREATE TABLE invoices (id int)")
+    proc = sweep("lr_depth", "--storage", storage_url(database), cwd=tmp_path)
+    assert proc.returncode == 2
+    assert "is not an Optuna database (it holds other tables: invoices)" in proc.stderr
+    assert PASSWORD not in proc.stderr and "postgres:***@" in proc.stderr
+    with psycopg.connect(ADMIN.replace("/test", f"/{database}")) as conn:
+        tables = [r[0] for r in conn.execute("SELECT tablename FROM pg_tables WHERE schemaname = 'public'")]
+    assert tables == ["invoices"]
+
+    garbage = tmp_path / "notes.db"
+    garbage.write_text("not a database at all\n" * 100)
+    proc = sweep("lr_depth", "--storage", f"sqlite:///{garbage}", cwd=tmp_path)
+    assert proc.returncode == 2 and "is not a usable Optuna database" in proc.stderr
+    assert garbage.read_text() == "not a database at all\n" * 100
+
+
+def test_an_incompatible_schema_is_refused_untouched(tmp_path, make_database):
+    database = make_database()
+    optuna.storages.RDBStorage(storage_url(database))  # a real Optuna schema ...
+    with psycopg.connect(ADMIN.replace("/test", f"/{database}"), autocommit=True) as conn:
+        conn.execute("UPDATE alembic_version SET version_num = 'v0.1.0.a'")  # ... from a version long gone
+    proc = sweep("lr_depth", "--storage", storage_url(database), cwd=tmp_path)
+    assert proc.returncode == 2
+    assert "is not a usable Optuna database" in proc.stderr and "Traceback" not in proc.stderr
+    with psycopg.connect(ADMIN.replace("/test", f"/{database}")) as conn:
+        assert conn.execute("SELECT count(*) FROM studies").fetchone()[0] == 0
+
+
+def test_two_search_spaces_on_one_study_are_refused(tmp_path, make_database):
+    storage = storage_url(make_database())
+    first = sweep("lr_depth", "trainer.max_epochs=5", "--budget", "1", "--study", "shared",
+                  "--storage", storage, cwd=tmp_path)  # fmt: skip
+    assert first.returncode == 0, first.stderr[-2000:]
+    second = sweep("optimizers", "trainer.max_epochs=5", "--budget", "2", "--study", "shared",
+                   "--storage", storage, cwd=tmp_path)  # fmt: skip
+    assert second.returncode == 2
+    assert "study 'shared' was created by another search space" in second.stderr
+    assert len(optuna.load_study(study_name="shared", storage=storage).trials) == 1
