@@ -246,3 +246,32 @@ def test_two_search_spaces_on_one_study_are_refused(tmp_path, make_database):
     assert second.returncode == 2
     assert "study 'shared' was created by another search space" in second.stderr
     assert len(optuna.load_study(study_name="shared", storage=storage).trials) == 1
+
+
+def test_submitit_launcher_runs_jobs_as_processes_under_one_parent(tmp_path):
+    """hydra-submitit-launcher's local executor: what gdlab_slurm does on a cluster, on this machine."""
+    proc = subprocess.run(
+        [str(BIN / "gdlab-train"), "-m", "hydra/launcher=submitit_local", "optimizer.lr=0.1,1",
+         "trainer.max_epochs=5", "hydra.sweep.dir=sweep"],
+        capture_output=True, text=True, cwd=tmp_path, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert list((tmp_path / "sweep" / ".submitit").glob("*")), "jobs did not go through submitit"
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("moons").experiment_id])
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    assert len(parents) == 1 and len(children) == 2
+    assert {r.data.tags["mlflow.parentRunId"] for r in children} == {parents[0].info.run_id}
+    assert sorted(r.data.params["optimizer.lr"] for r in children) == ["0.1", "1"]
+
+
+def test_the_slurm_launcher_config_composes():
+    from hydra import compose, initialize_config_module
+
+    with initialize_config_module("gdlab.conf"):
+        cfg = compose("config", overrides=["hydra/launcher=gdlab_slurm", "hydra.launcher.partition=cpu"],
+                      return_hydra_config=True)  # fmt: skip
+    launcher = cfg.hydra.launcher
+    assert launcher._target_.endswith("SlurmLauncher")
+    assert (launcher.partition, launcher.cpus_per_task, launcher.array_parallelism) == ("cpu", 2, 16)

@@ -25,6 +25,8 @@ from omegaconf import DictConfig, OmegaConf
 from gdlab.masking import mask_passwords
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")  # no network calls from a lab tool
+# MLflow prints "View run ... at: <tracking URI>" with any password in it; gdlab prints its own, masked.
+os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
 # MLflow's REST client retries 7 times with exponential backoff (minutes against a dead server);
 # a training run should notice an outage within seconds and keep going. Users can still override.
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")

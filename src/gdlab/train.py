@@ -184,7 +184,9 @@ def save_outputs(result: RunResult, overrides: list[str], output_dir: Path, run:
     run.log_final(result.final)
     run.log_artifacts(output_dir)
     run.end(status)
-    result.final.update(mlflow_run_id=run.run_id, tracking_outage=run.outage)
+    result.final.update(
+        mlflow_run_id=run.run_id, tracking_outage=run.outage, tracking_uri=mask_passwords(run.uri)
+    )
     if run.outage:
         log.warning(
             "gdlab: the tracking backend failed during the run (%s); the full history is in %s",
