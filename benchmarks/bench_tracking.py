@@ -15,11 +15,7 @@ import time
 import torch
 
 import gdlab
-
-OVERRIDES = [
-    "dataset=xor", "dataset.repeats=500", "model.depth=2", "model.width=8", "model.head=softmax",
-    "init=he", "optimizer=gd", "optimizer.lr=0.1", "trainer.accelerator=cpu", "seed=2",
-]  # fmt: skip
+from bench_overhead import OVERRIDES  # the same XOR workload (this folder is on sys.path)
 
 
 def timed_run(epochs: int, tracking: str, store: str) -> tuple[float, float]:

@@ -5,11 +5,9 @@ PostgreSQL runs at 127.0.0.1:5432 (trust auth); every test makes and drops its o
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 import uuid
 from pathlib import Path
 
@@ -18,6 +16,8 @@ import psycopg
 import pytest
 from mlflow import MlflowClient
 from optuna.trial import TrialState
+
+from conftest import free_port, start_mlflow_server, stop_process_group
 
 BIN = Path(sys.executable).parent
 ADMIN = "postgresql://postgres@127.0.0.1:5432/test"
@@ -56,37 +56,12 @@ def storage_url(database: str) -> str:
     return f"postgresql+psycopg://postgres:{PASSWORD}@127.0.0.1:5432/{database}"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
 def mlflow_server(make_database, tmp_path):
     """`mlflow server` with a PostgreSQL backend store and an artifact destination, on loopback."""
-    port = free_port()
-    server = subprocess.Popen(
-        [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "2",
-         "--backend-store-uri", storage_url(make_database()),
-         "--artifacts-destination", str(tmp_path / "server-artifacts")],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-    )  # fmt: skip
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
-                if response.status == 200:
-                    break
-        except OSError:
-            time.sleep(0.5)
-    else:
-        os.killpg(server.pid, signal.SIGKILL)
-        raise AssertionError("mlflow server did not start")
+    url, server = start_mlflow_server(storage_url(make_database()), tmp_path / "server-artifacts")
     yield url
-    os.killpg(server.pid, signal.SIGKILL)
-    server.wait()
+    stop_process_group(server)
 
 
 def sweep(*args, cwd, env=None, timeout=900):

@@ -2,11 +2,9 @@
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pandas as pd
@@ -14,6 +12,7 @@ import pytest
 from mlflow import MlflowClient
 
 import gdlab
+from conftest import free_port, start_mlflow_server, stop_process_group
 
 BIN = Path(sys.executable).parent
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -182,37 +181,11 @@ def test_sigterm_mid_run_ends_killed_with_the_partial_curve(tmp_path):
     assert len(curve) == len(history)  # everything computed before the signal is in MLflow
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
 def mlflow_server(tmp_path):
-    port = free_port()
-    server = subprocess.Popen(
-        [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-         "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
-         "--artifacts-destination", str(tmp_path / "server-artifacts")],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-    )  # fmt: skip
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
-                if response.status == 200:
-                    break
-        except OSError:
-            time.sleep(0.5)
-    else:
-        os.killpg(server.pid, signal.SIGKILL)
-        raise AssertionError("mlflow server did not start")
+    url, server = start_mlflow_server(f"sqlite:///{tmp_path / 'server.db'}", tmp_path / "server-artifacts")
     yield url, server
-    if server.poll() is None:
-        os.killpg(server.pid, signal.SIGKILL)
-        server.wait()
+    stop_process_group(server)
 
 
 @pytest.mark.slow
@@ -235,8 +208,7 @@ def test_tracking_server_end_to_end_and_an_outage_mid_run(tmp_path, mlflow_serve
     )  # fmt: skip
     try:
         wait_for_metrics(client, "train/loss", 100)
-        os.killpg(server.pid, signal.SIGKILL)  # the server dies mid-run
-        server.wait()
+        stop_process_group(server)  # the server dies mid-run
         stdout, stderr = train.communicate(timeout=300)
     finally:
         train.kill()

@@ -174,14 +174,18 @@ def read_runs(client, uri: str, target: str) -> tuple[list[TrackedRun], str | No
 
 
 def differing_params(runs: list[TrackedRun]) -> list[str]:
-    """Param keys whose values differ between the runs, in a readable order (optimizer.name first).
+    return differing_keys([run.params for run in runs])
+
+
+def differing_keys(param_sets: list[dict]) -> list[str]:
+    """Param keys whose values differ between runs, in a readable order (optimizer.name first).
 
     A key only some runs have (optimizer.beta for backtracking) counts when those runs disagree on it;
     when they agree it adds nothing that optimizer.name does not already say. Tracking settings never
     change what was trained.
     """
-    keys = {key for run in runs for key in run.params if not key.startswith("tracking.")}
-    differing = [key for key in keys if len({run.params[key] for run in runs if key in run.params}) > 1]
+    keys = {key for params in param_sets for key in params if not key.startswith("tracking.")}
+    differing = [key for key in keys if len({params[key] for params in param_sets if key in params}) > 1]
     return sorted(differing, key=lambda key: (key.split(".")[0], not key.endswith(".name"), key))
 
 

@@ -104,10 +104,11 @@ def best_child(children: list, objective: str, direction: str) -> dict:
 
 
 def differing_params(children: list, run) -> dict:
-    """The params of `run` whose value is not the same in every child: what the sweep varied."""
-    keys = set().union(*(child.data.params for child in children))
-    varying = {k for k in keys if len({child.data.params.get(k) for child in children}) > 1}
-    return {k: v for k, v in run.data.params.items() if k in varying}
+    """The params of `run` that the sweep varied (gdlab-report's rule)."""
+    from gdlab.report import differing_keys
+
+    varying = differing_keys([child.data.params for child in children])
+    return {k: run.data.params[k] for k in varying if k in run.data.params}
 
 
 class MlflowSweepCallback(Callback):
