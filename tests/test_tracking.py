@@ -108,19 +108,21 @@ def test_mlflow_tracking_uri_in_the_environment_overrides_the_default(tmp_path, 
 def test_passwords_appear_nowhere_in_the_store_or_outputs(tmp_path):
     secret = "s3cretPW"
     storage = f"postgresql://alice:{secret}@db.example:5432/optuna"
-    proc = subprocess.run(
-        [str(BIN / "gdlab-train"), "dataset=xor", "trainer.max_epochs=5", f"+storage={storage}",
-         "hydra.run.dir=run"],
-        capture_output=True, text=True, cwd=tmp_path, timeout=300,
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr
-    assert secret not in proc.stdout + proc.stderr
+    for mode in (["hydra.run.dir=run"], ["-m", "optimizer.lr=0.1,1", "hydra.sweep.dir=sweep"]):
+        proc = subprocess.run(
+            [str(BIN / "gdlab-train"), "dataset=xor", "trainer.max_epochs=5", f"+storage={storage}", *mode],
+            capture_output=True, text=True, cwd=tmp_path, timeout=300,
+        )  # fmt: skip
+        assert proc.returncode == 0, proc.stderr
+        assert secret not in proc.stdout + proc.stderr
+    assert (tmp_path / "sweep" / "multirun.yaml").exists()
     files = [p for p in tmp_path.rglob("*") if p.is_file()]
     assert any(p.name == "mlflow.db" for p in files) and any(p.name == "config.yaml" for p in files)
     leaking = [str(p) for p in files if secret.encode() in p.read_bytes()]
     assert leaking == []
-    run = all_runs(sqlite_client(tmp_path / "mlruns"))[0]
-    assert run.data.params["storage"] == "postgresql://alice:***@db.example:5432/optuna"
+    runs = [r for r in all_runs(sqlite_client(tmp_path / "mlruns")) if "storage" in r.data.params]
+    assert len(runs) == 3
+    assert {r.data.params["storage"] for r in runs} == {"postgresql://alice:***@db.example:5432/optuna"}
 
 
 def test_multirun_makes_one_parent_with_a_child_per_job(tmp_path):
@@ -229,3 +231,19 @@ def test_unreachable_server_at_start_is_one_clear_error_before_training(tmp_path
     assert proc.returncode == 3
     assert "gdlab-train: error: cannot reach the MLflow tracking backend at http://127.0.0.1:" in proc.stderr
     assert "Traceback" not in proc.stderr and "final:" not in proc.stdout
+
+
+@pytest.mark.parametrize(
+    ("text", "masked"),
+    [
+        ("postgresql+psycopg://alice:pw@h:5432/db", "postgresql+psycopg://alice:***@h:5432/db"),
+        (r"+s=postgresql\://alice\:pw@h\:5432/db", r"+s=postgresql\://alice\:***@h\:5432/db"),  # Hydra's log
+        ("a http://u:p@x and https://v:q@y", "a http://u:***@x and https://v:***@y"),
+        ("http://127.0.0.1:5000/api", "http://127.0.0.1:5000/api"),  # a port is not a password
+        ("sqlite:////tmp/a:b.db", "sqlite:////tmp/a:b.db"),
+    ],
+)
+def test_mask_passwords(text, masked):
+    from gdlab.masking import mask_passwords
+
+    assert mask_passwords(text) == masked

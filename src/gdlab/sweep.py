@@ -31,7 +31,7 @@ from optuna.distributions import CategoricalDistribution, FloatDistribution, Int
 from optuna.trial import TrialState
 
 from gdlab.config import ConfigError, validate
-from gdlab.masking import mask_passwords
+from gdlab.masking import install_log_masking, mask_passwords
 from gdlab.sweep_tracking import finish_parent_run, start_parent_run
 from gdlab.tracking import PARENT_ENV, TrackingUnavailable, tracking_uri
 
@@ -428,6 +428,7 @@ def parse_args(argv):
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    install_log_masking()
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     try:

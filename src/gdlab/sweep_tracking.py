@@ -15,13 +15,14 @@ from pathlib import Path
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from gdlab.masking import mask_passwords
+from gdlab.masking import install_log_masking, mask_passwords
 from gdlab.tracking import (
     PARENT_ENV,
     TrackingUnavailable,
     artifact_root,
     experiment_name,
     get_or_create_experiment,
+    mask_saved_hydra_configs,
     tracking_uri,
 )
 
@@ -116,8 +117,10 @@ class MlflowSweepCallback(Callback):
 
     def __init__(self) -> None:
         self.parent_run_id: str | None = None
+        install_log_masking()  # Hydra logs every job's overrides
 
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
+        mask_saved_hydra_configs(Path(str(config.hydra.sweep.dir)))
         cfg = _task_config(config)
         if cfg.tracking.backend == "none":
             return
@@ -134,6 +137,7 @@ class MlflowSweepCallback(Callback):
         )
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
+        mask_saved_hydra_configs(Path(str(config.hydra.sweep.dir)))  # Hydra's multirun.yaml
         if self.parent_run_id:
             report_dir = Path(str(config.hydra.sweep.dir)) / "report"
             finish_parent_run(_task_config(config), self.parent_run_id, report_dir)

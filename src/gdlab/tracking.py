@@ -58,6 +58,8 @@ def masked_config(cfg: DictConfig) -> DictConfig:
 
 def mask_saved_hydra_configs(hydra_dir: Path) -> None:
     """Hydra saves the composed config before gdlab runs: mask the passwords it wrote there."""
+    if not Path(hydra_dir).is_dir():
+        return
     for path in Path(hydra_dir).glob("*.yaml"):
         text = path.read_text()
         masked = mask_passwords(text)
