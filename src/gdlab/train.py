@@ -39,6 +39,13 @@ from gdlab.tracking import (
 )
 
 log = logging.getLogger("gdlab")
+# Hydra 1.4 warns on every instantiate without an execution whitelist, including the ones it makes itself
+# from gdlab's own config (our sweep callback, the sweeper's Optuna sampler): those targets are ours.
+warnings.filterwarnings(
+    "ignore",
+    message=r"hydra\.utils\.instantiate\(\) resolved _target_='(gdlab|optuna)\.",
+    category=UserWarning,
+)
 CONFIG_MODULE = "gdlab.conf"
 DTYPES = {32: torch.float32, 64: torch.float64}
 LIGHTNING_PRECISION = {32: "32-true", 64: "64-true"}
@@ -238,9 +245,8 @@ def summary(result: RunResult) -> str:
         f"{f['evals_fwdbwd']}) line_search_failures={f['ls_failures']} wall_time={f['wall_time']:.2f}s",
     ]
     if f.get("mlflow_run_id"):
-        lines.append(
-            f"mlflow run {f['mlflow_run_id']} in experiment '{cfg.tracking.experiment or cfg.dataset.name}'"
-        )
+        experiment = cfg.tracking.experiment or cfg.dataset.name
+        lines.append(f"mlflow run {f['mlflow_run_id']} in experiment '{experiment}' at {f['tracking_uri']}")
     if f.get("tracking_outage"):
         lines.append(f"tracking outage: {f['tracking_outage']}; full history kept in {f['output_dir']}")
     if f["diverged_at"] is not None:
