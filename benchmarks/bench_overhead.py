@@ -24,6 +24,15 @@ OVERRIDES = [
 ]  # fmt: skip
 
 
+ARMIJO_LAB = ["optimizer=backtracking", "optimizer.lr=1.0"]  # every step starts at 1.0, forward-only trials
+ARMIJO_REUSE = [
+    *ARMIJO_LAB,
+    "optimizer.trial_eval=forward_backward",
+    "optimizer.reset=grow",
+    "optimizer.growth=1.1",
+]
+
+
 def bare_pytorch(epochs: int) -> float:
     """Lab 001's loop: forward, loss, backward, W -= lr * dW, zero the grads. Seconds per epoch."""
     cfg = validate(compose_config(OVERRIDES))
@@ -46,7 +55,7 @@ def bare_pytorch(epochs: int) -> float:
 
 def gdlab_train(epochs: int, *extra: str) -> float:
     """Steady-state seconds per epoch (Trainer start-up, ~0.1 s per run, is left out)."""
-    result = gdlab.run([*OVERRIDES, f"trainer.max_epochs={epochs}", *extra])
+    result = gdlab.run([*OVERRIDES, f"trainer.max_epochs={epochs}", "tracking=none", *extra])
     times = result.history["time"]
     return (times.iloc[-1] - times.iloc[0]) / (len(times) - 1)
 
@@ -63,16 +72,19 @@ def main() -> None:
         "bare pytorch": lambda: bare_pytorch(args.epochs),
         "gdlab-train (autograd)": lambda: gdlab_train(args.epochs),
         "gdlab-train (backprop=manual)": lambda: gdlab_train(args.epochs, "backprop=manual"),
+        "gdlab-train Armijo (lab 003 rule)": lambda: gdlab_train(args.epochs, *ARMIJO_LAB),
+        "gdlab-train Armijo (reuse, grow 1.1)": lambda: gdlab_train(args.epochs, *ARMIJO_REUSE),
     }
     gdlab_train(50)  # warm-up: imports, Lightning's first fit
+    print("(Armijo rows: per epoch = per step; compare them with the gdlab-train (autograd) GD row)")
     best = {name: float("inf") for name in cases}
     for _ in range(args.repeats):
         for name, case in cases.items():
             best[name] = min(best[name], case())
     baseline = best["bare pytorch"]
-    print(f"{'case':32s} {'ms/epoch':>9s} {'ratio':>7s}")
+    print(f"{"case":38s} {'ms/epoch':>9s} {'ratio':>7s}")
     for name, seconds in best.items():
-        print(f"{name:32s} {seconds * 1e3:9.3f} {seconds / baseline:7.2f}x")
+        print(f"{name:38s} {seconds * 1e3:9.3f} {seconds / baseline:7.2f}x")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(

@@ -118,3 +118,25 @@ def test_armijo_condition_rejects_non_finite(value):
     assert not armijo_condition(value, 1.0, 0.1, 1.0, 1e-4)
     assert armijo_condition(0.5, 1.0, 0.1, 1.0, 1e-4)
     assert not armijo_condition(0.99999, 1.0, 1.0, 1.0, 0.1)
+
+
+def test_forward_backward_trials_reuse_the_accepted_gradient_and_take_the_same_path():
+    paths, counts = {}, {}
+    for trial_eval in ("forward", "forward_backward"):
+        w, opt = make(lr=1.0, c=1e-4, beta=0.5, trial_eval=trial_eval)
+        calls = {"fwd": 0, "fwdbwd": 0}
+        inner = quadratic_closure(w)
+
+        def closure(inner=inner, calls=calls):
+            calls["fwdbwd" if torch.is_grad_enabled() else "fwd"] += 1
+            return inner()
+
+        steps = []
+        for _ in range(20):
+            opt.step(closure)
+            steps.append((opt.last_step["step"], opt.last_step["backtracks"], opt.last_step["loss_after"]))
+        paths[trial_eval], counts[trial_eval] = steps, calls
+    assert paths["forward_backward"] == paths["forward"]  # the same accepted points, bit for bit
+    trials = sum(backtracks + 1 for _, backtracks, _ in paths["forward"])
+    assert counts["forward"] == {"fwd": trials, "fwdbwd": 20}
+    assert counts["forward_backward"] == {"fwd": 0, "fwdbwd": trials + 1}  # only step 0 evaluates w itself

@@ -128,3 +128,21 @@ def test_xor_relu_he_softmax_lab_figure():
     assert r.final["epochs"] == 5000
     assert r.final["train/loss"] <= 1e-3
     assert r.final["train/acc"] == 1.0
+
+
+def test_gradient_reusing_armijo_costs_about_one_evaluation_per_step():
+    lab = ["+experiment=lab_moons_backtracking"]
+    classic = run(lab)
+    reusing = run([*lab, "optimizer.trial_eval=forward_backward"])
+    np.testing.assert_array_equal(reusing.history["train/loss"], classic.history["train/loss"])
+    assert (
+        classic.final["evals"] == 600 and reusing.final["evals"] == 301
+    )  # the same path; one forward+backward per step, plus one at the start point
+    gentle = run(
+        [*lab, "optimizer.trial_eval=forward_backward", "optimizer.reset=grow", "optimizer.growth=1.1"]
+    )
+    h = gentle.history
+    assert gentle.final["evals"] / gentle.final["epochs"] < 1.3
+    assert gentle.final["train/loss"] < 0.05 < classic.final["train/loss"]
+    np.testing.assert_array_equal(h["loss_after"].iloc[:-1], h["train/loss"].iloc[1:])  # rows start at w
+    assert (h["evals/fwd"] == 0).all()

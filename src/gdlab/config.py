@@ -10,7 +10,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from gdlab.data import N_CLASSES
 from gdlab.model import ACTIVATIONS, HEADS, INITS, LOSS_FOR_HEAD, LOSSES
-from gdlab.optimizers import FAILURE_MODES, OPTIMIZERS, RESETS
+from gdlab.optimizers import FAILURE_MODES, OPTIMIZERS, RESETS, TRIAL_EVALS
 
 BACKPROPS = ("autograd", "manual")
 ACCELERATORS = ("auto", "cpu", "gpu")
@@ -156,6 +156,7 @@ def _check_optimizer(cfg) -> None:
         check_number(cfg, "optimizer.max_backtracks", 0, integer=True)
         check_choice(cfg, "optimizer.on_failure", FAILURE_MODES)
         check_number(cfg, "optimizer.tiny_step", 0, low_open=True)
+        check_choice(cfg, "optimizer.trial_eval", TRIAL_EVALS)
 
 
 def _check_tracking(cfg) -> None:

@@ -12,7 +12,7 @@ from gdlab.data import Split
 from gdlab.model import MLP
 from gdlab.optimizers import build_optimizer, step_info
 
-_PLAIN_TYPES = (str, bool, int, float, type(None))
+_PLAIN_TYPES = (str, bool, int, float, type(None), tuple)
 
 
 class EpochState:
@@ -50,6 +50,7 @@ class GDLabModule(pl.LightningModule):
         self.epoch_callbacks: list = []  # each called with every finished history row
         self.test_on_device: tuple = ()
         self.epoch = EpochState(self.evals)
+        self.carried_over: tuple = ()  # the last forward+backward evaluation of the previous step
         self.started = 0.0
 
     def __setattr__(self, name, value):
@@ -90,7 +91,7 @@ class GDLabModule(pl.LightningModule):
     def training_step(self, batch, batch_idx):
         X, T = batch
         opt = self.optimizers()
-        epoch, first_of_step = self.epoch, []
+        evaluations = []  # (loss, accuracy, grad norms) of this step's forward+backward evaluations
 
         def closure():
             if not torch.is_grad_enabled():  # a line-search trial: forward only
@@ -100,15 +101,19 @@ class GDLabModule(pl.LightningModule):
             loss, Z = self.loss_and_logits(X, T)
             self.manual_backward(loss)
             self.evals["fwdbwd"] += 1
-            if not first_of_step:  # the step's own point w: what the epoch row reports
-                first_of_step.append(True)
-                epoch.losses.append(loss.detach())
-                epoch.accs.append(self.model.accuracy(Z.detach(), T))
-                epoch.sizes.append(X.shape[0])
-                epoch.grad_norms = self.model.grad_norms()
+            evaluations.append((loss.detach(), self.model.accuracy(Z.detach(), T), self.model.grad_norms()))
             return loss
 
         opt.step(closure=closure)
+        # The row reports the step's start point w: its first evaluation, or, when a line search reused
+        # the previous step's accepted trial (trial_eval=forward_backward), that trial's evaluation.
+        start = self.carried_over if getattr(opt.optimizer, "reused_start", False) else evaluations[0]
+        self.carried_over = evaluations[-1] if evaluations else start
+        loss, accuracy, grad_norms = start
+        self.epoch.losses.append(loss)
+        self.epoch.accs.append(accuracy)
+        self.epoch.sizes.append(X.shape[0])
+        self.epoch.grad_norms = grad_norms
 
     def on_train_epoch_end(self) -> None:
         row = self.epoch_row()

@@ -14,6 +14,7 @@ from torch.optim import LBFGS, SGD, Adam, Optimizer
 
 OPTIMIZERS = ("gd", "sgd", "momentum", "backtracking", "adam", "lbfgs")
 RESETS = ("initial", "previous", "grow")
+TRIAL_EVALS = ("forward", "forward_backward")
 FAILURE_MODES = ("revert", "tiny_step")
 
 
@@ -28,6 +29,10 @@ class Backtracking(Optimizer):
     Each step evaluates f and g at w (forward+backward), then tries w - a*g for
     a = a0, beta*a0, beta^2*a0, ... (forward only) until the Armijo condition holds.
     Trial points are always assigned from a saved copy of w, so no drift accumulates.
+
+    trial_eval=forward_backward evaluates each trial with its gradient instead, so the accepted
+    trial's f and g are the next step's: one forward+backward per step when the first trial passes
+    (with reset=grow and a gentle growth), the floor GD has too.
     """
 
     def __init__(
@@ -43,12 +48,15 @@ class Backtracking(Optimizer):
         max_backtracks: int = 50,
         on_failure: str = "revert",
         tiny_step: float = 1e-6,
+        trial_eval: str = "forward",
     ):
         defaults = dict(lr=lr, c=c, beta=beta, reset=reset, growth=growth, lr_max=lr_max,
                         lr_min=lr_min, max_backtracks=max_backtracks, on_failure=on_failure,
-                        tiny_step=tiny_step)  # fmt: skip
+                        tiny_step=tiny_step, trial_eval=trial_eval)  # fmt: skip
         super().__init__(params, defaults)
         self.last_accepted: float | None = None
+        self.accepted_loss: float | None = None  # trial_eval=forward_backward: f at w, .grad holds g(w)
+        self.reused_start = False
         self.last_step: dict = {}
 
     def first_trial_step(self, group) -> float:
@@ -61,9 +69,14 @@ class Backtracking(Optimizer):
     @torch.no_grad()
     def step(self, closure):
         (group,) = self.param_groups
-        params = [p for p in group["params"] if p.grad is not None or p.requires_grad]
-        with torch.enable_grad():
-            f0 = closure().item()
+        params = [p for p in group["params"] if p.requires_grad]
+        reuse = group["trial_eval"] == "forward_backward"
+        self.reused_start = reuse and self.accepted_loss is not None
+        if self.reused_start:
+            f0 = self.accepted_loss  # f and .grad at w came with the last accepted trial
+        else:
+            with torch.enable_grad():
+                f0 = closure().item()
         w0 = [p.detach().clone() for p in params]
         grads = [p.grad.detach().clone() for p in params]
         grad_sq = float(sum((g * g).sum() for g in grads))
@@ -76,7 +89,8 @@ class Backtracking(Optimizer):
         accepted, backtracks, f_trial = False, 0, math.nan
         while True:
             move_to(step)
-            f_trial = closure().item()
+            with torch.set_grad_enabled(reuse):  # forward_backward: the trial's gradient is kept if accepted
+                f_trial = closure().item()
             if armijo_condition(f_trial, f0, step, grad_sq, group["c"]):
                 accepted = True
                 break
@@ -85,6 +99,7 @@ class Backtracking(Optimizer):
             step *= group["beta"]
             backtracks += 1
 
+        self.accepted_loss = f_trial if accepted and reuse else None
         if accepted:
             self.last_accepted, f_after = step, f_trial
         else:
@@ -116,7 +131,7 @@ def build_optimizer(cfg, params) -> Optimizer:
                      line_search_fn="strong_wolfe")  # fmt: skip
     if name == "backtracking":
         keys = ("lr", "c", "beta", "reset", "growth", "lr_max", "lr_min", "max_backtracks",
-                "on_failure", "tiny_step")  # fmt: skip
+                "on_failure", "tiny_step", "trial_eval")  # fmt: skip
         return Backtracking(params, **{k: cfg[k] for k in keys})
     raise ValueError(f"unknown optimizer {name!r}")
 
