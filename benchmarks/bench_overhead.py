@@ -82,7 +82,7 @@ def main() -> None:
         for name, case in cases.items():
             best[name] = min(best[name], case())
     baseline = best["bare pytorch"]
-    print(f"{"case":38s} {'ms/epoch':>9s} {'ratio':>7s}")
+    print(f"{'case':38s} {'ms/epoch':>9s} {'ratio':>7s}")
     for name, seconds in best.items():
         print(f"{name:38s} {seconds * 1e3:9.3f} {seconds / baseline:7.2f}x")
     if args.json:
