@@ -18,7 +18,7 @@ def make(depth, activation, head, loss, n=13, n_features=3, n_classes=3, seed=0)
     torch.manual_seed(seed)
     n_out = 1 if head == "sigmoid" else n_classes
     sizes = M.layer_sizes(n_features, depth, [5, 4, 6, 3][:depth], n_out)
-    model = M.build_model(sizes, activation, head, loss)
+    model = M.MLP(sizes, activation, head, loss)
     M.initialize(model, "normal", 0.8)
     with torch.no_grad():
         for _, b in model.layers:
@@ -92,7 +92,7 @@ def test_classic_sigmoid_derivative_bug_is_caught(monkeypatch):
 
 def test_init_schemes_have_their_scales():
     torch.manual_seed(0)
-    model = M.build_model([400, 300, 1], "relu", "sigmoid", "bce")
+    model = M.MLP([400, 300, 1], "relu", "sigmoid", "bce")
     for scheme, std in [
         ("small", 0.01),
         ("normal", 1.0),
@@ -111,7 +111,7 @@ def test_torch_default_init_matches_nn_linear_draws():
     torch.manual_seed(42)
     fc1, fc2 = torch.nn.Linear(2, 16), torch.nn.Linear(16, 1)
     torch.manual_seed(42)
-    model = M.build_model([2, 16, 1], "relu", "sigmoid", "bce")
+    model = M.MLP([2, 16, 1], "relu", "sigmoid", "bce")
     M.initialize(model, "torch_default")
     (W1, b1), (W2, b2) = model.layers
     assert torch.equal(W1, fc1.weight.T) and torch.equal(b1, fc1.bias)

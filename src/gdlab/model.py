@@ -155,10 +155,6 @@ class ManualBackprop(torch.autograd.Function):
         return (None, None, None, *(d * dloss for layer in grads for d in layer))
 
 
-def build_model(sizes: list[int], activation: str, head: str, loss: str) -> MLP:
-    return MLP(sizes, activation, head, loss)
-
-
 def layer_sizes(n_features: int, depth: int, width, n_outputs: int) -> list[int]:
     widths = [width] * depth if isinstance(width, int) else list(width)
     return [n_features, *widths, n_outputs]

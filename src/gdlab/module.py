@@ -123,9 +123,9 @@ class GDLabModule(pl.LightningModule):
         if not math.isfinite(row["train/loss"]):
             self.diverged_at = row["epoch"]
             self.trainer.should_stop = True
-        elif self.stop_loss is not None and row["train/loss"] < self.stop_loss:
-            self.trainer.should_stop = True
-        elif self.max_evals is not None and row["evals/total"] >= self.max_evals:
+        elif (self.stop_loss is not None and row["train/loss"] < self.stop_loss) or (
+            self.max_evals is not None and row["evals/total"] >= self.max_evals
+        ):
             self.trainer.should_stop = True
 
     def epoch_row(self) -> dict:

@@ -27,7 +27,7 @@ from gdlab.artifacts import write_history, write_run_outputs
 from gdlab.config import ConfigError, validate
 from gdlab.data import N_CLASSES, Dataset, load_dataset, make_loader
 from gdlab.masking import mask_passwords
-from gdlab.model import MLP, build_model, encode_targets, initialize, layer_sizes
+from gdlab.model import MLP, encode_targets, initialize, layer_sizes
 from gdlab.module import GDLabModule
 from gdlab.tracking import (
     MlflowRun,
@@ -79,7 +79,7 @@ def build(cfg: DictConfig) -> tuple[Dataset, MLP]:
     data = load_dataset(cfg.dataset, lambda y, dt: encode_targets(y, head, n_classes, dt), dtype)
     n_outputs = 1 if head == "sigmoid" else data.n_classes
     sizes = layer_sizes(data.n_features, cfg.model.depth, cfg.model.width, n_outputs)
-    model = build_model(sizes, cfg.model.activation, head, cfg.loss)
+    model = MLP(sizes, cfg.model.activation, head, cfg.loss)
     initialize(model, cfg.init.name, cfg.init.get("std"))
     return data, model.to(dtype)
 
