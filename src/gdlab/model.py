@@ -3,6 +3,10 @@
 Weights are stored as the labs write them: ``W[l]`` has shape (fan_in, fan_out), so a layer is
 ``Z = A_prev @ W + b`` and the backward pass is ``dW = A_prev.T @ dZ``, ``db = sum_rows(dZ)``,
 ``dA_prev = dZ @ W.T``.
+
+Every function here reduces over the last two axes (rows, outputs) only, so the same code trains a
+population (gdlab.population): weights with a leading member axis, W (P, fan_in, fan_out), b (P, 1, fan_out),
+and one loss per member.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ INITS = ("small", "normal", "xavier", "he", "torch_default", "zeros")
 
 def head_output(Z: Tensor, head: str) -> Tensor:
     """The network's prediction from the last layer's logits."""
-    return torch.sigmoid(Z) if head == "sigmoid" else torch.softmax(Z, dim=1)
+    return torch.sigmoid(Z) if head == "sigmoid" else torch.softmax(Z, dim=-1)
 
 
 def encode_targets(y: Tensor, head: str, n_classes: int, dtype: torch.dtype) -> Tensor:
@@ -38,42 +42,48 @@ def encode_targets(y: Tensor, head: str, n_classes: int, dtype: torch.dtype) -> 
 
 
 def compute_loss(Z: Tensor, T: Tensor, head: str, loss: str) -> Tensor:
-    """Mean loss over the batch. bce and ce work on the logits for numerical stability."""
+    """Mean loss over the batch (one per member for a population). bce and ce work on the logits."""
     if loss == "bce":
-        return F.binary_cross_entropy_with_logits(Z, T)
+        return F.binary_cross_entropy_with_logits(Z, T.expand_as(Z), reduction="none").mean(dim=(-2, -1))
     if loss == "ce":
-        return -(T * torch.log_softmax(Z, dim=1)).sum(dim=1).mean()
-    return ((head_output(Z, head) - T) ** 2).mean()  # mse: L = 1/n sum (y - y_hat)^2, as in lab 000
+        return -(T * torch.log_softmax(Z, dim=-1)).sum(dim=-1).mean(dim=-1)
+    return ((head_output(Z, head) - T) ** 2).mean(dim=(-2, -1))  # mse: 1/n sum (y - y_hat)^2, lab 000
 
 
 def output_delta(Z: Tensor, T: Tensor, head: str, loss: str) -> Tensor:
     """dZ at the last layer: the derivative of ``compute_loss`` with respect to the logits."""
     Y_hat = head_output(Z, head)
+    n_rows, n_outputs = Z.shape[-2:]
     if loss in ("bce", "ce"):
-        return (Y_hat - T) / Z.shape[0]
-    dY_hat = 2 * (Y_hat - T) / T.numel()
+        return (Y_hat - T) / n_rows
+    dY_hat = 2 * (Y_hat - T) / (n_rows * n_outputs)
     if head == "sigmoid":
         return dY_hat * Y_hat * (1 - Y_hat)
-    return Y_hat * (dY_hat - (dY_hat * Y_hat).sum(dim=1, keepdim=True))  # softmax Jacobian
+    return Y_hat * (dY_hat - (dY_hat * Y_hat).sum(dim=-1, keepdim=True))  # softmax Jacobian
 
 
 def accuracy(Z: Tensor, T: Tensor, head: str) -> Tensor:
     if head == "sigmoid":
-        return ((Z > 0).to(T.dtype) == T).to(Z.dtype).mean()
-    return T.gather(1, Z.argmax(dim=1, keepdim=True)).mean()  # T is one-hot
+        return ((Z > 0).to(T.dtype) == T).to(Z.dtype).mean(dim=(-2, -1))
+    return T.expand_as(Z).gather(-1, Z.argmax(dim=-1, keepdim=True)).mean(dim=(-2, -1))  # T is one-hot
 
 
 class MLP(nn.Module):
     """depth hidden layers of `activation`, then a linear layer whose logits feed `head`."""
 
-    def __init__(self, sizes: list[int], activation: str, head: str, loss: str):
+    def __init__(
+        self, sizes: list[int], activation: str, head: str, loss: str, population: int | None = None
+    ):
         super().__init__()
         self.sizes, self.activation, self.head, self.loss_name = list(sizes), activation, head, loss
         # Parameters W1, b1, W2, b2, ... as in the labs; `layers` keeps them in a plain list
         # because ParameterList indexing costs more than the matmul on these tiny networks.
         self.layers: list[tuple[nn.Parameter, nn.Parameter]] = []
         for l, (fan_in, fan_out) in enumerate(zip(sizes[:-1], sizes[1:], strict=True), start=1):
-            W, b = nn.Parameter(torch.empty(fan_in, fan_out)), nn.Parameter(torch.zeros(fan_out))
+            W_shape, b_shape = (fan_in, fan_out), (fan_out,)
+            if population is not None:  # one W, b per member; b keeps a row axis to broadcast over rows
+                W_shape, b_shape = (population, fan_in, fan_out), (population, 1, fan_out)
+            W, b = nn.Parameter(torch.empty(W_shape)), nn.Parameter(torch.zeros(b_shape))
             self.register_parameter(f"W{l}", W)
             self.register_parameter(f"b{l}", b)
             self.layers.append((W, b))
@@ -118,12 +128,12 @@ class MLP(nn.Module):
         grads = [None] * self.n_layers
         for l in reversed(range(self.n_layers)):
             A_prev, _, _ = cache[l]
-            dW = A_prev.T @ dZ
-            db = dZ.sum(dim=0)
+            W, b = self.layers[l]
+            dW = A_prev.mT @ dZ
+            db = dZ.sum_to_size(b.shape)  # summed over the rows b was broadcast to
             grads[l] = (dW, db)
             if l > 0:
-                W, _ = self.layers[l]
-                dA = dZ @ W.T
+                dA = dZ @ W.mT
                 _, Z_prev, A_prev_act = cache[l - 1]
                 dZ = dA * g_prime(Z_prev, A_prev_act)
         return grads
@@ -151,8 +161,13 @@ class ManualBackprop(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dloss: Tensor, _dZ: Tensor):
         grads = ctx.model.backward(ctx.cache, ctx.T)
-        # parameters() yields W1, b1, W2, b2, ... (registration order).
-        return (None, None, None, *(d * dloss for layer in grads for d in layer))
+        # parameters() yields W1, b1, W2, b2, ... (registration order); a population has one dloss per member.
+        return (None, None, None, *(d * per_member(dloss, d) for layer in grads for d in layer))
+
+
+def per_member(values: Tensor, like: Tensor) -> Tensor:
+    """Per-member values (shape (P,), or () for a single run) shaped to broadcast against `like`."""
+    return values.reshape(values.shape + (1,) * (like.dim() - values.dim()))
 
 
 def layer_sizes(n_features: int, depth: int, width, n_outputs: int) -> list[int]:

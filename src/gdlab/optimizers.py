@@ -18,9 +18,12 @@ TRIAL_EVALS = ("forward", "forward_backward")
 FAILURE_MODES = ("revert", "tiny_step")
 
 
-def armijo_condition(f_trial: float, f0: float, step: float, grad_sq: float, c: float) -> bool:
-    """Sufficient decrease: f(w - a*g) <= f(w) - c * a * ||g||^2. A non-finite trial fails."""
-    return math.isfinite(f_trial) and f_trial <= f0 - c * step * grad_sq
+def armijo_condition(f_trial, f0, step, grad_sq, c):
+    """Sufficient decrease: f(w - a*g) <= f(w) - c * a * ||g||^2. A non-finite trial fails.
+
+    Floats for one run; per-member tensors for a population (gdlab.population), elementwise.
+    """
+    return (abs(f_trial) < math.inf) & (f_trial <= f0 - c * step * grad_sq)
 
 
 class Backtracking(Optimizer):

@@ -29,6 +29,7 @@ from gdlab.data import N_CLASSES, Dataset, load_dataset, make_loader
 from gdlab.masking import mask_passwords
 from gdlab.model import MLP, encode_targets, initialize, layer_sizes
 from gdlab.module import GDLabModule
+from gdlab.population import PopulationMLP, PopulationModule, check_population, group_by_architecture
 from gdlab.tracking import (
     MlflowRun,
     TrackingUnavailable,
@@ -66,22 +67,60 @@ def compose_config(overrides: list[str] | None = None, config_name: str = "confi
         return compose(config_name, overrides=list(overrides or []))
 
 
-def run(overrides: list[str] | None = None, output_dir: str | Path | None = None) -> RunResult:
-    """Train one run from CLI-style overrides, e.g. ``run(["dataset=xor", "optimizer.lr=0.5"])``."""
-    return fit(validate(compose_config(overrides)), overrides, output_dir)
+def run(overrides: list[str] | None = None, output_dir: str | Path | None = None,
+        population: list | None = None) -> RunResult | list[RunResult]:  # fmt: skip
+    """Train one run from CLI-style overrides, e.g. ``run(["dataset=xor", "optimizer.lr=0.5"])``.
+
+    With `population`, a list of per-member overrides (dicts like ``{"optimizer.lr": 0.1}`` or lists
+    of "key=value"), train one run per member on top of `overrides`: those sharing an architecture
+    together as one batched model (gdlab.population). Returns one RunResult per member, in order;
+    with `output_dir`, member i writes to <output_dir>/member-i.
+    """
+    overrides = list(overrides or [])
+    if population is None:
+        return fit(validate(compose_config(overrides)), overrides, output_dir)
+    members = [[*overrides, *member_overrides(m)] for m in population]
+    cfgs = [validate(compose_config(o)) for o in members]
+    output_dirs = [Path(output_dir) / f"member-{i}" for i in range(len(cfgs))] if output_dir else None
+    results: list = [None] * len(cfgs)
+    for group in group_by_architecture(cfgs):
+        check_population([cfgs[i] for i in group])
+    for group in group_by_architecture(cfgs):
+        trained = fit_population(
+            [cfgs[i] for i in group],
+            [members[i] for i in group],
+            [output_dirs[i] for i in group] if output_dirs else None,
+        )
+        for i, result in zip(group, trained, strict=True):
+            results[i] = result
+    return results
+
+
+def member_overrides(member: dict | list | tuple) -> list[str]:
+    if isinstance(member, dict):
+        return [f"{key}={value}" for key, value in member.items()]
+    return list(member)
 
 
 def build(cfg: DictConfig) -> tuple[Dataset, MLP]:
-    dtype = DTYPES[cfg.trainer.precision]
-    head = cfg.model.head
+    data = load_data(cfg)
+    return data, init_model(cfg, data)
+
+
+def load_data(cfg: DictConfig) -> Dataset:
+    head, n_classes = cfg.model.head, N_CLASSES[cfg.dataset.name]
+    encode = lambda y, dtype: encode_targets(y, head, n_classes, dtype)  # noqa: E731
+    return load_dataset(cfg.dataset, encode, DTYPES[cfg.trainer.precision])
+
+
+def init_model(cfg: DictConfig, data: Dataset) -> MLP:
+    """The model drawn from cfg.seed: the same weights whether it trains alone or in a population."""
     pl.seed_everything(cfg.seed, verbose=False)
-    n_classes = N_CLASSES[cfg.dataset.name]
-    data = load_dataset(cfg.dataset, lambda y, dt: encode_targets(y, head, n_classes, dt), dtype)
-    n_outputs = 1 if head == "sigmoid" else data.n_classes
+    n_outputs = 1 if cfg.model.head == "sigmoid" else data.n_classes
     sizes = layer_sizes(data.n_features, cfg.model.depth, cfg.model.width, n_outputs)
-    model = MLP(sizes, cfg.model.activation, head, cfg.loss)
+    model = MLP(sizes, cfg.model.activation, cfg.model.head, cfg.loss)
     initialize(model, cfg.init.name, cfg.init.get("std"))
-    return data, model.to(dtype)
+    return model.to(DTYPES[cfg.trainer.precision])
 
 
 def make_trainer(cfg: DictConfig) -> pl.Trainer:
@@ -145,6 +184,61 @@ def fit(
         if output_dir is not None:
             save_outputs(result, overrides, output_dir, run, status)
     return result
+
+
+def fit_population(
+    cfgs: list[DictConfig],
+    overrides: list[list[str]] | None = None,
+    output_dirs: list | None = None,
+    epoch_callbacks: list[list] | None = None,
+    tags: list[dict | None] | None = None,
+) -> list[RunResult]:
+    """Train validated configs that share an architecture as one batched model (gdlab.population).
+
+    Each member is what `fit` would make of its config: its own history, final metrics, output
+    directory and MLflow run, with its own epoch callbacks (a TrialPruned there retires that member
+    only). `wall_time` is the population's. Returns one RunResult per config, in order.
+    """
+    check_population(cfgs)
+    n, first = len(cfgs), cfgs[0]
+    overrides = overrides or [[] for _ in cfgs]
+    epoch_callbacks = epoch_callbacks or [[] for _ in cfgs]
+    tags = tags or [None] * n
+    data = load_data(first)
+    module = PopulationModule(PopulationMLP([init_model(cfg, data) for cfg in cfgs]), cfgs, data.test)
+    loader = make_loader(data.train, first.optimizer.get("batch_size"), first.seed)
+    with quiet_lightning():
+        trainer = make_trainer(first)
+    runs: list[MlflowRun | None] = [None] * n
+    if tracking_uri(first) is not None:
+        device = str(trainer.strategy.root_device)
+        runs = [
+            MlflowRun(cfg, o, device=device, extra_tags=t)
+            for cfg, o, t in zip(cfgs, overrides, tags, strict=True)
+        ]
+    for p in range(n):
+        module.member_callbacks[p] = [*([runs[p].log_epoch] if runs[p] else []), *epoch_callbacks[p]]
+    interrupted, started, results = True, time.perf_counter(), []
+    try:
+        with quiet_lightning():
+            trainer.fit(module, train_dataloaders=loader)
+        interrupted = False
+    finally:
+        wall_time = time.perf_counter() - started
+        for p, cfg in enumerate(cfgs):
+            result = collect_result(cfg, module.member_view(p), data, wall_time)
+            result.final["pruned"] = module.pruned[p]
+            if interrupted or module.pruned[p]:
+                status = "KILLED"
+            else:
+                status = "FAILED" if result.final["diverged_at"] is not None else "FINISHED"
+            if module.pruned[p] and runs[p] is not None:
+                runs[p].set_tags({"optuna.state": "PRUNED", "failure.reason": module.pruned[p]})
+            output_dir = Path(output_dirs[p]) if output_dirs else default_output_dir(cfg, runs[p])
+            if output_dir is not None:
+                save_outputs(result, overrides[p], output_dir, runs[p], status)
+            results.append(result)
+    return results
 
 
 def collect_result(cfg: DictConfig, module: GDLabModule, data: Dataset, wall_time: float) -> RunResult:
