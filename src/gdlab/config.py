@@ -177,6 +177,7 @@ def _check_trainer(cfg) -> None:
     check_choice(cfg, "trainer.precision", PRECISIONS)
     check_number(cfg, "trainer.stop_loss", 0, optional=True)
     check_number(cfg, "trainer.max_evals", 1, integer=True, optional=True)
+    check_number(cfg, "trainer.threads", 1, integer=True, optional=True)
     if cfg.trainer.accelerator == "gpu" and not torch.cuda.is_available():
         raise ConfigError(
             "trainer.accelerator=gpu but no CUDA GPU is available here; use trainer.accelerator=cpu|auto"

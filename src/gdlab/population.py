@@ -14,6 +14,7 @@ kept as they were, it stops moving, and the others go on.
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from types import SimpleNamespace
@@ -48,7 +49,7 @@ def architecture_key(cfg: DictConfig) -> str:
             continue
         parent, _, leaf = key.rpartition(".")
         (shared[parent] if parent else shared).pop(leaf, None)
-    return OmegaConf.to_yaml(OmegaConf.create(shared))
+    return json.dumps(shared, sort_keys=True, default=str)
 
 
 def group_by_architecture(cfgs: list[DictConfig]) -> list[list[int]]:

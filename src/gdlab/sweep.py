@@ -9,15 +9,17 @@ for dead trials, and K worker processes on one study.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import fcntl
 import math
 import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
@@ -63,6 +65,8 @@ class SweepSpec:
     report_every: int
     max_failure_rate: float
     custom_search_space: object | None
+    population: int  # trials asked and trained together as one batched model (1: one at a time)
+    composer: object = field(default=None, repr=False)  # train.VariantComposer, made on first use
 
 
 def available_sweeps(config_dir: Path | None = None) -> list[str]:
@@ -106,6 +110,9 @@ def load_sweep(name: str, overrides: list[str] | None = None, config_dir: Path |
         sampler, pruner, custom = build_optuna_parts(sweeper, extra, distributions)
     except Exception as error:  # a bad _target_ or argument in the sweep file
         raise SweepError(f"sweeps/{name}.yaml: {str(error).splitlines()[0]}") from error
+    population = extra.get("population", 1)
+    if isinstance(population, bool) or not isinstance(population, int) or population < 1:
+        raise SweepError(f"sweeps/{name}.yaml: gdlab_sweep.population={population!r} must be an integer >= 1")
     return SweepSpec(
         name=name,
         overrides=overrides,
@@ -121,6 +128,7 @@ def load_sweep(name: str, overrides: list[str] | None = None, config_dir: Path |
         report_every=int(extra.get("report_every", 10)),
         max_failure_rate=float(extra.get("max_failure_rate", 0.5)),
         custom_search_space=custom,
+        population=population,
     )
 
 
@@ -200,31 +208,163 @@ class PruningReporter:
             raise optuna.TrialPruned(f"pruned at epoch {epoch} ({self.objective}={value:.4g})")
 
 
+def suggest_trial(spec: SweepSpec, trial: optuna.Trial) -> tuple[DictConfig, list[str]]:
+    """Draw a trial's params; its validated config and the overrides that reproduce it."""
+    for key, distribution in spec.distributions.items():
+        suggest(trial, key, distribution)
+    if spec.custom_search_space is not None:
+        spec.custom_search_space(spec.task, trial)
+    from gdlab.train import VariantComposer
+
+    base = [f"+sweep={spec.name}", *spec.overrides]
+    params = [f"{k}={v}" for k, v in {**trial.params, **spec.fixed_params}.items()]
+    if spec.composer is None:
+        spec.composer = VariantComposer(base)
+    return spec.composer(params), [*base, *params]
+
+
+def trial_run_args(spec: SweepSpec, trial: optuna.Trial, cfg: DictConfig, output_root: Path) -> dict:
+    """What a trial's training run gets: its output directory, pruning reports and MLflow tags."""
+    return dict(
+        output_dir=output_root / f"trial-{trial.number}",
+        epoch_callbacks=[PruningReporter(trial, cfg.objective, spec.report_every)],
+        tags={"optuna.study": spec.study_name, "optuna.trial": trial.number},
+    )
+
+
+def record_result(trial: optuna.Trial, result) -> float:
+    """Note the run on its trial; the objective (NaN when diverged: the trial FAILs)."""
+    if result.final.get("mlflow_run_id"):
+        trial.set_user_attr("mlflow_run_id", result.final["mlflow_run_id"])
+    if result.final["diverged_at"] is not None:
+        trial.set_user_attr("failure", f"loss became NaN/inf at epoch {result.final['diverged_at']}")
+    return result.final["objective"]
+
+
 def make_objective(spec: SweepSpec, output_root: Path):
-    from gdlab.train import compose_config, fit
+    from gdlab.train import fit
 
     def objective(trial: optuna.Trial) -> float:
-        for key, distribution in spec.distributions.items():
-            suggest(trial, key, distribution)
-        if spec.custom_search_space is not None:
-            spec.custom_search_space(spec.task, trial)
-        params = {**trial.params, **spec.fixed_params}
-        overrides = [f"+sweep={spec.name}", *spec.overrides, *(f"{k}={v}" for k, v in params.items())]
-        cfg = validate(compose_config(overrides))
-        result = fit(
-            cfg,
-            overrides,
-            output_dir=output_root / f"trial-{trial.number}",
-            epoch_callbacks=[PruningReporter(trial, cfg.objective, spec.report_every)],
-            tags={"optuna.study": spec.study_name, "optuna.trial": trial.number},
-        )
-        if result.final.get("mlflow_run_id"):
-            trial.set_user_attr("mlflow_run_id", result.final["mlflow_run_id"])
-        if result.final["diverged_at"] is not None:
-            trial.set_user_attr("failure", f"loss became NaN/inf at epoch {result.final['diverged_at']}")
-        return result.final["objective"]  # NaN makes the trial FAIL in Optuna
+        cfg, overrides = suggest_trial(spec, trial)
+        return record_result(trial, fit(cfg, overrides, **trial_run_args(spec, trial, cfg, output_root)))
 
     return objective
+
+
+def run_population_batches(spec: SweepSpec, study: optuna.Study, storage, args, budget: int,
+                           logger: TrialLogger) -> None:  # fmt: skip
+    """Population mode: ask up to `spec.population` trials, train those that share an architecture as
+    one batched model (gdlab.population), tell each trial its own result. Trials whose optimizer cannot
+    be batched (adam, lbfgs) run one by one within the batch."""
+    output_root = Path("outputs") / "sweeps" / study.study_name
+    started, asked = time.monotonic(), 0
+    while not logger.stopping:
+        if args.timeout is not None and time.monotonic() - started >= args.timeout:
+            break
+        optuna.storages.fail_stale_trials(study)  # dead workers' trials: FAIL, and retried as WAITING
+        taken = len(study.get_trials(deepcopy=False, states=(*FINISHED, TrialState.RUNNING)))
+        size = min(spec.population, budget - taken)
+        if args.n_trials:
+            size = min(size, args.n_trials - asked)
+        if size <= 0:
+            break
+        trials = [study.ask() for _ in range(size)]
+        asked += size
+        with Heartbeats(storage, trials, args.heartbeat_interval):
+            run_trial_batch(spec, study, trials, output_root, logger)
+
+
+def run_trial_batch(spec: SweepSpec, study: optuna.Study, trials: list, output_root: Path,
+                    logger: TrialLogger) -> None:  # fmt: skip
+    from gdlab.population import POPULATION_OPTIMIZERS, group_by_architecture
+    from gdlab.train import fit, fit_population
+
+    told: set[int] = set()
+
+    def tell(trial, value=None, state=None, error: Exception | None = None) -> None:
+        if error is not None:
+            trial.set_user_attr("failure", f"{type(error).__name__}: {mask_passwords(str(error))}"[:500])
+            state = TrialState.FAIL
+        elif state is None and not math.isfinite(value):
+            state, value = TrialState.FAIL, None
+        logger(study, study.tell(trial, value, state=state))
+        told.add(trial.number)
+
+    try:
+        prepared = []  # (trial, cfg, overrides) of the trials whose config could be made
+        for trial in trials:
+            try:
+                prepared.append((trial, *suggest_trial(spec, trial)))
+            except Exception as error:  # e.g. a value the config refuses
+                tell(trial, error=error)
+        for group in group_by_architecture([cfg for _, cfg, _ in prepared]):
+            members = [prepared[i] for i in group]
+            if members[0][1].optimizer.name not in POPULATION_OPTIMIZERS:
+                for trial, cfg, overrides in members:
+                    try:
+                        tell(
+                            trial,
+                            record_result(
+                                trial, fit(cfg, overrides, **trial_run_args(spec, trial, cfg, output_root))
+                            ),
+                        )
+                    except optuna.TrialPruned:
+                        tell(trial, state=TrialState.PRUNED)
+                    except TrackingUnavailable:
+                        raise
+                    except Exception as error:
+                        tell(trial, error=error)
+                continue
+            run_args = [trial_run_args(spec, trial, cfg, output_root) for trial, cfg, _ in members]
+            try:
+                results = fit_population(
+                    [cfg for _, cfg, _ in members],
+                    [overrides for _, _, overrides in members],
+                    output_dirs=[a["output_dir"] for a in run_args],
+                    epoch_callbacks=[a["epoch_callbacks"] for a in run_args],
+                    tags=[{**a["tags"], "gdlab.population": len(members)} for a in run_args],
+                )
+            except TrackingUnavailable:
+                raise
+            except Exception as error:
+                for trial, _, _ in members:
+                    tell(trial, error=error)
+                continue
+            for (trial, _, _), result in zip(members, results, strict=True):
+                if result.final["pruned"]:
+                    tell(trial, state=TrialState.PRUNED)
+                else:
+                    tell(trial, record_result(trial, result))
+    finally:  # an interrupt or an unreachable backend: the batch's other trials end FAIL, not RUNNING
+        for trial in trials:
+            if trial.number not in told:
+                study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
+
+
+class Heartbeats:
+    """A thread that records a heartbeat for each of a batch's trials (what study.optimize does for one)."""
+
+    def __init__(self, storage, trials: list, interval: float):
+        self.storage, self.trials, self.interval = storage, trials, interval
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self._beat, name="gdlab-heartbeats", daemon=True)
+
+    def _beat(self) -> None:
+        while True:
+            for trial in self.trials:
+                self.storage.record_heartbeat(trial._trial_id)  # Optuna's own loop uses the same id
+            if self.done.wait(self.interval):
+                return
+
+    def __enter__(self):
+        if self.storage.get_heartbeat_interval() is not None:
+            self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.done.set()
+        if self.thread.is_alive():
+            self.thread.join()
 
 
 class TrialLogger:
@@ -233,6 +373,7 @@ class TrialLogger:
     def __init__(self, budget: int, max_failure_rate: float, out=sys.stdout):
         self.budget, self.max_failure_rate, self.out = budget, max_failure_rate, out
         self.states: list[TrialState] = []
+        self.stopping = False
 
     def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
         self.states.append(trial.state)
@@ -251,7 +392,11 @@ class TrialLogger:
         if len(self.states) >= 5 and self.failure_rate > self.max_failure_rate:
             print(f"gdlab-sweep: failure rate {self.failure_rate:.0%} is over {self.max_failure_rate:.0%}; "
                   "stopping", file=self.out, flush=True)  # fmt: skip
-            study.stop()
+            self.stopping = True
+            with contextlib.suppress(
+                RuntimeError
+            ):  # outside study.optimize (population mode) nothing to stop
+                study.stop()
 
     @property
     def failure_rate(self) -> float:
@@ -421,6 +566,12 @@ def parse_args(argv):
         default=GRACE_SECONDS,
         help=f"seconds without a heartbeat before a trial counts as dead (default {GRACE_SECONDS})",
     )
+    parser.add_argument(
+        "--population",
+        type=int,
+        help="trials asked and trained together as one batched model (default: the sweep's "
+        "gdlab_sweep.population, else 1: one trial at a time)",
+    )
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--parent-run-id", help=argparse.SUPPRESS)
     return parser.parse_intermixed_args(argv)  # overrides may come before or after the options
@@ -430,6 +581,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     install_log_masking()
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    # Population mode asks trials itself and records their heartbeats itself (Heartbeats).
+    warnings.filterwarnings(
+        "ignore", message="Heartbeat of storage is supposed to be used with Study.optimize"
+    )
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     try:
         spec = load_sweep(args.name, args.overrides, args.config_dir)
@@ -437,6 +592,10 @@ def main(argv: list[str] | None = None) -> int:
         storage_url = args.storage or os.environ.get(STORAGE_ENV) or spec.storage
         if args.workers < 1:
             raise SweepError(f"--workers={args.workers} must be >= 1")
+        if args.population is not None:
+            if args.population < 1:
+                raise SweepError(f"--population={args.population} must be >= 1")
+            spec.population = args.population
         lock = None if args.worker else StudyLock(Path(spec.task.tracking.dir) / "locks", study_name)
         if lock is not None and not lock.acquire():
             print(f"gdlab-sweep: study {study_name!r} is already being run by another gdlab-sweep on this "
@@ -452,13 +611,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"gdlab-sweep: error: {error}", file=sys.stderr)
         return 2
     try:
-        return run_sweep(args, spec, study, storage_url, budget)
+        return run_sweep(args, spec, study, storage, storage_url, budget)
     except TrackingUnavailable as error:
         print(f"gdlab-sweep: error: {error}", file=sys.stderr)
         return 3
 
 
-def run_sweep(args, spec: SweepSpec, study: optuna.Study, storage_url: str, budget: int) -> int:
+def run_sweep(args, spec: SweepSpec, study: optuna.Study, storage, storage_url: str, budget: int) -> int:
     finished = len(study.get_trials(deepcopy=False, states=FINISHED))
     if finished >= budget:
         print(f"gdlab-sweep: study {study.study_name!r} holds {finished}/{budget} finished trials: "
@@ -476,16 +635,19 @@ def run_sweep(args, spec: SweepSpec, study: optuna.Study, storage_url: str, budg
                   "gdlab.host": socket.gethostname(), "gdlab.pid": os.getpid()},
         )  # fmt: skip
         repair_killed_runs(spec.task, study)
-    workers = [start_worker(args, study.study_name, storage_url, budget, parent_run_id)
+    workers = [start_worker(args, spec, study.study_name, storage_url, budget, parent_run_id)
                for _ in range(args.workers - 1)]  # fmt: skip
     logger = TrialLogger(budget, spec.max_failure_rate)
-    study.optimize(
-        make_objective(spec, Path("outputs") / "sweeps" / study.study_name),
-        n_trials=args.n_trials,
-        timeout=args.timeout,
-        callbacks=[optuna.study.MaxTrialsCallback(budget, states=FINISHED), logger],
-        catch=(Exception,),
-    )
+    if spec.population > 1:
+        run_population_batches(spec, study, storage, args, budget, logger)
+    else:
+        study.optimize(
+            make_objective(spec, Path("outputs") / "sweeps" / study.study_name),
+            n_trials=args.n_trials,
+            timeout=args.timeout,
+            callbacks=[optuna.study.MaxTrialsCallback(budget, states=FINISHED), logger],
+            catch=(Exception,),
+        )
     worker_failed = any(worker.wait() != 0 for worker in workers)
     if not args.worker and parent_run_id:
         repaired = repair_killed_runs(spec.task, study)
@@ -509,12 +671,14 @@ def run_sweep(args, spec: SweepSpec, study: optuna.Study, storage_url: str, budg
     return 0
 
 
-def start_worker(args, study_name: str, storage_url: str, budget: int, parent_run_id: str | None):
+def start_worker(
+    args, spec: SweepSpec, study_name: str, storage_url: str, budget: int, parent_run_id: str | None
+):
     command = [sys.executable, "-m", "gdlab.sweep", args.name, *args.overrides, "--worker",
                *(["--config-dir", str(args.config_dir)] if args.config_dir else []),
                "--study", study_name, "--budget", str(budget),
                "--heartbeat-interval", str(args.heartbeat_interval),
-               "--grace-period", str(args.grace_period)]  # fmt: skip
+               "--grace-period", str(args.grace_period), "--population", str(spec.population)]  # fmt: skip
     if parent_run_id:
         command += ["--parent-run-id", parent_run_id]
     if args.n_trials:

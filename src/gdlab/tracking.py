@@ -8,6 +8,7 @@ in the run's local output directory, so a tracking outage never loses a curve.
 from __future__ import annotations
 
 import atexit
+import functools
 import json
 import math
 import os
@@ -127,6 +128,7 @@ def flatten(cfg: DictConfig) -> dict[str, str]:
     return flat
 
 
+@functools.cache  # once per process: a sweep's runs all run the code this process imported
 def git_state() -> tuple[str, str]:
     """(commit, dirty) of the gdlab checkout, or ('unknown', 'unknown') outside one."""
     here = Path(__file__).resolve().parent
