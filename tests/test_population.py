@@ -150,3 +150,18 @@ def test_gdlab_sweep_population_mode_tells_each_trial_and_tracks_each_member(tmp
             tmp_path / "outputs" / "sweeps" / "lr" / f"trial-{trial.number}" / "history.csv"
         ).read_text()
         assert len(history.splitlines()) == 26
+
+
+@pytest.mark.slow
+def test_the_seeds_grid_sweep_trains_its_ten_seeds_as_one_population(tmp_path: Path):
+    bin_dir = Path(sys.executable).parent
+    done = subprocess.run([str(bin_dir / "gdlab-sweep"), "seeds", "trainer.max_epochs=50", "tracking=none"],
+                          capture_output=True, text=True, cwd=tmp_path, timeout=600)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    study = optuna.load_study(study_name="seeds", storage=f"sqlite:///{tmp_path / 'mlruns' / 'optuna.db'}")
+    trials = study.get_trials(deepcopy=False)
+    assert all(t.state == TrialState.COMPLETE for t in trials)
+    assert sorted(t.params["seed"] for t in trials) == list(range(10))  # the grid, each point once
+    seed_7 = next(t for t in trials if t.params["seed"] == 7)
+    alone_7 = run(["+sweep=seeds", "trainer.max_epochs=50", "tracking=none", "seed=7"])
+    assert seed_7.value == pytest.approx(alone_7.final["train/loss"], abs=1e-10)

@@ -287,7 +287,7 @@ def run_trial_batch(spec: SweepSpec, study: optuna.Study, trials: list, output_r
             state = TrialState.FAIL
         elif state is None and not math.isfinite(value):
             state, value = TrialState.FAIL, None
-        logger(study, study.tell(trial, value, state=state))
+        logger(study, tell_study(study, trial, value, state))
         told.add(trial.number)
 
     try:
@@ -338,7 +338,18 @@ def run_trial_batch(spec: SweepSpec, study: optuna.Study, trials: list, output_r
     finally:  # an interrupt or an unreachable backend: the batch's other trials end FAIL, not RUNNING
         for trial in trials:
             if trial.number not in told:
-                study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
+                tell_study(study, trial, None, TrialState.FAIL)
+
+
+def tell_study(study: optuna.Study, trial: optuna.Trial, value, state) -> optuna.trial.FrozenTrial:
+    """study.tell, where a GridSampler that has used up its grid may call study.stop(): outside
+    study.optimize that raises, after the trial was stored, and there is nothing left to stop."""
+    try:
+        return study.tell(trial, value, state=state, skip_if_finished=True)
+    except RuntimeError as error:
+        if "Study.stop" not in str(error):
+            raise
+        return study.get_trials(deepcopy=False)[trial.number]
 
 
 class Heartbeats:
