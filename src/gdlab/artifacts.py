@@ -24,11 +24,12 @@ def write_history(directory: Path, history: pd.DataFrame) -> Path:
 
 def write_run_outputs(directory: Path, cfg: DictConfig, overrides: list[str], history: pd.DataFrame,
                       model: MLP, data: Dataset, plots: bool = True) -> list[Path]:  # fmt: skip
-    """Config (passwords already masked by the caller), overrides, history, plots and weights."""
+    """Config (passwords already masked by the caller), overrides, plots and weights, next to the
+    history.csv the caller wrote first (`write_history`)."""
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
     (directory / "overrides.txt").write_text("\n".join(overrides) + "\n")
-    paths = [directory / "config.yaml", directory / "overrides.txt", write_history(directory, history)]
+    paths = [directory / "config.yaml", directory / "overrides.txt", directory / "history.csv"]
     torch.save(model.state_dict(), directory / "weights.pt")
     paths.append(directory / "weights.pt")
     if not plots:

@@ -280,6 +280,7 @@ def run_trial_batch(spec: SweepSpec, study: optuna.Study, trials: list, output_r
     from gdlab.train import fit, fit_population
 
     told: set[int] = set()
+    to_log: list = []  # told since the last log lines
 
     def tell(trial, value=None, state=None, error: Exception | None = None) -> None:
         if error is not None:
@@ -287,8 +288,13 @@ def run_trial_batch(spec: SweepSpec, study: optuna.Study, trials: list, output_r
             state = TrialState.FAIL
         elif state is None and not math.isfinite(value):
             state, value = TrialState.FAIL, None
-        logger(study, tell_study(study, trial, value, state))
+        to_log.append(tell_study(study, trial, value, state))
         told.add(trial.number)
+
+    def log_told() -> None:
+        if to_log:
+            logger.log(study, to_log)
+            to_log.clear()
 
     try:
         prepared = []  # (trial, cfg, overrides) of the trials whose config could be made
@@ -297,6 +303,7 @@ def run_trial_batch(spec: SweepSpec, study: optuna.Study, trials: list, output_r
                 prepared.append((trial, *suggest_trial(spec, trial)))
             except Exception as error:  # e.g. a value the config refuses
                 tell(trial, error=error)
+        log_told()
         for group in group_by_architecture([cfg for _, cfg, _ in prepared]):
             members = [prepared[i] for i in group]
             if members[0][1].optimizer.name not in POPULATION_OPTIMIZERS:
@@ -314,6 +321,7 @@ def run_trial_batch(spec: SweepSpec, study: optuna.Study, trials: list, output_r
                         raise
                     except Exception as error:
                         tell(trial, error=error)
+                    log_told()
                 continue
             run_args = [trial_run_args(spec, trial, cfg, output_root) for trial, cfg, _ in members]
             try:
@@ -329,12 +337,14 @@ def run_trial_batch(spec: SweepSpec, study: optuna.Study, trials: list, output_r
             except Exception as error:
                 for trial, _, _ in members:
                     tell(trial, error=error)
+                log_told()
                 continue
             for (trial, _, _), result in zip(members, results, strict=True):
                 if result.final["pruned"]:
                     tell(trial, state=TrialState.PRUNED)
                 else:
                     tell(trial, record_result(trial, result))
+            log_told()
     finally:  # an interrupt or an unreachable backend: the batch's other trials end FAIL, not RUNNING
         for trial in trials:
             if trial.number not in told:
@@ -387,27 +397,40 @@ class TrialLogger:
         self.stopping = False
 
     def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
-        self.states.append(trial.state)
-        finished = len(study.get_trials(deepcopy=False, states=FINISHED))
-        try:
-            best = f"{study.best_value:.6g} (trial {study.best_trial.number})"
-        except ValueError:
-            best = "none yet"
-        value = "" if trial.value is None else f" value={trial.value:.6g}"
-        reason = trial.user_attrs.get("failure", "")
-        reason = f" reason={reason}" if reason else ""
-        line = (
-            f"trial {finished}/{self.budget} #{trial.number} {trial.state.name}{value} params={trial.params}"
-        )
-        print(f"{line}{reason} best={best}", file=self.out, flush=True)
+        self.log(study, [trial])  # as an Optuna callback: one trial at a time
+
+    def log(self, study: optuna.Study, trials: list[optuna.trial.FrozenTrial]) -> None:
+        """Log finished trials in order; a population's batch with one storage query for all of them."""
+        numbers = {t.number for t in trials}
+        earlier = [t for t in study.get_trials(deepcopy=False, states=FINISHED) if t.number not in numbers]
+        finished, best = len(earlier), None
+        for trial in [*earlier, *trials]:
+            if trial.state == TrialState.COMPLETE and (best is None or self.better(study, trial, best)):
+                best = trial
+            if trial.number not in numbers:
+                continue
+            self.states.append(trial.state)
+            finished += trial.state in FINISHED
+            value = "" if trial.value is None else f" value={trial.value:.6g}"
+            reason = trial.user_attrs.get("failure", "")
+            reason = f" reason={reason}" if reason else ""
+            best_text = "none yet" if best is None else f"{best.value:.6g} (trial {best.number})"
+            print(f"trial {finished}/{self.budget} #{trial.number} {trial.state.name}{value} "
+                  f"params={trial.params}{reason} best={best_text}", file=self.out, flush=True)  # fmt: skip
         if len(self.states) >= 5 and self.failure_rate > self.max_failure_rate:
             print(f"gdlab-sweep: failure rate {self.failure_rate:.0%} is over {self.max_failure_rate:.0%}; "
                   "stopping", file=self.out, flush=True)  # fmt: skip
             self.stopping = True
             with contextlib.suppress(
                 RuntimeError
-            ):  # outside study.optimize (population mode) nothing to stop
+            ):  # outside study.optimize (population mode): nothing to stop
                 study.stop()
+
+    @staticmethod
+    def better(study: optuna.Study, trial, than) -> bool:
+        if study.direction == optuna.study.StudyDirection.MAXIMIZE:
+            return trial.value > than.value
+        return trial.value < than.value
 
     @property
     def failure_rate(self) -> float:
@@ -636,6 +659,9 @@ def run_sweep(args, spec: SweepSpec, study: optuna.Study, storage, storage_url: 
         return 0
     print(f"gdlab-sweep: study {study.study_name!r} in {mask_passwords(storage_url)}: "
           f"{finished}/{budget} finished trials", flush=True)  # fmt: skip
+    import gdlab.population  # noqa: F401  (torch and Lightning load here, not inside the first trial)
+    import gdlab.train  # noqa: F401
+
     parent_run_id = args.parent_run_id
     if parent_run_id:
         os.environ[PARENT_ENV] = parent_run_id

@@ -53,8 +53,10 @@ LOGGED_ON_CHANGE = frozenset({"trial_step", "step", "backtracks", "ls_failures",
 
 
 def masked_config(cfg: DictConfig) -> DictConfig:
-    """A copy of `cfg` with every password in every URL masked: what gdlab saves and logs."""
-    return OmegaConf.create(mask_passwords(OmegaConf.to_yaml(cfg)))
+    """`cfg` with every password in every URL masked (a copy where there was one): what gdlab saves."""
+    text = OmegaConf.to_yaml(cfg)
+    masked = mask_passwords(text)
+    return cfg if masked == text else OmegaConf.create(masked)
 
 
 def mask_saved_hydra_configs(hydra_dir: Path) -> None:

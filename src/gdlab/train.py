@@ -88,9 +88,10 @@ def run(overrides: list[str] | None = None, output_dir: str | Path | None = None
     cfgs = [compose(member_overrides(m)) for m in population]
     output_dirs = [Path(output_dir) / f"member-{i}" for i in range(len(cfgs))] if output_dir else None
     results: list = [None] * len(cfgs)
-    for group in group_by_architecture(cfgs):
+    groups = group_by_architecture(cfgs)
+    for group in groups:  # every population is checked before any trains
         check_population([cfgs[i] for i in group])
-    for group in group_by_architecture(cfgs):
+    for group in groups:
         trained = fit_population(
             [cfgs[i] for i in group],
             [members[i] for i in group],
