@@ -388,7 +388,7 @@ class PopulationModule(GDLabModule):
     def member_view(self, p: int) -> SimpleNamespace:
         """Member p with the attributes train.collect_result reads from a single run's module."""
         return SimpleNamespace(
-            model=self.retired[p] or self.model.member(p).cpu(),
+            model=self.retired[p] if self.retired[p] is not None else self.model.member(p).cpu(),
             history=self.histories[p],
             evals={k: int(v[p]) for k, v in self.member_evals.items()},
             ls_failures=int(self.member_failures[p]),
@@ -401,7 +401,9 @@ def pick(evaluations: list[tuple], index: Tensor, fallback: tuple) -> tuple:
     picked = []
     for k, values in enumerate(zip(*evaluations, strict=True)):
         stacked = torch.stack(values)  # (evaluations, ..., P)
-        chosen = stacked[index.clamp(min=0).to(stacked.device), ..., torch.arange(stacked.shape[-1])]
+        chosen = stacked[
+            index.clamp(min=0).to(stacked.device), ..., torch.arange(stacked.shape[-1], device=stacked.device)
+        ]
         chosen = chosen.movedim(0, -1)  # (..., P)
         picked.append(
             torch.where((index >= 0).to(chosen.device), chosen, fallback[k]) if fallback else chosen
