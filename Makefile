@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.gdlab-installed
 
-.PHONY: install demo test lint format bench clean
+.PHONY: install demo test lint format bench bench-sweeps clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,10 @@ format: install
 
 bench: install
 	$(BIN)/python benchmarks/bench_overhead.py
+
+bench-sweeps: install
+	$(BIN)/python benchmarks/bench_sweeps.py
+	$(BIN)/python benchmarks/bench_sweeps.py --tracking none
 
 clean:
 	rm -rf $(VENV) outputs multirun .pytest_cache
