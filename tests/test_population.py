@@ -165,3 +165,12 @@ def test_the_seeds_grid_sweep_trains_its_ten_seeds_as_one_population(tmp_path: P
     seed_7 = next(t for t in trials if t.params["seed"] == 7)
     alone_7 = run(["+sweep=seeds", "trainer.max_epochs=50", "tracking=none", "seed=7"])
     assert seed_7.value == pytest.approx(alone_7.final["train/loss"], abs=1e-10)
+
+
+def test_minibatch_members_share_the_seed_and_train_as_they_would_alone():
+    overrides = [*BASE, "optimizer=sgd", "optimizer.batch_size=64", "seed=3", "trainer.max_epochs=15"]
+    members = [{"optimizer.lr": 0.05}, {"optimizer.lr": 0.3}]
+    results = run(overrides, population=members)
+    for member, result in zip(members, results, strict=True):
+        assert_same_curves(result.history, alone(overrides, member).history)
+    assert results[0].history["train/loss"].iloc[-1] != results[1].history["train/loss"].iloc[-1]

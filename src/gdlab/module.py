@@ -24,6 +24,22 @@ class EpochState:
         self.test_metrics: tuple = ()
         self.evals_before = dict(evals)
 
+    def add_step(self, start: tuple, rows: int) -> None:
+        """A step's start point, (loss, accuracy, grad norms), measured on `rows` rows."""
+        loss, accuracy, self.grad_norms = start
+        self.losses.append(loss)
+        self.accs.append(accuracy)
+        self.sizes.append(rows)
+
+    def train_metrics(self) -> list:
+        """[loss, accuracy] of the epoch: its one step's, or the mean over mini-batches weighted by size."""
+        if len(self.losses) == 1:
+            return [self.losses[0], self.accs[0]]
+        losses, accs = torch.stack(self.losses), torch.stack(self.accs)
+        weights = torch.tensor(self.sizes, dtype=losses.dtype, device=losses.device)
+        weights = (weights / weights.sum()).reshape(-1, *[1] * (losses.dim() - 1))  # per step (, member)
+        return [(losses * weights).sum(0), (accs * weights).sum(0)]
+
 
 class GDLabModule(pl.LightningModule):
     """Trains `model` with the configured optimizer; keeps one history row per epoch.
@@ -109,11 +125,7 @@ class GDLabModule(pl.LightningModule):
         # the previous step's accepted trial (trial_eval=forward_backward), that trial's evaluation.
         start = self.carried_over if getattr(opt.optimizer, "reused_start", False) else evaluations[0]
         self.carried_over = evaluations[-1] if evaluations else start
-        loss, accuracy, grad_norms = start
-        self.epoch.losses.append(loss)
-        self.epoch.accs.append(accuracy)
-        self.epoch.sizes.append(X.shape[0])
-        self.epoch.grad_norms = grad_norms
+        self.epoch.add_step(start, X.shape[0])
 
     def on_train_epoch_end(self) -> None:
         row = self.epoch_row()
@@ -130,12 +142,7 @@ class GDLabModule(pl.LightningModule):
 
     def epoch_row(self) -> dict:
         e = self.epoch
-        if len(e.losses) == 1:
-            train = [e.losses[0], e.accs[0]]
-        else:  # mini-batches: the epoch's mean, weighted by batch size
-            weights = torch.tensor(e.sizes, dtype=e.losses[0].dtype, device=e.losses[0].device)
-            weights = weights / weights.sum()
-            train = [(torch.stack(e.losses) * weights).sum(), (torch.stack(e.accs) * weights).sum()]
+        train = e.train_metrics()
         # One device-to-host transfer per epoch for every scalar.
         scalars = torch.cat([torch.stack([*train, *e.test_metrics]), e.grad_norms]).tolist()
         n_metrics = 2 + len(e.test_metrics)

@@ -305,11 +305,7 @@ class PopulationModule(GDLabModule):
         start = pick(evaluations, record["start_eval"], self.carried_over)
         if evaluations and (record["end_eval"] >= 0).any():  # reuse: the accepted trials start the next step
             self.carried_over = pick(evaluations, record["end_eval"], start)
-        loss, accuracy, grad_norms = start
-        self.epoch.losses.append(loss)
-        self.epoch.accs.append(accuracy)
-        self.epoch.sizes.append(X.shape[0])
-        self.epoch.grad_norms = grad_norms
+        self.epoch.add_step(start, X.shape[0])
 
     def on_train_epoch_end(self) -> None:
         for p, row in self.epoch_rows().items():
@@ -341,12 +337,7 @@ class PopulationModule(GDLabModule):
     def epoch_rows(self) -> dict[int, dict]:
         """This epoch's history row for every active member (the columns of a single run's rows)."""
         e, record = self.epoch, self.optimizers().optimizer.last_step
-        if len(e.losses) == 1:
-            train = [e.losses[0], e.accs[0]]
-        else:  # mini-batches: the epoch's mean, weighted by batch size
-            weights = torch.tensor(e.sizes, dtype=e.losses[0].dtype, device=e.losses[0].device)
-            weights = (weights / weights.sum()).unsqueeze(1)
-            train = [(torch.stack(e.losses) * weights).sum(0), (torch.stack(e.accs) * weights).sum(0)]
+        train = e.train_metrics()
         self.member_failures += record["failed"]
         per_step = [record[k] for k in ("loss_after", "trial_step", "step", "backtracks", "failed")]
         counts = [self.member_failures, self.epoch_evals["fwd"], self.epoch_evals["fwdbwd"],
