@@ -174,3 +174,48 @@ def test_minibatch_members_share_the_seed_and_train_as_they_would_alone():
     for member, result in zip(members, results, strict=True):
         assert_same_curves(result.history, alone(overrides, member).history)
     assert results[0].history["train/loss"].iloc[-1] != results[1].history["train/loss"].iloc[-1]
+
+
+MIXED_SWEEP = """# @package _global_
+defaults:
+  - override /dataset: moons
+  - override /hydra/sweeper: optuna
+  - override /hydra/sweeper/sampler: grid
+trainer:
+  max_epochs: 12
+objective: train/loss
+tracking:
+  backend: none
+hydra:
+  sweeper:
+    study_name: mixed
+    storage: sqlite:///mlruns/optuna.db
+    direction: minimize
+    n_trials: 4
+    params:
+      optimizer: choice(gd, adam)
+      optimizer.lr: choice(0.1, 1e200)
+gdlab_sweep:
+  population: 4
+  max_failure_rate: 1.0
+"""
+
+
+@pytest.mark.slow
+def test_a_population_batch_runs_adam_alone_and_fails_only_the_diverging_trials(tmp_path: Path):
+    (tmp_path / "conf" / "sweep").mkdir(parents=True)
+    (tmp_path / "conf" / "sweep" / "mixed.yaml").write_text(MIXED_SWEEP)
+    bin_dir = Path(sys.executable).parent
+    done = subprocess.run([str(bin_dir / "gdlab-sweep"), "mixed", "--config-dir", str(tmp_path / "conf")],
+                          capture_output=True, text=True, cwd=tmp_path, timeout=600)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    study = optuna.load_study(study_name="mixed", storage=f"sqlite:///{tmp_path / 'mlruns' / 'optuna.db'}")
+    states = {(t.params["optimizer"], t.params["optimizer.lr"]): t for t in study.get_trials(deepcopy=False)}
+    assert sorted(states) == [("adam", 0.1), ("adam", 1e200), ("gd", 0.1), ("gd", 1e200)]
+    for optimizer in ("gd", "adam"):
+        assert states[(optimizer, 0.1)].state == TrialState.COMPLETE
+        assert states[(optimizer, 1e200)].state == TrialState.FAIL
+        assert "NaN/inf" in states[(optimizer, 1e200)].user_attrs["failure"]
+        single = run(["dataset=moons", "trainer.max_epochs=12", "tracking=none", "objective=train/loss",
+                      f"optimizer={optimizer}", "optimizer.lr=0.1"])  # fmt: skip
+        assert states[(optimizer, 0.1)].value == pytest.approx(single.final["train/loss"], abs=1e-10)

@@ -276,11 +276,10 @@ def run_population_batches(spec: SweepSpec, study: optuna.Study, storage, args, 
 
 def run_trial_batch(spec: SweepSpec, study: optuna.Study, trials: list, output_root: Path,
                     logger: TrialLogger) -> None:  # fmt: skip
+    """Make each trial's config, train the batch population by population, tell every trial."""
     from gdlab.population import POPULATION_OPTIMIZERS, group_by_architecture
-    from gdlab.train import fit, fit_population
 
-    told: set[int] = set()
-    to_log: list = []  # told since the last log lines
+    told: list = []
 
     def tell(trial, value=None, state=None, error: Exception | None = None) -> None:
         if error is not None:
@@ -288,13 +287,7 @@ def run_trial_batch(spec: SweepSpec, study: optuna.Study, trials: list, output_r
             state = TrialState.FAIL
         elif state is None and not math.isfinite(value):
             state, value = TrialState.FAIL, None
-        to_log.append(tell_study(study, trial, value, state))
-        told.add(trial.number)
-
-    def log_told() -> None:
-        if to_log:
-            logger.log(study, to_log)
-            to_log.clear()
+        told.append(tell_study(study, trial, value, state))
 
     try:
         prepared = []  # (trial, cfg, overrides) of the trials whose config could be made
@@ -303,52 +296,57 @@ def run_trial_batch(spec: SweepSpec, study: optuna.Study, trials: list, output_r
                 prepared.append((trial, *suggest_trial(spec, trial)))
             except Exception as error:  # e.g. a value the config refuses
                 tell(trial, error=error)
-        log_told()
         for group in group_by_architecture([cfg for _, cfg, _ in prepared]):
             members = [prepared[i] for i in group]
-            if members[0][1].optimizer.name not in POPULATION_OPTIMIZERS:
-                for trial, cfg, overrides in members:
-                    try:
-                        tell(
-                            trial,
-                            record_result(
-                                trial, fit(cfg, overrides, **trial_run_args(spec, trial, cfg, output_root))
-                            ),
-                        )
-                    except optuna.TrialPruned:
-                        tell(trial, state=TrialState.PRUNED)
-                    except TrackingUnavailable:
-                        raise
-                    except Exception as error:
-                        tell(trial, error=error)
-                    log_told()
-                continue
-            run_args = [trial_run_args(spec, trial, cfg, output_root) for trial, cfg, _ in members]
-            try:
-                results = fit_population(
-                    [cfg for _, cfg, _ in members],
-                    [overrides for _, _, overrides in members],
-                    output_dirs=[a["output_dir"] for a in run_args],
-                    epoch_callbacks=[a["epoch_callbacks"] for a in run_args],
-                    tags=[{**a["tags"], "gdlab.population": len(members)} for a in run_args],
-                )
-            except TrackingUnavailable:
-                raise
-            except Exception as error:
-                for trial, _, _ in members:
-                    tell(trial, error=error)
-                log_told()
-                continue
-            for (trial, _, _), result in zip(members, results, strict=True):
-                if result.final["pruned"]:
-                    tell(trial, state=TrialState.PRUNED)
-                else:
-                    tell(trial, record_result(trial, result))
-            log_told()
+            if members[0][1].optimizer.name in POPULATION_OPTIMIZERS:
+                outcomes = train_together(spec, members, output_root)
+            else:
+                outcomes = [train_alone(spec, *member, output_root) for member in members]
+            for (trial, _, _), (value, state, error) in zip(members, outcomes, strict=True):
+                tell(trial, value, state, error)
+            logger.log(study, told[-len(members) :])
     finally:  # an interrupt or an unreachable backend: the batch's other trials end FAIL, not RUNNING
+        done = {t.number for t in told}
         for trial in trials:
-            if trial.number not in told:
+            if trial.number not in done:
                 tell_study(study, trial, None, TrialState.FAIL)
+
+
+def train_together(spec: SweepSpec, members: list, output_root: Path) -> list[tuple]:
+    """(value, state, error) of each (trial, cfg, overrides) of one population, trained as one model."""
+    from gdlab.train import fit_population
+
+    run_args = [trial_run_args(spec, trial, cfg, output_root) for trial, cfg, _ in members]
+    try:
+        results = fit_population(
+            [cfg for _, cfg, _ in members],
+            [overrides for _, _, overrides in members],
+            output_dirs=[a["output_dir"] for a in run_args],
+            epoch_callbacks=[a["epoch_callbacks"] for a in run_args],
+            tags=[{**a["tags"], "gdlab.population": len(members)} for a in run_args],
+        )
+    except TrackingUnavailable:
+        raise
+    except Exception as error:  # fails this population's trials only
+        return [(None, None, error)] * len(members)
+    pruned = (None, TrialState.PRUNED, None)
+    return [pruned if result.final["pruned"] else (record_result(trial, result), None, None)
+            for (trial, _, _), result in zip(members, results, strict=True)]  # fmt: skip
+
+
+def train_alone(spec: SweepSpec, trial, cfg: DictConfig, overrides: list[str], output_root: Path) -> tuple:
+    """(value, state, error) of a trial whose optimizer has no population form (adam, lbfgs)."""
+    from gdlab.train import fit
+
+    try:
+        result = fit(cfg, overrides, **trial_run_args(spec, trial, cfg, output_root))
+    except optuna.TrialPruned:
+        return None, TrialState.PRUNED, None
+    except TrackingUnavailable:
+        raise
+    except Exception as error:
+        return None, None, error
+    return record_result(trial, result), None, None
 
 
 def tell_study(study: optuna.Study, trial: optuna.Trial, value, state) -> optuna.trial.FrozenTrial:
@@ -420,10 +418,8 @@ class TrialLogger:
         if len(self.states) >= 5 and self.failure_rate > self.max_failure_rate:
             print(f"gdlab-sweep: failure rate {self.failure_rate:.0%} is over {self.max_failure_rate:.0%}; "
                   "stopping", file=self.out, flush=True)  # fmt: skip
-            self.stopping = True
-            with contextlib.suppress(
-                RuntimeError
-            ):  # outside study.optimize (population mode): nothing to stop
+            self.stopping = True  # population mode checks this; study.optimize needs study.stop()
+            with contextlib.suppress(RuntimeError):  # raised outside study.optimize
                 study.stop()
 
     @staticmethod
