@@ -219,3 +219,19 @@ def test_a_population_batch_runs_adam_alone_and_fails_only_the_diverging_trials(
         single = run(["dataset=moons", "trainer.max_epochs=12", "tracking=none", "objective=train/loss",
                       f"optimizer={optimizer}", "optimizer.lr=0.1"])  # fmt: skip
         assert states[(optimizer, 0.1)].value == pytest.approx(single.final["train/loss"], abs=1e-10)
+
+
+@pytest.mark.parametrize(
+    "failure",
+    [["optimizer.on_failure=revert"],
+     ["optimizer.on_failure=tiny_step", "optimizer.tiny_step=0.01", "optimizer.trial_eval=forward_backward",
+      "optimizer.reset=grow"]],
+)  # fmt: skip
+def test_failed_line_searches_revert_or_tiny_step_per_member_as_alone(failure):
+    overrides = [*BASE, "optimizer=backtracking", "optimizer.lr=20", "optimizer.lr_max=50",
+                 "optimizer.max_backtracks=2", *failure]  # fmt: skip
+    members = [{"seed": 1, "optimizer.c": 0.1}, {"seed": 2, "optimizer.c": 0.5}]
+    results = run(overrides, population=members)
+    for member, result in zip(members, results, strict=True):
+        assert result.history["ls_failures"].iloc[-1] > 0  # the failure path really ran
+        assert_same_curves(result.history, alone(overrides, member).history)
