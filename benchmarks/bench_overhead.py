@@ -19,9 +19,10 @@ import numpy as np
 import torch
 
 import gdlab
+from gdlab.compose import compose_config
 from gdlab.config import validate
+from gdlab.fit import build
 from gdlab.model import compute_loss
-from gdlab.train import build, compose_config
 
 WORKLOADS = {
     "xor": ["dataset=xor", "dataset.repeats=500", "model.depth=2", "model.width=8", "model.head=softmax",

@@ -5,41 +5,69 @@ import math
 import pytest
 import torch
 
-from gdlab.optimizers import Backtracking, armijo_condition
+from gdlab.optimizers import Backtracking, Evaluation, armijo_condition, member_tensor
 
 A = torch.tensor([1.0, 10.0, 100.0], dtype=torch.float64)  # f(w) = 1/2 sum A w^2, L = 100
+DEFAULTS = dict(lr=1.0, c=1e-4, beta=0.5, growth=2.0, lr_max=10.0, lr_min=1e-10, max_backtracks=50,
+                tiny_step=1e-6)  # fmt: skip
 
 
 def quadratic_closure(w, f=None):
-    f = f or (lambda w: 0.5 * (A * w * w).sum())
+    """The closure convention on one member (w has shape (1, 3)): an Evaluation of f, with grad or not."""
+    f = f or (lambda w: 0.5 * (A * w * w).sum(dim=-1))
 
     def closure():
         if torch.is_grad_enabled():
             w.grad = None
             loss = f(w)
-            loss.backward()
-            return loss
-        return f(w)
+            loss.sum().backward()
+            return Evaluation(loss.detach())
+        return Evaluation(f(w))
 
     return closure
 
 
+class Single:
+    """One member's Backtracking with a scalar view of its step record, as the labs would read it."""
+
+    def __init__(self, w, **kwargs):
+        numbers = {k: member_tensor([kwargs.pop(k, v)]) for k, v in DEFAULTS.items()}
+        self.opt = Backtracking([w], **numbers, **kwargs)
+        self.last_step: dict = {}
+
+    def step(self, closure) -> float:
+        record = self.opt.step(closure)
+        self.last_step = dict(trial_step=float(record.trial_step[0]), step=float(record.step[0]),
+                              backtracks=int(record.backtracks[0]), loss_after=float(record.loss_after[0]),
+                              failed=bool(record.failed[0]))  # fmt: skip
+        return float(record.start.loss[0])
+
+    @property
+    def last_accepted(self) -> float:
+        return float(self.opt.last_accepted[0])
+
+
 def make(lr=1.0, **kwargs):
-    w = torch.tensor([1.0, 1.0, 1.0], dtype=torch.float64, requires_grad=True)
-    return w, Backtracking([w], lr=lr, **kwargs)
+    w = torch.tensor([[1.0, 1.0, 1.0]], dtype=torch.float64, requires_grad=True)
+    return w, Single(w, lr=lr, **kwargs)
+
+
+def check(f_trial, f0, step, grad_sq, c) -> bool:
+    as_tensor = lambda x: torch.tensor([float(x)], dtype=torch.float64)  # noqa: E731
+    return bool(armijo_condition(*map(as_tensor, (f_trial, f0, step, grad_sq, c)))[0])
 
 
 def test_accepted_step_satisfies_armijo_and_loss_decreases_every_step():
     w, opt = make(lr=1.0, c=1e-4, beta=0.5)
     closure = quadratic_closure(w)
-    f_start = previous = closure().item()
+    f_start = previous = closure().loss.item()
     for _ in range(50):
-        g = A * w.detach()
+        g = (A * w.detach())[0]
         f0 = opt.step(closure)
         rec = opt.last_step
         assert f0 == pytest.approx(previous, abs=1e-15)
         assert not rec["failed"]
-        assert armijo_condition(rec["loss_after"], f0, rec["step"], float(g @ g), 1e-4)
+        assert check(rec["loss_after"], f0, rec["step"], float((g * g).sum()), 1e-4)
         assert rec["loss_after"] < f0
         previous = rec["loss_after"]
     assert previous < 0.1 * f_start
@@ -56,13 +84,13 @@ def test_too_large_trial_step_shrinks_to_the_first_armijo_point():
     expected, k = 1.0, 0
     while True:
         f_trial = float(0.5 * (A * (w0 - expected * g) ** 2).sum())
-        if armijo_condition(f_trial, f0, expected, float(g @ g), 1e-4):
+        if check(f_trial, f0, expected, float((g * g).sum()), 1e-4):
             break
         expected, k = expected * 0.5, k + 1
     assert rec["step"] == expected and rec["backtracks"] == k and k > 0
     assert rec["trial_step"] == 1.0
     torch.testing.assert_close(w.detach(), w0 - expected * g, rtol=0, atol=0)
-    assert armijo_condition(rec["loss_after"], f0, rec["step"], float(g @ g), 1e-4)
+    assert check(rec["loss_after"], f0, rec["step"], float((g * g).sum()), 1e-4)
 
 
 def test_reset_rules_pick_the_first_trial_step():
@@ -102,7 +130,7 @@ def test_tiny_step_fallback_moves_by_the_tiny_step():
 
 def test_non_finite_trial_loss_is_a_failed_test_not_an_acceptance():
     def f(w):  # NaN once the step overshoots past |w| > 2: a NaN must never pass Armijo
-        value = 0.5 * (A * w * w).sum()
+        value = 0.5 * (A * w * w).sum(dim=-1)
         return value if float(w.detach().abs().max()) < 2 else value * math.nan
 
     w, opt = make(lr=1.0, beta=0.5)
@@ -115,9 +143,9 @@ def test_non_finite_trial_loss_is_a_failed_test_not_an_acceptance():
 
 @pytest.mark.parametrize("value", [math.nan, math.inf])
 def test_armijo_condition_rejects_non_finite(value):
-    assert not armijo_condition(value, 1.0, 0.1, 1.0, 1e-4)
-    assert armijo_condition(0.5, 1.0, 0.1, 1.0, 1e-4)
-    assert not armijo_condition(0.99999, 1.0, 1.0, 1.0, 0.1)
+    assert not check(value, 1.0, 0.1, 1.0, 1e-4)
+    assert check(0.5, 1.0, 0.1, 1.0, 1e-4)
+    assert not check(0.99999, 1.0, 1.0, 1.0, 0.1)
 
 
 def test_forward_backward_trials_reuse_the_accepted_gradient_and_take_the_same_path():

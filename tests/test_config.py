@@ -3,8 +3,8 @@
 import pytest
 
 import gdlab
+from gdlab.compose import compose_config
 from gdlab.config import ConfigError, validate
-from gdlab.train import compose_config
 
 
 def run(overrides):

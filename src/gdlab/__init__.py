@@ -1,6 +1,7 @@
 """gdlab: gradient descent, backpropagation and backtracking line search on small deep networks."""
 
-__version__ = "0.1.0"
+from gdlab.version import __version__
+
 __all__ = ["ConfigError", "RunResult", "run", "__version__"]
 
 

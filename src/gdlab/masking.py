@@ -1,6 +1,17 @@
-"""Mask passwords in URLs before anything is logged, tagged or saved."""
+"""Mask passwords in URLs before anything is logged, tagged or saved.
+
+Light on purpose (the standard library; OmegaConf only inside `masked_config`): the metric writer
+process imports it.
+"""
+
+from __future__ import annotations
 
 import re
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from omegaconf import DictConfig
 
 # scheme://user:password@host, also as Hydra prints overrides (scheme\://user\:password@host).
 _PASSWORD_IN_URL = re.compile(
@@ -11,6 +22,26 @@ _PASSWORD_IN_URL = re.compile(
 def mask_passwords(text: str) -> str:
     """'postgresql://user:secret@host/db' -> 'postgresql://user:***@host/db', anywhere in `text`."""
     return _PASSWORD_IN_URL.sub(r"\g<prefix>***", text)
+
+
+def masked_config(cfg: DictConfig) -> DictConfig:
+    """`cfg` with every password in every URL masked (a copy where there was one): what gdlab saves."""
+    from omegaconf import OmegaConf
+
+    text = OmegaConf.to_yaml(cfg)
+    masked = mask_passwords(text)
+    return cfg if masked == text else OmegaConf.create(masked)
+
+
+def mask_saved_hydra_configs(hydra_dir: Path) -> None:
+    """Hydra saves the composed config before gdlab runs: mask the passwords it wrote there."""
+    if not Path(hydra_dir).is_dir():
+        return
+    for path in Path(hydra_dir).glob("*.yaml"):
+        text = path.read_text()
+        masked = mask_passwords(text)
+        if masked != text:
+            path.write_text(masked)
 
 
 def install_log_masking() -> None:

@@ -5,7 +5,7 @@ Weights are stored as the labs write them: ``W[l]`` has shape (fan_in, fan_out),
 ``dA_prev = dZ @ W.T``.
 
 Every function here reduces over the last two axes (rows, outputs) only, so the same code trains a
-population (gdlab.population): weights with a leading member axis, W (P, fan_in, fan_out), b (P, 1, fan_out),
+population (`MLP.stack`): weights with a leading member axis, W (P, fan_in, fan_out), b (P, 1, fan_out),
 and one loss per member.
 """
 
@@ -89,21 +89,13 @@ class MLP(nn.Module):
             self.layers.append((W, b))
         self.n_layers = len(self.layers)
 
-    @property
-    def W(self) -> list[nn.Parameter]:
-        return [W for W, _ in self.layers]
-
-    @property
-    def b(self) -> list[nn.Parameter]:
-        return [b for _, b in self.layers]
-
     def forward(self, X: Tensor, cache: list | None = None) -> Tensor:
         """Logits of the last layer. With `cache`, keeps (A_prev, Z, A) per layer for `backward`."""
         g, _ = ACTIVATIONS[self.activation]
         last = self.n_layers - 1
         A = X
         for l, (W, b) in enumerate(self.layers):
-            Z = A @ W + b
+            Z = affine(A, W, b)
             A_next = g(Z) if l < last else Z
             if cache is not None:
                 cache.append((A, Z, A_next))
@@ -143,8 +135,33 @@ class MLP(nn.Module):
         return ManualBackprop.apply(self, X, T, *self.parameters())
 
     def grad_norms(self) -> Tensor:
-        """[|dW1|, |db1|, |dW2|, ...] from the current .grad, in one call."""
-        return torch.stack(torch._foreach_norm([p.grad for layer in self.layers for p in layer]))
+        """[|dW1|, |db1|, |dW2|, ...] per member from the current .grad: (2 * layers, P)."""
+        grads = [p.grad for layer in self.layers for p in layer]
+        if grads[0].shape[0] == 1:  # one member: a single fused call
+            return torch.stack(torch._foreach_norm(grads)).unsqueeze(1)
+        return torch.stack([g.flatten(1).norm(dim=1) for g in grads])
+
+    @classmethod
+    def stack(cls, members: list[MLP]) -> MLP:
+        """P members' MLPs as one model: W (P, fan_in, fan_out), b (P, 1, fan_out)."""
+        first = members[0]
+        model = cls(first.sizes, first.activation, first.head, first.loss_name, population=len(members))
+        model.to(first.layers[0][0].dtype)
+        with torch.no_grad():
+            for l, (W, b) in enumerate(model.layers):
+                W.copy_(torch.stack([m.layers[l][0] for m in members]))
+                b.copy_(torch.stack([m.layers[l][1] for m in members]).unsqueeze(1))
+        return model
+
+    def member(self, p: int) -> MLP:
+        """Member p of a stacked model as a standalone MLP (a copy of its weights, on the CPU)."""
+        W_all = self.layers[0][0]
+        model = MLP(self.sizes, self.activation, self.head, self.loss_name).to(W_all.dtype)
+        with torch.no_grad():
+            for (W, b), (W_p, b_p) in zip(model.layers, self.layers, strict=True):
+                W.copy_(W_p[p])
+                b.copy_(b_p[p, 0])
+        return model
 
 
 class ManualBackprop(torch.autograd.Function):
@@ -163,6 +180,16 @@ class ManualBackprop(torch.autograd.Function):
         grads = ctx.model.backward(ctx.cache, ctx.T)
         # parameters() yields W1, b1, W2, b2, ... (registration order); a population has one dloss per member.
         return (None, None, None, *(d * per_member(dloss, d) for layer in grads for d in layer))
+
+
+def affine(A: Tensor, W: Tensor, b: Tensor) -> Tensor:
+    """Z = A @ W + b as one fused call: addmm for one network, baddbmm per member for a stack
+    (the stack's rows are shared: X (N, fan_in) is viewed as (P, N, fan_in) without a copy)."""
+    if W.dim() == 2:
+        return torch.addmm(b, A, W)
+    if A.dim() == 2:
+        A = A.expand(W.shape[0], *A.shape)
+    return torch.baddbmm(b, A, W)
 
 
 def per_member(values: Tensor, like: Tensor) -> Tensor:

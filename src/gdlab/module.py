@@ -1,72 +1,118 @@
-"""The LightningModule: manual optimization, one closure for every optimizer and gradient mode."""
+"""The one LightningModule: manual optimization of P members stacked in one model (a single run is P = 1).
+
+The module receives built things: the stacked model, an optimizer factory, the test split and each
+member's stop numbers. It keeps one history row per member and epoch, measured at the weights the
+epoch starts from (the step record's start evaluation; test loss/acc from a forward pass), and
+retires a member that diverges, reaches its stop condition, or whose epoch callback raises
+`gdlab.members.Retire`: its weights and history are kept, its slot is zeroed and no longer moves, and
+the others go on. Training ends when every member has retired or at max_epochs.
+"""
 
 from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 
 import pytorch_lightning as pl
 import torch
+from torch import Tensor
 
 from gdlab.data import Split
+from gdlab.members import Retire
 from gdlab.model import MLP
-from gdlab.optimizers import build_optimizer, step_info
+from gdlab.optimizers import Evaluation, MemberOptimizer, StepRecord
 
 _PLAIN_TYPES = (str, bool, int, float, type(None), tuple)
+EpochCallback = Callable[[dict], None]
+
+
+@dataclass
+class Stops:
+    """Per member: stop once the train loss is below `loss`, or once `evals` evaluations were spent."""
+
+    loss: Sequence[float]
+    evals: Sequence[float]
+
+
+@dataclass
+class RunOutcome:
+    """What the loop hands back for one member."""
+
+    model: MLP  # standalone, on the CPU
+    history: list[dict] = field(repr=False)  # one row per epoch
+    evals_fwd: int
+    evals_fwdbwd: int
+    ls_failures: int
+    diverged_at: int | None  # the epoch whose loss was NaN/inf
+    pruned: str | None  # why an epoch callback retired it
 
 
 class EpochState:
-    """What one epoch accumulates: kept off the nn.Module, whose __setattr__ is slow on a hot path."""
+    """What one epoch accumulates, over its steps (one for full batch): kept off the nn.Module, whose
+    __setattr__ is slow on a hot path."""
 
-    def __init__(self, evals: dict):
-        self.losses, self.accs, self.sizes = [], [], []
-        self.grad_norms = None
+    def __init__(self):
+        self.records: list[StepRecord] = []
+        self.sizes: list[int] = []
         self.test_metrics: tuple = ()
-        self.evals_before = dict(evals)
 
-    def add_step(self, start: tuple, rows: int) -> None:
-        """A step's start point, (loss, accuracy, grad norms), measured on `rows` rows."""
-        loss, accuracy, self.grad_norms = start
-        self.losses.append(loss)
-        self.accs.append(accuracy)
+    def add_step(self, record: StepRecord, rows: int) -> None:
+        self.records.append(record)
         self.sizes.append(rows)
 
-    def train_metrics(self) -> list:
-        """[loss, accuracy] of the epoch: its one step's, or the mean over mini-batches weighted by size."""
-        if len(self.losses) == 1:
-            return [self.losses[0], self.accs[0]]
-        losses, accs = torch.stack(self.losses), torch.stack(self.accs)
+    def step_numbers(self) -> list[list[float]]:
+        """Per member, from the epoch's last step: loss_after, trial_step, step, backtracks, failed; and
+        summed over its steps: evals_fwd, evals_fwdbwd. One list per number, one entry per member."""
+        last = self.records[-1]
+        fwd, fwdbwd = last.evals_fwd, last.evals_fwdbwd
+        if len(self.records) > 1:
+            fwd = torch.stack([r.evals_fwd for r in self.records]).sum(0)
+            fwdbwd = torch.stack([r.evals_fwdbwd for r in self.records]).sum(0)
+        numbers = [
+            last.loss_after,
+            last.trial_step,
+            last.step,
+            last.backtracks,
+            last.failed.double(),
+            fwd,
+            fwdbwd,
+        ]
+        return torch.stack(numbers).tolist()
+
+    def train_metrics(self) -> list[Tensor]:
+        """[loss, accuracy] per member: the one step's, or the mean over mini-batches weighted by size."""
+        if len(self.records) == 1:
+            start = self.records[0].start
+            return [start.loss, start.accuracy]
+        losses = torch.stack([r.start.loss for r in self.records])
+        accs = torch.stack([r.start.accuracy for r in self.records])
         weights = torch.tensor(self.sizes, dtype=losses.dtype, device=losses.device)
-        weights = (weights / weights.sum()).reshape(-1, *[1] * (losses.dim() - 1))  # per step (, member)
+        weights = (weights / weights.sum()).unsqueeze(1)  # (steps, 1) against (steps, P)
         return [(losses * weights).sum(0), (accs * weights).sum(0)]
 
 
-class GDLabModule(pl.LightningModule):
-    """Trains `model` with the configured optimizer; keeps one history row per epoch.
-
-    Every row is measured at the weights the epoch starts from (train loss/acc from the
-    optimizer's first evaluation, test loss/acc from a forward pass on the test split),
-    plus the optimizer's step record for that epoch.
-    """
-
-    def __init__(self, model: MLP, optimizer_cfg, backprop: str, test: Split | None = None,
-                 stop_loss: float | None = None, max_evals: int | None = None):  # fmt: skip
+class TrainingModule(pl.LightningModule):
+    def __init__(self, model: MLP, make_optimizer: Callable[[list], MemberOptimizer], backprop: str,
+                 test: Split | None, stops: Stops, epoch_callbacks: list[list[EpochCallback]]):  # fmt: skip
         super().__init__()
         self.automatic_optimization = False
         self.model = model
-        self.optimizer_cfg = optimizer_cfg
-        self.backprop = backprop
+        self.make_optimizer = make_optimizer
+        self.manual = backprop == "manual"
         self.test_split = test
-        self.stop_loss = stop_loss
-        self.max_evals = max_evals
-        self.history: list[dict] = []
-        self.evals = {"fwd": 0, "fwdbwd": 0}
-        self.ls_failures = 0
-        self.diverged_at: int | None = None
-        self.epoch_callbacks: list = []  # each called with every finished history row
+        self.stops = stops
+        self.epoch_callbacks = epoch_callbacks
+        n = len(epoch_callbacks)
+        self.histories: list[list[dict]] = [[] for _ in range(n)]
+        self.evals_fwd, self.evals_fwdbwd, self.ls_failures = [0] * n, [0] * n, [0] * n
+        self.diverged: list[int | None] = [None] * n
+        self.pruned: list[str | None] = [None] * n
+        self.retired: list[MLP | None] = [None] * n
+        self.alive = list(range(n))
         self.test_on_device: tuple = ()
-        self.epoch = EpochState(self.evals)
-        self.carried_over: tuple = ()  # the last forward+backward evaluation of the previous step
+        self.epoch = EpochState()
         self.started = 0.0
 
     def __setattr__(self, name, value):
@@ -80,24 +126,15 @@ class GDLabModule(pl.LightningModule):
             super().__setattr__(name, value)
 
     def configure_optimizers(self):
-        return build_optimizer(self.optimizer_cfg, self.model.parameters())
+        return self.make_optimizer(list(self.model.parameters()))
 
     def on_fit_start(self) -> None:
         if self.test_split is not None:
-            self.test_on_device = (
-                self.test_split.X.to(self.device),
-                self.test_split.T.to(self.device),
-            )
+            self.test_on_device = (self.test_split.X.to(self.device), self.test_split.T.to(self.device))
         self.started = time.perf_counter()
 
-    def loss_and_logits(self, X, T):
-        if self.backprop == "manual":
-            return self.model.manual_loss(X, T)
-        Z = self.model(X)
-        return self.model.loss(Z, T), Z
-
     def on_train_epoch_start(self) -> None:
-        self.epoch.__init__(self.evals)
+        self.epoch.__init__()
         if self.test_on_device:
             X, T = self.test_on_device
             with torch.no_grad():
@@ -107,67 +144,92 @@ class GDLabModule(pl.LightningModule):
     def training_step(self, batch, batch_idx):
         X, T = batch
         opt = self.optimizers()
-        evaluations = []  # (loss, accuracy, grad norms) of this step's forward+backward evaluations
+        model = self.model
 
-        def closure():
+        def closure() -> Evaluation:
             if not torch.is_grad_enabled():  # a line-search trial: forward only
-                self.evals["fwd"] += 1
-                return self.model.loss(self.model(X), T)
+                return Evaluation(model.loss(model(X), T))
             opt.zero_grad()
-            loss, Z = self.loss_and_logits(X, T)
-            self.manual_backward(loss)
-            self.evals["fwdbwd"] += 1
-            evaluations.append((loss.detach(), self.model.accuracy(Z.detach(), T), self.model.grad_norms()))
-            return loss
+            if self.manual:
+                losses, Z = model.manual_loss(X, T)
+            else:
+                Z = model(X)
+                losses = model.loss(Z, T)
+            self.manual_backward(losses.sum())  # each member's gradient is that of its own loss
+            return Evaluation(losses.detach(), model.accuracy(Z.detach(), T), model.grad_norms())
 
-        opt.step(closure=closure)
-        # The row reports the step's start point w: its first evaluation, or, when a line search reused
-        # the previous step's accepted trial (trial_eval=forward_backward), that trial's evaluation.
-        start = self.carried_over if getattr(opt.optimizer, "reused_start", False) else evaluations[0]
-        self.carried_over = evaluations[-1] if evaluations else start
-        self.epoch.add_step(start, X.shape[0])
+        self.epoch.add_step(opt.step(closure=closure), X.shape[0])
 
     def on_train_epoch_end(self) -> None:
-        row = self.epoch_row()
-        self.history.append(row)
-        for callback in self.epoch_callbacks:
-            callback(row)
-        if not math.isfinite(row["train/loss"]):
-            self.diverged_at = row["epoch"]
-            self.trainer.should_stop = True
-        elif (self.stop_loss is not None and row["train/loss"] < self.stop_loss) or (
-            self.max_evals is not None and row["evals/total"] >= self.max_evals
-        ):
+        for p, row in self.epoch_rows():
+            self.histories[p].append(row)
+            try:
+                for callback in self.epoch_callbacks[p]:
+                    callback(row)
+            except Retire as signal:
+                self.pruned[p] = str(signal) or "retired by an epoch callback"
+                self.retire(p)
+                continue
+            if not math.isfinite(row["train/loss"]):
+                self.diverged[p] = row["epoch"]
+                self.retire(p)
+            elif row["train/loss"] < self.stops.loss[p] or row["evals/total"] >= self.stops.evals[p]:
+                self.retire(p)
+        if not self.alive:
             self.trainer.should_stop = True
 
-    def epoch_row(self) -> dict:
+    @torch.no_grad()
+    def retire(self, p: int) -> None:
+        """Keep member p as it is now and stop moving it; zeros keep a diverged member's arithmetic finite."""
+        self.retired[p] = self.model.member(p)
+        self.alive.remove(p)
+        self.optimizers().optimizer.retire(p)
+        for W, b in self.model.layers:
+            W[p].zero_()
+            b[p].zero_()
+
+    def epoch_rows(self) -> list[tuple[int, dict]]:
+        """(member, history row) for every member still training, from one device-to-host transfer."""
         e = self.epoch
-        train = e.train_metrics()
-        # One device-to-host transfer per epoch for every scalar.
-        scalars = torch.cat([torch.stack([*train, *e.test_metrics]), e.grad_norms]).tolist()
+        measured = [*e.train_metrics(), *e.test_metrics, e.records[-1].start.grad_norms]
+        measured = torch.cat([torch.stack(measured[:-1]), measured[-1]]).tolist()
         n_metrics = 2 + len(e.test_metrics)
-        norms = scalars[n_metrics:]
-        row = {"epoch": self.current_epoch, "train/loss": scalars[0], "train/acc": scalars[1]}
-        if e.test_metrics:
-            row["test/loss"], row["test/acc"] = scalars[2], scalars[3]
-        row["grad_norm"] = math.sqrt(sum(n * n for n in norms))
-        for l in range(len(norms) // 2):
-            row[f"grad_norm/layer{l + 1}"] = math.hypot(norms[2 * l], norms[2 * l + 1])
-        info = step_info(self.optimizers().optimizer)
-        self.ls_failures += int(info["failed"])
-        row.update(
-            loss_before=scalars[0],
-            loss_after=info["loss_after"],
-            trial_step=info["trial_step"],
-            step=info["step"],
-            backtracks=info["backtracks"],
-            ls_failed=int(info["failed"]),
-            ls_failures=self.ls_failures,
-            **{
-                "evals/fwd": self.evals["fwd"] - e.evals_before["fwd"],
-                "evals/fwdbwd": self.evals["fwdbwd"] - e.evals_before["fwdbwd"],
-                "evals/total": self.evals["fwd"] + self.evals["fwdbwd"],
-                "time": time.perf_counter() - self.started,
-            },
+        metrics, norms = measured[:n_metrics], measured[n_metrics:]
+        loss_after, trial_step, step, backtracks, failed, fwd, fwdbwd = e.step_numbers()
+        now, rows = time.perf_counter() - self.started, []
+        for p in self.alive:
+            self.evals_fwd[p] += int(fwd[p])
+            self.evals_fwdbwd[p] += int(fwdbwd[p])
+            self.ls_failures[p] += int(failed[p])
+            row = {"epoch": self.current_epoch, "train/loss": metrics[0][p], "train/acc": metrics[1][p]}
+            if e.test_metrics:
+                row["test/loss"], row["test/acc"] = metrics[2][p], metrics[3][p]
+            member_norms = [n[p] for n in norms]
+            row["grad_norm"] = math.sqrt(sum(n * n for n in member_norms))
+            for l in range(len(member_norms) // 2):
+                row[f"grad_norm/layer{l + 1}"] = math.hypot(member_norms[2 * l], member_norms[2 * l + 1])
+            row.update(
+                loss_before=metrics[0][p],
+                loss_after=loss_after[p],
+                trial_step=trial_step[p],
+                step=step[p],
+                backtracks=int(backtracks[p]),
+                ls_failed=int(failed[p]),
+                ls_failures=self.ls_failures[p],
+                **{"evals/fwd": int(fwd[p]), "evals/fwdbwd": int(fwdbwd[p]),
+                   "evals/total": self.evals_fwd[p] + self.evals_fwdbwd[p], "time": now},
+            )  # fmt: skip
+            rows.append((p, row))
+        return rows
+
+    def outcome(self, p: int) -> RunOutcome:
+        model = self.retired[p] if self.retired[p] is not None else self.model.member(p)
+        return RunOutcome(
+            model=model,
+            history=self.histories[p],
+            evals_fwd=self.evals_fwd[p],
+            evals_fwdbwd=self.evals_fwdbwd[p],
+            ls_failures=self.ls_failures[p],
+            diverged_at=self.diverged[p],
+            pruned=self.pruned[p],
         )
-        return row

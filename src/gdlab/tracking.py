@@ -1,22 +1,19 @@
-"""MLflow tracking: one run per training run, buffered metrics, artifacts, parent runs for sweeps.
+"""MLflow tracking: one run per training run, buffered metrics, artifacts (a sweep's parent run is
+gdlab.sweep.parent_run's).
 
-Everything goes through `mlflow.MlflowClient`. Per-epoch metrics are buffered and written with
-`log_batch` (at most 1000 per call) every `flush_seconds` and at the end; the history is also kept
-in the run's local output directory, so a tracking outage never loses a curve.
+Everything goes through `mlflow.MlflowClient`. Per-epoch metrics are buffered and handed every
+`flush_seconds` to the metric writer process (gdlab.metric_writer), which writes them with `log_batch`
+(at most 1000 per call); the history is also kept in the run's local output directory, so a tracking
+outage never loses a curve.
 """
 
 from __future__ import annotations
 
-import atexit
 import functools
-import json
 import math
 import os
-import queue
 import re
 import subprocess
-import sys
-import threading
 import time
 from collections.abc import Iterable
 from pathlib import Path
@@ -24,6 +21,8 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from gdlab.masking import mask_passwords
+from gdlab.metric_writer import MAX_BATCH, MetricWriter
+from gdlab.version import __version__
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")  # no network calls from a lab tool
 # MLflow prints "View run ... at: <tracking URI>" with any password in it; gdlab prints its own, masked.
@@ -34,11 +33,11 @@ os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
 PARENT_ENV = "GDLAB_MLFLOW_PARENT_RUN_ID"
-MAX_BATCH = 1000
 # History columns not sent to MLflow as metrics: the epoch is the step, MLflow stamps each value with
 # its wall time, and the other two repeat a logged one (train/loss, ls_failures).
 UNLOGGED = frozenset({"epoch", "time", "loss_before", "ls_failed"})
-FINAL_METRICS = (
+# What a run logs as final/<metric> (gdlab-report's table, report.FINAL_TABLE_METRICS, is another list).
+LOGGED_FINAL_METRICS = (
     "train/loss",
     "train/acc",
     "test/loss",
@@ -50,24 +49,6 @@ FINAL_METRICS = (
 )
 # Step-record values logged only when they change (GD's are constant): each MLflow row costs ~70 µs.
 LOGGED_ON_CHANGE = frozenset({"trial_step", "step", "backtracks", "ls_failures", "evals/fwd", "evals/fwdbwd"})
-
-
-def masked_config(cfg: DictConfig) -> DictConfig:
-    """`cfg` with every password in every URL masked (a copy where there was one): what gdlab saves."""
-    text = OmegaConf.to_yaml(cfg)
-    masked = mask_passwords(text)
-    return cfg if masked == text else OmegaConf.create(masked)
-
-
-def mask_saved_hydra_configs(hydra_dir: Path) -> None:
-    """Hydra saves the composed config before gdlab runs: mask the passwords it wrote there."""
-    if not Path(hydra_dir).is_dir():
-        return
-    for path in Path(hydra_dir).glob("*.yaml"):
-        text = path.read_text()
-        masked = mask_passwords(text)
-        if masked != text:
-            path.write_text(masked)
 
 
 def tracking_uri(cfg: DictConfig) -> str | None:
@@ -148,8 +129,6 @@ def run_tags(cfg: DictConfig, overrides: list[str], device: str, extra: dict | N
     import pytorch_lightning
     import torch
 
-    import gdlab
-
     commit, dirty = git_state()
     tags = {
         "dataset": cfg.dataset.name,
@@ -160,7 +139,7 @@ def run_tags(cfg: DictConfig, overrides: list[str], device: str, extra: dict | N
         "device": device,
         "git.commit": commit,
         "git.dirty": dirty,
-        "version.gdlab": gdlab.__version__,
+        "version.gdlab": __version__,
         "version.torch": torch.__version__,
         "version.lightning": pytorch_lightning.__version__,
         "overrides": mask_passwords(" ".join(overrides)),
@@ -168,74 +147,6 @@ def run_tags(cfg: DictConfig, overrides: list[str], device: str, extra: dict | N
     }
     tags.update({k: mask_passwords(str(v)) for k, v in (extra or {}).items()})
     return tags
-
-
-class MetricWriter:
-    """A child process (`gdlab.metric_writer`) that writes metrics to MLflow; one per tracking URI.
-
-    MLflow's store costs ~70 µs per metric row (SQLAlchemy ORM): a dozen metrics cost as much as a
-    whole training epoch of these networks, and a thread would still hold the GIL. So the writing
-    runs in its own process, on another core; training hands it JSON lines through a feeder thread.
-    A plain subprocess (not multiprocessing) so a user's script is never re-imported.
-    """
-
-    _instances: dict[str, MetricWriter] = {}
-
-    @classmethod
-    def for_uri(cls, uri: str) -> MetricWriter:
-        writer = cls._instances.get(uri)
-        if writer is None or writer.process.poll() is not None:
-            writer = cls._instances[uri] = cls(uri)
-        return writer
-
-    def __init__(self, uri: str):
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "gdlab.metric_writer", uri],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1,
-        )  # fmt: skip
-        self.used = False
-        self.outbox: queue.Queue = queue.Queue()
-        self.feeder = threading.Thread(target=self._feed, name="gdlab-metric-feeder", daemon=True)
-        self.feeder.start()
-        atexit.register(self.close)
-
-    def _feed(self) -> None:
-        while (message := self.outbox.get()) is not None:
-            try:
-                self.process.stdin.write(json.dumps(message) + "\n")
-            except (BrokenPipeError, ValueError, OSError):
-                return
-
-    def submit(self, run_id: str, metrics: list[tuple]) -> None:
-        self.used = True
-        self.outbox.put({"run": run_id, "metrics": metrics})
-
-    def drain(self, run_id: str, timeout: float) -> tuple[int, str | None]:
-        """Wait until everything submitted for `run_id` is written: (rows written, first error)."""
-        self.outbox.put({"drain": run_id})
-        replies: queue.Queue = queue.Queue()
-        reader = threading.Thread(target=lambda: replies.put(self.process.stdout.readline()), daemon=True)
-        reader.start()
-        try:
-            line = replies.get(timeout=timeout)
-        except queue.Empty:
-            return 0, f"the metric writer did not finish within {timeout:.0f} s"
-        if not line:
-            return 0, f"the metric writer exited with status {self.process.wait()}"
-        reply = json.loads(line)
-        return reply["written"], reply["error"]
-
-    def close(self) -> None:
-        if self.process.poll() is None and not self.used:
-            self.process.kill()  # never given anything: don't wait for its imports to finish
-        if self.process.poll() is None:
-            self.outbox.put(None)
-            self.feeder.join(timeout=30)
-            self.process.stdin.close()
-            try:
-                self.process.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
 
 
 class TrackingUnavailable(RuntimeError):
@@ -257,7 +168,6 @@ class MlflowRun:
         self.buffer: list = []
         self.last_flush = time.monotonic()
         self.outage: str | None = None
-        self.metrics_logged = 0
         self.parent_run_id = parent_run_id or os.environ.get(PARENT_ENV)
         tags = run_tags(cfg, overrides, device, extra_tags)
         if self.parent_run_id:
@@ -305,7 +215,7 @@ class MlflowRun:
     def log_final(self, final: dict) -> None:
         """The result at the trained weights (what gdlab-train returns) as final/<metric>."""
         timestamp, step = int(time.time() * 1000), final["epochs"]
-        for key in FINAL_METRICS:
+        for key in LOGGED_FINAL_METRICS:
             value = final.get(key)
             if isinstance(value, int | float) and not math.isnan(value):
                 self.buffer.append((f"final/{key}", value, timestamp, step))
@@ -322,8 +232,7 @@ class MlflowRun:
         """End of run: wait for the writer; a run shorter than one flush writes its few rows here."""
         if self.submitted:
             self.flush()
-            written, error = self.writer.drain(self.run_id, timeout=self.drain_timeout)
-            self.metrics_logged += written
+            error = self.writer.drain(self.run_id, timeout=self.drain_timeout)
             if error:
                 self.outage = self.outage or error
             return
@@ -336,7 +245,6 @@ class MlflowRun:
             except Exception as error:
                 self.outage = self.outage or mask_passwords(str(error)).splitlines()[0]
                 return
-            self.metrics_logged += len(metrics[i : i + MAX_BATCH])
         self.buffer = []
 
     def log_artifacts(self, directory: Path) -> None:

@@ -4,27 +4,34 @@ Hydra multirun (basic or Optuna sweeper) reaches this through `MlflowSweepCallba
 conf/config.yaml; `gdlab-sweep` calls `start_parent_run` / `finish_parent_run` itself. The parent's
 id reaches the trials through the GDLAB_MLFLOW_PARENT_RUN_ID environment variable, so launchers
 that start jobs in other processes on this machine see it too.
+
+Light on purpose (no Optuna, torch or gdlab.sweep's other modules at import): Hydra instantiates the
+callback in every gdlab-train process.
 """
 
 from __future__ import annotations
 
 import math
 import os
+import socket
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from gdlab.masking import install_log_masking, mask_passwords
+from gdlab.masking import install_log_masking, mask_passwords, mask_saved_hydra_configs
 from gdlab.tracking import (
     PARENT_ENV,
     TrackingUnavailable,
     artifact_root,
     experiment_name,
     get_or_create_experiment,
-    mask_saved_hydra_configs,
     tracking_uri,
 )
+
+if TYPE_CHECKING:
+    import optuna
 
 
 def start_parent_run(cfg: DictConfig, name: str, tags: dict | None = None) -> str | None:
@@ -70,7 +77,7 @@ def finish_parent_run(cfg: DictConfig, parent_run_id: str, report_dir: str | Pat
         client.log_param(parent_run_id, "direction", cfg.direction)
         client.set_tag(parent_run_id, "best.run_id", best.info.run_id)
         client.set_tag(parent_run_id, "best.run_name", best.info.run_name)
-        for key, value in differing_params(children, best).items():
+        for key, value in varied_params_of(best, children).items():
             client.set_tag(parent_run_id, f"best.{key}", value)
     if children:
         attach_report(cfg, parent_run_id, report_dir)
@@ -104,8 +111,8 @@ def best_child(children: list, objective: str, direction: str) -> dict:
     return {"value": value, "run": run}
 
 
-def differing_params(children: list, run) -> dict:
-    """The params of `run` that the sweep varied (gdlab-report's rule)."""
+def varied_params_of(run, children: list) -> dict:
+    """The params of `run` that the sweep varied among `children` (gdlab-report's rule)."""
     from gdlab.report import differing_keys
 
     varying = differing_keys([child.data.params for child in children])
@@ -149,3 +156,72 @@ def _task_config(config: DictConfig) -> DictConfig:
     container = OmegaConf.to_container(config, resolve=False)
     container.pop("hydra", None)
     return OmegaConf.create(container)
+
+
+def repair_killed_runs(task: DictConfig, study: optuna.Study) -> int:
+    """End as KILLED the MLflow runs left RUNNING by trials whose process died (their trial is over)."""
+    uri = tracking_uri(task)
+    if uri is None:
+        return 0
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    try:
+        return _repair(client, study)
+    except Exception as error:  # repairing is housekeeping: it never stops a sweep
+        print(f"gdlab-sweep: could not repair MLflow runs: {mask_passwords(str(error)).splitlines()[0]}")
+        return 0
+
+
+def _repair(client, study: optuna.Study) -> int:
+    from optuna.trial import TrialState
+
+    from gdlab.sweep.study import process_alive
+
+    states = {t.number: t.state for t in study.get_trials(deepcopy=False)}
+    filter_string = f"tags.`optuna.study` = '{study.study_name}' and attributes.status = 'RUNNING'"
+    repaired = 0
+    for experiment in client.search_experiments():
+        for run in client.search_runs([experiment.experiment_id], filter_string=filter_string):
+            tags = run.data.tags
+            if "optuna.trial" in tags:
+                dead = states.get(int(tags["optuna.trial"])) not in (None, TrialState.RUNNING)
+                reason = "its worker died; the trial failed by heartbeat"
+            else:  # a sweep's parent run: dead if its process, on this host, is gone
+                pid = int(tags.get("gdlab.pid", 0))
+                dead = tags.get("gdlab.host") == socket.gethostname() and not process_alive(pid)
+                reason = "its gdlab-sweep process died"
+            if dead:
+                client.set_tag(run.info.run_id, "failure.reason", reason)
+                client.set_terminated(run.info.run_id, status="KILLED")
+                repaired += 1
+    return repaired
+
+
+def log_study_plots(task: DictConfig, parent_run_id: str, study: optuna.Study) -> None:
+    """Optuna's own plots, as PNGs on the parent run; a plot that needs more trials is skipped."""
+    import tempfile
+
+    import matplotlib.pyplot as plt  # optuna's plots draw through pyplot
+    from mlflow import MlflowClient
+    from optuna.visualization import matplotlib as plots
+
+    makers = {
+        "optimization_history": plots.plot_optimization_history,
+        "param_importances": plots.plot_param_importances,
+        "parallel_coordinate": plots.plot_parallel_coordinate,
+        "slice": plots.plot_slice,
+        "contour": plots.plot_contour,
+    }
+    with tempfile.TemporaryDirectory() as folder:
+        for name, make in makers.items():
+            try:
+                make(study)
+                plt.gcf().set_size_inches(10, 6)
+                plt.savefig(Path(folder) / f"{name}.png", dpi=80, bbox_inches="tight")
+            except Exception as error:  # e.g. importances need two completed trials
+                print(f"gdlab-sweep: no {name} plot: {str(error).splitlines()[0] if str(error) else error!r}")
+            finally:
+                plt.close("all")
+        client = MlflowClient(tracking_uri=tracking_uri(task))
+        client.log_artifacts(parent_run_id, folder, "optuna")

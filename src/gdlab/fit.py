@@ -1,0 +1,276 @@
+"""The fit lifecycle, once for every run: build → fit → record → outputs → tracking status.
+
+`fit_population` trains validated configs that share an architecture as one stacked model
+(`gdlab.module.TrainingModule`); `fit` is a population of one. Each member gets what a run alone
+gets: its own history, final metrics, output directory and MLflow run, closed FINISHED, FAILED
+(diverged, or an exception) or KILLED (Ctrl-C, SIGTERM, or retired by an epoch callback: pruned).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+import warnings
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+import pytorch_lightning as pl
+import torch
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
+
+from gdlab.artifacts import write_history, write_run_outputs
+from gdlab.data import N_CLASSES, Dataset, load_dataset, make_loader
+from gdlab.masking import mask_passwords, masked_config
+from gdlab.members import check_population
+from gdlab.model import MLP, encode_targets, initialize, layer_sizes
+from gdlab.module import RunOutcome, Stops, TrainingModule
+from gdlab.optimizers import GD, Adam, Backtracking, LBFGSStep, member_tensor
+from gdlab.tracking import MlflowRun, run_name, tracking_uri
+
+log = logging.getLogger("gdlab")
+DTYPES = {32: torch.float32, 64: torch.float64}
+LIGHTNING_PRECISION = {32: "32-true", 64: "64-true"}
+BACKTRACKING_NUMBERS = ("lr", "c", "beta", "growth", "lr_max", "lr_min", "max_backtracks", "tiny_step")
+
+
+@dataclass
+class RunResult:
+    history: pd.DataFrame  # one row per epoch, one column per logged value
+    final: dict  # final metrics (at the trained weights), evaluation counts, wall time, objective
+    model: MLP
+    config: DictConfig
+    data: Dataset = field(repr=False)
+
+
+def load_data(cfg: DictConfig) -> Dataset:
+    head, n_classes = cfg.model.head, N_CLASSES[cfg.dataset.name]
+    encode = lambda y, dtype: encode_targets(y, head, n_classes, dtype)  # noqa: E731
+    return load_dataset(cfg.dataset, encode, DTYPES[cfg.trainer.precision])
+
+
+def init_model(cfg: DictConfig, data: Dataset) -> MLP:
+    """The model drawn from cfg.seed: the same weights whether it trains alone or in a population."""
+    pl.seed_everything(cfg.seed, verbose=False)
+    n_outputs = 1 if cfg.model.head == "sigmoid" else data.n_classes
+    sizes = layer_sizes(data.n_features, cfg.model.depth, cfg.model.width, n_outputs)
+    model = MLP(sizes, cfg.model.activation, cfg.model.head, cfg.loss)
+    initialize(model, cfg.init.name, cfg.init.get("std"))
+    return model.to(DTYPES[cfg.trainer.precision])
+
+
+def build(cfg: DictConfig) -> tuple[Dataset, MLP]:
+    data = load_data(cfg)
+    return data, init_model(cfg, data)
+
+
+def optimizer_factory(cfgs: list[DictConfig]):
+    """params -> the members' optimizer, with each member's numbers from its own config."""
+    first = cfgs[0].optimizer
+    numbers = lambda key, default=None: member_tensor([c.optimizer.get(key, default) for c in cfgs])  # noqa: E731
+    name = first.name
+    if name == "lbfgs":
+        return lambda params: LBFGSStep(params, first.lr, first.max_iter, first.history_size)
+    if name == "adam":
+        return lambda params: Adam(params, numbers("lr"))
+    if name == "backtracking":
+        kwargs = {key: numbers(key) for key in BACKTRACKING_NUMBERS}
+        return lambda params: Backtracking(params, **kwargs, reset=first.reset, on_failure=first.on_failure,
+                                           trial_eval=first.trial_eval)  # fmt: skip
+    momentum = numbers("momentum", 0.0)
+    return lambda params: GD(params, numbers("lr"), momentum, bool(first.get("nesterov", False)))
+
+
+def make_trainer(cfg: DictConfig) -> pl.Trainer:
+    return pl.Trainer(
+        max_epochs=cfg.trainer.max_epochs,
+        accelerator=cfg.trainer.accelerator,
+        devices=1,
+        precision=LIGHTNING_PRECISION[cfg.trainer.precision],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+    )
+
+
+def fit(cfg: DictConfig, overrides: list[str] | None = None, output_dir: str | Path | None = None,
+        epoch_callbacks: list | tuple = (), tags: dict | None = None) -> RunResult:  # fmt: skip
+    """Train one validated config: a population of one (see `fit_population`)."""
+    output_dirs = [output_dir] if output_dir else None
+    return fit_population([cfg], [list(overrides or [])], output_dirs, [list(epoch_callbacks)], [tags])[0]
+
+
+def fit_population(
+    cfgs: list[DictConfig],
+    overrides: list[list[str]] | None = None,
+    output_dirs: list | None = None,
+    epoch_callbacks: list[list] | None = None,
+    tags: list[dict | None] | None = None,
+) -> list[RunResult]:
+    """Train validated configs that share an architecture as one stacked model; one RunResult each.
+
+    Each member's MLflow run is created before training, so an unreachable backend stops the batch
+    before any work. Whatever happens later (an exception, Ctrl-C, SIGTERM, divergence, a tracking
+    outage), each member's history and artifacts are written to its output directory and its run is
+    closed with the matching status. `epoch_callbacks[p]` see member p's every history row (a sweep
+    reports to Optuna there, and may raise `gdlab.members.Retire` to prune it); `tags` go on the runs.
+    `wall_time` is the population's.
+    """
+    check_population(cfgs)
+    n, first = len(cfgs), cfgs[0]
+    overrides = overrides or [[] for _ in cfgs]
+    callbacks = [list(c) for c in epoch_callbacks] if epoch_callbacks else [[] for _ in cfgs]
+    data = load_data(first)
+    model = MLP.stack([init_model(cfg, data) for cfg in cfgs])
+    stops = Stops(
+        loss=[-math.inf if c.trainer.stop_loss is None else c.trainer.stop_loss for c in cfgs],
+        evals=[math.inf if c.trainer.get("max_evals") is None else c.trainer.max_evals for c in cfgs],
+    )
+    module = TrainingModule(model, optimizer_factory(cfgs), first.backprop, data.test, stops, callbacks)
+    loader = make_loader(data.train, first.optimizer.get("batch_size"), first.seed)
+    with quiet_lightning():
+        trainer = make_trainer(first)
+    runs = start_runs(cfgs, overrides, tags or [None] * n, str(trainer.strategy.root_device))
+    for p, run in enumerate(runs):
+        if run is not None:
+            callbacks[p].insert(0, run.log_epoch)
+    ending, started = "FAILED", time.perf_counter()
+    try:
+        with quiet_lightning(), torch_threads(first.trainer.get("threads")):
+            trainer.fit(module, train_dataloaders=loader)
+        ending = None
+    except (KeyboardInterrupt, SystemExit):  # Lightning turns Ctrl-C and SIGTERM into SystemExit
+        ending = "KILLED"
+        raise
+    finally:
+        wall_time = time.perf_counter() - started
+        results = [record(cfg, module.outcome(p), data, wall_time) for p, cfg in enumerate(cfgs)]
+        for p, result in enumerate(results):
+            output_dir = Path(output_dirs[p]) if output_dirs else default_output_dir(cfgs[p], runs[p])
+            if output_dir is not None:
+                save_outputs(result, overrides[p], output_dir, runs[p], ending or status(result))
+    return results
+
+
+def start_runs(cfgs, overrides, tags, device: str) -> list[MlflowRun | None]:
+    if tracking_uri(cfgs[0]) is None:
+        return [None] * len(cfgs)
+    return [
+        MlflowRun(cfg, o, device=device, extra_tags=t)
+        for cfg, o, t in zip(cfgs, overrides, tags, strict=True)
+    ]
+
+
+def status(result: RunResult) -> str:
+    """How a member that trained to its end closes: pruned KILLED, diverged FAILED, else FINISHED."""
+    if result.final["pruned"]:
+        return "KILLED"
+    return "FAILED" if result.final["diverged_at"] is not None else "FINISHED"
+
+
+def record(cfg: DictConfig, outcome: RunOutcome, data: Dataset, wall_time: float) -> RunResult:
+    """A member's RunResult: its history, and final metrics measured once more at its trained weights."""
+    final = final_metrics(outcome.model, data)
+    final.update(
+        epochs=len(outcome.history),
+        evals_fwd=outcome.evals_fwd,
+        evals_fwdbwd=outcome.evals_fwdbwd,
+        evals=outcome.evals_fwd + outcome.evals_fwdbwd,
+        ls_failures=outcome.ls_failures,
+        wall_time=wall_time,
+        diverged_at=outcome.diverged_at,
+        pruned=outcome.pruned,
+    )
+    final["objective"] = math.nan if outcome.diverged_at is not None else final[cfg.objective]
+    return RunResult(pd.DataFrame(outcome.history), final, outcome.model, cfg, data)
+
+
+@torch.no_grad()
+def final_metrics(model: MLP, data: Dataset) -> dict:
+    final = {}
+    for name, split in (("train", data.train), ("test", data.test)):
+        if split is None:
+            continue
+        Z = model(split.X)
+        final[f"{name}/loss"] = float(model.loss(Z, split.T))
+        final[f"{name}/acc"] = float(model.accuracy(Z, split.T))
+    return final
+
+
+def default_output_dir(cfg: DictConfig, run: MlflowRun | None) -> Path | None:
+    """Hydra's job directory under gdlab-train; for a tracked gdlab.run, <tracking.dir>/outputs/<run>."""
+    if HydraConfig.initialized():
+        return Path(HydraConfig.get().runtime.output_dir)
+    if run is None:
+        return None
+    return Path(cfg.tracking.dir).resolve() / "outputs" / f"{run_name(cfg)}-{run.run_id[:8]}"
+
+
+def save_outputs(result: RunResult, overrides: list[str], output_dir: Path, run: MlflowRun | None,
+                 status: str) -> None:  # fmt: skip
+    """History first (it is what an outage or a crash must not lose), then plots, then MLflow."""
+    result.final["output_dir"] = str(output_dir)
+    write_history(output_dir, result.history)
+    cfg = masked_config(result.config)
+    try:
+        masked_overrides = [mask_passwords(o) for o in overrides]
+        write_run_outputs(output_dir, cfg, masked_overrides, result.history, result.model, result.data,
+                          plots=cfg.tracking.get("plots", True))  # fmt: skip
+    except Exception as error:  # a plot must never cost the run its history or its MLflow status
+        log.warning("gdlab: could not write every artifact to %s: %s", output_dir, error)
+    if run is None:
+        return
+    if result.final["pruned"]:
+        run.set_tags({"optuna.state": "PRUNED", "failure.reason": result.final["pruned"]})
+    if result.final["diverged_at"] is not None:
+        run.set_tags({"failure.reason": "loss became NaN/inf", "failure.epoch": result.final["diverged_at"]})
+    run.log_final(result.final)
+    run.log_artifacts(output_dir)
+    run.end(status)
+    result.final.update(
+        mlflow_run_id=run.run_id, tracking_outage=run.outage, tracking_uri=mask_passwords(run.uri)
+    )
+    if run.outage:
+        log.warning(
+            "gdlab: the tracking backend failed during the run (%s); the full history is in %s",
+            run.outage,
+            output_dir / "history.csv",
+        )
+
+
+@contextmanager
+def torch_threads(n: int | None):
+    """torch's CPU thread count for a block (None: leave it), restored afterwards for the caller."""
+    before = torch.get_num_threads()
+    if n is not None:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+class quiet_lightning:
+    """Silence Lightning's banner lines and its warnings about our deliberate choices."""
+
+    NAMES = ("pytorch_lightning", "lightning.pytorch", "lightning.fabric", "lightning_fabric")
+
+    def __enter__(self):
+        self._levels = {n: logging.getLogger(n).level for n in self.NAMES}
+        for n in self.NAMES:
+            logging.getLogger(n).setLevel(logging.ERROR)
+        self._warnings = warnings.catch_warnings()
+        self._warnings.__enter__()
+        warnings.filterwarnings("ignore", module="pytorch_lightning")
+        warnings.filterwarnings("ignore", module="lightning_fabric")
+
+    def __exit__(self, *exc):
+        self._warnings.__exit__(*exc)
+        for n, level in self._levels.items():
+            logging.getLogger(n).setLevel(level)

@@ -1,0 +1,193 @@
+"""gdlab-sweep: run trials of a named sweep (sweeps/NAME.yaml) in-process through Optuna's own API.
+
+On top of Hydra's Optuna sweeper plugin this adds pruning, a budget of finished trials across
+invocations, a per-study lock, heartbeats and retries for dead trials, and K worker processes on one
+study (each one `python -m gdlab.sweep ... --worker`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import optuna
+
+from gdlab.config import ConfigError
+from gdlab.masking import install_log_masking, mask_passwords
+from gdlab.sweep.parent_run import finish_parent_run, log_study_plots, repair_killed_runs, start_parent_run
+from gdlab.sweep.spec import SweepError, SweepSpec, available_sweeps, load_sweep
+from gdlab.sweep.study import (
+    FINISHED,
+    GRACE_SECONDS,
+    HEARTBEAT_SECONDS,
+    STORAGE_ENV,
+    StudyLock,
+    check_same_search_space,
+    make_storage,
+)
+from gdlab.sweep.trials import TrialLogger, make_objective, run_population_batches
+from gdlab.tracking import PARENT_ENV, TrackingUnavailable, tracking_uri
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(
+        prog="gdlab-sweep", description="Run trials of a named sweep with Optuna."
+    )
+    parser.add_argument("name", help=f"a sweep in sweeps/ ({', '.join(available_sweeps())})")
+    parser.add_argument(
+        "overrides", nargs="*", help="extra overrides for every trial, e.g. trainer.max_epochs=50"
+    )
+    parser.add_argument("--n-trials", type=int, help="run at most this many trials in this invocation")
+    parser.add_argument("--timeout", type=float, help="stop starting trials after this many seconds")
+    parser.add_argument(
+        "--storage", help="Optuna storage URL (default: the sweep's, sqlite:///mlruns/optuna.db)"
+    )
+    parser.add_argument("--study", help="study name (default: the sweep's)")
+    parser.add_argument(
+        "--budget", type=int, help="finished trials the study should hold (default: the sweep's)"
+    )
+    parser.add_argument("--workers", type=int, default=1, help="worker processes on this study (default 1)")
+    parser.add_argument(
+        "--config-dir", type=Path, help="an extra config root whose sweep/ folder holds more sweeps"
+    )
+    parser.add_argument(
+        "--heartbeat-interval",
+        type=int,
+        default=HEARTBEAT_SECONDS,
+        help=f"seconds between a running trial's heartbeats (default {HEARTBEAT_SECONDS})",
+    )
+    parser.add_argument(
+        "--grace-period",
+        type=int,
+        default=GRACE_SECONDS,
+        help=f"seconds without a heartbeat before a trial counts as dead (default {GRACE_SECONDS})",
+    )
+    parser.add_argument(
+        "--population",
+        type=int,
+        help="trials asked and trained together as one batched model (default: the sweep's "
+        "gdlab_sweep.population, else 1: one trial at a time)",
+    )
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--parent-run-id", help=argparse.SUPPRESS)
+    return parser.parse_intermixed_args(argv)  # overrides may come before or after the options
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    install_log_masking()
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    # Population mode asks trials itself and records their heartbeats itself (Heartbeats).
+    warnings.filterwarnings(
+        "ignore", message="Heartbeat of storage is supposed to be used with Study.optimize"
+    )
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        spec = load_sweep(args.name, args.overrides, args.config_dir)
+        study_name, budget = args.study or spec.study_name, args.budget or spec.budget
+        storage_url = args.storage or os.environ.get(STORAGE_ENV) or spec.storage
+        if args.workers < 1:
+            raise SweepError(f"--workers={args.workers} must be >= 1")
+        if args.population is not None:
+            if args.population < 1:
+                raise SweepError(f"--population={args.population} must be >= 1")
+            spec.population = args.population
+        lock = None if args.worker else StudyLock(Path(spec.task.tracking.dir) / "locks", study_name)
+        if lock is not None and not lock.acquire():
+            print(f"gdlab-sweep: study {study_name!r} is already being run by another gdlab-sweep on this "
+                  f"machine (lock {lock.path}); nothing to do")  # fmt: skip
+            return 0
+        storage = make_storage(storage_url, args.heartbeat_interval, args.grace_period)
+        study = optuna.create_study(
+            study_name=study_name, storage=storage, sampler=spec.sampler, pruner=spec.pruner,
+            direction=spec.direction, load_if_exists=True,
+        )  # fmt: skip
+        check_same_search_space(study, spec)
+    except (SweepError, ConfigError) as error:
+        print(f"gdlab-sweep: error: {error}", file=sys.stderr)
+        return 2
+    try:
+        return run_sweep(args, spec, study, storage, storage_url, budget)
+    except TrackingUnavailable as error:
+        print(f"gdlab-sweep: error: {error}", file=sys.stderr)
+        return 3
+
+
+def run_sweep(args, spec: SweepSpec, study: optuna.Study, storage, storage_url: str, budget: int) -> int:
+    finished = len(study.get_trials(deepcopy=False, states=FINISHED))
+    if finished >= budget:
+        print(f"gdlab-sweep: study {study.study_name!r} holds {finished}/{budget} finished trials: "
+              "budget reached")  # fmt: skip
+        return 0
+    print(f"gdlab-sweep: study {study.study_name!r} in {mask_passwords(storage_url)}: "
+          f"{finished}/{budget} finished trials", flush=True)  # fmt: skip
+    import gdlab.fit  # noqa: F401  (torch and Lightning load here, not inside the first trial)
+
+    parent_run_id = args.parent_run_id
+    if parent_run_id:
+        os.environ[PARENT_ENV] = parent_run_id
+    elif tracking_uri(spec.task) is not None:
+        parent_run_id = start_parent_run(
+            spec.task, name=f"{study.study_name}-{time.strftime('%Y%m%d-%H%M%S')}",
+            tags={"optuna.study": study.study_name, "optuna.storage": storage_url, "sweep": spec.name,
+                  "gdlab.host": socket.gethostname(), "gdlab.pid": os.getpid()},
+        )  # fmt: skip
+        repair_killed_runs(spec.task, study)
+    workers = [start_worker(args, spec, study.study_name, storage_url, budget, parent_run_id)
+               for _ in range(args.workers - 1)]  # fmt: skip
+    logger = TrialLogger(budget, spec.max_failure_rate)
+    if spec.population > 1:
+        run_population_batches(spec, study, storage, args, budget, logger)
+    else:
+        study.optimize(
+            make_objective(spec, Path("outputs") / "sweeps" / study.study_name),
+            n_trials=args.n_trials,
+            timeout=args.timeout,
+            callbacks=[optuna.study.MaxTrialsCallback(budget, states=FINISHED), logger],
+            catch=(Exception,),
+        )
+    worker_failed = any(worker.wait() != 0 for worker in workers)
+    if not args.worker and parent_run_id:
+        repaired = repair_killed_runs(spec.task, study)
+        if repaired:
+            print(f"gdlab-sweep: ended {repaired} MLflow run(s) left RUNNING by dead processes as KILLED")
+        report_dir = (
+            Path("outputs") / "sweeps" / study.study_name / f"report-{time.strftime('%Y%m%d-%H%M%S')}"
+        )
+        finish_parent_run(spec.task, parent_run_id, report_dir)
+        log_study_plots(spec.task, parent_run_id, study)
+    if logger.failure_rate > spec.max_failure_rate or worker_failed:
+        print(f"gdlab-sweep: failure rate {logger.failure_rate:.0%} is over {spec.max_failure_rate:.0%}",
+              file=sys.stderr)  # fmt: skip
+        return 1
+    total = len(study.get_trials(deepcopy=False, states=FINISHED))
+    try:
+        print(f"gdlab-sweep: done: {total}/{budget} finished trials; best {study.best_value:.6g} "
+              f"with {study.best_trial.params}")  # fmt: skip
+    except ValueError:
+        print(f"gdlab-sweep: done: {total}/{budget} finished trials; none completed")
+    return 0
+
+
+def start_worker(
+    args, spec: SweepSpec, study_name: str, storage_url: str, budget: int, parent_run_id: str | None
+):
+    command = [sys.executable, "-m", "gdlab.sweep", args.name, *args.overrides, "--worker",
+               *(["--config-dir", str(args.config_dir)] if args.config_dir else []),
+               "--study", study_name, "--budget", str(budget),
+               "--heartbeat-interval", str(args.heartbeat_interval),
+               "--grace-period", str(args.grace_period), "--population", str(spec.population)]  # fmt: skip
+    if parent_run_id:
+        command += ["--parent-run-id", parent_run_id]
+    if args.n_trials:
+        command += ["--n-trials", str(args.n_trials)]
+    if args.timeout:
+        command += ["--timeout", str(args.timeout)]
+    # The storage URL (it may hold a password) goes by environment, so `ps` never shows it.
+    return subprocess.Popen(command, env={**os.environ, STORAGE_ENV: storage_url})

@@ -1,0 +1,161 @@
+"""A named sweep (sweeps/NAME.yaml) parsed and checked before any trial runs: the SweepSpec.
+
+The sweep file is the one Hydra's Optuna sweeper reads for `gdlab-train -m +sweep=NAME`; its search
+space is parsed by that plugin's own override-to-distribution code, and its sampler, pruner and custom
+search space hook are made with Hydra's instantiate.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+
+import optuna
+from hydra.errors import HydraException
+from hydra.utils import instantiate
+from hydra_plugins.hydra_optuna_sweeper._impl import OptunaSweeperImpl, create_params_from_overrides
+from omegaconf import DictConfig, OmegaConf
+from optuna.distributions import CategoricalDistribution
+
+from gdlab.compose import VariantComposer, compose_config, search_path_override
+from gdlab.config import ConfigError, validate
+
+# What a sweep file may instantiate: Optuna's samplers and pruners, and gdlab's search-space hooks.
+TRUSTED_TARGETS = ["optuna.samplers.*", "optuna.pruners.*", "gdlab.sweep.*"]
+
+
+class SweepError(ValueError):
+    """A sweep name, file or search space gdlab-sweep cannot run."""
+
+
+@dataclass
+class SweepSpec:
+    name: str
+    overrides: list[str]  # extra CLI overrides, applied to every trial
+    task: DictConfig  # the sweep-level config (no hydra node)
+    distributions: dict
+    fixed_params: dict
+    study_name: str
+    storage: str
+    direction: str
+    budget: int
+    sampler: optuna.samplers.BaseSampler
+    pruner: optuna.pruners.BasePruner
+    report_every: int
+    max_failure_rate: float
+    custom_search_space: object | None
+    population: int  # trials asked and trained together as one batched model (1: one at a time)
+    composer: VariantComposer | None = field(default=None, repr=False)  # made on first use
+
+
+def available_sweeps(config_dir: Path | None = None) -> list[str]:
+    """The shipped sweeps (sweeps/), plus those in <config_dir>/sweep/."""
+    from importlib.resources import files
+
+    folders = [files("gdlab.conf") / "sweep"] + ([Path(config_dir) / "sweep"] if config_dir else [])
+    return sorted({p.name[: -len(".yaml")] for folder in folders if folder.is_dir()
+                   for p in folder.iterdir() if p.name.endswith(".yaml")})  # fmt: skip
+
+
+def load_sweep(name: str, overrides: list[str] | None = None, config_dir: Path | None = None) -> SweepSpec:
+    """Parse and check a named sweep before any trial runs."""
+    overrides = [*search_path_override(config_dir), *(overrides or [])]
+    if name not in available_sweeps(config_dir):
+        raise SweepError(f"unknown sweep {name!r}; available: {', '.join(available_sweeps(config_dir))}")
+    try:
+        full = compose_config([f"+sweep={name}", *overrides], return_hydra_config=True)
+    except HydraException as error:
+        raise SweepError(f"sweeps/{name}.yaml: {error}") from error
+    sweeper = full.hydra.sweeper
+    task = OmegaConf.create({k: v for k, v in OmegaConf.to_container(full).items() if k != "hydra"})
+    space = [f"{key}={value}" for key, value in (sweeper.params or {}).items()]
+    try:
+        distributions, fixed_params, _ = create_params_from_overrides(space)
+    except Exception as error:
+        raise SweepError(f"sweeps/{name}.yaml: hydra.sweeper.params: {error}") from error
+    check_search_space(name, overrides, task, full, distributions)
+    extra = task.get("gdlab_sweep") or {}
+    try:
+        sampler, pruner, custom = build_optuna_parts(sweeper, extra, distributions)
+    except Exception as error:  # a bad _target_ or argument in the sweep file
+        raise SweepError(f"sweeps/{name}.yaml: {str(error).splitlines()[0]}") from error
+    population = extra.get("population", 1)
+    if isinstance(population, bool) or not isinstance(population, int) or population < 1:
+        raise SweepError(f"sweeps/{name}.yaml: gdlab_sweep.population={population!r} must be an integer >= 1")
+    return SweepSpec(
+        name=name,
+        overrides=overrides,
+        task=task,
+        distributions=distributions,
+        fixed_params=fixed_params,
+        study_name=sweeper.study_name or name,
+        storage=sweeper.storage or "sqlite:///mlruns/optuna.db",
+        direction=getattr(sweeper.direction, "name", str(sweeper.direction)),
+        budget=int(sweeper.n_trials),
+        sampler=sampler,
+        pruner=pruner,
+        report_every=int(extra.get("report_every", 10)),
+        max_failure_rate=float(extra.get("max_failure_rate", 0.5)),
+        custom_search_space=custom,
+        population=population,
+    )
+
+
+def build_optuna_parts(sweeper: DictConfig, extra: DictConfig, distributions: dict):
+    """(sampler, pruner, custom search space hook) from the sweep file, with Hydra's instantiate."""
+    sampler = instantiate(sweeper.sampler, _execution_whitelist_=TRUSTED_TARGETS)
+    if isinstance(sampler, partial):  # GridSampler: its grid comes from the search space
+        grid = {k: OptunaSweeperImpl._to_grid_sampler_choices(d) for k, d in distributions.items()}
+        sampler = sampler(search_space=grid)
+    pruner = optuna.pruners.MedianPruner()
+    if extra.get("pruner"):
+        pruner = instantiate(extra.pruner, _execution_whitelist_=TRUSTED_TARGETS)
+    custom = sweeper.get("custom_search_space")
+    if custom:
+        custom = instantiate({"_target_": custom, "_partial_": True}, _execution_whitelist_=TRUSTED_TARGETS)
+    return sampler, pruner, custom
+
+
+def check_search_space(name: str, overrides: list[str], task: DictConfig, full: DictConfig,
+                       distributions: dict) -> None:  # fmt: skip
+    """Every searched key exists, and the configs at the edges of the space validate."""
+    choices = full.hydra.runtime.choices
+    for key in distributions:
+        if key not in choices and OmegaConf.select(task, key, default="__missing__") == "__missing__":
+            raise SweepError(f"sweeps/{name}.yaml: hydra.sweeper.params: unknown key {key!r}")
+    try:
+        validate(task)
+        for key, distribution in distributions.items():
+            for value in edge_values(distribution):
+                validate(compose_config([f"+sweep={name}", *overrides, f"{key}={value}"]))
+    except ConfigError as error:
+        raise SweepError(f"sweeps/{name}.yaml: {error}") from error
+    except HydraException as error:
+        raise SweepError(f"sweeps/{name}.yaml: {error}") from error
+
+
+def edge_values(distribution) -> list:
+    if isinstance(distribution, CategoricalDistribution):
+        return list(distribution.choices)
+    return [distribution.low, distribution.high]
+
+
+def search_space_signature(spec: SweepSpec) -> str:
+    """What makes trials comparable: the sweep's distributions (custom hooks named, not expanded)."""
+    space = {key: repr(distribution) for key, distribution in sorted(spec.distributions.items())}
+    if spec.custom_search_space is not None:
+        space["custom_search_space"] = getattr(
+            spec.custom_search_space, "func", spec.custom_search_space
+        ).__name__
+    return json.dumps({"sweep": spec.name, "space": space}, sort_keys=True)
+
+
+def lr_per_optimizer(cfg: DictConfig, trial: optuna.Trial) -> None:
+    """custom_search_space: optimizer.lr log-uniform over the chosen optimizer's gdlab_sweep.lr_ranges.
+
+    Sweep files name it `gdlab.sweep.lr_per_optimizer` (the package re-exports it).
+    """
+    low, high = cfg.gdlab_sweep.lr_ranges[trial.params["optimizer"]]
+    trial.suggest_float("optimizer.lr", low, high, log=True)

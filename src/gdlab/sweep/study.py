@@ -1,0 +1,131 @@
+"""The Optuna study a sweep adds trials to: its storage, its heartbeats and its per-machine lock.
+
+A trial whose process died stops sending heartbeats, goes FAIL after the grace period and is retried;
+one gdlab-sweep per study runs on a machine (StudyLock), with any number of --workers under it.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import threading
+from pathlib import Path
+
+import optuna
+from optuna.trial import TrialState
+
+from gdlab.masking import mask_passwords
+from gdlab.sweep.spec import SweepError, SweepSpec, search_space_signature
+
+FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+STORAGE_ENV = "GDLAB_OPTUNA_STORAGE"
+HEARTBEAT_SECONDS = 10  # a worker killed mid-trial is noticed GRACE_SECONDS later
+GRACE_SECONDS = 30
+
+
+def make_storage(url: str, heartbeat: int = HEARTBEAT_SECONDS, grace: int = GRACE_SECONDS):
+    """RDB storage with heartbeats: a trial whose process died goes FAIL and is retried (twice)."""
+    is_sqlite = url.startswith("sqlite")
+    engine_kwargs = {"connect_args": {"timeout": 60}} if is_sqlite else {"pool_pre_ping": True}
+    if url.startswith("sqlite:///") and not url.startswith("sqlite:////"):
+        Path(url[len("sqlite:///") :]).parent.mkdir(parents=True, exist_ok=True)
+    try:
+        check_is_optuna_database(url)
+        return optuna.storages.RDBStorage(
+            url,
+            engine_kwargs=engine_kwargs,
+            heartbeat_interval=heartbeat,
+            grace_period=grace,
+            heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=2),
+        )
+    except SweepError:
+        raise
+    except Exception as error:
+        raise SweepError(f"--storage {mask_passwords(url)} is not a usable Optuna database: "
+                         f"{mask_passwords(str(error)).splitlines()[0]}") from error  # fmt: skip
+
+
+def check_is_optuna_database(url: str) -> None:
+    """Refuse, before writing anything, a database that holds tables but not Optuna's."""
+    import sqlalchemy
+
+    engine = sqlalchemy.create_engine(url)
+    try:
+        tables = set(sqlalchemy.inspect(engine).get_table_names())
+    finally:
+        engine.dispose()
+    if tables and not {"studies", "trials", "version_info"} <= tables:
+        raise SweepError(
+            f"--storage {mask_passwords(url)} is not an Optuna database (it holds other tables: "
+            f"{', '.join(sorted(tables)[:5])}); use an empty database or an existing Optuna one"
+        )
+
+
+def check_same_search_space(study: optuna.Study, spec: SweepSpec) -> None:
+    signature = search_space_signature(spec)
+    stored = study.user_attrs.get("gdlab.search_space")
+    if stored is None:
+        study.set_user_attr("gdlab.search_space", signature)
+    elif stored != signature:
+        raise SweepError(
+            f"study {study.study_name!r} was created by another search space ({stored}); this "
+            f"invocation's is {signature}. Use another --study name instead of mixing incompatible trials."
+        )
+
+
+class Heartbeats:
+    """A thread that records a heartbeat for each of a batch's trials (what study.optimize does for one)."""
+
+    def __init__(self, storage, trials: list, interval: float):
+        self.storage, self.trials, self.interval = storage, trials, interval
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self._beat, name="gdlab-heartbeats", daemon=True)
+
+    def _beat(self) -> None:
+        while True:
+            for trial in self.trials:
+                self.storage.record_heartbeat(trial._trial_id)  # Optuna's own loop uses the same id
+            if self.done.wait(self.interval):
+                return
+
+    def __enter__(self):
+        if self.storage.get_heartbeat_interval() is not None:
+            self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.done.set()
+        if self.thread.is_alive():
+            self.thread.join()
+
+
+class StudyLock:
+    """One gdlab-sweep per study on this machine: an exclusive flock on <tracking.dir>/locks/<study>.lock."""
+
+    def __init__(self, directory: Path, study_name: str):
+        directory.mkdir(parents=True, exist_ok=True)
+        self.path = directory / f"{study_name}.lock"
+        self.file = open(self.path, "a+")  # noqa: SIM115 (held for the process's life)
+
+    def acquire(self) -> bool:
+        try:
+            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+        self.file.seek(0)
+        self.file.truncate()
+        self.file.write(f"{os.getpid()}\n")
+        self.file.flush()
+        return True
+
+
+def process_alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process
+    return True

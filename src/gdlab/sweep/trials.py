@@ -1,0 +1,257 @@
+"""Trials: draw a trial's config, train it (alone, or with others as one population), tell Optuna.
+
+Two ways to run a study's trials: `make_objective` for study.optimize (one trial at a time), and
+`run_population_batches` (population mode: ask a batch, train those that share an architecture as one
+batched model). Training itself is gdlab.fit's; an epoch callback here reports to Optuna's pruner and
+retires a hopeless trial with gdlab.members.Retire, which this layer turns back into Optuna's PRUNED.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import sys
+import time
+from pathlib import Path
+
+import optuna
+from omegaconf import DictConfig
+from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+from optuna.trial import TrialState
+
+from gdlab.compose import VariantComposer
+from gdlab.masking import mask_passwords
+from gdlab.members import POPULATION_OPTIMIZERS, Retire, group_by_architecture
+from gdlab.sweep.spec import SweepError, SweepSpec
+from gdlab.sweep.study import FINISHED, Heartbeats
+from gdlab.tracking import TrackingUnavailable
+
+
+def suggest(trial: optuna.Trial, name: str, distribution):
+    """Draw one value through the public suggest API."""
+    if isinstance(distribution, CategoricalDistribution):
+        return trial.suggest_categorical(name, distribution.choices)
+    if isinstance(distribution, IntDistribution):
+        return trial.suggest_int(name, distribution.low, distribution.high, step=distribution.step,
+                                 log=distribution.log)  # fmt: skip
+    if isinstance(distribution, FloatDistribution):
+        return trial.suggest_float(name, distribution.low, distribution.high, step=distribution.step,
+                                   log=distribution.log)  # fmt: skip
+    raise SweepError(f"unsupported distribution for {name}: {distribution}")
+
+
+def suggest_trial(spec: SweepSpec, trial: optuna.Trial) -> tuple[DictConfig, list[str]]:
+    """Draw a trial's params; its validated config and the overrides that reproduce it."""
+    for key, distribution in spec.distributions.items():
+        suggest(trial, key, distribution)
+    if spec.custom_search_space is not None:
+        spec.custom_search_space(spec.task, trial)
+    base = [f"+sweep={spec.name}", *spec.overrides]
+    params = [f"{k}={v}" for k, v in {**trial.params, **spec.fixed_params}.items()]
+    if spec.composer is None:
+        spec.composer = VariantComposer(base)
+    return spec.composer(params), [*base, *params]
+
+
+class PruningReporter:
+    """An epoch callback: report the objective every few epochs and retire a hopeless trial."""
+
+    def __init__(self, trial: optuna.Trial, objective: str, every: int):
+        self.trial, self.objective, self.every = trial, objective, every
+
+    def __call__(self, row: dict) -> None:
+        epoch = row["epoch"]
+        if epoch == 0 or epoch % self.every:
+            return
+        value = row.get(self.objective, math.nan)
+        if not math.isfinite(value):
+            return  # divergence ends the run itself, as FAIL
+        self.trial.report(value, epoch)
+        if self.trial.should_prune():
+            raise Retire(f"pruned at epoch {epoch} ({self.objective}={value:.4g})")
+
+
+def trial_run_args(spec: SweepSpec, trial: optuna.Trial, cfg: DictConfig, output_root: Path) -> dict:
+    """What a trial's training run gets: its output directory, pruning reports and MLflow tags."""
+    return dict(
+        output_dir=output_root / f"trial-{trial.number}",
+        epoch_callbacks=[PruningReporter(trial, cfg.objective, spec.report_every)],
+        tags={"optuna.study": spec.study_name, "optuna.trial": trial.number},
+    )
+
+
+def record_result(trial: optuna.Trial, result) -> float:
+    """Note the run on its trial; the objective (NaN when diverged: the trial FAILs)."""
+    if result.final.get("mlflow_run_id"):
+        trial.set_user_attr("mlflow_run_id", result.final["mlflow_run_id"])
+    if result.final["diverged_at"] is not None:
+        trial.set_user_attr("failure", f"loss became NaN/inf at epoch {result.final['diverged_at']}")
+    return result.final["objective"]
+
+
+def make_objective(spec: SweepSpec, output_root: Path):
+    """study.optimize's objective: one trial, trained alone; a retired run is Optuna's TrialPruned."""
+    from gdlab.fit import fit
+
+    def objective(trial: optuna.Trial) -> float:
+        cfg, overrides = suggest_trial(spec, trial)
+        result = fit(cfg, overrides, **trial_run_args(spec, trial, cfg, output_root))
+        if result.final["pruned"]:
+            raise optuna.TrialPruned(result.final["pruned"])
+        return record_result(trial, result)
+
+    return objective
+
+
+def run_population_batches(spec: SweepSpec, study: optuna.Study, storage, args, budget: int,
+                           logger: TrialLogger) -> None:  # fmt: skip
+    """Population mode: ask up to `spec.population` trials, train those that share an architecture as
+    one batched model, tell each trial its own result. Trials whose optimizer has no population form
+    (not in gdlab.members.POPULATION_OPTIMIZERS) run one by one within the batch."""
+    output_root = Path("outputs") / "sweeps" / study.study_name
+    started, asked = time.monotonic(), 0
+    while not logger.stopping:
+        if args.timeout is not None and time.monotonic() - started >= args.timeout:
+            break
+        optuna.storages.fail_stale_trials(study)  # dead workers' trials: FAIL, and retried as WAITING
+        taken = len(study.get_trials(deepcopy=False, states=(*FINISHED, TrialState.RUNNING)))
+        size = min(spec.population, budget - taken)
+        if args.n_trials:
+            size = min(size, args.n_trials - asked)
+        if size <= 0:
+            break
+        trials = [study.ask() for _ in range(size)]
+        asked += size
+        with Heartbeats(storage, trials, args.heartbeat_interval):
+            run_trial_batch(spec, study, trials, output_root, logger)
+
+
+def run_trial_batch(spec: SweepSpec, study: optuna.Study, trials: list, output_root: Path,
+                    logger: TrialLogger) -> None:  # fmt: skip
+    """Make each trial's config, train the batch population by population, tell every trial."""
+    told: list = []
+
+    def tell(trial, value=None, state=None, error: Exception | None = None) -> None:
+        if error is not None:
+            trial.set_user_attr("failure", f"{type(error).__name__}: {mask_passwords(str(error))}"[:500])
+            state = TrialState.FAIL
+        elif state is None and not math.isfinite(value):
+            state, value = TrialState.FAIL, None
+        told.append(tell_study(study, trial, value, state))
+
+    try:
+        prepared = []  # (trial, cfg, overrides) of the trials whose config could be made
+        for trial in trials:
+            try:
+                prepared.append((trial, *suggest_trial(spec, trial)))
+            except Exception as error:  # e.g. a value the config refuses
+                tell(trial, error=error)
+        for group in group_by_architecture([cfg for _, cfg, _ in prepared]):
+            members = [prepared[i] for i in group]
+            if members[0][1].optimizer.name in POPULATION_OPTIMIZERS:
+                outcomes = train_together(spec, members, output_root)
+            else:
+                outcomes = [train_alone(spec, *member, output_root) for member in members]
+            for (trial, _, _), (value, state, error) in zip(members, outcomes, strict=True):
+                tell(trial, value, state, error)
+            logger.log(study, told[-len(members) :])
+    finally:  # an interrupt or an unreachable backend: the batch's other trials end FAIL, not RUNNING
+        done = {t.number for t in told}
+        for trial in trials:
+            if trial.number not in done:
+                tell_study(study, trial, None, TrialState.FAIL)
+
+
+def train_together(spec: SweepSpec, members: list, output_root: Path) -> list[tuple]:
+    """(value, state, error) of each (trial, cfg, overrides) of one population, trained as one model."""
+    from gdlab.fit import fit_population
+
+    run_args = [trial_run_args(spec, trial, cfg, output_root) for trial, cfg, _ in members]
+    try:
+        results = fit_population(
+            [cfg for _, cfg, _ in members],
+            [overrides for _, _, overrides in members],
+            output_dirs=[a["output_dir"] for a in run_args],
+            epoch_callbacks=[a["epoch_callbacks"] for a in run_args],
+            tags=[{**a["tags"], "gdlab.population": len(members)} for a in run_args],
+        )
+    except TrackingUnavailable:
+        raise
+    except Exception as error:  # fails this population's trials only
+        return [(None, None, error)] * len(members)
+    pruned = (None, TrialState.PRUNED, None)
+    return [pruned if result.final["pruned"] else (record_result(trial, result), None, None)
+            for (trial, _, _), result in zip(members, results, strict=True)]  # fmt: skip
+
+
+def train_alone(spec: SweepSpec, trial, cfg: DictConfig, overrides: list[str], output_root: Path) -> tuple:
+    """(value, state, error) of a trial whose optimizer has no population form."""
+    from gdlab.fit import fit
+
+    try:
+        result = fit(cfg, overrides, **trial_run_args(spec, trial, cfg, output_root))
+    except TrackingUnavailable:
+        raise
+    except Exception as error:
+        return None, None, error
+    if result.final["pruned"]:
+        return None, TrialState.PRUNED, None
+    return record_result(trial, result), None, None
+
+
+def tell_study(study: optuna.Study, trial: optuna.Trial, value, state) -> optuna.trial.FrozenTrial:
+    """study.tell, where a GridSampler that has used up its grid may call study.stop(): outside
+    study.optimize that raises, after the trial was stored, and there is nothing left to stop."""
+    try:
+        return study.tell(trial, value, state=state, skip_if_finished=True)
+    except RuntimeError as error:
+        if "Study.stop" not in str(error):
+            raise
+        return study.get_trials(deepcopy=False)[trial.number]
+
+
+class TrialLogger:
+    """One log line per finished trial: k/N, state, value, params, best so far. Stops a failing sweep."""
+
+    def __init__(self, budget: int, max_failure_rate: float, out=sys.stdout):
+        self.budget, self.max_failure_rate, self.out = budget, max_failure_rate, out
+        self.states: list[TrialState] = []
+        self.stopping = False
+
+    def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        self.log(study, [trial])  # as an Optuna callback: one trial at a time
+
+    def log(self, study: optuna.Study, trials: list[optuna.trial.FrozenTrial]) -> None:
+        """Log finished trials in order; a population's batch with one storage query for all of them."""
+        numbers = {t.number for t in trials}
+        earlier = [t for t in study.get_trials(deepcopy=False, states=FINISHED) if t.number not in numbers]
+        finished, best = len(earlier), None
+        for trial in [*earlier, *trials]:
+            if trial.state == TrialState.COMPLETE and (best is None or self.better(study, trial, best)):
+                best = trial
+            if trial.number not in numbers:
+                continue
+            self.states.append(trial.state)
+            finished += trial.state in FINISHED
+            value = "" if trial.value is None else f" value={trial.value:.6g}"
+            reason = trial.user_attrs.get("failure", "")
+            reason = f" reason={reason}" if reason else ""
+            best_text = "none yet" if best is None else f"{best.value:.6g} (trial {best.number})"
+            print(f"trial {finished}/{self.budget} #{trial.number} {trial.state.name}{value} "
+                  f"params={trial.params}{reason} best={best_text}", file=self.out, flush=True)  # fmt: skip
+        if len(self.states) >= 5 and self.failure_rate > self.max_failure_rate:
+            print(f"gdlab-sweep: failure rate {self.failure_rate:.0%} is over {self.max_failure_rate:.0%}; "
+                  "stopping", file=self.out, flush=True)  # fmt: skip
+            self.stopping = True  # population mode checks this; study.optimize needs study.stop()
+            with contextlib.suppress(RuntimeError):  # raised outside study.optimize
+                study.stop()
+
+    @staticmethod
+    def better(study: optuna.Study, trial, than) -> bool:
+        if study.direction == optuna.study.StudyDirection.MAXIMIZE:
+            return trial.value > than.value
+        return trial.value < than.value
+
+    @property
+    def failure_rate(self) -> float:
+        return sum(s == TrialState.FAIL for s in self.states) / max(1, len(self.states))
