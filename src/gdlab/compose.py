@@ -7,6 +7,7 @@ goes to `gdlab.config.validate`.
 from __future__ import annotations
 
 import copy
+import os
 from pathlib import Path
 
 from hydra import compose, initialize_config_module
@@ -16,6 +17,10 @@ from omegaconf import DictConfig, OmegaConf
 from gdlab.config import validate
 
 CONFIG_MODULE = "gdlab.conf"
+# conf/config.yaml's run directory names the process, so two runs started in the same second (Hydra's
+# ${now:} has one-second resolution) never share one.
+if not OmegaConf.has_resolver("gdlab_pid"):
+    OmegaConf.register_new_resolver("gdlab_pid", os.getpid)
 _MISSING = object()
 
 

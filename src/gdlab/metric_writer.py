@@ -1,6 +1,7 @@
 """Both ends of the metric pipe: `MetricWriter` in the training process, `main` in the writer process.
 
-The writer process is `python -m gdlab.metric_writer URI`. It reads JSON lines on stdin:
+The writer process is `python -m gdlab.metric_writer`, with the tracking URI in $GDLAB_METRIC_WRITER_URI
+(never on a command line: `ps` shows those). It reads JSON lines on stdin:
 {"run": ID, "metrics": [[key, value, timestamp, step], ...]} to log, {"drain": ID} to answer with
 {"run": ID, "error": TEXT|null} on stdout once everything before it is written. It exits
 at end of input, so it never outlives the training process.
@@ -20,6 +21,7 @@ import subprocess
 import sys
 import threading
 
+URI_ENV = "GDLAB_METRIC_WRITER_URI"
 MAX_BATCH = 1000  # MLflow's log_batch limit on metrics per call
 
 
@@ -43,8 +45,9 @@ class MetricWriter:
 
     def __init__(self, uri: str):
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "gdlab.metric_writer", uri],
+            [sys.executable, "-m", "gdlab.metric_writer"],  # the URI (it may hold a password) by environment
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1,
+            env={**os.environ, URI_ENV: uri},
         )  # fmt: skip
         self.used = False
         self.outbox: queue.Queue = queue.Queue()
@@ -92,7 +95,10 @@ class MetricWriter:
 
 def main(uri: str) -> None:
     """The writer process: log each run's metrics in batches, answer drains, until end of input."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the training process's to handle
+    # Ctrl-C and SIGTERM reach the whole process group (systemd, docker, SLURM): they are the training
+    # process's to handle. The writer writes what it was handed and exits when its input ends.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     from mlflow import MlflowClient
     from mlflow.entities import Metric
@@ -120,4 +126,4 @@ def main(uri: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(os.environ[URI_ENV])

@@ -9,6 +9,7 @@ outage never loses a curve.
 
 from __future__ import annotations
 
+import fcntl
 import functools
 import math
 import os
@@ -153,16 +154,33 @@ class TrackingUnavailable(RuntimeError):
     """The tracking backend cannot be reached when a run starts."""
 
 
+def mlflow_client(uri: str):
+    """An MlflowClient on `uri`. A SQLite store is opened (created and migrated, the first time) under a
+    lock beside the database file, so processes started together on a new store don't race MLflow's
+    schema migrations (alembic's "table already exists")."""
+    from mlflow import MlflowClient
+
+    if not uri.startswith("sqlite:///"):
+        return MlflowClient(tracking_uri=uri)
+    database = Path(uri[len("sqlite:///") :])
+    database.parent.mkdir(parents=True, exist_ok=True)
+    with open(database.with_name(database.name + ".lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            client = MlflowClient(tracking_uri=uri)
+            client.search_experiments(max_results=1)  # opens the store: creates its tables once
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+    return client
+
+
 class MlflowRun:
     """One training run in MLflow: created at `start`, fed per epoch by `log_epoch`, closed by `end`."""
 
     def __init__(self, cfg: DictConfig, overrides: list[str], device: str = "cpu",
                  parent_run_id: str | None = None, extra_tags: dict | None = None):  # fmt: skip
-        from mlflow import MlflowClient
-
         self.cfg = cfg
         self.uri = tracking_uri(cfg)
-        self.client = MlflowClient(tracking_uri=self.uri)
         self.flush_seconds = float(cfg.tracking.get("flush_seconds", 1.0))
         self.drain_timeout = float(cfg.tracking.get("drain_timeout", 600.0))
         self.buffer: list = []
@@ -182,6 +200,7 @@ class MlflowRun:
         from mlflow.entities import Param
 
         try:
+            self.client = mlflow_client(self.uri)
             if self.parent_run_id:  # a trial lives in its sweep's experiment
                 experiment_id = self.client.get_run(self.parent_run_id).info.experiment_id
             else:

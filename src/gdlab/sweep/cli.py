@@ -8,6 +8,8 @@ study (each one `python -m gdlab.sweep ... --worker`).
 from __future__ import annotations
 
 import argparse
+import json
+import math
 import os
 import socket
 import subprocess
@@ -21,7 +23,7 @@ import optuna
 from gdlab.config import ConfigError
 from gdlab.masking import install_log_masking, mask_passwords
 from gdlab.sweep.parent_run import finish_parent_run, log_study_plots, repair_killed_runs, start_parent_run
-from gdlab.sweep.spec import SweepError, SweepSpec, available_sweeps, load_sweep
+from gdlab.sweep.spec import SweepError, SweepSpec, available_sweeps, load_sweep, sampler_for_stream
 from gdlab.sweep.study import (
     FINISHED,
     GRACE_SECONDS,
@@ -33,6 +35,8 @@ from gdlab.sweep.study import (
 )
 from gdlab.sweep.trials import TrialLogger, make_objective, run_population_batches
 from gdlab.tracking import PARENT_ENV, TrackingUnavailable, tracking_uri
+
+OVERRIDES_ENV = "GDLAB_SWEEP_OVERRIDES"  # a worker's overrides, off its command line
 
 
 def parse_args(argv):
@@ -75,12 +79,32 @@ def parse_args(argv):
         "gdlab_sweep.population, else 1: one trial at a time)",
     )
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--worker-index", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--parent-run-id", help=argparse.SUPPRESS)
     return parser.parse_intermixed_args(argv)  # overrides may come before or after the options
 
 
+def check_counts(args) -> None:
+    """Counts and times must be positive (and finite) before anything starts."""
+    counts = {"--workers": args.workers, "--n-trials": args.n_trials, "--budget": args.budget,
+              "--population": args.population}  # fmt: skip
+    checks = [(option, value, "an integer >= 1") for option, value in counts.items()]
+    for option, value, allowed in [*checks, ("--timeout", args.timeout, "a finite number of seconds > 0")]:
+        if value is not None and not (0 < value < math.inf):
+            raise SweepError(f"{option}={value} is not allowed; use {allowed}")
+
+
+def trial_shares(n_trials: int | None, workers: int) -> list[int | None]:
+    """--n-trials N caps the whole invocation: N split over its processes (None: no cap)."""
+    if n_trials is None:
+        return [None] * workers
+    return [n_trials // workers + (i < n_trials % workers) for i in range(workers)]
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.worker and OVERRIDES_ENV in os.environ:
+        args.overrides = json.loads(os.environ[OVERRIDES_ENV])
     install_log_masking()
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     # Population mode asks trials itself and records their heartbeats itself (Heartbeats).
@@ -92,11 +116,8 @@ def main(argv: list[str] | None = None) -> int:
         spec = load_sweep(args.name, args.overrides, args.config_dir)
         study_name, budget = args.study or spec.study_name, args.budget or spec.budget
         storage_url = args.storage or os.environ.get(STORAGE_ENV) or spec.storage
-        if args.workers < 1:
-            raise SweepError(f"--workers={args.workers} must be >= 1")
+        check_counts(args)
         if args.population is not None:
-            if args.population < 1:
-                raise SweepError(f"--population={args.population} must be >= 1")
             spec.population = args.population
         lock = None if args.worker else StudyLock(Path(spec.task.tracking.dir) / "locks", study_name)
         if lock is not None and not lock.acquire():
@@ -109,6 +130,7 @@ def main(argv: list[str] | None = None) -> int:
             direction=spec.direction, load_if_exists=True,
         )  # fmt: skip
         check_same_search_space(study, spec)
+        study.sampler = sampler_for_stream(spec, len(study.get_trials(deepcopy=False)), args.worker_index)
     except (SweepError, ConfigError) as error:
         print(f"gdlab-sweep: error: {error}", file=sys.stderr)
         return 2
@@ -139,8 +161,10 @@ def run_sweep(args, spec: SweepSpec, study: optuna.Study, storage, storage_url: 
                   "gdlab.host": socket.gethostname(), "gdlab.pid": os.getpid()},
         )  # fmt: skip
         repair_killed_runs(spec.task, study)
-    workers = [start_worker(args, spec, study.study_name, storage_url, budget, parent_run_id)
-               for _ in range(args.workers - 1)]  # fmt: skip
+    shares = trial_shares(args.n_trials, args.workers)
+    args.n_trials = shares[0]
+    workers = [start_worker(args, spec, study.study_name, storage_url, budget, parent_run_id, index, share)
+               for index, share in enumerate(shares[1:], start=1) if share != 0]  # fmt: skip
     logger = TrialLogger(budget, spec.max_failure_rate)
     if spec.population > 1:
         run_population_batches(spec, study, storage, args, budget, logger)
@@ -175,19 +199,21 @@ def run_sweep(args, spec: SweepSpec, study: optuna.Study, storage, storage_url: 
     return 0
 
 
-def start_worker(
-    args, spec: SweepSpec, study_name: str, storage_url: str, budget: int, parent_run_id: str | None
-):
-    command = [sys.executable, "-m", "gdlab.sweep", args.name, *args.overrides, "--worker",
+def start_worker(args, spec: SweepSpec, study_name: str, storage_url: str, budget: int,
+                 parent_run_id: str | None, index: int, n_trials: int | None):  # fmt: skip
+    command = [sys.executable, "-m", "gdlab.sweep", args.name, "--worker",
                *(["--config-dir", str(args.config_dir)] if args.config_dir else []),
                "--study", study_name, "--budget", str(budget),
                "--heartbeat-interval", str(args.heartbeat_interval),
                "--grace-period", str(args.grace_period), "--population", str(spec.population)]  # fmt: skip
     if parent_run_id:
         command += ["--parent-run-id", parent_run_id]
-    if args.n_trials:
-        command += ["--n-trials", str(args.n_trials)]
+    command += ["--worker-index", str(index)]
+    if n_trials:
+        command += ["--n-trials", str(n_trials)]
     if args.timeout:
         command += ["--timeout", str(args.timeout)]
     # The storage URL (it may hold a password) goes by environment, so `ps` never shows it.
-    return subprocess.Popen(command, env={**os.environ, STORAGE_ENV: storage_url})
+    # So do the overrides: a tracking.uri=... among them may hold one too.
+    environment = {**os.environ, STORAGE_ENV: storage_url, OVERRIDES_ENV: json.dumps(args.overrides)}
+    return subprocess.Popen(command, env=environment)

@@ -27,6 +27,7 @@ from gdlab.tracking import (
     artifact_root,
     experiment_name,
     get_or_create_experiment,
+    mlflow_client,
     tracking_uri,
 )
 
@@ -39,11 +40,10 @@ def start_parent_run(cfg: DictConfig, name: str, tags: dict | None = None) -> st
     uri = tracking_uri(cfg)
     if uri is None:
         return None
-    from mlflow import MlflowClient
 
-    client = MlflowClient(tracking_uri=uri)
     tags = {"gdlab.kind": "sweep", **{k: mask_passwords(str(v)) for k, v in (tags or {}).items()}}
     try:
+        client = mlflow_client(uri)
         experiment_id = get_or_create_experiment(client, experiment_name(cfg), artifact_root(cfg, uri))
         run = client.create_run(experiment_id, run_name=name, tags=tags)
     except Exception as error:
@@ -58,10 +58,9 @@ def start_parent_run(cfg: DictConfig, name: str, tags: dict | None = None) -> st
 def finish_parent_run(cfg: DictConfig, parent_run_id: str, report_dir: str | Path | None = None) -> dict:
     """Record the best child (by cfg.objective and cfg.direction) and the comparison report on the
     parent, and close it."""
-    from mlflow import MlflowClient
 
     os.environ.pop(PARENT_ENV, None)
-    client = MlflowClient(tracking_uri=tracking_uri(cfg))
+    client = mlflow_client(tracking_uri(cfg))
     parent = client.get_run(parent_run_id)
     children = client.search_runs(
         [parent.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}'"
@@ -163,9 +162,8 @@ def repair_killed_runs(task: DictConfig, study: optuna.Study) -> int:
     uri = tracking_uri(task)
     if uri is None:
         return 0
-    from mlflow import MlflowClient
 
-    client = MlflowClient(tracking_uri=uri)
+    client = mlflow_client(uri)
     try:
         return _repair(client, study)
     except Exception as error:  # repairing is housekeeping: it never stops a sweep
@@ -203,7 +201,6 @@ def log_study_plots(task: DictConfig, parent_run_id: str, study: optuna.Study) -
     import tempfile
 
     import matplotlib.pyplot as plt  # optuna's plots draw through pyplot
-    from mlflow import MlflowClient
     from optuna.visualization import matplotlib as plots
 
     makers = {
@@ -223,5 +220,5 @@ def log_study_plots(task: DictConfig, parent_run_id: str, study: optuna.Study) -
                 print(f"gdlab-sweep: no {name} plot: {str(error).splitlines()[0] if str(error) else error!r}")
             finally:
                 plt.close("all")
-        client = MlflowClient(tracking_uri=tracking_uri(task))
+        client = mlflow_client(tracking_uri(task))
         client.log_artifacts(parent_run_id, folder, "optuna")

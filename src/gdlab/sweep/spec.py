@@ -7,6 +7,7 @@ search space hook are made with Hydra's instantiate.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass, field
 from functools import partial
@@ -42,6 +43,7 @@ class SweepSpec:
     direction: str
     budget: int
     sampler: optuna.samplers.BaseSampler
+    sampler_cfg: DictConfig  # hydra.sweeper.sampler, to draw the sampler again with another seed
     pruner: optuna.pruners.BasePruner
     report_every: int
     max_failure_rate: float
@@ -95,6 +97,7 @@ def load_sweep(name: str, overrides: list[str] | None = None, config_dir: Path |
         direction=getattr(sweeper.direction, "name", str(sweeper.direction)),
         budget=int(sweeper.n_trials),
         sampler=sampler,
+        sampler_cfg=sweeper.sampler,
         pruner=pruner,
         report_every=int(extra.get("report_every", 10)),
         max_failure_rate=float(extra.get("max_failure_rate", 0.5)),
@@ -103,12 +106,34 @@ def load_sweep(name: str, overrides: list[str] | None = None, config_dir: Path |
     )
 
 
-def build_optuna_parts(sweeper: DictConfig, extra: DictConfig, distributions: dict):
-    """(sampler, pruner, custom search space hook) from the sweep file, with Hydra's instantiate."""
-    sampler = instantiate(sweeper.sampler, _execution_whitelist_=TRUSTED_TARGETS)
+def build_sampler(sampler_cfg: DictConfig, distributions: dict, **arguments) -> optuna.samplers.BaseSampler:
+    """The sweep file's sampler, with Hydra's instantiate (`arguments` override the file's)."""
+    sampler = instantiate(sampler_cfg, **arguments, _execution_whitelist_=TRUSTED_TARGETS)
     if isinstance(sampler, partial):  # GridSampler: its grid comes from the search space
         grid = {k: OptunaSweeperImpl._to_grid_sampler_choices(d) for k, d in distributions.items()}
         sampler = sampler(search_space=grid)
+    return sampler
+
+
+def sampler_for_stream(spec: SweepSpec, trials_before: int, worker: int) -> optuna.samplers.BaseSampler:
+    """The sweep's sampler for one stream of draws: an invocation that finds `trials_before` trials in the
+    study, as its worker number `worker`.
+
+    A sampler seeded from the sweep file draws the same values in every process. Stream (0, 0), a new
+    study's first process, keeps the file's seed (so a fresh sweep reproduces); every other stream gets a
+    seed derived from it, so workers and later invocations draw their own values and a resumed study
+    goes on instead of replaying.
+    """
+    seed = spec.sampler_cfg.get("seed")
+    if seed is None or (trials_before, worker) == (0, 0):
+        return spec.sampler
+    digest = hashlib.sha256(f"{seed}:{trials_before}:{worker}".encode()).digest()
+    return build_sampler(spec.sampler_cfg, spec.distributions, seed=int.from_bytes(digest[:4], "little"))
+
+
+def build_optuna_parts(sweeper: DictConfig, extra: DictConfig, distributions: dict):
+    """(sampler, pruner, custom search space hook) from the sweep file, with Hydra's instantiate."""
+    sampler = build_sampler(sweeper.sampler, distributions)
     pruner = optuna.pruners.MedianPruner()
     if extra.get("pruner"):
         pruner = instantiate(extra.pruner, _execution_whitelist_=TRUSTED_TARGETS)
