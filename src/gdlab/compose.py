@@ -17,11 +17,17 @@ from omegaconf import DictConfig, OmegaConf
 from gdlab.config import validate
 
 CONFIG_MODULE = "gdlab.conf"
-# conf/config.yaml's run directory names the process, so two runs started in the same second (Hydra's
-# ${now:} has one-second resolution) never share one.
-if not OmegaConf.has_resolver("gdlab_pid"):
-    OmegaConf.register_new_resolver("gdlab_pid", os.getpid)
 _MISSING = object()
+
+
+def _process_id() -> int:
+    return os.getpid()
+
+
+# conf/config.yaml's run directory names the process, so two runs started in the same second (Hydra's
+# ${now:} has one-second resolution) never share one. OmegaConf 2.4 renamed register_new_resolver.
+if not OmegaConf.has_resolver("gdlab_pid"):
+    getattr(OmegaConf, "register_resolver", OmegaConf.register_new_resolver)("gdlab_pid", _process_id)
 
 
 def compose_config(overrides: list[str] | None = None, return_hydra_config: bool = False) -> DictConfig:
