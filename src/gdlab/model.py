@@ -112,15 +112,25 @@ class MLP(nn.Module):
         with torch.no_grad():
             return head_output(self(X), self.head)
 
-    def backward(self, cache: list, T: Tensor) -> list[tuple[Tensor, Tensor]]:
-        """Hand-written backpropagation: [(dW, db)] per layer, from the forward `cache`."""
+    def backward(self, cache: list, T: Tensor, dloss: Tensor | None = None) -> list[tuple[Tensor, Tensor]]:
+        """Hand-written backpropagation: [(dW, db)] per layer, from the forward `cache`.
+
+        `dloss` is the upstream gradient per member (autograd's ones for ``losses.sum()``); the chain
+        is linear in dZ, so it scales dZ once at the output layer."""
+        layers = self.layers
+        one_member = layers[0][0].dim() == 3 and layers[0][0].shape[0] == 1
+        if one_member:  # the same math on 2D views: a matmul is cheaper than a batch-of-one bmm
+            cache = [tuple(t[0] if t.dim() == 3 else t for t in entry) for entry in cache]
+            layers = [(W[0], b[0]) for W, b in layers]
         _, g_prime = ACTIVATIONS[self.activation]
         _, Z_L, _ = cache[-1]
         dZ = output_delta(Z_L, T, self.head, self.loss_name)
+        if dloss is not None:
+            dZ = dZ * (dloss.reshape(()) if one_member else per_member(dloss, dZ))
         grads = [None] * self.n_layers
         for l in reversed(range(self.n_layers)):
             A_prev, _, _ = cache[l]
-            W, b = self.layers[l]
+            W, b = layers[l]
             dW = A_prev.mT @ dZ
             db = dZ.sum_to_size(b.shape)  # summed over the rows b was broadcast to
             grads[l] = (dW, db)
@@ -128,6 +138,8 @@ class MLP(nn.Module):
                 dA = dZ @ W.mT
                 _, Z_prev, A_prev_act = cache[l - 1]
                 dZ = dA * g_prime(Z_prev, A_prev_act)
+        if one_member:
+            grads = [(dW.unsqueeze(0), db.unsqueeze(0)) for dW, db in grads]
         return grads
 
     def manual_loss(self, X: Tensor, T: Tensor) -> tuple[Tensor, Tensor]:
@@ -177,9 +189,9 @@ class ManualBackprop(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dloss: Tensor, _dZ: Tensor):
-        grads = ctx.model.backward(ctx.cache, ctx.T)
-        # parameters() yields W1, b1, W2, b2, ... (registration order); a population has one dloss per member.
-        return (None, None, None, *(d * per_member(dloss, d) for layer in grads for d in layer))
+        grads = ctx.model.backward(ctx.cache, ctx.T, dloss)
+        # parameters() yields W1, b1, W2, b2, ... (registration order)
+        return (None, None, None, *(d for layer in grads for d in layer))
 
 
 def affine(A: Tensor, W: Tensor, b: Tensor) -> Tensor:
