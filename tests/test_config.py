@@ -49,6 +49,20 @@ BAD = [
         ["optimizer=momentum", "optimizer.momentum=0", "optimizer.nesterov=true"],
         "optimizer.nesterov=true needs",
     ),
+    # NaN and inf are bad input wherever a finite number is meant
+    (["optimizer.lr=nan"], "optimizer.lr=nan is not allowed; allowed: a finite number > 0"),
+    (["optimizer.lr=inf"], "optimizer.lr=inf is not allowed; allowed: a finite number > 0"),
+    (["init=small", "init.std=nan"], "init.std=nan is not allowed"),
+    (["trainer.stop_loss=nan"], "trainer.stop_loss=nan is not allowed"),
+    (["optimizer=backtracking", "optimizer.growth=inf"], "optimizer.growth=inf is not allowed"),
+    (["dataset.noise=nan"], "dataset.noise=nan is not allowed; allowed: a finite number >= 0"),
+    # what numpy, scikit-learn or the allocator would refuse with a traceback
+    (["seed=4294967296"], "seed=4294967296 is out of range; allowed: an integer in [0, 4294967295]"),
+    (["dataset.random_state=-1"], "dataset.random_state=-1 is out of range"),
+    (["dataset=xor", "dataset.test_size=0.8"], "dataset.test_size=0.8 leaves no training rows of the 4"),
+    (["dataset.n_samples=4", "dataset.test_size=0.9"], "leaves no training rows of the 4 in dataset=moons"),
+    (["model.width=1000000000"], "model.width=1000000000 model.depth=1 needs about"),
+    (["dataset=moons", "dataset.n_samples=null"], "dataset.n_samples=None must be an integer"),
 ]
 
 
@@ -56,6 +70,17 @@ BAD = [
 def test_bad_input_names_key_and_allowed_values(overrides, message):
     with pytest.raises(ConfigError) as error:
         run(overrides)
+    assert message in str(error.value)
+
+
+@pytest.mark.parametrize(
+    ("uri", "message"),
+    [("ftp://h/x", "tracking.uri='ftp://h/x' is not allowed with tracking=server; use an http:// or https://"),
+     ("postgresql://u:pw@h/db", "tracking.uri='postgresql://u:***@h/db' is not allowed")],
+)  # fmt: skip
+def test_a_tracking_server_url_is_http(uri, message):
+    with pytest.raises(ConfigError) as error:
+        validate(compose_config(["tracking=server", f"tracking.uri={uri}"]))
     assert message in str(error.value)
 
 

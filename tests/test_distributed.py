@@ -130,9 +130,20 @@ def test_backend_database_of_the_server_holds_no_password(tmp_path, make_databas
 
 def test_kill_9_of_a_worker_mid_trial_is_failed_retried_and_repaired(tmp_path, make_database):
     storage = storage_url(make_database())
-    heartbeat = ["--heartbeat-interval", "1", "--grace-period", "3", "--storage", storage]
+    # One experiment for both invocations (the study refuses another): long trials that the victim never
+    # reports, and that the rerun's ThresholdPruner ends at their first report.
+    sweeps = tmp_path / "cfg" / "sweep"
+    sweeps.mkdir(parents=True)
+    (sweeps / "long.yaml").write_text(
+        (Path(__file__).parents[1] / "sweeps" / "lr_depth.yaml").read_text()
+        .replace("_target_: optuna.pruners.MedianPruner", "_target_: optuna.pruners.ThresholdPruner")
+        .replace("n_startup_trials: 5", "upper: 0.0").replace("n_warmup_steps: 30", "n_warmup_steps: 0")
+        .replace("max_epochs: 300", "max_epochs: 100000")
+    )  # fmt: skip
+    heartbeat = ["--heartbeat-interval", "1", "--grace-period", "3", "--storage", storage,
+                 "--config-dir", str(tmp_path / "cfg")]  # fmt: skip
     victim = subprocess.Popen(
-        [str(BIN / "gdlab-sweep"), "lr_depth", "trainer.max_epochs=100000", "--budget", "3", *heartbeat],
+        [str(BIN / "gdlab-sweep"), "long", "gdlab_sweep.report_every=1000000", "--budget", "3", *heartbeat],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=tmp_path, start_new_session=True,
     )  # fmt: skip
     try:
@@ -153,7 +164,7 @@ def test_kill_9_of_a_worker_mid_trial_is_failed_retried_and_repaired(tmp_path, m
     killed = running[0].number
     time.sleep(4)  # past the grace period
 
-    proc = sweep("lr_depth", "trainer.max_epochs=10", "--budget", "3", *heartbeat, cwd=tmp_path)
+    proc = sweep("long", "--budget", "3", *heartbeat, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     study = optuna.load_study(study_name="lr_depth", storage=storage)
     by_number = {t.number: t for t in study.get_trials()}
@@ -227,11 +238,13 @@ def test_submitit_launcher_runs_jobs_as_processes_under_one_parent(tmp_path):
     """hydra-submitit-launcher's local executor: what gdlab_slurm does on a cluster, on this machine."""
     proc = subprocess.run(
         [str(BIN / "gdlab-train"), "-m", "hydra/launcher=submitit_local", "optimizer.lr=0.1,1",
-         "trainer.max_epochs=5", "hydra.sweep.dir=sweep"],
+         "trainer.max_epochs=5"],
         capture_output=True, text=True, cwd=tmp_path, timeout=600,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert list((tmp_path / "sweep" / ".submitit").glob("*")), "jobs did not go through submitit"
+    (sweep_dir,) = (tmp_path / "multirun").glob("*/*")  # the job processes share the launcher's directory
+    assert list((sweep_dir / ".submitit").glob("*")), "jobs did not go through submitit"
+    assert sorted(p.name for p in sweep_dir.glob("[0-9]")) == ["0", "1"]
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}")
     runs = client.search_runs([client.get_experiment_by_name("moons").experiment_id])
     parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
@@ -250,3 +263,65 @@ def test_the_slurm_launcher_config_composes():
     launcher = cfg.hydra.launcher
     assert launcher._target_.endswith("SlurmLauncher")
     assert (launcher.partition, launcher.cpus_per_task, launcher.array_parallelism) == ("cpu", 2, 16)
+
+
+@pytest.mark.slow
+def test_invocations_and_workers_draw_distinct_trials_on_postgres(tmp_path, make_database):
+    storage = storage_url(make_database())
+    quick = ["tracking=none", "trainer.max_epochs=3", "--storage", storage]
+    for _ in range(3):
+        proc = sweep("lr_depth", "--n-trials", "4", *quick, cwd=tmp_path)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+    proc = sweep("lr_depth", "--workers", "3", "--n-trials", "12", *quick, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    trials = optuna.load_study(study_name="lr_depth", storage=storage).get_trials(deepcopy=False)
+    assert len(trials) == 24
+    assert len({tuple(sorted(t.params.items())) for t in trials}) == 24
+
+
+def command_lines() -> list[str]:
+    lines = []
+    for path in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            lines.append(path.read_bytes().replace(b"\0", b" ").decode(errors="replace"))
+        except OSError:
+            pass  # the process ended
+    return lines
+
+
+@pytest.mark.slow
+def test_no_form_of_a_password_reaches_disk_logs_databases_or_a_command_line(tmp_path, make_database):
+    odd = "Zq/9:x%40Ky"  # "/", ":" and an escaped "@" in it: the password is Zq/9:x@Ky
+    secrets = ["Zq/9", "x%40Ky", "x@Ky", "Qv7-query"]
+    databases = [make_database(), make_database()]
+    in_userinfo = f"postgresql+psycopg://postgres:{odd}@127.0.0.1:5432/{databases[0]}"
+    in_query = f"postgresql+psycopg://postgres@127.0.0.1:5432/{databases[1]}?password=Qv7-query"
+    quick = ["lr_depth", "trainer.max_epochs=30", "tracking.plots=true"]
+    workers = subprocess.Popen([str(BIN / "gdlab-sweep"), *quick, "--budget", "4", "--workers", "2"],
+                               env={**os.environ, "GDLAB_OPTUNA_STORAGE": in_userinfo}, cwd=tmp_path,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    seen = []
+    while workers.poll() is None:
+        seen += [line for line in command_lines() if "gdlab" in line]
+        time.sleep(0.2)
+    logs = workers.stdout.read()
+    assert workers.returncode == 0, logs[-3000:]
+    assert any("--worker" in line for line in seen)  # the worker process was seen
+    proc = sweep(*quick, "--budget", "2", "--storage", in_query, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    logs += proc.stdout + proc.stderr
+    hydra = subprocess.run([str(BIN / "gdlab-train"), "-m", "+sweep=lr_depth", "trainer.max_epochs=30",
+                            "hydra.sweeper.n_trials=2", f"hydra.sweeper.storage='{in_userinfo}'"],
+                           cwd=tmp_path, capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert hydra.returncode == 0, hydra.stderr[-3000:]
+    logs += hydra.stdout + hydra.stderr
+    assert len(optuna.load_study(study_name="lr_depth", storage=in_userinfo).trials) >= 6
+
+    files = [p for p in tmp_path.rglob("*") if p.is_file()]
+    assert any(p.suffix == ".png" for p in files) and any(p.name == "multirun.yaml" for p in files)
+    for secret in secrets:
+        assert secret not in logs
+        assert not [line for line in seen if secret in line]
+        assert not [str(p) for p in files if secret.encode() in p.read_bytes()], secret
+        for database in databases:
+            assert secret not in pg_dump(database)

@@ -111,3 +111,144 @@ def test_the_metric_writer_gets_its_tracking_uri_off_the_command_line(tmp_path: 
     finally:
         writer.process.kill()
         writer.process.wait()
+
+
+def wait_for_running_trial(storage: str, name: str, timeout=180) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            trials = optuna.load_study(study_name=name, storage=storage).get_trials(deepcopy=False)
+            if any(t.state == optuna.trial.TrialState.RUNNING for t in trials):
+                time.sleep(3)  # well into its training
+                return
+        except Exception:  # noqa: BLE001 (the store or the study is not created yet)
+            pass
+        time.sleep(0.5)
+    raise AssertionError("no trial started")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("signum", "code", "population"), [(signal.SIGTERM, 143, "1"), (signal.SIGINT, 130, "3")]
+)
+def test_a_signalled_sweep_fails_its_running_trials_and_kills_its_runs(
+    tmp_path: Path, signum, code, population
+):
+    process = gdlab("gdlab-sweep", "lr", "trainer.max_epochs=200000", "tracking.plots=false",
+                    "--population", population, cwd=tmp_path, start_new_session=True)  # fmt: skip
+    storage = f"sqlite:///{tmp_path / 'mlruns' / 'optuna.db'}"
+    wait_for_running_trial(storage, "lr")
+    os.killpg(process.pid, signum)  # the whole group, as systemd/SLURM (SIGTERM) or a terminal (SIGINT) do
+    returncode, _, err = finish(process, timeout=300)
+    assert returncode == code, err[-3000:]
+    assert f"interrupted by {signum.name}" in err and "Traceback" not in err, err[-3000:]
+    trials = optuna.load_study(study_name="lr", storage=storage).get_trials(deepcopy=False)
+    assert len(trials) == int(population)
+    assert all(t.state == optuna.trial.TrialState.FAIL for t in trials)
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("sweep-lr").experiment_id])
+    assert sorted(r.info.status for r in runs) == ["KILLED"] * (int(population) + 1)  # children + parent
+    (parent,) = [r for r in runs if r.data.tags.get("gdlab.kind") == "sweep"]
+    assert parent.data.tags["failure.reason"] == f"interrupted by {signum.name}"
+
+
+@pytest.mark.slow
+def test_a_study_refuses_another_experiment_from_either_sweep_path(tmp_path: Path):
+    one_trial = ["--n-trials", "1", "tracking=none"]
+    code, _, err = finish(gdlab("gdlab-sweep", "lr_depth", "trainer.max_epochs=5", *one_trial, cwd=tmp_path))
+    assert code == 0, err[-2000:]
+    code, out, err = finish(
+        gdlab("gdlab-sweep", "lr_depth", "trainer.max_epochs=7", *one_trial, cwd=tmp_path)
+    )
+    assert code == 2 and "Traceback" not in err and "trial " not in out
+    assert "trainer.max_epochs=7 here, 5 in the study" in err and "--study" in err, err
+    hydra = ["-m", "+sweep=lr_depth", "hydra.sweeper.n_trials=1", "tracking=none"]
+    code, _, err = finish(
+        gdlab("gdlab-train", *hydra, "trainer.max_epochs=7", "dataset.noise=0.3", cwd=tmp_path)
+    )
+    assert code == 2 and "Traceback" not in err, err[-2000:]
+    assert "dataset.noise=0.3 here, 0.2 in the study; trainer.max_epochs=7 here, 5 in the study" in err
+    code, _, err = finish(gdlab("gdlab-train", *hydra, "trainer.max_epochs=5", cwd=tmp_path))
+    assert code == 0, err[-2000:]  # Hydra's sweeper writes and checks the same signature: it joins
+    other = ["lr_depth", "trainer.max_epochs=7", *one_trial, "--study", "other"]
+    code, _, err = finish(gdlab("gdlab-sweep", *other, cwd=tmp_path))
+    assert code == 0, err[-2000:]
+    storage = f"sqlite:///{tmp_path / 'mlruns' / 'optuna.db'}"
+    assert len(optuna.load_study(study_name="lr_depth", storage=storage).trials) == 2
+
+
+def start_long_training(cwd: Path) -> subprocess.Popen:
+    """A tracked gdlab-train in its own process group, returned once it has trained a while."""
+    process = gdlab("gdlab-train", "dataset=xor", "trainer.max_epochs=200000", "tracking.plots=false",
+                    cwd=cwd, start_new_session=True)  # fmt: skip
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not list((cwd / "outputs").glob("*/*/history.csv")):
+        time.sleep(0.5)
+    time.sleep(2)
+    return process
+
+
+@pytest.mark.slow
+def test_kill_9_keeps_every_finished_epoch_and_the_next_command_ends_the_run_killed(tmp_path: Path):
+    process = start_long_training(tmp_path)
+    os.killpg(process.pid, signal.SIGKILL)  # gdlab-train and its metric writer, no cleanup at all
+    process.wait()
+    history = pd.read_csv(next((tmp_path / "outputs").glob("*/*/history.csv")))
+    assert len(history) > 100 and list(history["epoch"]) == list(range(len(history)))  # every epoch, in order
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}")
+    (dead,) = client.search_runs([client.get_experiment_by_name("xor").experiment_id])
+    assert dead.info.status == "RUNNING" and dead.data.tags["gdlab.pid"] == str(process.pid)
+
+    code, _, err = finish(gdlab("gdlab-train", "dataset=moons", "trainer.max_epochs=2", cwd=tmp_path))
+    assert code == 0 and "ended 1 MLflow run(s) left RUNNING by dead processes" in err, err[-2000:]
+    repaired = client.get_run(dead.info.run_id)
+    assert repaired.info.status == "KILLED"
+    assert repaired.data.tags["failure.reason"] == f"its process ({process.pid}) died"
+
+
+@pytest.mark.slow
+def test_ctrl_c_ends_gdlab_train_killed_with_a_message_and_exit_130(tmp_path: Path):
+    process = start_long_training(tmp_path)
+    os.killpg(process.pid, signal.SIGINT)  # a terminal's Ctrl-C reaches the whole foreground group
+    code, _, err = finish(process, timeout=300)
+    assert code == 130 and "interrupted by SIGINT (Ctrl-C); the run ended KILLED" in err, err[-3000:]
+    assert "Traceback" not in err
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}")
+    (run,) = client.search_runs([client.get_experiment_by_name("xor").experiment_id])
+    history = pd.read_csv(next((tmp_path / "outputs").glob("*/*/history.csv")))
+    assert run.info.status == "KILLED" and run.data.metrics["final/epochs"] == len(history) > 10
+
+
+def test_a_run_whose_every_line_search_failed_is_flagged(tmp_path: Path):
+    import gdlab
+    from gdlab.train import summary
+
+    never = ["optimizer=backtracking", "optimizer.lr=1e6", "optimizer.lr_max=1e6",
+             "optimizer.max_backtracks=0", "trainer.max_epochs=5", f"tracking.dir={tmp_path / 'mlruns'}",
+             "tracking.plots=false"]  # fmt: skip
+    result = gdlab.run(never)
+    assert result.final["ls_failures"] == 5 and result.final["ls_all_failed"] is True
+    assert "warning: every line search failed" in summary(result)
+    client = MlflowClient(tracking_uri=result.final["tracking_uri"])
+    tags = client.get_run(result.final["mlflow_run_id"]).data.tags
+    assert tags["gdlab.warning"].startswith("every line search failed")
+    moving = gdlab.run([*never[:1], "trainer.max_epochs=5", "tracking=none"])
+    assert moving.final["ls_all_failed"] is False and "warning:" not in summary(moving)
+
+
+@pytest.mark.parametrize("store", ["a-file-not-a-folder", "corrupt"])
+def test_an_unusable_store_is_one_line_and_exit_3_before_training(tmp_path: Path, store):
+    folder = tmp_path / "mlruns"
+    if store == "corrupt":
+        folder.mkdir()
+        (folder / "mlflow.db").write_text("this is not a database\n" * 50)
+    else:
+        folder.write_text("a file where the store's folder should be\n")
+    for command, args in (
+        ("gdlab-train", ["trainer.max_epochs=3"]),
+        ("gdlab-sweep", ["lr", "--n-trials", "1"]),
+    ):
+        code, out, err = finish(gdlab(command, *args, "tracking.dir=mlruns", cwd=tmp_path))
+        assert code in (2, 3) and "Traceback" not in err, (command, err[-3000:])
+        assert len(err.strip().splitlines()) == 1 and "error:" in err, (command, err)
+        assert "final:" not in out and "trial " not in out

@@ -165,21 +165,23 @@ def test_two_workers_lose_and_duplicate_nothing(tmp_path):
 
 
 @pytest.mark.slow
-def test_a_second_concurrent_invocation_exits_zero(tmp_path):
-    command = [str(BIN / "gdlab-sweep"), "lr_depth", "trainer.max_epochs=2000", "--budget", "50"]
+def test_exclusive_declines_on_stderr_and_plain_invocations_join(tmp_path):
+    common = ["lr_depth", "trainer.max_epochs=2000", "gdlab_sweep.pruner.n_startup_trials=100"]
+    command = [str(BIN / "gdlab-sweep"), *common, "--budget", "50", "--exclusive"]
     first = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
     try:
-        lock = tmp_path / "mlruns" / "locks" / "lr_depth.lock"
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and not (lock.exists() and lock.read_text().strip()):
-            time.sleep(0.2)
-        assert lock.read_text().strip() == str(first.pid)
-        second = sweep("lr_depth", cwd=tmp_path)
-        assert second.returncode == 0
-        assert "already being run by another gdlab-sweep" in second.stdout
+        assert first.stdout.readline().startswith("gdlab-sweep: study 'lr_depth'")  # the lock is held
+        declined = sweep(*common, "--exclusive", cwd=tmp_path)
+        assert declined.returncode == 0 and declined.stdout == ""
+        assert f"already being run on this machine by process {first.pid}" in declined.stderr
+        joined = sweep(*common, "--n-trials", "1", cwd=tmp_path)  # not exclusive: it adds its trial
+        assert joined.returncode == 0, joined.stderr
+        assert "done: " in joined.stdout
     finally:
         first.kill()
         first.wait()
+    mine = [t for t in study(tmp_path, "lr_depth").trials if t.state == TrialState.COMPLETE]
+    assert len(mine) >= 1
 
 
 def test_bad_sweep_input_is_refused_before_any_trial(tmp_path):

@@ -241,6 +241,16 @@ def test_unreachable_server_at_start_is_one_clear_error_before_training(tmp_path
         ("a http://u:p@x and https://v:q@y", "a http://u:***@x and https://v:***@y"),
         ("http://127.0.0.1:5000/api", "http://127.0.0.1:5000/api"),  # a port is not a password
         ("sqlite:////tmp/a:b.db", "sqlite:////tmp/a:b.db"),
+        ("postgresql://u:pa/ss:w@rd@h:5432/db", "postgresql://u:***@h:5432/db"),  # "/", ":" and "@" in it
+        ("redis://:pw@h/0", "redis://:***@h/0"),  # a password without a user
+        (
+            "postgresql://u@h/db?sslmode=require&password=p%20q&x=1",
+            "postgresql://u@h/db?sslmode=require&password=***&x=1",
+        ),  # libpq's query parameter
+        ("mysql://h/db?user=u&passwd=pq", "mysql://h/db?user=u&passwd=***"),
+        ("host=h password=pq dbname=d", "host=h password=*** dbname=d"),  # a libpq key=value string
+        (r"tracking.uri=http\://u\:p\@q@h\:5000", r"tracking.uri=http\://u\:***@h\:5000"),
+        ("bypass=1 compass=2", "bypass=1 compass=2"),
     ],
 )
 def test_mask_passwords(text, masked):

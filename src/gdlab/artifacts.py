@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +14,27 @@ from omegaconf import DictConfig, OmegaConf
 from gdlab.data import Dataset
 from gdlab.model import MLP
 from gdlab.tracking import run_name
+
+
+class HistoryAppender:
+    """An epoch callback: each history row goes to <directory>/history.csv as soon as it is made, flushed,
+    so a kill -9 leaves every finished epoch on disk. `write_history` rewrites the file whole at the end."""
+
+    def __init__(self, directory: Path):
+        self.directory, self.file, self.writer = directory, None, None
+
+    def __call__(self, row: dict) -> None:
+        if self.writer is None:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            self.file = open(self.directory / "history.csv", "w", newline="")  # noqa: SIM115 (closed in close)
+            self.writer = csv.writer(self.file)
+            self.writer.writerow(row)
+        self.writer.writerow(row.values())
+        self.file.flush()
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
 
 
 def write_history(directory: Path, history: pd.DataFrame) -> Path:

@@ -24,10 +24,12 @@ def _process_id() -> int:
     return os.getpid()
 
 
-# conf/config.yaml's run directory names the process, so two runs started in the same second (Hydra's
-# ${now:} has one-second resolution) never share one. OmegaConf 2.4 renamed register_new_resolver.
+# conf/config.yaml's run and sweep directories name the process, so two runs or multiruns started in the
+# same second (Hydra's ${now:} has one-second resolution) never share one. Cached like Hydra's ${now:}: the
+# value travels with the config to a launcher's job processes. OmegaConf 2.4 renamed register_new_resolver.
 if not OmegaConf.has_resolver("gdlab_pid"):
-    getattr(OmegaConf, "register_resolver", OmegaConf.register_new_resolver)("gdlab_pid", _process_id)
+    register = getattr(OmegaConf, "register_resolver", OmegaConf.register_new_resolver)
+    register("gdlab_pid", _process_id, use_cache=True)
 
 
 def compose_config(overrides: list[str] | None = None, return_hydra_config: bool = False) -> DictConfig:

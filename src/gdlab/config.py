@@ -5,10 +5,14 @@ Each problem raises one `ConfigError` naming the key, the value and what is allo
 
 from __future__ import annotations
 
+import math
+import os
+
 import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from gdlab.data import N_CLASSES
+from gdlab.data import DIGITS_ROWS, N_CLASSES, N_FEATURES
+from gdlab.masking import mask_passwords
 from gdlab.model import ACTIVATIONS, HEADS, INITS, LOSS_FOR_HEAD, LOSSES
 from gdlab.optimizers import FAILURE_MODES, OPTIMIZERS, RESETS, TRIAL_EVALS
 
@@ -19,6 +23,7 @@ DIRECTIONS = ("minimize", "maximize")
 TRACKING_BACKENDS = ("local", "server", "none")
 TRAIN_METRICS = ("train/loss", "train/acc")
 TEST_METRICS = ("test/loss", "test/acc")
+MAX_SEED = 2**32 - 1  # numpy's limit (torch takes more)
 
 
 class ConfigError(ValueError):
@@ -44,6 +49,9 @@ def check_number(cfg, key: str, low=None, high=None, *, low_open=False, high_ope
     is_number = isinstance(value, int) if integer else isinstance(value, int | float)
     if isinstance(value, bool) or not is_number:
         raise ConfigError(f"{key}={value!r} must be {kind}")
+    if not math.isfinite(value):
+        allowed = _range(low, high, low_open, high_open)
+        raise ConfigError(f"{key}={value!r} is not allowed; allowed: a finite number {allowed}")
     too_low = low is not None and (value <= low if low_open else value < low)
     too_high = high is not None and (value >= high if high_open else value > high)
     if too_low or too_high:
@@ -68,7 +76,8 @@ def validate(cfg: DictConfig) -> DictConfig:
     _check_trainer(cfg)
     _check_tracking(cfg)
     check_choice(cfg, "backprop", BACKPROPS)
-    check_number(cfg, "seed", 0, integer=True)
+    check_number(cfg, "seed", 0, MAX_SEED, integer=True)
+    _check_size(cfg)
     check_choice(cfg, "direction", DIRECTIONS)
     metrics = TRAIN_METRICS + (TEST_METRICS if cfg.dataset.test_size > 0 else ())
     if cfg.objective in TEST_METRICS and cfg.objective not in metrics:
@@ -85,9 +94,45 @@ def _check_dataset(cfg) -> None:
     check_number(cfg, "dataset.test_size", 0, 1, high_open=True)
     check_number(cfg, "dataset.noise", 0)
     check_number(cfg, "dataset.repeats", 1, integer=True)
-    check_number(cfg, "dataset.random_state", 0, integer=True)
-    check_number(cfg, "dataset.n_samples", 4, integer=True, optional=True)
+    check_number(cfg, "dataset.random_state", 0, MAX_SEED, integer=True)
+    check_number(cfg, "dataset.n_samples", 4, integer=True, optional=cfg.dataset.name in ("xor", "digits"))
     check_choice(cfg, "dataset.standardize", (True, False))
+    rows = dataset_rows(cfg.dataset)
+    n_test = math.ceil(cfg.dataset.test_size * rows)  # scikit-learn's train_test_split rounds it up
+    if rows - n_test < 1:
+        raise ConfigError(
+            f"dataset.test_size={cfg.dataset.test_size} leaves no training rows of the {rows} in "
+            f"dataset={cfg.dataset.name}; use a smaller dataset.test_size or more rows"
+        )
+
+
+def dataset_rows(dataset) -> int:
+    """Rows the dataset config makes, before the split (see gdlab.data.make_arrays)."""
+    if dataset.name == "xor":
+        return 4 * dataset.repeats
+    if dataset.name == "digits":
+        return min(dataset.n_samples or DIGITS_ROWS, DIGITS_ROWS)
+    return dataset.n_samples
+
+
+def _check_size(cfg) -> None:
+    """A network this machine can hold: weights, gradients, optimizer state and activations, in bytes."""
+    widths = (
+        list(cfg.model.width)
+        if isinstance(cfg.model.width, ListConfig)
+        else [cfg.model.width] * cfg.model.depth
+    )
+    sizes = [N_FEATURES[cfg.dataset.name], *widths, N_CLASSES[cfg.dataset.name]]
+    parameters = sum((a + 1) * b for a, b in zip(sizes[:-1], sizes[1:], strict=False))
+    activations = dataset_rows(cfg.dataset) * sum(sizes) * 3  # Z, A and dZ per layer
+    needed = (4 * parameters + activations) * cfg.trainer.precision // 8
+    available = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if needed > available:
+        raise ConfigError(
+            f"model.width={cfg.model.width} model.depth={cfg.model.depth} needs about "
+            f"{needed / 2**30:.1f} GiB ({parameters:,} parameters), more than this machine's "
+            f"{available / 2**30:.1f} GiB; use a smaller network"
+        )
 
 
 def _check_model(cfg) -> None:
@@ -163,9 +208,12 @@ def _check_tracking(cfg) -> None:
     check_choice(cfg, "tracking.backend", TRACKING_BACKENDS)
     if cfg.tracking.backend == "server":
         uri = cfg.tracking.get("uri")
-        if not isinstance(uri, str) or "://" not in uri:
+        scheme = uri.partition("://")[0].lower() if isinstance(uri, str) and "://" in uri else None
+        if scheme not in ("http", "https"):
             raise ConfigError(
-                f"tracking.uri={uri!r} must be a tracking server URL such as http://127.0.0.1:5000"
+                f"tracking.uri={mask_passwords(str(uri))!r} is not allowed with tracking=server; use an "
+                "http:// or https:// tracking server URL such as http://127.0.0.1:5000 (a database: "
+                "tracking=local with MLFLOW_TRACKING_URI)"
             )
     if cfg.tracking.backend != "none":
         check_number(cfg, "tracking.flush_seconds", 0)

@@ -12,6 +12,8 @@ from sklearn.preprocessing import StandardScaler
 from torch import Tensor
 
 N_CLASSES = {"xor": 2, "moons": 2, "circles": 2, "digits": 10}
+N_FEATURES = {"xor": 2, "moons": 2, "circles": 2, "digits": 64}
+DIGITS_ROWS = 1797
 XOR_POINTS = np.array([[0, 0], [0, 1], [1, 0], [1, 1]], dtype=np.float64)
 XOR_LABELS = np.array([0, 1, 1, 0])
 

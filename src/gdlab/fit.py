@@ -22,7 +22,7 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from gdlab.artifacts import write_history, write_run_outputs
+from gdlab.artifacts import HistoryAppender, write_history, write_run_outputs
 from gdlab.data import N_CLASSES, Dataset, load_dataset, make_loader
 from gdlab.masking import mask_passwords, masked_config
 from gdlab.members import check_population
@@ -137,9 +137,14 @@ def fit_population(
     with quiet_lightning():
         trainer = make_trainer(first)
     runs = start_runs(cfgs, overrides, tags or [None] * n, str(trainer.strategy.root_device))
-    for p, run in enumerate(runs):
+    directories = [Path(output_dirs[p]) if output_dirs else default_output_dir(cfg, runs[p])
+                   for p, cfg in enumerate(cfgs)]  # fmt: skip
+    appenders = [None if d is None else HistoryAppender(d) for d in directories]
+    for p, (run, appender) in enumerate(zip(runs, appenders, strict=True)):
         if run is not None:
             callbacks[p].insert(0, run.log_epoch)
+        if appender is not None:
+            callbacks[p].insert(0, appender)
     ending, started = "FAILED", time.perf_counter()
     try:
         with quiet_lightning(), torch_threads(first.trainer.get("threads")):
@@ -152,9 +157,9 @@ def fit_population(
         wall_time = time.perf_counter() - started
         results = [record(cfg, module.outcome(p), data, wall_time) for p, cfg in enumerate(cfgs)]
         for p, result in enumerate(results):
-            output_dir = Path(output_dirs[p]) if output_dirs else default_output_dir(cfgs[p], runs[p])
-            if output_dir is not None:
-                save_outputs(result, overrides[p], output_dir, runs[p], ending or status(result))
+            if directories[p] is not None:
+                appenders[p].close()
+                save_outputs(result, overrides[p], directories[p], runs[p], ending or status(result))
     return results
 
 
@@ -183,6 +188,7 @@ def record(cfg: DictConfig, outcome: RunOutcome, data: Dataset, wall_time: float
         evals_fwdbwd=outcome.evals_fwdbwd,
         evals=outcome.evals_fwd + outcome.evals_fwdbwd,
         ls_failures=outcome.ls_failures,
+        ls_all_failed=0 < outcome.ls_failures == len(outcome.history),  # the search never found a step
         wall_time=wall_time,
         diverged_at=outcome.diverged_at,
         pruned=outcome.pruned,
@@ -201,6 +207,9 @@ def final_metrics(model: MLP, data: Dataset) -> dict:
         final[f"{name}/loss"] = float(model.loss(Z, split.T))
         final[f"{name}/acc"] = float(model.accuracy(Z, split.T))
     return final
+
+
+ALL_LINE_SEARCHES_FAILED = "every line search failed: no step met the Armijo condition"
 
 
 def default_output_dir(cfg: DictConfig, run: MlflowRun | None) -> Path | None:
@@ -230,6 +239,8 @@ def save_outputs(result: RunResult, overrides: list[str], output_dir: Path, run:
         run.set_tags({"optuna.state": "PRUNED", "failure.reason": result.final["pruned"]})
     if result.final["diverged_at"] is not None:
         run.set_tags({"failure.reason": "loss became NaN/inf", "failure.epoch": result.final["diverged_at"]})
+    if result.final["ls_all_failed"]:
+        run.set_tags({"gdlab.warning": ALL_LINE_SEARCHES_FAILED})
     run.log_final(result.final)
     run.log_artifacts(output_dir)
     run.end(status)

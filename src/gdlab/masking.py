@@ -13,15 +13,30 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from omegaconf import DictConfig
 
-# scheme://user:password@host, also as Hydra prints overrides (scheme\://user\:password@host).
-_PASSWORD_IN_URL = re.compile(
-    r"(?P<prefix>[A-Za-z][A-Za-z0-9+.\-]*\\?://[^/\s:@]*:)(?P<password>[^@\s/]+)(?=@)"
+# scheme://user:password@host, also as Hydra prints overrides (scheme\://user\:password@host). The password
+# runs to the last "@" of its whitespace-free token: SQLAlchemy and urllib accept "/", ":" and "@" in it.
+_USERINFO = re.compile(r"(?P<prefix>[A-Za-z][A-Za-z0-9+.\-]*\\?://[^/\s:@]*\\?:)(?P<rest>\S*)")
+# ?password=... (libpq, psycopg, MySQL drivers), also key=value connection strings and tokens.
+_SECRET_PARAM = re.compile(
+    r"(?i)(?<![A-Za-z0-9_])(?P<key>password|passwd|pwd|pass|secret|token|api_key|apikey|access_token)"
+    r"(?P<eq>\\?=)(?P<value>[^&;,\s'\"]+)"
 )
 
 
+def _mask_userinfo(match: re.Match) -> str:
+    rest = match["rest"]
+    at = rest.rfind("@")
+    if at < 0:
+        return match[0]
+    return f"{match['prefix']}***{rest[at:]}"
+
+
 def mask_passwords(text: str) -> str:
-    """'postgresql://user:secret@host/db' -> 'postgresql://user:***@host/db', anywhere in `text`."""
-    return _PASSWORD_IN_URL.sub(r"\g<prefix>***", text)
+    """Every password a URL can carry, masked anywhere in `text`:
+    'postgresql://user:secret@host/db' -> 'postgresql://user:***@host/db',
+    'postgresql://host/db?password=secret' -> 'postgresql://host/db?password=***'."""
+    text = _USERINFO.sub(_mask_userinfo, text)
+    return _SECRET_PARAM.sub(r"\g<key>\g<eq>***", text)
 
 
 def masked_config(cfg: DictConfig) -> DictConfig:

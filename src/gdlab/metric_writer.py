@@ -108,7 +108,10 @@ def main(uri: str) -> None:
     client = MlflowClient(tracking_uri=uri)
     errors: dict[str, str] = {}
     for line in sys.stdin:
-        message = json.loads(line)
+        try:
+            message = json.loads(line)
+        except json.JSONDecodeError:  # the training process died mid-message: what came before is written
+            break
         if "drain" in message:
             run_id = message["drain"]
             print(json.dumps({"run": run_id, "error": errors.pop(run_id, None)}), flush=True)

@@ -93,14 +93,14 @@ def default_out_dir(target: str) -> Path:
 
 
 def make_client(uri: str):
-    from mlflow import MlflowClient
+    from gdlab.tracking import mlflow_client  # also ends runs that dead processes left RUNNING
 
     # Opening a SQLite URI creates the database: a mistyped path must not leave an empty store behind.
     if uri.startswith("sqlite:///"):
         database = Path(uri.removeprefix("sqlite:///"))
         if not database.is_file():
             raise ReportError(f"no MLflow store at {uri} (the file {database} does not exist)")
-    return MlflowClient(tracking_uri=uri)
+    return mlflow_client(uri)
 
 
 def find_runs(client, target: str) -> tuple[list, str | None]:

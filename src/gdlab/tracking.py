@@ -9,12 +9,14 @@ outage never loses a curve.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import functools
 import math
 import os
 import re
 import subprocess
+import sys
 import time
 from collections.abc import Iterable
 from pathlib import Path
@@ -23,6 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from gdlab.masking import mask_passwords
 from gdlab.metric_writer import MAX_BATCH, MetricWriter
+from gdlab.repair import process_tags, repair_dead_runs
 from gdlab.version import __version__
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")  # no network calls from a lab tool
@@ -146,6 +149,7 @@ def run_tags(cfg: DictConfig, overrides: list[str], device: str, extra: dict | N
         "overrides": mask_passwords(" ".join(overrides)),
         "mlflow.note.content": f"gdlab-train {mask_passwords(' '.join(overrides))}".strip(),
     }
+    tags.update(process_tags())
     tags.update({k: mask_passwords(str(v)) for k, v in (extra or {}).items()})
     return tags
 
@@ -161,17 +165,50 @@ def mlflow_client(uri: str):
     from mlflow import MlflowClient
 
     if not uri.startswith("sqlite:///"):
-        return MlflowClient(tracking_uri=uri)
-    database = Path(uri[len("sqlite:///") :])
-    database.parent.mkdir(parents=True, exist_ok=True)
-    with open(database.with_name(database.name + ".lock"), "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
+        client = MlflowClient(tracking_uri=uri)
+    else:
+        database = Path(uri[len("sqlite:///") :])
+        database.parent.mkdir(parents=True, exist_ok=True)
+        with store_lock(database):
             client = MlflowClient(tracking_uri=uri)
             client.search_experiments(max_results=1)  # opens the store: creates its tables once
+    repair_once(client, uri)
+    return client
+
+
+@contextlib.contextmanager
+def store_lock(database: Path):
+    """An exclusive lock beside a SQLite store while it is opened (none where the folder is read-only:
+    then nothing can create the store either)."""
+    try:
+        lock = open(database.with_name(database.name + ".lock"), "a")  # noqa: SIM115 (closed below)
+    except OSError:
+        yield
+        return
+    with lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
-    return client
+
+
+_REPAIRED: set[str] = set()
+
+
+def repair_once(client, uri: str) -> None:
+    """The first time this process opens a store: end the runs dead gdlab processes left RUNNING."""
+    if uri in _REPAIRED:
+        return
+    _REPAIRED.add(uri)
+    try:
+        repaired = repair_dead_runs(client)
+    except Exception:  # housekeeping never stops the command; an unreachable store is reported later
+        _REPAIRED.discard(uri)
+        return
+    if repaired:
+        print(f"gdlab: ended {repaired} MLflow run(s) left RUNNING by dead processes of this host as KILLED",
+              file=sys.stderr)  # fmt: skip
 
 
 class MlflowRun:

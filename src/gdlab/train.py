@@ -6,6 +6,7 @@ outputs, tracking) → summary and the objective a sweeper optimizes.
 
 from __future__ import annotations
 
+import signal
 import sys
 import warnings
 from pathlib import Path
@@ -17,7 +18,8 @@ from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from gdlab.compose import VariantComposer, compose_config
 from gdlab.config import ConfigError, validate
-from gdlab.fit import RunResult, fit, fit_population
+from gdlab.fit import ALL_LINE_SEARCHES_FAILED, RunResult, fit, fit_population
+from gdlab.interrupts import InterruptHandler
 from gdlab.masking import mask_saved_hydra_configs
 from gdlab.members import check_population, group_by_architecture
 from gdlab.tracking import TrackingUnavailable
@@ -84,6 +86,9 @@ def summary(result: RunResult) -> str:
         lines.append(f"mlflow run {f['mlflow_run_id']} in experiment '{experiment}' at {f['tracking_uri']}")
     if f.get("tracking_outage"):
         lines.append(f"tracking outage: {f['tracking_outage']}; full history kept in {f['output_dir']}")
+    if f.get("ls_all_failed"):
+        lines.append(f"warning: {ALL_LINE_SEARCHES_FAILED} in any of the {f['epochs']} epochs "
+                     f"(optimizer.on_failure={cfg.optimizer.on_failure})")  # fmt: skip
     if f["diverged_at"] is not None:
         lines.append(f"diverged: loss became NaN/inf at epoch {f['diverged_at']}; objective is NaN")
     lines.append(f"objective {cfg.objective} ({cfg.direction}) = {f['objective']:.6g}")
@@ -101,17 +106,22 @@ def main(cfg: DictConfig) -> float:
         print(f"gdlab-train: error: {error}", file=sys.stderr)
         sys.exit(2)
     overrides = list(hydra_cfg.overrides.task)
+    ctrl_c = InterruptHandler().install((signal.SIGINT,))  # SIGTERM is Lightning's (below)
     try:
         result = fit(cfg, overrides)
     except TrackingUnavailable as error:
         print(f"gdlab-train: error: {error}", file=sys.stderr)
         sys.exit(3)
     except SIGTERMException:  # Lightning's: raised at the end of the epoch that received SIGTERM
-        print(
-            f"gdlab-train: stopped by SIGTERM; partial history in {hydra_cfg.runtime.output_dir}",
-            file=sys.stderr,
-        )
+        print(f"gdlab-train: stopped by SIGTERM; the run ended KILLED, its history is in "
+              f"{hydra_cfg.runtime.output_dir}", file=sys.stderr)  # fmt: skip
         sys.exit(143)
+    except (KeyboardInterrupt, SystemExit):
+        if ctrl_c.signum is None:
+            raise
+        print(f"gdlab-train: interrupted by SIGINT (Ctrl-C); the run ended KILLED, its history is in "
+              f"{hydra_cfg.runtime.output_dir}", file=sys.stderr)  # fmt: skip
+        sys.exit(ctrl_c.exit_code)
     print(summary(result), flush=True)
     return result.final["objective"]
 

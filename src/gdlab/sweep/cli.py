@@ -1,17 +1,18 @@
 """gdlab-sweep: run trials of a named sweep (sweeps/NAME.yaml) in-process through Optuna's own API.
 
 On top of Hydra's Optuna sweeper plugin this adds pruning, a budget of finished trials across
-invocations, a per-study lock, heartbeats and retries for dead trials, and K worker processes on one
-study (each one `python -m gdlab.sweep ... --worker`).
+invocations, an opt-in per-study lock (--exclusive), heartbeats and retries for dead trials, K worker
+processes on one study (each one `python -m gdlab.sweep ... --worker`), and a clean stop on SIGTERM/SIGINT.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import math
 import os
-import socket
+import re
 import subprocess
 import sys
 import time
@@ -21,8 +22,16 @@ from pathlib import Path
 import optuna
 
 from gdlab.config import ConfigError
+from gdlab.interrupts import InterruptHandler, failure_reason
 from gdlab.masking import install_log_masking, mask_passwords
-from gdlab.sweep.parent_run import finish_parent_run, log_study_plots, repair_killed_runs, start_parent_run
+from gdlab.sweep.parent_run import (
+    end_parent_run,
+    finish_parent_run,
+    log_study_plots,
+    repair_killed_runs,
+    start_parent_run,
+)
+from gdlab.sweep.signature import ExperimentMismatch, check_same_experiment
 from gdlab.sweep.spec import SweepError, SweepSpec, available_sweeps, load_sweep, sampler_for_stream
 from gdlab.sweep.study import (
     FINISHED,
@@ -36,6 +45,7 @@ from gdlab.sweep.study import (
 from gdlab.sweep.trials import TrialLogger, make_objective, run_population_batches
 from gdlab.tracking import PARENT_ENV, TrackingUnavailable, tracking_uri
 
+STUDY_NAME = re.compile(r"[A-Za-z0-9_\-][A-Za-z0-9_.\-]{0,99}")
 OVERRIDES_ENV = "GDLAB_SWEEP_OVERRIDES"  # a worker's overrides, off its command line
 
 
@@ -78,6 +88,12 @@ def parse_args(argv):
         help="trials asked and trained together as one batched model (default: the sweep's "
         "gdlab_sweep.population, else 1: one trial at a time)",
     )
+    parser.add_argument(
+        "--exclusive",
+        action="store_true",
+        help="for scheduled jobs: do nothing (exit 0, a line on stderr) while another --exclusive "
+        "gdlab-sweep on this machine runs the same study",
+    )
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--worker-index", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--parent-run-id", help=argparse.SUPPRESS)
@@ -94,6 +110,18 @@ def check_counts(args) -> None:
             raise SweepError(f"{option}={value} is not allowed; use {allowed}")
 
 
+def not_an_interrupt(record: logging.LogRecord) -> bool:
+    """Drop Optuna's "Trial N failed ... KeyboardInterrupt" warning (with its traceback) after a signal."""
+    return not (record.exc_info and isinstance(record.exc_info[1], KeyboardInterrupt))
+
+
+def check_study_name(name: str) -> None:
+    """A study name becomes a directory (outputs/sweeps/<study>/) and an MLflow tag: one plain word."""
+    if not STUDY_NAME.fullmatch(name):
+        raise SweepError(f"--study={name!r} is not allowed; use letters, digits, '_', '-' and '.' "
+                         "(not starting with '.'), at most 100 characters")  # fmt: skip
+
+
 def trial_shares(n_trials: int | None, workers: int) -> list[int | None]:
     """--n-trials N caps the whole invocation: N split over its processes (None: no cap)."""
     if n_trials is None:
@@ -102,6 +130,17 @@ def trial_shares(n_trials: int | None, workers: int) -> list[int | None]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    interrupts = InterruptHandler().install()
+    try:
+        return sweep_main(argv, interrupts)
+    except (KeyboardInterrupt, SystemExit):
+        if interrupts.signum is None:
+            raise
+        print(f"gdlab-sweep: {failure_reason(interrupts)} before any trial started", file=sys.stderr)
+        return interrupts.exit_code
+
+
+def sweep_main(argv: list[str] | None, interrupts: InterruptHandler) -> int:
     args = parse_args(argv)
     if args.worker and OVERRIDES_ENV in os.environ:
         args.overrides = json.loads(os.environ[OVERRIDES_ENV])
@@ -112,36 +151,43 @@ def main(argv: list[str] | None = None) -> int:
         "ignore", message="Heartbeat of storage is supposed to be used with Study.optimize"
     )
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    for handler in logging.getLogger("optuna").handlers:  # a signal is said once, by us, without a traceback
+        handler.addFilter(not_an_interrupt)
     try:
         spec = load_sweep(args.name, args.overrides, args.config_dir)
         study_name, budget = args.study or spec.study_name, args.budget or spec.budget
         storage_url = args.storage or os.environ.get(STORAGE_ENV) or spec.storage
         check_counts(args)
+        check_study_name(study_name)
         if args.population is not None:
             spec.population = args.population
-        lock = None if args.worker else StudyLock(Path(spec.task.tracking.dir) / "locks", study_name)
-        if lock is not None and not lock.acquire():
-            print(f"gdlab-sweep: study {study_name!r} is already being run by another gdlab-sweep on this "
-                  f"machine (lock {lock.path}); nothing to do")  # fmt: skip
-            return 0
+        if args.exclusive and not args.worker:
+            lock = StudyLock(storage_url, study_name)
+            if not lock.acquire():
+                print(f"gdlab-sweep: --exclusive: study {study_name!r} is already being run on this machine "
+                      f"by process {lock.holder()} (lock {lock.path}); not starting",
+                      file=sys.stderr)  # fmt: skip
+                return 0
         storage = make_storage(storage_url, args.heartbeat_interval, args.grace_period)
         study = optuna.create_study(
             study_name=study_name, storage=storage, sampler=spec.sampler, pruner=spec.pruner,
             direction=spec.direction, load_if_exists=True,
         )  # fmt: skip
         check_same_search_space(study, spec)
+        check_same_experiment(study, spec.signature)
         study.sampler = sampler_for_stream(spec, len(study.get_trials(deepcopy=False)), args.worker_index)
-    except (SweepError, ConfigError) as error:
+    except (SweepError, ConfigError, ExperimentMismatch) as error:
         print(f"gdlab-sweep: error: {error}", file=sys.stderr)
         return 2
     try:
-        return run_sweep(args, spec, study, storage, storage_url, budget)
+        return run_sweep(args, spec, study, storage, storage_url, budget, interrupts)
     except TrackingUnavailable as error:
         print(f"gdlab-sweep: error: {error}", file=sys.stderr)
         return 3
 
 
-def run_sweep(args, spec: SweepSpec, study: optuna.Study, storage, storage_url: str, budget: int) -> int:
+def run_sweep(args, spec: SweepSpec, study: optuna.Study, storage, storage_url: str, budget: int,
+              interrupts: InterruptHandler) -> int:  # fmt: skip
     finished = len(study.get_trials(deepcopy=False, states=FINISHED))
     if finished >= budget:
         print(f"gdlab-sweep: study {study.study_name!r} holds {finished}/{budget} finished trials: "
@@ -157,8 +203,7 @@ def run_sweep(args, spec: SweepSpec, study: optuna.Study, storage, storage_url: 
     elif tracking_uri(spec.task) is not None:
         parent_run_id = start_parent_run(
             spec.task, name=f"{study.study_name}-{time.strftime('%Y%m%d-%H%M%S')}",
-            tags={"optuna.study": study.study_name, "optuna.storage": storage_url, "sweep": spec.name,
-                  "gdlab.host": socket.gethostname(), "gdlab.pid": os.getpid()},
+            tags={"optuna.study": study.study_name, "optuna.storage": storage_url, "sweep": spec.name},
         )  # fmt: skip
         repair_killed_runs(spec.task, study)
     shares = trial_shares(args.n_trials, args.workers)
@@ -166,17 +211,13 @@ def run_sweep(args, spec: SweepSpec, study: optuna.Study, storage, storage_url: 
     workers = [start_worker(args, spec, study.study_name, storage_url, budget, parent_run_id, index, share)
                for index, share in enumerate(shares[1:], start=1) if share != 0]  # fmt: skip
     logger = TrialLogger(budget, spec.max_failure_rate)
-    if spec.population > 1:
-        run_population_batches(spec, study, storage, args, budget, logger)
-    else:
-        study.optimize(
-            make_objective(spec, Path("outputs") / "sweeps" / study.study_name),
-            n_trials=args.n_trials,
-            timeout=args.timeout,
-            callbacks=[optuna.study.MaxTrialsCallback(budget, states=FINISHED), logger],
-            catch=(Exception,),
-        )
-    worker_failed = any(worker.wait() != 0 for worker in workers)
+    try:
+        run_trials(args, spec, study, storage, budget, logger)
+        worker_failed = any(worker.wait() != 0 for worker in workers)
+    except (KeyboardInterrupt, SystemExit):
+        if interrupts.signum is None:
+            raise
+        return stop_interrupted(args, spec, parent_run_id, workers, interrupts)
     if not args.worker and parent_run_id:
         repaired = repair_killed_runs(spec.task, study)
         if repaired:
@@ -197,6 +238,42 @@ def run_sweep(args, spec: SweepSpec, study: optuna.Study, storage, storage_url: 
     except ValueError:
         print(f"gdlab-sweep: done: {total}/{budget} finished trials; none completed")
     return 0
+
+
+def run_trials(args, spec: SweepSpec, study: optuna.Study, storage, budget: int, logger: TrialLogger) -> None:
+    if spec.population > 1:
+        run_population_batches(spec, study, storage, args, budget, logger)
+    else:
+        study.optimize(
+            make_objective(spec, Path("outputs") / "sweeps" / study.study_name),
+            n_trials=args.n_trials,
+            timeout=args.timeout,
+            callbacks=[optuna.study.MaxTrialsCallback(budget, states=FINISHED), logger],
+            catch=(Exception,),
+        )
+
+
+def stop_interrupted(args, spec: SweepSpec, parent_run_id: str | None, workers: list,
+                     interrupts: InterruptHandler) -> int:  # fmt: skip
+    """After SIGTERM/SIGINT: the workers get the same signal (a `kill PID` reaches this process only),
+    the parent run ends KILLED, one line says what happened, exit 128 + signal."""
+    for worker in workers:
+        if worker.poll() is None:
+            worker.send_signal(interrupts.signum)
+    for worker in workers:
+        worker.wait()
+    reason = failure_reason(interrupts)
+    has_parent = parent_run_id and not args.worker
+    if has_parent:
+        try:
+            end_parent_run(spec.task, parent_run_id, "KILLED", reason)
+        except Exception as error:  # an outage: the next gdlab command repairs the run
+            print(f"gdlab-sweep: could not end the parent run: {mask_passwords(str(error)).splitlines()[0]}",
+                  file=sys.stderr)  # fmt: skip
+    runs = "their MLflow runs and the sweep's parent run" if has_parent else "their runs"
+    print(f"gdlab-sweep: {reason}: the running trial(s) are FAIL in Optuna, {runs} ended KILLED; "
+          "finished trials are kept", file=sys.stderr)  # fmt: skip
+    return interrupts.exit_code
 
 
 def start_worker(args, spec: SweepSpec, study_name: str, storage_url: str, budget: int,

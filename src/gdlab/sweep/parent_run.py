@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import math
 import os
-import socket
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -41,7 +40,10 @@ def start_parent_run(cfg: DictConfig, name: str, tags: dict | None = None) -> st
     if uri is None:
         return None
 
-    tags = {"gdlab.kind": "sweep", **{k: mask_passwords(str(v)) for k, v in (tags or {}).items()}}
+    from gdlab.repair import process_tags
+
+    masked = {k: mask_passwords(str(v)) for k, v in (tags or {}).items()}
+    tags = {"gdlab.kind": "sweep", **process_tags(), **masked}
     try:
         client = mlflow_client(uri)
         experiment_id = get_or_create_experiment(client, experiment_name(cfg), artifact_root(cfg, uri))
@@ -82,6 +84,14 @@ def finish_parent_run(cfg: DictConfig, parent_run_id: str, report_dir: str | Pat
         attach_report(cfg, parent_run_id, report_dir)
     client.set_terminated(parent_run_id, status="FINISHED" if finished or not children else "FAILED")
     return summary
+
+
+def end_parent_run(cfg: DictConfig, parent_run_id: str, status: str, reason: str) -> None:
+    """Close the parent early (an interrupted sweep): `status` with the reason as a tag."""
+    os.environ.pop(PARENT_ENV, None)
+    client = mlflow_client(tracking_uri(cfg))
+    client.set_tag(parent_run_id, "failure.reason", reason)
+    client.set_terminated(parent_run_id, status=status)
 
 
 def attach_report(cfg: DictConfig, parent_run_id: str, report_dir: str | Path | None) -> None:
@@ -128,6 +138,7 @@ class MlflowSweepCallback(Callback):
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
         mask_saved_hydra_configs(Path(str(config.hydra.sweep.dir)))
         cfg = _task_config(config)
+        check_optuna_study(config, cfg)
         if cfg.tracking.backend == "none":
             return
         sweep_dir = config.hydra.sweep.dir
@@ -148,6 +159,30 @@ class MlflowSweepCallback(Callback):
             report_dir = Path(str(config.hydra.sweep.dir)) / "report"
             finish_parent_run(_task_config(config), self.parent_run_id, report_dir)
             self.parent_run_id = None
+
+
+def check_optuna_study(config: DictConfig, task: DictConfig) -> None:
+    """Hydra's Optuna sweeper on a stored study: the same experiment signature as gdlab-sweep writes and
+    checks (gdlab.sweep.signature); a different one is one line on stderr and exit status 2."""
+    sweeper = config.hydra.sweeper
+    if "optuna" not in str(sweeper.get("_target_", "")) or not sweeper.get("storage"):
+        return
+    import sys
+
+    import optuna
+
+    from gdlab.sweep.signature import ExperimentMismatch, check_same_experiment, experiment_signature
+
+    study_name, storage = sweeper.get("study_name") or "gdlab", str(sweeper.storage)
+    direction = getattr(sweeper.direction, "name", str(sweeper.direction)).lower()
+    signature = experiment_signature(task, sweeper.get("params"), list(config.hydra.overrides.task))
+    try:
+        study = optuna.create_study(study_name=study_name, storage=storage, direction=direction,
+                                    load_if_exists=True)  # fmt: skip
+        check_same_experiment(study, signature)
+    except ExperimentMismatch as error:
+        print(f"gdlab-train: error: {error}", file=sys.stderr)
+        sys.exit(2)
 
 
 def _task_config(config: DictConfig) -> DictConfig:
@@ -174,7 +209,7 @@ def repair_killed_runs(task: DictConfig, study: optuna.Study) -> int:
 def _repair(client, study: optuna.Study) -> int:
     from optuna.trial import TrialState
 
-    from gdlab.sweep.study import process_alive
+    from gdlab.repair import made_by_dead_process
 
     states = {t.number: t.state for t in study.get_trials(deepcopy=False)}
     filter_string = f"tags.`optuna.study` = '{study.study_name}' and attributes.status = 'RUNNING'"
@@ -186,8 +221,7 @@ def _repair(client, study: optuna.Study) -> int:
                 dead = states.get(int(tags["optuna.trial"])) not in (None, TrialState.RUNNING)
                 reason = "its worker died; the trial failed by heartbeat"
             else:  # a sweep's parent run: dead if its process, on this host, is gone
-                pid = int(tags.get("gdlab.pid", 0))
-                dead = tags.get("gdlab.host") == socket.gethostname() and not process_alive(pid)
+                dead = made_by_dead_process(tags)
                 reason = "its gdlab-sweep process died"
             if dead:
                 client.set_tag(run.info.run_id, "failure.reason", reason)

@@ -22,6 +22,7 @@ from optuna.distributions import CategoricalDistribution
 
 from gdlab.compose import VariantComposer, compose_config, search_path_override
 from gdlab.config import ConfigError, validate
+from gdlab.sweep.signature import experiment_signature
 
 # What a sweep file may instantiate: Optuna's samplers and pruners, and gdlab's search-space hooks.
 TRUSTED_TARGETS = ["optuna.samplers.*", "optuna.pruners.*", "gdlab.sweep.*"]
@@ -49,6 +50,7 @@ class SweepSpec:
     max_failure_rate: float
     custom_search_space: object | None
     population: int  # trials asked and trained together as one batched model (1: one at a time)
+    signature: dict = field(default_factory=dict)  # gdlab.sweep.signature: what a trial computes
     composer: VariantComposer | None = field(default=None, repr=False)  # made on first use
 
 
@@ -103,6 +105,7 @@ def load_sweep(name: str, overrides: list[str] | None = None, config_dir: Path |
         max_failure_rate=float(extra.get("max_failure_rate", 0.5)),
         custom_search_space=custom,
         population=population,
+        signature=experiment_signature(task, sweeper.params, overrides),
     )
 
 

@@ -1,13 +1,16 @@
 """The Optuna study a sweep adds trials to: its storage, its heartbeats and its per-machine lock.
 
 A trial whose process died stops sending heartbeats, goes FAIL after the grace period and is retried;
-one gdlab-sweep per study runs on a machine (StudyLock), with any number of --workers under it.
+with --exclusive, one gdlab-sweep per study runs on a machine (StudyLock).
 """
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
+import hashlib
 import os
+import tempfile
 import threading
 from pathlib import Path
 
@@ -16,6 +19,7 @@ from optuna.trial import TrialState
 
 from gdlab.masking import mask_passwords
 from gdlab.sweep.spec import SweepError, SweepSpec, search_space_signature
+from gdlab.tracking import store_lock
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 STORAGE_ENV = "GDLAB_OPTUNA_STORAGE"
@@ -27,17 +31,20 @@ def make_storage(url: str, heartbeat: int = HEARTBEAT_SECONDS, grace: int = GRAC
     """RDB storage with heartbeats: a trial whose process died goes FAIL and is retried (twice)."""
     is_sqlite = url.startswith("sqlite")
     engine_kwargs = {"connect_args": {"timeout": 60}} if is_sqlite else {"pool_pre_ping": True}
-    if url.startswith("sqlite:///") and not url.startswith("sqlite:////"):
-        Path(url[len("sqlite:///") :]).parent.mkdir(parents=True, exist_ok=True)
+    database = Path(url[len("sqlite:///") :]) if url.startswith("sqlite:///") else None
     try:
-        check_is_optuna_database(url)
-        return optuna.storages.RDBStorage(
-            url,
-            engine_kwargs=engine_kwargs,
-            heartbeat_interval=heartbeat,
-            grace_period=grace,
-            heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=2),
-        )
+        if database is not None:
+            database.parent.mkdir(parents=True, exist_ok=True)
+        # Processes started together on a new SQLite file create Optuna's tables once, under a lock.
+        with store_lock(database) if database is not None else contextlib.nullcontext():
+            check_is_optuna_database(url)
+            return optuna.storages.RDBStorage(
+                url,
+                engine_kwargs=engine_kwargs,
+                heartbeat_interval=heartbeat,
+                grace_period=grace,
+                heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=2),
+            )
     except SweepError:
         raise
     except Exception as error:
@@ -100,11 +107,17 @@ class Heartbeats:
 
 
 class StudyLock:
-    """One gdlab-sweep per study on this machine: an exclusive flock on <tracking.dir>/locks/<study>.lock."""
+    """--exclusive: one gdlab-sweep per study and storage on this machine, for scheduled jobs.
 
-    def __init__(self, directory: Path, study_name: str):
-        directory.mkdir(parents=True, exist_ok=True)
-        self.path = directory / f"{study_name}.lock"
+    An exclusive flock on a file in the machine's own temporary directory (never under mlruns/, which
+    may be on NFS or Lustre, where flock can be cluster-wide or a no-op). The file name is a hash of the
+    storage URL and the study name, so no password reaches the disk."""
+
+    def __init__(self, storage_url: str, study_name: str, directory: Path | None = None):
+        directory = directory or Path(tempfile.gettempdir()) / f"gdlab-locks-{os.getuid()}"
+        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        key = hashlib.sha256(f"{storage_url}\0{study_name}".encode()).hexdigest()[:24]
+        self.path = directory / f"{key}.lock"
         self.file = open(self.path, "a+")  # noqa: SIM115 (held for the process's life)
 
     def acquire(self) -> bool:
@@ -118,14 +131,6 @@ class StudyLock:
         self.file.flush()
         return True
 
-
-def process_alive(pid: int) -> bool:
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # someone else's process
-    return True
+    def holder(self) -> str:
+        self.file.seek(0)
+        return self.file.read().strip() or "?"

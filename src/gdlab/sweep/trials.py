@@ -95,7 +95,11 @@ def make_objective(spec: SweepSpec, output_root: Path):
 
     def objective(trial: optuna.Trial) -> float:
         cfg, overrides = suggest_trial(spec, trial)
-        result = fit(cfg, overrides, **trial_run_args(spec, trial, cfg, output_root))
+        try:
+            result = fit(cfg, overrides, **trial_run_args(spec, trial, cfg, output_root))
+        except SystemExit as stop:  # Lightning's exit after SIGTERM/Ctrl-C; Optuna FAILs a trial on these:
+            trial.set_user_attr("failure", "interrupted")
+            raise KeyboardInterrupt("interrupted") from stop
         if result.final["pruned"]:
             raise optuna.TrialPruned(result.final["pruned"])
         return record_result(trial, result)
@@ -159,6 +163,7 @@ def run_trial_batch(spec: SweepSpec, study: optuna.Study, trials: list, output_r
         done = {t.number for t in told}
         for trial in trials:
             if trial.number not in done:
+                trial.set_user_attr("failure", "its batch was interrupted")
                 tell_study(study, trial, None, TrialState.FAIL)
 
 
