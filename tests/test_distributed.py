@@ -318,7 +318,7 @@ def test_no_form_of_a_password_reaches_disk_logs_databases_or_a_command_line(tmp
     assert len(optuna.load_study(study_name="lr_depth", storage=in_userinfo).trials) >= 6
 
     files = [p for p in tmp_path.rglob("*") if p.is_file()]
-    assert any(p.suffix == ".png" for p in files) and any(p.name == "multirun.yaml" for p in files)
+    assert any(p.suffix == ".png" for p in files) and any(p.name == "hydra.yaml" for p in files)
     for secret in secrets:
         assert secret not in logs
         assert not [line for line in seen if secret in line]

@@ -15,6 +15,7 @@ from gdlab.data import DIGITS_ROWS, N_CLASSES, N_FEATURES
 from gdlab.masking import mask_passwords
 from gdlab.model import ACTIVATIONS, HEADS, INITS, LOSS_FOR_HEAD, LOSSES
 from gdlab.optimizers import FAILURE_MODES, OPTIMIZERS, RESETS, TRIAL_EVALS
+from gdlab.step_rules import BB_VARIANTS, FIRST_TRIALS
 
 BACKPROPS = ("autograd", "manual")
 ACCELERATORS = ("auto", "cpu", "gpu")
@@ -51,7 +52,7 @@ def check_number(cfg, key: str, low=None, high=None, *, low_open=False, high_ope
         raise ConfigError(f"{key}={value!r} must be {kind}")
     if not math.isfinite(value):
         allowed = _range(low, high, low_open, high_open)
-        raise ConfigError(f"{key}={value!r} is not allowed; allowed: a finite number {allowed}")
+        raise ConfigError(f"{key}={value!r} is not allowed; allowed: a finite number {allowed}".rstrip())
     too_low = low is not None and (value <= low if low_open else value < low)
     too_high = high is not None and (value >= high if high_open else value > high)
     if too_low or too_high:
@@ -61,6 +62,8 @@ def check_number(cfg, key: str, low=None, high=None, *, low_open=False, high_ope
 
 
 def _range(low, high, low_open: bool, high_open: bool) -> str:
+    if low is None and high is None:
+        return ""
     if high is None:
         return f"{'>' if low_open else '>='} {low}"
     return f"in {'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
@@ -191,7 +194,25 @@ def _check_optimizer(cfg) -> None:
     if name == "lbfgs":
         check_number(cfg, "optimizer.max_iter", 1, integer=True)
         check_number(cfg, "optimizer.history_size", 1, integer=True)
-    if name == "backtracking":
+    if name == "polyak":
+        check_number(cfg, "optimizer.step_max", 0, low_open=True)
+        check_number(cfg, "optimizer.f_star")
+        check_number(cfg, "optimizer.c", 0, low_open=True)
+    if name == "bb":
+        check_choice(cfg, "optimizer.variant", BB_VARIANTS)
+        check_number(cfg, "optimizer.step_min", 0, low_open=True)
+        check_number(cfg, "optimizer.step_max", 0, low_open=True)
+        if cfg.optimizer.step_min > cfg.optimizer.step_max:
+            raise ConfigError(
+                f"optimizer.step_min={cfg.optimizer.step_min} is more than optimizer.step_max="
+                f"{cfg.optimizer.step_max}; allowed: 0 < step_min <= step_max"
+            )
+    if name == "nonmonotone":
+        check_number(cfg, "optimizer.memory", 1, integer=True)
+        check_choice(cfg, "optimizer.first_trial", FIRST_TRIALS)
+        check_number(cfg, "optimizer.f_star")
+        check_number(cfg, "optimizer.c_step", 0, low_open=True)
+    if name in ("backtracking", "nonmonotone"):
         check_number(cfg, "optimizer.c", 0, 1, low_open=True, high_open=True)
         check_number(cfg, "optimizer.beta", 0, 1, low_open=True, high_open=True)
         check_choice(cfg, "optimizer.reset", RESETS)

@@ -29,6 +29,7 @@ from gdlab.members import check_population
 from gdlab.model import MLP, encode_targets, initialize, layer_sizes
 from gdlab.module import RunOutcome, Stops, TrainingModule
 from gdlab.optimizers import GD, Adam, Backtracking, LBFGSStep, member_tensor
+from gdlab.step_rules import BarzilaiBorwein, NonMonotone, Polyak
 from gdlab.tracking import MlflowRun, run_name, tracking_uri
 
 log = logging.getLogger("gdlab")
@@ -76,10 +77,18 @@ def optimizer_factory(cfgs: list[DictConfig]):
         return lambda params: LBFGSStep(params, first.lr, first.max_iter, first.history_size)
     if name == "adam":
         return lambda params: Adam(params, numbers("lr"))
-    if name == "backtracking":
+    if name == "polyak":
+        return lambda params: Polyak(params, numbers("f_star"), numbers("c"), numbers("step_max"))
+    if name == "bb":
+        return lambda params: BarzilaiBorwein(params, numbers("lr"), numbers("step_min"), numbers("step_max"),
+                                              first.variant)  # fmt: skip
+    if name in ("backtracking", "nonmonotone"):
         kwargs = {key: numbers(key) for key in BACKTRACKING_NUMBERS}
-        return lambda params: Backtracking(params, **kwargs, reset=first.reset, on_failure=first.on_failure,
-                                           trial_eval=first.trial_eval)  # fmt: skip
+        kwargs.update(reset=first.reset, on_failure=first.on_failure, trial_eval=first.trial_eval)
+        if name == "nonmonotone":
+            return lambda params: NonMonotone(params, first.memory, first.first_trial, numbers("f_star"),
+                                              numbers("c_step"), **kwargs)  # fmt: skip
+        return lambda params: Backtracking(params, **kwargs)
     momentum = numbers("momentum", 0.0)
     return lambda params: GD(params, numbers("lr"), momentum, bool(first.get("nesterov", False)))
 

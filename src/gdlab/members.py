@@ -12,11 +12,12 @@ from omegaconf import DictConfig, OmegaConf
 from gdlab.config import ConfigError
 
 # L-BFGS's two-loop recursion couples all parameters, so it has no per-member form: it trains as P = 1.
-POPULATION_OPTIMIZERS = ("gd", "sgd", "momentum", "backtracking", "adam")
+POPULATION_OPTIMIZERS = ("gd", "sgd", "momentum", "backtracking", "adam", "polyak", "bb", "nonmonotone")
 # What may differ between members; any other difference puts two runs in different populations.
 MEMBER_KEYS = ("seed", "init", "optimizer.lr", "optimizer.momentum", "optimizer.c", "optimizer.beta",
                "optimizer.growth", "optimizer.lr_max", "optimizer.lr_min", "optimizer.max_backtracks",
-               "optimizer.tiny_step", "trainer.stop_loss", "trainer.max_evals")  # fmt: skip
+               "optimizer.tiny_step", "optimizer.f_star", "optimizer.step_max", "optimizer.step_min",
+               "optimizer.c_step", "trainer.stop_loss", "trainer.max_evals")  # fmt: skip
 
 
 class Retire(Exception):  # noqa: N818 (a signal, not an error)

@@ -23,7 +23,7 @@ from torch.optim import LBFGS, Optimizer
 
 from gdlab.model import per_member
 
-OPTIMIZERS = ("gd", "sgd", "momentum", "backtracking", "adam", "lbfgs")
+OPTIMIZERS = ("gd", "sgd", "momentum", "backtracking", "adam", "lbfgs", "polyak", "bb", "nonmonotone")
 RESETS = ("initial", "previous", "grow")
 TRIAL_EVALS = ("forward", "forward_backward")
 FAILURE_MODES = ("revert", "tiny_step")
@@ -211,7 +211,8 @@ class Backtracking(MemberOptimizer):
         self.last_accepted = torch.full_like(lr, math.nan)
         self.carried: Evaluation | None = None  # reuse: the accepted trials' evaluation (NaN: none)
 
-    def first_trial_step(self) -> Tensor:
+    def first_trial_step(self, f0: Tensor, grad_sq: Tensor) -> Tensor:
+        """The step each search starts at: lr, or from the last accepted step (`reset`)."""
         last = self.last_accepted
         if self.reset == "initial":
             return self.lr.clone()
@@ -226,7 +227,8 @@ class Backtracking(MemberOptimizer):
         if self.reuse:  # what the next step starts from, member by member as they accept
             self.next_grads, self.next_start = [p.grad.clone() for p in self.params], record.start
         grad_sq = sum((d * d).flatten(1).sum(dim=1) for d in neg_g).cpu().double()
-        step = record.trial_step = self.first_trial_step()
+        step = record.trial_step = self.first_trial_step(f0, grad_sq)
+        f_ref = self.reference(f0)
         searching, accepted = self.active.clone(), torch.zeros_like(self.active)
         evaluations = record.evals_fwdbwd if self.reuse else record.evals_fwd
         while searching.any():
@@ -235,7 +237,7 @@ class Backtracking(MemberOptimizer):
                 trial = closure()
             f_trial = losses(trial)
             evaluations += searching
-            passed = searching & armijo_condition(f_trial, f0, step, grad_sq, self.c)
+            passed = searching & armijo_condition(f_trial, f_ref, step, grad_sq, self.c)
             if self.reuse:
                 self.keep_accepted(passed, trial)
             accepted |= passed
@@ -257,6 +259,10 @@ class Backtracking(MemberOptimizer):
             self.finish_reuse(record.failed)
         record.step = self.mask(step)
         return record
+
+    def reference(self, f0: Tensor) -> Tensor:
+        """The loss a trial must sufficiently decrease from: f(w) (non-monotone rules change it)."""
+        return f0
 
     def start_record(self, closure) -> StepRecord:
         """The step's record, begun with f and g at w: carried over from the last accepted trial

@@ -172,15 +172,18 @@ def check_optuna_study(config: DictConfig, task: DictConfig) -> None:
     import optuna
 
     from gdlab.sweep.signature import ExperimentMismatch, check_same_experiment, experiment_signature
+    from gdlab.sweep.spec import SweepError
+    from gdlab.sweep.study import make_storage
 
-    study_name, storage = sweeper.get("study_name") or "gdlab", str(sweeper.storage)
+    study_name = sweeper.get("study_name") or "gdlab"
     direction = getattr(sweeper.direction, "name", str(sweeper.direction)).lower()
     signature = experiment_signature(task, sweeper.get("params"), list(config.hydra.overrides.task))
     try:
+        storage = make_storage(str(sweeper.storage))  # the folder of a new SQLite file, made safely
         study = optuna.create_study(study_name=study_name, storage=storage, direction=direction,
                                     load_if_exists=True)  # fmt: skip
         check_same_experiment(study, signature)
-    except ExperimentMismatch as error:
+    except (ExperimentMismatch, SweepError) as error:
         print(f"gdlab-train: error: {error}", file=sys.stderr)
         sys.exit(2)
 
