@@ -118,7 +118,9 @@ def test_nonmonotone_with_memory_1_is_armijo_exactly():
 def test_nonmonotone_memory_1_trains_the_moons_lab_as_backtracking_does():
     common = ["+experiment=lab_moons_fixed_lr", "trainer.max_epochs=60", "tracking=none"]
     armijo = gdlab.run([*common, "optimizer=backtracking"])
-    nonmono = gdlab.run([*common, "optimizer=nonmonotone", "optimizer.memory=1"])
+    nonmono = gdlab.run(
+        [*common, "optimizer=nonmonotone", "optimizer.memory=1", "optimizer.first_trial=rule"]
+    )
     np.testing.assert_allclose(
         nonmono.history["train/loss"], armijo.history["train/loss"], rtol=1e-12, atol=0
     )
@@ -127,7 +129,8 @@ def test_nonmonotone_memory_1_trains_the_moons_lab_as_backtracking_does():
 
 def test_a_longer_memory_accepts_more_first_trials():
     common = ["+experiment=lab_moons_fixed_lr", "trainer.max_epochs=100", "tracking=none",
-              "optimizer=nonmonotone", "optimizer.lr=4", "optimizer.lr_max=4"]  # fmt: skip
+              "optimizer=nonmonotone", "optimizer.first_trial=rule", "optimizer.lr=4",
+              "optimizer.lr_max=4"]  # fmt: skip
     short, long = gdlab.run([*common, "optimizer.memory=1"]), gdlab.run([*common, "optimizer.memory=10"])
     assert long.history["backtracks"].sum() < short.history["backtracks"].sum()
 
