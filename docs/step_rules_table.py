@@ -17,7 +17,7 @@ from mlflow import MlflowClient
 def spread(values: list[float]) -> str:
     if not values:
         return "–"
-    return f"{statistics.median(values):.4f} ({min(values):.4f}–{max(values):.4f})"
+    return f"{statistics.median(values):.3g} ({min(values):.3g}–{max(values):.3g})"
 
 
 def main() -> None:

@@ -201,3 +201,19 @@ def test_a_diverged_run_sorts_last_whatever_its_last_logged_loss():
     assert list(table.index) == ["ok", "diverged"]
     assert list(table["status"]) == ["FINISHED", "diverged at epoch 1"]
     assert list(table["epochs"]) == [2, 1] and "test/loss" not in table
+
+
+def test_loss_against_evaluations_colours_by_rule_not_by_seed_or_lr():
+    from gdlab.report import TrackedRun
+    from gdlab.report_figures import rule_labels
+
+    def run(**params):
+        return TrackedRun(run_id="x", name="x", params=params, curves=pd.DataFrame())
+
+    runs = [run(**{"optimizer.name": "gd", "optimizer.lr": "0.1", "seed": "1"}),
+            run(**{"optimizer.name": "gd", "optimizer.lr": "5", "seed": "2"}),
+            run(**{"optimizer.name": "backtracking", "optimizer.trial_eval": "forward", "seed": "1"}),
+            run(**{"optimizer.name": "backtracking", "optimizer.trial_eval": "forward_backward", "seed": "1"}),
+            run(**{"optimizer.name": "polyak", "optimizer.c": "0.5", "seed": "3"})]  # fmt: skip
+    assert rule_labels(runs) == ["gd", "gd", "backtracking trial_eval=forward",
+                                 "backtracking trial_eval=forward_backward", "polyak"]  # fmt: skip

@@ -74,7 +74,15 @@ gdlab_sweep:
 
 
 def test_every_shipped_sweep_parses_and_validates():
-    for name in ("lr_depth", "lr_depth_xor", "optimizers", "init_activation", "seeds", "digits_depth_width"):
+    for name in (
+        "lr_depth",
+        "lr_depth_xor",
+        "optimizers",
+        "init_activation",
+        "seeds",
+        "digits_depth_width",
+        "step_rules",
+    ):
         spec = load_sweep(name)
         assert spec.study_name == name and spec.budget > 0 and spec.distributions, name
     spec = load_sweep("lr_depth")
@@ -82,6 +90,9 @@ def test_every_shipped_sweep_parses_and_validates():
     assert (lr.low, lr.high, lr.log) == (1e-3, 10, True)
     assert (spec.distributions["model.depth"].low, spec.distributions["model.depth"].high) == (1, 4)
     assert isinstance(spec.pruner, optuna.pruners.MedianPruner)
+    spec = load_sweep("step_rules")  # a full grid: every rule at every seed, on one evaluation budget
+    assert spec.budget == 7 * 3 == len(spec.distributions["optimizer"].choices) * 3
+    assert spec.task.trainer.max_evals == 600 and isinstance(spec.pruner, optuna.pruners.NopPruner)
 
 
 @pytest.mark.slow

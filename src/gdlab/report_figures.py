@@ -9,6 +9,7 @@ if TYPE_CHECKING:
     from gdlab.report import TrackedRun
 
 PNG_DPI = 80
+UNRULED = ("optimizer.name", "optimizer.lr")  # what does not make another rule
 
 
 def new_figure():
@@ -40,15 +41,37 @@ def plot_metric(runs: list[TrackedRun], metric: str, path: Path, **axis_settings
 
 
 def plot_loss_vs_evals(runs: list[TrackedRun], path: Path) -> Path:
+    """One colour per step-size rule (every seed and lr of a rule in it): the rules side by side."""
     figure, ax = new_figure()
-    for run in runs:
+    figure.set_size_inches(9, 5)
+    colours: dict[str, str] = {}
+    for run, rule in zip(runs, rule_labels(runs), strict=True):
         curves = run.curves.dropna(subset=["train/loss", "evals/total"])
         # evals/total counts the evaluations up to the end of its epoch, while train/loss is measured at
         # the epoch's start: each loss was reached with the previous epoch's total (0 for epoch 0).
         evals_spent = curves["evals/total"].shift(1, fill_value=0.0)
-        ax.plot(evals_spent.to_numpy(), curves["train/loss"].to_numpy(), label=run.label)
+        first = rule not in colours
+        colour = colours.setdefault(rule, f"C{len(colours) % 10}")
+        ax.plot(evals_spent.to_numpy(), curves["train/loss"].to_numpy(), color=colour, alpha=0.75,
+                linewidth=1.2, label=rule if first else None)  # fmt: skip
     return save_figure(figure, ax, path, xlabel="function evaluations (evals/total)", ylabel="train/loss",
-                       yscale="log", title="train loss against evaluations")  # fmt: skip
+                       yscale="log", title="train loss against evaluations, one colour per rule")  # fmt: skip
+
+
+def rule_labels(runs: list[TrackedRun]) -> list[str]:
+    """Each run's step-size rule: optimizer.name, and the optimizer.* values (not lr) that tell apart
+    runs of one name (e.g. backtracking's trial_eval)."""
+    by_name: dict[str, list] = {}
+    for run in runs:
+        by_name.setdefault(run.params.get("optimizer.name", "?"), []).append(run)
+    labels = []
+    for run in runs:
+        name = run.params.get("optimizer.name", "?")
+        peers = by_name[name]
+        keys = sorted(k for k in run.params if k.startswith("optimizer.") and k not in UNRULED
+                      and len({peer.params.get(k) for peer in peers}) > 1)  # fmt: skip
+        labels.append(" ".join([name, *(f"{k.removeprefix('optimizer.')}={run.params[k]}" for k in keys)]))
+    return labels
 
 
 def optimizers_differ(runs: list[TrackedRun]) -> bool:
