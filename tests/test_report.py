@@ -213,7 +213,7 @@ def test_loss_against_evaluations_colours_by_rule_not_by_seed_or_lr():
     runs = [run(**{"optimizer.name": "gd", "optimizer.lr": "0.1", "seed": "1"}),
             run(**{"optimizer.name": "gd", "optimizer.lr": "5", "seed": "2"}),
             run(**{"optimizer.name": "backtracking", "optimizer.trial_eval": "forward", "seed": "1"}),
-            run(**{"optimizer.name": "backtracking", "optimizer.trial_eval": "forward_backward", "seed": "1"}),
+            run(**{"optimizer.name": "backtracking", "optimizer.trial_eval": "forward_backward"}),
             run(**{"optimizer.name": "polyak", "optimizer.c": "0.5", "seed": "3"})]  # fmt: skip
     assert rule_labels(runs) == ["gd", "gd", "backtracking trial_eval=forward",
                                  "backtracking trial_eval=forward_backward", "polyak"]  # fmt: skip
