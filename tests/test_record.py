@@ -49,6 +49,13 @@ def test_invocations_and_workers_draw_distinct_trials_and_share_n_trials(tmp_pat
     assert len({tuple(sorted(t.params.items())) for t in trials}) == 24
 
 
+@pytest.mark.parametrize("name", ["a/b", "../up", ".hidden"])
+def test_a_study_name_that_is_not_one_word_is_refused(tmp_path: Path, name):
+    code, _, err = finish(gdlab("gdlab-sweep", "lr", "--study", name, *QUICK, cwd=tmp_path))
+    assert code == 2 and f"--study={name!r} is not allowed; use letters, digits" in err, err
+    assert "Traceback" not in err and not (tmp_path / "outputs").exists()
+
+
 @pytest.mark.parametrize("value", ["0", "-3", "nan", "inf"])
 def test_non_positive_or_non_finite_counts_are_refused_before_any_trial(tmp_path: Path, value):
     for option in ("--n-trials", "--budget", "--timeout") if value in ("0", "-3") else ("--timeout",):
@@ -113,9 +120,13 @@ def test_the_metric_writer_gets_its_tracking_uri_off_the_command_line(tmp_path: 
         writer.process.wait()
 
 
-def wait_for_running_trial(storage: str, name: str, timeout=180) -> None:
+def wait_for_running_trial(storage: str, name: str, process, timeout=180) -> None:
+    # Its header comes once the study exists: opening the store before would race its creation.
+    assert process.stdout.readline().startswith(f"gdlab-sweep: study {name!r}"), process.stderr.read()[-3000:]
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise AssertionError(f"gdlab-sweep exited {process.returncode}: {process.stderr.read()[-3000:]}")
         try:
             trials = optuna.load_study(study_name=name, storage=storage).get_trials(deepcopy=False)
             if any(t.state == optuna.trial.TrialState.RUNNING for t in trials):
@@ -137,7 +148,7 @@ def test_a_signalled_sweep_fails_its_running_trials_and_kills_its_runs(
     process = gdlab("gdlab-sweep", "lr", "trainer.max_epochs=200000", "tracking.plots=false",
                     "--population", population, cwd=tmp_path, start_new_session=True)  # fmt: skip
     storage = f"sqlite:///{tmp_path / 'mlruns' / 'optuna.db'}"
-    wait_for_running_trial(storage, "lr")
+    wait_for_running_trial(storage, "lr", process)
     os.killpg(process.pid, signum)  # the whole group, as systemd/SLURM (SIGTERM) or a terminal (SIGINT) do
     returncode, _, err = finish(process, timeout=300)
     assert returncode == code, err[-3000:]

@@ -170,3 +170,11 @@ def test_bad_numbers_are_one_line(overrides, message):
         validate(compose_config(overrides))
     assert message in str(error.value)
     assert "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize("rule", ["optimizer=polyak", "optimizer=bb", "optimizer=nonmonotone"])
+def test_hand_written_gradients_train_each_rule_as_autograd_does(rule):
+    common = ["+experiment=lab_moons_fixed_lr", rule, "trainer.max_epochs=30", "tracking=none"]
+    autograd, manual = gdlab.run(common), gdlab.run([*common, "backprop=manual"])
+    np.testing.assert_allclose(manual.history["train/loss"], autograd.history["train/loss"], rtol=1e-10)
+    np.testing.assert_allclose(manual.history["step"], autograd.history["step"], rtol=1e-8)

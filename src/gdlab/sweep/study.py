@@ -116,6 +116,8 @@ class StudyLock:
     def __init__(self, storage_url: str, study_name: str, directory: Path | None = None):
         directory = directory or Path(tempfile.gettempdir()) / f"gdlab-locks-{os.getuid()}"
         directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        if storage_url.startswith("sqlite:///") and not storage_url.startswith("sqlite:////"):  # relative:
+            storage_url = f"sqlite:///{os.path.abspath(storage_url[len('sqlite:///') :])}"  # this folder's
         key = hashlib.sha256(f"{storage_url}\0{study_name}".encode()).hexdigest()[:24]
         self.path = directory / f"{key}.lock"
         self.file = open(self.path, "a+")  # noqa: SIM115 (held for the process's life)
