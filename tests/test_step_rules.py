@@ -178,3 +178,11 @@ def test_hand_written_gradients_train_each_rule_as_autograd_does(rule):
     autograd, manual = gdlab.run(common), gdlab.run([*common, "backprop=manual"])
     np.testing.assert_allclose(manual.history["train/loss"], autograd.history["train/loss"], rtol=1e-10)
     np.testing.assert_allclose(manual.history["step"], autograd.history["step"], rtol=1e-8)
+
+
+def test_nonmonotone_below_f_star_starts_from_its_rule_not_a_zero_step():
+    params = start()
+    optimizer = NonMonotone(params, 3, "polyak", member_tensor([1e9] * P), member_tensor([0.5] * P),
+                            **backtracking_numbers(lr=0.25), reset="initial")  # fmt: skip
+    record = optimizer.step(closure_for(params))
+    assert record.trial_step.tolist() == [0.25] * P and (record.step > 0).all()

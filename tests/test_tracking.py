@@ -251,6 +251,8 @@ def test_unreachable_server_at_start_is_one_clear_error_before_training(tmp_path
         ("host=h password=pq dbname=d", "host=h password=*** dbname=d"),  # a libpq key=value string
         (r"tracking.uri=http\://u\:p\@q@h\:5000", r"tracking.uri=http\://u\:***@h\:5000"),
         ("bypass=1 compass=2", "bypass=1 compass=2"),
+        ("postgresql://u@h/db?password=pa,ss;x&y=1", "postgresql://u@h/db?password=***&y=1"),
+        ("?sslpassword=k&client_secret=s", "?sslpassword=***&client_secret=***"),
     ],
 )
 def test_mask_passwords(text, masked):

@@ -50,7 +50,7 @@ def check_number(cfg, key: str, low=None, high=None, *, low_open=False, high_ope
     is_number = isinstance(value, int) if integer else isinstance(value, int | float)
     if isinstance(value, bool) or not is_number:
         raise ConfigError(f"{key}={value!r} must be {kind}")
-    if not math.isfinite(value):
+    if isinstance(value, float) and not math.isfinite(value):
         allowed = _range(low, high, low_open, high_open)
         raise ConfigError(f"{key}={value!r} is not allowed; allowed: a finite number {allowed}".rstrip())
     too_low = low is not None and (value <= low if low_open else value < low)

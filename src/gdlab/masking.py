@@ -16,10 +16,11 @@ if TYPE_CHECKING:
 # scheme://user:password@host, also as Hydra prints overrides (scheme\://user\:password@host). The password
 # runs to the last "@" of its whitespace-free token: SQLAlchemy and urllib accept "/", ":" and "@" in it.
 _USERINFO = re.compile(r"(?P<prefix>[A-Za-z][A-Za-z0-9+.\-]*\\?://[^/\s:@]*\\?:)(?P<rest>\S*)")
-# ?password=... (libpq, psycopg, MySQL drivers), also key=value connection strings and tokens.
+# ?password=... (libpq, psycopg, MySQL drivers), also key=value connection strings and tokens; the key may
+# have a prefix (sslpassword, client_secret, access_token). The value runs to "&", "#" or whitespace.
 _SECRET_PARAM = re.compile(
-    r"(?i)(?<![A-Za-z0-9_])(?P<key>password|passwd|pwd|pass|secret|token|api_key|apikey|access_token)"
-    r"(?P<eq>\\?=)(?P<value>[^&;,\s'\"]+)"
+    r"(?i)(?<![A-Za-z0-9])(?P<key>[A-Za-z0-9_]*(?:password|passwd|secret|token)|pwd|pass|api_?key)"
+    r"(?P<eq>\\?=)(?P<value>[^&#\s]+?)(?=['\"]*(?:[&#\s]|$))"
 )
 
 

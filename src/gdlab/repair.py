@@ -56,10 +56,10 @@ def made_by_dead_process(tags: dict) -> bool:
     pid = int(tags[PID_TAG])
     if pid == os.getpid():
         return False
-    identity = tags.get(PROCESS_TAG)
-    if identity and os.path.isdir("/proc"):
-        return process_identity(pid) != identity
-    return not process_alive(pid)
+    identity, now = tags.get(PROCESS_TAG), process_identity(pid)
+    if identity and now is not None:  # the pid is visible here: is it still the same process?
+        return now != identity
+    return not process_alive(pid)  # a pid we cannot see (hidepid, another pid namespace) is alive
 
 
 def repair_dead_runs(client) -> int:

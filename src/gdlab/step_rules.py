@@ -104,6 +104,8 @@ class NonMonotone(Backtracking):
         return self.recent.max(dim=0).values
 
     def first_trial_step(self, f0: Tensor, grad_sq: Tensor) -> Tensor:
+        rule = super().first_trial_step(f0, grad_sq)
         if self.first_trial == "rule":
-            return super().first_trial_step(f0, grad_sq)
-        return polyak_step(f0, self.f_star, grad_sq, self.c_step, self.lr_max)
+            return rule
+        polyak = polyak_step(f0, self.f_star, grad_sq, self.c_step, self.lr_max)
+        return torch.where(polyak > 0, polyak, rule)  # at or below f_star the Polyak step is 0: use the rule

@@ -197,36 +197,31 @@ def run_sweep(args, spec: SweepSpec, study: optuna.Study, storage, storage_url: 
           f"{finished}/{budget} finished trials", flush=True)  # fmt: skip
     import gdlab.fit  # noqa: F401  (torch and Lightning load here, not inside the first trial)
 
-    parent_run_id = args.parent_run_id
-    if parent_run_id:
-        os.environ[PARENT_ENV] = parent_run_id
-    elif tracking_uri(spec.task) is not None:
-        parent_run_id = start_parent_run(
-            spec.task, name=f"{study.study_name}-{time.strftime('%Y%m%d-%H%M%S')}",
-            tags={"optuna.study": study.study_name, "optuna.storage": storage_url, "sweep": spec.name},
-        )  # fmt: skip
-        repair_killed_runs(spec.task, study)
-    shares = trial_shares(args.n_trials, args.workers)
-    args.n_trials = shares[0]
-    workers = [start_worker(args, spec, study.study_name, storage_url, budget, parent_run_id, index, share)
-               for index, share in enumerate(shares[1:], start=1) if share != 0]  # fmt: skip
-    logger = TrialLogger(budget, spec.max_failure_rate)
-    try:
+    parent_run_id, workers = args.parent_run_id, []
+    try:  # from here on a signal ends what was started: trials FAIL, runs and the parent run KILLED
+        if parent_run_id:
+            os.environ[PARENT_ENV] = parent_run_id
+        elif tracking_uri(spec.task) is not None:
+            parent_run_id = start_parent_run(
+                spec.task, name=f"{study.study_name}-{time.strftime('%Y%m%d-%H%M%S')}",
+                tags={"optuna.study": study.study_name, "optuna.storage": storage_url, "sweep": spec.name},
+            )  # fmt: skip
+            repair_killed_runs(spec.task, study)
+        shares = trial_shares(args.n_trials, args.workers)
+        args.n_trials = shares[0]
+        for index, share in enumerate(shares[1:], start=1):
+            if share != 0:
+                workers.append(start_worker(args, spec, study.study_name, storage_url, budget, parent_run_id,
+                                            index, share))  # fmt: skip
+        logger = TrialLogger(budget, spec.max_failure_rate)
         run_trials(args, spec, study, storage, budget, logger)
         worker_failed = any(worker.wait() != 0 for worker in workers)
+        if not args.worker and parent_run_id:
+            finish_sweep(spec, study, parent_run_id)
     except (KeyboardInterrupt, SystemExit):
         if interrupts.signum is None:
             raise
         return stop_interrupted(args, spec, parent_run_id, workers, interrupts)
-    if not args.worker and parent_run_id:
-        repaired = repair_killed_runs(spec.task, study)
-        if repaired:
-            print(f"gdlab-sweep: ended {repaired} MLflow run(s) left RUNNING by dead processes as KILLED")
-        report_dir = (
-            Path("outputs") / "sweeps" / study.study_name / f"report-{time.strftime('%Y%m%d-%H%M%S')}"
-        )
-        finish_parent_run(spec.task, parent_run_id, report_dir)
-        log_study_plots(spec.task, parent_run_id, study)
     if logger.failure_rate > spec.max_failure_rate or worker_failed:
         print(f"gdlab-sweep: failure rate {logger.failure_rate:.0%} is over {spec.max_failure_rate:.0%}",
               file=sys.stderr)  # fmt: skip
@@ -238,6 +233,16 @@ def run_sweep(args, spec: SweepSpec, study: optuna.Study, storage, storage_url: 
     except ValueError:
         print(f"gdlab-sweep: done: {total}/{budget} finished trials; none completed")
     return 0
+
+
+def finish_sweep(spec: SweepSpec, study: optuna.Study, parent_run_id: str) -> None:
+    """The parent run's end: repairs, the best child, the comparison report, Optuna's plots."""
+    repaired = repair_killed_runs(spec.task, study)
+    if repaired:
+        print(f"gdlab-sweep: ended {repaired} MLflow run(s) left RUNNING by dead processes as KILLED")
+    report_dir = Path("outputs") / "sweeps" / study.study_name / f"report-{time.strftime('%Y%m%d-%H%M%S')}"
+    finish_parent_run(spec.task, parent_run_id, report_dir)
+    log_study_plots(spec.task, parent_run_id, study)
 
 
 def run_trials(args, spec: SweepSpec, study: optuna.Study, storage, budget: int, logger: TrialLogger) -> None:

@@ -167,6 +167,8 @@ def check_optuna_study(config: DictConfig, task: DictConfig) -> None:
     sweeper = config.hydra.sweeper
     if "optuna" not in str(sweeper.get("_target_", "")) or not sweeper.get("storage"):
         return
+    if not sweeper.get("study_name") or OmegaConf.is_list(sweeper.get("direction")):
+        return  # a new auto-named study each time, or a multi-objective one: nothing to join
     import sys
 
     import optuna
@@ -175,7 +177,7 @@ def check_optuna_study(config: DictConfig, task: DictConfig) -> None:
     from gdlab.sweep.spec import SweepError
     from gdlab.sweep.study import make_storage
 
-    study_name = sweeper.get("study_name") or "gdlab"
+    study_name = sweeper.study_name
     direction = getattr(sweeper.direction, "name", str(sweeper.direction)).lower()
     signature = experiment_signature(task, sweeper.get("params"), list(config.hydra.overrides.task))
     try:

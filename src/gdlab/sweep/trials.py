@@ -124,7 +124,14 @@ def run_population_batches(spec: SweepSpec, study: optuna.Study, storage, args, 
             size = min(size, args.n_trials - asked)
         if size <= 0:
             break
-        trials = [study.ask() for _ in range(size)]
+        trials = []
+        try:
+            for _ in range(size):
+                trials.append(study.ask())
+        except BaseException:  # a signal while asking: what was asked ends FAIL, not RUNNING forever
+            for trial in trials:
+                tell_study(study, trial, None, TrialState.FAIL)
+            raise
         asked += size
         with Heartbeats(storage, trials, args.heartbeat_interval):
             run_trial_batch(spec, study, trials, output_root, logger)
