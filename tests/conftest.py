@@ -56,3 +56,38 @@ def stop_process_group(process) -> None:
     if process.poll() is None:
         os.killpg(process.pid, signal.SIGKILL)
     process.wait()
+
+
+ADMIN = "postgresql://postgres@127.0.0.1:5432/test"  # the machine's PostgreSQL, trust auth
+
+
+def postgres_available() -> bool:
+    import psycopg
+
+    try:
+        with psycopg.connect(ADMIN, connect_timeout=3):
+            return True
+    except psycopg.OperationalError:
+        return False
+
+
+@pytest.fixture
+def make_database():
+    """make() -> the name of a new, empty PostgreSQL database, dropped after the test."""
+    import uuid
+
+    import psycopg
+
+    names = []
+
+    def make() -> str:
+        name = f"gdlab_{uuid.uuid4().hex[:12]}"
+        with psycopg.connect(ADMIN, autocommit=True) as conn:
+            conn.execute(f'CREATE DATABASE "{name}"')
+        names.append(name)
+        return name
+
+    yield make
+    with psycopg.connect(ADMIN, autocommit=True) as conn:
+        for name in names:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')

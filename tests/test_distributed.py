@@ -8,7 +8,6 @@ import signal
 import subprocess
 import sys
 import time
-import uuid
 from pathlib import Path
 
 import optuna
@@ -17,39 +16,13 @@ import pytest
 from mlflow import MlflowClient
 from optuna.trial import TrialState
 
-from conftest import free_port, start_mlflow_server, stop_process_group
+from conftest import ADMIN, free_port, postgres_available, start_mlflow_server, stop_process_group
 
 BIN = Path(sys.executable).parent
-ADMIN = "postgresql://postgres@127.0.0.1:5432/test"
 PASSWORD = "s3cret-pw"  # trust auth ignores it; gdlab must never write it anywhere
 
 
-def postgres_available() -> bool:
-    try:
-        with psycopg.connect(ADMIN, connect_timeout=3):
-            return True
-    except psycopg.OperationalError:
-        return False
-
-
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(not postgres_available(), reason="no PostgreSQL at :5432")]
-
-
-@pytest.fixture
-def make_database():
-    names = []
-
-    def make() -> str:
-        name = f"gdlab_{uuid.uuid4().hex[:12]}"
-        with psycopg.connect(ADMIN, autocommit=True) as conn:
-            conn.execute(f'CREATE DATABASE "{name}"')
-        names.append(name)
-        return name
-
-    yield make
-    with psycopg.connect(ADMIN, autocommit=True) as conn:
-        for name in names:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 def storage_url(database: str) -> str:

@@ -3,8 +3,9 @@
 The writer process is `python -m gdlab.metric_writer`, with the tracking URI in $GDLAB_METRIC_WRITER_URI
 (never on a command line: `ps` shows those). It reads JSON lines on stdin:
 {"run": ID, "metrics": [[key, value, timestamp, step], ...]} to log, {"drain": ID} to answer with
-{"run": ID, "error": TEXT|null} on stdout once everything before it is written. It exits
-at end of input, so it never outlives the training process.
+{"run": ID, "error": TEXT|null, "path": "bulk"|"log_batch"} on stdout once everything before it is
+written. Whatever has arrived is written in one go (gdlab.metric_store: one transaction for every run
+on MLflow's SQL stores). It exits at end of input, so it never outlives the training process.
 
 Light on purpose (the standard library at import; MLflow only inside `main`): the writer process runs
 this module, and the training process imports `MetricWriter` from it (through gdlab.tracking).
@@ -22,15 +23,14 @@ import sys
 import threading
 
 URI_ENV = "GDLAB_METRIC_WRITER_URI"
-MAX_BATCH = 1000  # MLflow's log_batch limit on metrics per call
 
 
 class MetricWriter:
     """A child process (`main` below) that writes metrics to MLflow; one per tracking URI.
 
-    MLflow's store costs ~70 µs per metric row (SQLAlchemy ORM): a dozen metrics cost as much as a
-    whole training epoch of these networks, and a thread would still hold the GIL. So the writing
-    runs in its own process, on another core; training hands it JSON lines through a feeder thread.
+    Even on the bulk path (gdlab.metric_store) a metric row costs the store 10-40 µs: a dozen rows per
+    member per epoch cost as much as the epoch itself, and a thread would still hold the GIL. So the
+    writing runs in its own process, on another core; training hands it JSON lines through a feeder thread.
     A plain subprocess (not multiprocessing) so a user's script is never re-imported.
     """
 
@@ -50,6 +50,7 @@ class MetricWriter:
             env={**os.environ, URI_ENV: uri},
         )  # fmt: skip
         self.used = False
+        self.path: str | None = None  # how the writer writes: "bulk" or "log_batch", known after a drain
         self.outbox: queue.Queue = queue.Queue()
         self.feeder = threading.Thread(target=self._feed, name="gdlab-metric-feeder", daemon=True)
         self.feeder.start()
@@ -78,7 +79,9 @@ class MetricWriter:
             return f"the metric writer did not finish within {timeout:.0f} s"
         if not line:
             return f"the metric writer exited with status {self.process.wait()}"
-        return json.loads(line)["error"]
+        reply = json.loads(line)
+        self.path = reply["path"]
+        return reply["error"]
 
     def close(self) -> None:
         if self.process.poll() is None and not self.used:
@@ -93,39 +96,66 @@ class MetricWriter:
                 self.process.kill()
 
 
+MAX_ROWS = 50_000  # rows written in one go (one transaction on the bulk path): ~1 s of SQLite's time
+
+
+def read_messages(stream, inbox: queue.Queue) -> None:
+    """Parse stdin's JSON lines into `inbox`; None at end of input."""
+    for line in stream:
+        try:
+            inbox.put(json.loads(line))
+        except json.JSONDecodeError:  # the training process died mid-message: what came before is written
+            break
+    inbox.put(None)
+
+
+def take_messages(inbox: queue.Queue) -> tuple[list[dict], bool]:
+    """(the messages waiting now, at least one, up to MAX_ROWS rows; whether input has ended)."""
+    messages, rows = [], 0
+    message = inbox.get()
+    while message is not None:
+        messages.append(message)
+        rows += len(message.get("metrics", ()))
+        if rows >= MAX_ROWS:
+            return messages, False
+        try:
+            message = inbox.get_nowait()
+        except queue.Empty:
+            return messages, False
+    return messages, True
+
+
 def main(uri: str) -> None:
-    """The writer process: log each run's metrics in batches, answer drains, until end of input."""
+    """The writer process: write what arrived in one go, answer the drains among it, until end of input."""
     # Ctrl-C and SIGTERM reach the whole process group (systemd, docker, SLURM): they are the training
     # process's to handle. The writer writes what it was handed and exits when its input ends.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     from mlflow import MlflowClient
-    from mlflow.entities import Metric
 
     from gdlab.masking import mask_passwords
+    from gdlab.metric_store import MetricSink
 
-    client = MlflowClient(tracking_uri=uri)
+    sink = MetricSink(MlflowClient(tracking_uri=uri), uri)
     errors: dict[str, str] = {}
-    for line in sys.stdin:
-        try:
-            message = json.loads(line)
-        except json.JSONDecodeError:  # the training process died mid-message: what came before is written
-            break
-        if "drain" in message:
-            run_id = message["drain"]
-            print(json.dumps({"run": run_id, "error": errors.pop(run_id, None)}), flush=True)
-            continue
-        run_id = message["run"]
-        if run_id in errors:  # backend down for this run: its history.csv keeps the rest
-            continue
-        metrics = [Metric(*fields) for fields in message["metrics"]]
-        for i in range(0, len(metrics), MAX_BATCH):
-            try:
-                client.log_batch(run_id, metrics=metrics[i : i + MAX_BATCH])
-            except Exception as error:  # an outage: the run's local history keeps these values
-                errors.setdefault(run_id, mask_passwords(str(error)).splitlines()[0])
-                break
+    inbox: queue.Queue = queue.Queue()
+    threading.Thread(target=read_messages, args=(sys.stdin, inbox), daemon=True).start()
+    ended = False
+    while not ended:
+        messages, ended = take_messages(inbox)
+        rows_by_run: dict[str, list] = {}
+        for message in messages:
+            # a run whose writing failed is not written again: its history.csv keeps the rest
+            if "metrics" in message and message["run"] not in errors:
+                rows_by_run.setdefault(message["run"], []).extend(message["metrics"])
+        for run_id, error in sink.write(rows_by_run).items():
+            errors.setdefault(run_id, mask_passwords(str(error)).splitlines()[0])
+        for message in messages:
+            if "drain" in message:
+                run_id = message["drain"]
+                reply = {"run": run_id, "error": errors.pop(run_id, None), "path": sink.path}
+                print(json.dumps(reply), flush=True)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,8 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from gdlab.masking import mask_passwords
-from gdlab.metric_writer import MAX_BATCH, MetricWriter
+from gdlab.metric_store import MAX_BATCH
+from gdlab.metric_writer import MetricWriter
 from gdlab.repair import process_tags, repair_dead_runs
 from gdlab.version import __version__
 
