@@ -54,8 +54,9 @@ def read_back(client: MlflowClient, run_id: str) -> tuple[dict, dict]:
     for key in [*KEYS, "nan_only", "big_step"]:
         rows = client.get_metric_history(run_id, key)
         histories[key] = sorted((m.step, m.timestamp, m.value) for m in rows)
-    return histories, client.search_runs([client.get_run(run_id).info.experiment_id],
-                                         filter_string=f"attributes.run_id = '{run_id}'")[0].data.metrics  # fmt: skip
+    experiment = client.get_run(run_id).info.experiment_id
+    found = client.search_runs([experiment], filter_string=f"attributes.run_id = '{run_id}'")
+    return histories, found[0].data.metrics
 
 
 def assert_equal_records(client: MlflowClient, by_log_batch: str, by_bulk: str) -> None:
@@ -120,6 +121,8 @@ def test_the_writer_process_writes_many_runs_through_the_bulk_path(tmp_path):
     writer.close()
     assert writer.path == "bulk"
     for p, run_id in enumerate(runs):
-        values = [m.value for m in sorted(client.get_metric_history(run_id, "train/loss"), key=lambda m: m.step)]
+        values = [
+            m.value for m in sorted(client.get_metric_history(run_id, "train/loss"), key=lambda m: m.step)
+        ]
         assert values == [1.0 / (epoch + 1 + p) for epoch in range(300)]
         assert client.get_run(run_id).data.metrics["train/loss"] == 1.0 / (300 + p)

@@ -45,6 +45,7 @@ class RunResult:
     model: MLP
     config: DictConfig
     data: Dataset = field(repr=False)
+    ended_at: float = 0.0  # wall-clock time its training ended (a population member's own end)
 
 
 def load_data(cfg: DictConfig) -> Dataset:
@@ -203,7 +204,8 @@ def record(cfg: DictConfig, outcome: RunOutcome, data: Dataset, wall_time: float
         pruned=outcome.pruned,
     )
     final["objective"] = math.nan if outcome.diverged_at is not None else final[cfg.objective]
-    return RunResult(pd.DataFrame(outcome.history), final, outcome.model, cfg, data)
+    ended_at = outcome.ended_at or time.time()  # None: the loop stopped on an exception, just now
+    return RunResult(pd.DataFrame(outcome.history), final, outcome.model, cfg, data, ended_at)
 
 
 @torch.no_grad()
@@ -252,7 +254,7 @@ def save_outputs(result: RunResult, overrides: list[str], output_dir: Path, run:
         run.set_tags({"gdlab.warning": ALL_LINE_SEARCHES_FAILED})
     run.log_final(result.final)
     run.log_artifacts(output_dir)
-    run.end(status)
+    run.end(status, end_time=result.ended_at)
     result.final.update(
         mlflow_run_id=run.run_id, tracking_outage=run.outage, tracking_uri=mask_passwords(run.uri)
     )

@@ -88,6 +88,8 @@ class BulkMetricStore:
             return None
         return cls(store.engine) if revision in VERIFIED_REVISIONS else None
 
+    METRIC_COLUMNS = ("key", "value", "timestamp", "step", "is_nan", "run_uuid")  # the table's order
+
     def __init__(self, engine):
         from mlflow.store.tracking.dbmodels.models import SqlLatestMetric, SqlMetric, SqlRun
         from sqlalchemy import tuple_
@@ -99,6 +101,11 @@ class BulkMetricStore:
         self.engine = engine
         self.runs = SqlRun.__table__
         self.insert_metrics = insert(SqlMetric.__table__).on_conflict_do_nothing()
+        # Positional parameters (SQLite's) go straight to the driver's executemany: SQLAlchemy's
+        # per-row parameter handling would cost as much as the insert itself.
+        compiled = self.insert_metrics.compile(dialect=engine.dialect, column_keys=list(self.METRIC_COLUMNS))
+        positional = compiled.positional and tuple(compiled.positiontup) == self.METRIC_COLUMNS
+        self.positional_sql = str(compiled) if positional else None
         latest = SqlLatestMetric.__table__
         upsert = insert(latest)
         newer = tuple_(upsert.excluded.step, upsert.excluded.timestamp, upsert.excluded.value) > tuple_(
@@ -109,22 +116,32 @@ class BulkMetricStore:
             set_={c: upsert.excluded[c] for c in ("value", "timestamp", "step", "is_nan")},
             where=newer,
         )
+        self.valid_keys: set[str] = set()
+
+    def check(self, key, value, timestamp, step) -> None:
+        """MLflow's `_validate_metric`, run in full for a new key or a row not plainly valid."""
+        plain = (
+            type(value) in (float, int) and type(timestamp) is int and timestamp >= 0 and type(step) is int
+        )
+        if not plain or key not in self.valid_keys:
+            from mlflow.utils.validation import _validate_metric
+
+            _validate_metric(key, value, timestamp, step)
+            self.valid_keys.add(key)
 
     def write(self, rows_by_run: dict[str, list[Row]]) -> None:
         """All rows in one transaction; raises (writing nothing) on any invalid row or inactive run."""
         from mlflow.entities import LifecycleStage
         from mlflow.exceptions import MlflowException
-        from mlflow.utils.validation import _validate_metric
         from sqlalchemy import select
 
         metrics, latest = [], []
         for run_id, rows in rows_by_run.items():
             newest: dict[str, tuple] = {}
             for key, value, timestamp, step in rows:
-                _validate_metric(key, value, timestamp, step)
+                self.check(key, value, timestamp, step)
                 value, is_nan = stored_value(value)
-                metrics.append({"run_uuid": run_id, "key": key, "value": value, "timestamp": timestamp,
-                                "step": step, "is_nan": is_nan})  # fmt: skip
+                metrics.append((key, value, timestamp, step, is_nan, run_id))  # METRIC_COLUMNS
                 if key not in newest or (step, timestamp, value) > newest[key][:3]:
                     newest[key] = (step, timestamp, value, is_nan)
             latest += [{"run_uuid": run_id, "key": key, "step": s, "timestamp": t, "value": v, "is_nan": n}
@@ -139,7 +156,12 @@ class BulkMetricStore:
             for run_id in rows_by_run:
                 if stages.get(run_id) != LifecycleStage.ACTIVE:
                     raise MlflowException(f"run {run_id} is not an active run of this store")
-            connection.execute(self.insert_metrics, metrics)
+            if self.positional_sql:
+                connection.exec_driver_sql(self.positional_sql, metrics)
+            else:
+                connection.execute(
+                    self.insert_metrics, [dict(zip(self.METRIC_COLUMNS, row)) for row in metrics]
+                )
             connection.execute(self.upsert_latest, latest)
 
 

@@ -47,6 +47,7 @@ class RunOutcome:
     ls_failures: int
     diverged_at: int | None  # the epoch whose loss was NaN/inf
     pruned: str | None  # why an epoch callback retired it
+    ended_at: float | None  # wall-clock time (time.time()) its training ended: retired, or the loop's end
 
 
 class EpochState:
@@ -110,6 +111,7 @@ class TrainingModule(pl.LightningModule):
         self.diverged: list[int | None] = [None] * n
         self.pruned: list[str | None] = [None] * n
         self.retired: list[MLP | None] = [None] * n
+        self.ended_at: list[float | None] = [None] * n
         self.alive = list(range(n))
         self.test_on_device: tuple = ()
         self.epoch = EpochState()
@@ -178,10 +180,16 @@ class TrainingModule(pl.LightningModule):
         if not self.alive:
             self.trainer.should_stop = True
 
+    def on_train_end(self) -> None:
+        now = time.time()
+        for p in self.alive:
+            self.ended_at[p] = now
+
     @torch.no_grad()
     def retire(self, p: int) -> None:
         """Keep member p as it is now and stop moving it; zeros keep a diverged member's arithmetic finite."""
         self.retired[p] = self.model.member(p)
+        self.ended_at[p] = time.time()
         self.alive.remove(p)
         self.optimizers().optimizer.retire(p)
         for W, b in self.model.layers:
@@ -232,4 +240,5 @@ class TrainingModule(pl.LightningModule):
             ls_failures=self.ls_failures[p],
             diverged_at=self.diverged[p],
             pruned=self.pruned[p],
+            ended_at=self.ended_at[p],
         )

@@ -30,6 +30,9 @@ from gdlab.repair import process_tags, repair_dead_runs
 from gdlab.version import __version__
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")  # no network calls from a lab tool
+# gdlab shows its own progress; MLflow's artifact-upload bar is tqdm.auto, which warns in a notebook
+# without ipywidgets ("TqdmWarning: IProgress not found").
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 # MLflow prints "View run ... at: <tracking URI>" with any password in it; gdlab prints its own, masked.
 os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
 # MLflow's REST client retries 7 times with exponential backoff (minutes against a dead server);
@@ -159,10 +162,22 @@ class TrackingUnavailable(RuntimeError):
     """The tracking backend cannot be reached when a run starts."""
 
 
+_CLIENTS: dict = {}
+
+
 def mlflow_client(uri: str):
-    """An MlflowClient on `uri`. A SQLite store is opened (created and migrated, the first time) under a
-    lock beside the database file, so processes started together on a new store don't race MLflow's
-    schema migrations (alembic's "table already exists")."""
+    """The MlflowClient on `uri`, one per process and URI (a new one costs ~30 ms: a sweep opens many runs).
+
+    A SQLite store is opened (created and migrated, the first time) under a lock beside the database
+    file, so processes started together on a new store don't race MLflow's schema migrations
+    (alembic's "table already exists")."""
+    if uri not in _CLIENTS:
+        _CLIENTS[uri] = open_client(uri)
+    repair_once(_CLIENTS[uri], uri)
+    return _CLIENTS[uri]
+
+
+def open_client(uri: str):
     from mlflow import MlflowClient
 
     if not uri.startswith("sqlite:///"):
@@ -173,7 +188,6 @@ def mlflow_client(uri: str):
         with store_lock(database):
             client = MlflowClient(tracking_uri=uri)
             client.search_experiments(max_results=1)  # opens the store: creates its tables once
-    repair_once(client, uri)
     return client
 
 
@@ -311,17 +325,22 @@ class MlflowRun:
             self.outage = self.outage or mask_passwords(str(error)).splitlines()[0]
 
     def set_tags(self, tags: dict) -> None:
-        for key, value in tags.items():
-            try:
-                self.client.set_tag(self.run_id, key, mask_passwords(str(value)))
-            except Exception as error:
-                self.outage = self.outage or mask_passwords(str(error)).splitlines()[0]
+        from mlflow.entities import RunTag
 
-    def end(self, status: str) -> None:
-        """Write every buffered metric, then close the run as FINISHED, FAILED or KILLED."""
+        try:
+            self.client.log_batch(
+                self.run_id, tags=[RunTag(k, mask_passwords(str(v))) for k, v in tags.items()]
+            )
+        except Exception as error:
+            self.outage = self.outage or mask_passwords(str(error)).splitlines()[0]
+
+    def end(self, status: str, end_time: float | None = None) -> None:
+        """Write every buffered metric, then close the run as FINISHED, FAILED or KILLED, ended at
+        `end_time` (time.time(); default now): a population member's own end, not its batch's."""
         self.write_remaining()
         try:
-            self.client.set_terminated(self.run_id, status=status)
+            end_ms = None if end_time is None else int(end_time * 1000)
+            self.client.set_terminated(self.run_id, status=status, end_time=end_ms)
         except Exception as error:
             self.outage = self.outage or mask_passwords(str(error)).splitlines()[0]
 
