@@ -170,14 +170,18 @@ def fit_population(
             if directories[p] is not None:
                 appenders[p].close()
                 save_outputs(result, overrides[p], directories[p], runs[p], ending or status(result))
+        for result, run in zip(results, runs, strict=True):  # the writer has worked meanwhile
+            if run is not None:
+                finish_tracking(result, run)
     return results
 
 
 def start_runs(cfgs, overrides, tags, device: str) -> list[MlflowRun | None]:
     if tracking_uri(cfgs[0]) is None:
         return [None] * len(cfgs)
+    background = len(cfgs) > 1  # a population's runs are recorded by the writer: training never waits
     return [
-        MlflowRun(cfg, o, device=device, extra_tags=t)
+        MlflowRun(cfg, o, device=device, extra_tags=t, background=background)
         for cfg, o, t in zip(cfgs, overrides, tags, strict=True)
     ]
 
@@ -253,8 +257,12 @@ def save_outputs(result: RunResult, overrides: list[str], output_dir: Path, run:
     if result.final["ls_all_failed"]:
         run.set_tags({"gdlab.warning": ALL_LINE_SEARCHES_FAILED})
     run.log_final(result.final)
-    run.log_artifacts(output_dir)
-    run.end(status, end_time=result.ended_at)
+    run.close(status, output_dir, end_time=result.ended_at)
+
+
+def finish_tracking(result: RunResult, run: MlflowRun) -> None:
+    """Wait for the run's record to be written; note the run (and any outage) on the result."""
+    run.wait()
     result.final.update(
         mlflow_run_id=run.run_id, tracking_outage=run.outage, tracking_uri=mask_passwords(run.uri)
     )
@@ -262,7 +270,7 @@ def save_outputs(result: RunResult, overrides: list[str], output_dir: Path, run:
         log.warning(
             "gdlab: the tracking backend failed during the run (%s); the full history is in %s",
             run.outage,
-            output_dir / "history.csv",
+            result.final["output_dir"] + "/history.csv",
         )
 
 

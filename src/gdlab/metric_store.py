@@ -39,6 +39,24 @@ def stored_value(value: float) -> tuple[float, bool]:
     return float(value), False
 
 
+def log_params(client, run_id: str, params: list[tuple[str, str]]) -> None:
+    """Params through log_batch, 100 a call (MLflow's limit)."""
+    from mlflow.entities import Param
+
+    entities = [Param(key, value) for key, value in params]
+    for i in range(0, len(entities), 100):
+        client.log_batch(run_id, params=entities[i : i + 100])
+
+
+def log_metrics(client, run_id: str, rows: list[Row]) -> None:
+    """Metric rows through log_batch, MAX_BATCH a call."""
+    from mlflow.entities import Metric
+
+    metrics = [Metric(*row) for row in rows]
+    for i in range(0, len(metrics), MAX_BATCH):
+        client.log_batch(run_id, metrics=metrics[i : i + MAX_BATCH])
+
+
 class LogBatchSink:
     """Rows through `MlflowClient.log_batch`, 1000 a call: any store, any server."""
 
@@ -48,13 +66,10 @@ class LogBatchSink:
 
     def write(self, rows_by_run: dict[str, list[Row]]) -> dict[str, Exception]:
         """Write every run's rows; the first error of each run that had one."""
-        from mlflow.entities import Metric
 
         def write_run(run_id: str, rows: list[Row]) -> Exception | None:
-            metrics = [Metric(*row) for row in rows]
             try:
-                for i in range(0, len(metrics), MAX_BATCH):
-                    self.client.log_batch(run_id, metrics=metrics[i : i + MAX_BATCH])
+                log_metrics(self.client, run_id, rows)
             except Exception as error:  # an outage or a refused run: the caller reports it for this run
                 return error
             return None
@@ -160,7 +175,7 @@ class BulkMetricStore:
                 connection.exec_driver_sql(self.positional_sql, metrics)
             else:
                 connection.execute(
-                    self.insert_metrics, [dict(zip(self.METRIC_COLUMNS, row)) for row in metrics]
+                    self.insert_metrics, [dict(zip(self.METRIC_COLUMNS, row, strict=True)) for row in metrics]
                 )
             connection.execute(self.upsert_latest, latest)
 

@@ -1,11 +1,14 @@
 """Both ends of the metric pipe: `MetricWriter` in the training process, `main` in the writer process.
 
 The writer process is `python -m gdlab.metric_writer`, with the tracking URI in $GDLAB_METRIC_WRITER_URI
-(never on a command line: `ps` shows those). It reads JSON lines on stdin:
-{"run": ID, "metrics": [[key, value, timestamp, step], ...]} to log, {"drain": ID} to answer with
-{"run": ID, "error": TEXT|null, "path": "bulk"|"log_batch"} on stdout once everything before it is
-written. Whatever has arrived is written in one go (gdlab.metric_store: one transaction for every run
-on MLflow's SQL stores). It exits at end of input, so it never outlives the training process.
+(never on a command line: `ps` shows those). It reads JSON lines on stdin, to log:
+  {"run": ID, "metrics": [[key, value, timestamp, step], ...]}, {"run": ID, "params": [[key, value], ...]},
+  {"run": ID, "tags": [[key, value], ...]}, {"run": ID, "artifacts": FOLDER},
+  {"run": ID, "end": STATUS, "end_time": MS};
+and {"drain": ID}, answered with {"run": ID, "error": TEXT|null, "path": "bulk"|"log_batch"} on stdout
+once everything before it is written. Whatever has arrived is written in one go (gdlab.metric_store:
+one transaction for every run on MLflow's SQL stores). It exits at end of input, so it never outlives
+the training process.
 
 Light on purpose (the standard library at import; MLflow only inside `main`): the writer process runs
 this module, and the training process imports `MetricWriter` from it (through gdlab.tracking).
@@ -63,9 +66,12 @@ class MetricWriter:
             except (BrokenPipeError, ValueError, OSError):
                 return
 
-    def submit(self, run_id: str, metrics: list[tuple]) -> None:
+    def send(self, message: dict) -> None:
         self.used = True
-        self.outbox.put({"run": run_id, "metrics": metrics})
+        self.outbox.put(message)
+
+    def submit(self, run_id: str, metrics: list[tuple]) -> None:
+        self.send({"run": run_id, "metrics": metrics})
 
     def drain(self, run_id: str, timeout: float) -> str | None:
         """Wait until everything submitted for `run_id` is written; the first error, if any."""
@@ -126,7 +132,7 @@ def take_messages(inbox: queue.Queue) -> tuple[list[dict], bool]:
 
 
 def main(uri: str) -> None:
-    """The writer process: write what arrived in one go, answer the drains among it, until end of input."""
+    """The writer process: take what has arrived, write it in one go, answer its drains; until input ends."""
     # Ctrl-C and SIGTERM reach the whole process group (systemd, docker, SLURM): they are the training
     # process's to handle. The writer writes what it was handed and exits when its input ends.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -134,28 +140,67 @@ def main(uri: str) -> None:
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     from mlflow import MlflowClient
 
-    from gdlab.masking import mask_passwords
     from gdlab.metric_store import MetricSink
 
-    sink = MetricSink(MlflowClient(tracking_uri=uri), uri)
-    errors: dict[str, str] = {}
+    client = MlflowClient(tracking_uri=uri)
+    writer = RunWriter(client, MetricSink(client, uri))
     inbox: queue.Queue = queue.Queue()
     threading.Thread(target=read_messages, args=(sys.stdin, inbox), daemon=True).start()
     ended = False
     while not ended:
         messages, ended = take_messages(inbox)
+        writer.write(messages)
+
+
+class RunWriter:
+    """What the writer process does with a group of messages, in an order that keeps each run's sense:
+    params, then every metric row (one go), then tags, artifacts and closing statuses, then drain replies."""
+
+    def __init__(self, client, sink):
+        self.client, self.sink = client, sink
+        self.errors: dict[str, str] = {}  # run -> its first error, until its drain reports it
+
+    def attempt(self, run_id: str, call, *args, **kwargs) -> None:
+        from gdlab.masking import mask_passwords
+
+        try:
+            call(*args, **kwargs)
+        except Exception as error:  # an outage or a refused run: reported at the run's drain
+            self.errors.setdefault(run_id, mask_passwords(str(error)).splitlines()[0])
+
+    def write(self, messages: list[dict]) -> None:
+        from mlflow.entities import RunTag
+
+        from gdlab.metric_store import log_params
+
         rows_by_run: dict[str, list] = {}
         for message in messages:
+            run_id = message.get("run")
+            if "params" in message:
+                self.attempt(run_id, log_params, self.client, run_id, message["params"])
             # a run whose writing failed is not written again: its history.csv keeps the rest
-            if "metrics" in message and message["run"] not in errors:
-                rows_by_run.setdefault(message["run"], []).extend(message["metrics"])
-        for run_id, error in sink.write(rows_by_run).items():
-            errors.setdefault(run_id, mask_passwords(str(error)).splitlines()[0])
+            elif "metrics" in message and run_id not in self.errors:
+                rows_by_run.setdefault(run_id, []).extend(message["metrics"])
+        for run_id, error in self.sink.write(rows_by_run).items():
+            self.attempt(run_id, _raise, error)
         for message in messages:
-            if "drain" in message:
+            run_id = message.get("run")
+            if "tags" in message:
+                tags = [RunTag(key, value) for key, value in message["tags"]]
+                self.attempt(run_id, self.client.log_batch, run_id, tags=tags)
+            elif "artifacts" in message:
+                self.attempt(run_id, self.client.log_artifacts, run_id, message["artifacts"])
+            elif "end" in message:  # tried even after an error: a run must not stay RUNNING
+                self.attempt(run_id, self.client.set_terminated, run_id, status=message["end"],
+                             end_time=message["end_time"])  # fmt: skip
+            elif "drain" in message:
                 run_id = message["drain"]
-                reply = {"run": run_id, "error": errors.pop(run_id, None), "path": sink.path}
+                reply = {"run": run_id, "error": self.errors.pop(run_id, None), "path": self.sink.path}
                 print(json.dumps(reply), flush=True)
+
+
+def _raise(error: Exception) -> None:
+    raise error
 
 
 if __name__ == "__main__":

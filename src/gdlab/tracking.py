@@ -24,7 +24,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from gdlab.masking import mask_passwords
-from gdlab.metric_store import MAX_BATCH
+from gdlab.metric_store import log_metrics, log_params
 from gdlab.metric_writer import MetricWriter
 from gdlab.repair import process_tags, repair_dead_runs
 from gdlab.version import __version__
@@ -227,10 +227,18 @@ def repair_once(client, uri: str) -> None:
 
 
 class MlflowRun:
-    """One training run in MLflow: created at `start`, fed per epoch by `log_epoch`, closed by `end`."""
+    """One training run in MLflow: created at construction, fed per epoch by `log_epoch`, closed by
+    `close` and `wait`.
+
+    Metric rows always go through the writer process (gdlab.metric_writer). A population member's
+    run (`background=True`) hands the writer everything after its creation too: params, artifacts
+    and its closing status, so the batch's training never waits on the store; `wait` collects the
+    outcome. A single run logs those itself, so a short run never waits for the writer to start.
+    """
 
     def __init__(self, cfg: DictConfig, overrides: list[str], device: str = "cpu",
-                 parent_run_id: str | None = None, extra_tags: dict | None = None):  # fmt: skip
+                 parent_run_id: str | None = None, extra_tags: dict | None = None,
+                 background: bool = False):  # fmt: skip
         self.cfg = cfg
         self.uri = tracking_uri(cfg)
         self.flush_seconds = float(cfg.tracking.get("flush_seconds", 1.0))
@@ -245,30 +253,43 @@ class MlflowRun:
         self.run_id = self._create_run(tags)
         # Started now, so its imports overlap Lightning's start-up; kept for the next runs (sweeps).
         self.writer = MetricWriter.for_uri(self.uri)
-        self.submitted = False
+        self.submitted = False  # whether the writer holds anything of this run: then `wait` drains it
         self.last_values: dict = {}
+        params = list(flatten(cfg).items())
+        if background:
+            self._send({"params": params})
+        else:
+            self._call(self._log_params, params)
 
     def _create_run(self, tags: dict) -> str:
-        from mlflow.entities import Param
-
         try:
             self.client = mlflow_client(self.uri)
             if self.parent_run_id:  # a trial lives in its sweep's experiment
-                experiment_id = self.client.get_run(self.parent_run_id).info.experiment_id
+                experiment_id = experiment_of_run(self.client, self.parent_run_id)
             else:
                 experiment_id = get_or_create_experiment(
                     self.client, experiment_name(self.cfg), artifact_root(self.cfg, self.uri)
                 )
-            run = self.client.create_run(experiment_id, run_name=run_name(self.cfg), tags=tags)
-            params = [Param(k, v) for k, v in flatten(self.cfg).items()]
-            for i in range(0, len(params), 100):
-                self.client.log_batch(run.info.run_id, params=params[i : i + 100])
+            return self.client.create_run(experiment_id, run_name=run_name(self.cfg), tags=tags).info.run_id
         except Exception as error:  # any transport or store error: refuse before training starts
             raise TrackingUnavailable(
                 f"cannot reach the MLflow tracking backend at {mask_passwords(self.uri)}: "
                 f"{mask_passwords(str(error)).splitlines()[0]}"
             ) from error
-        return run.info.run_id
+
+    def _log_params(self, params: list[tuple[str, str]]) -> None:
+        log_params(self.client, self.run_id, params)
+
+    def _send(self, message: dict) -> None:
+        self.writer.send({"run": self.run_id, **message})
+        self.submitted = True
+
+    def _call(self, method, *args, **kwargs) -> None:
+        """A store call whose failure is this run's outage (its local outputs keep everything)."""
+        try:
+            method(*args, **kwargs)
+        except Exception as error:
+            self.outage = self.outage or mask_passwords(str(error)).splitlines()[0]
 
     def log_epoch(self, row: dict) -> None:
         step, timestamp = row["epoch"], int(time.time() * 1000)
@@ -295,54 +316,52 @@ class MlflowRun:
         """Hand the buffered metrics to the writer process."""
         self.last_flush = time.monotonic()
         if self.buffer:
-            self.writer.submit(self.run_id, self.buffer)
-            self.submitted = True
+            self._send({"metrics": self.buffer})
             self.buffer = []
-
-    def write_remaining(self) -> None:
-        """End of run: wait for the writer; a run shorter than one flush writes its few rows here."""
-        if self.submitted:
-            self.flush()
-            error = self.writer.drain(self.run_id, timeout=self.drain_timeout)
-            if error:
-                self.outage = self.outage or error
-            return
-        from mlflow.entities import Metric
-
-        metrics = [Metric(*fields) for fields in self.buffer]
-        for i in range(0, len(metrics), MAX_BATCH):
-            try:
-                self.client.log_batch(self.run_id, metrics=metrics[i : i + MAX_BATCH])
-            except Exception as error:
-                self.outage = self.outage or mask_passwords(str(error)).splitlines()[0]
-                return
-        self.buffer = []
-
-    def log_artifacts(self, directory: Path) -> None:
-        try:
-            self.client.log_artifacts(self.run_id, str(directory))
-        except Exception as error:
-            self.outage = self.outage or mask_passwords(str(error)).splitlines()[0]
 
     def set_tags(self, tags: dict) -> None:
         from mlflow.entities import RunTag
 
-        try:
-            self.client.log_batch(
-                self.run_id, tags=[RunTag(k, mask_passwords(str(v))) for k, v in tags.items()]
-            )
-        except Exception as error:
-            self.outage = self.outage or mask_passwords(str(error)).splitlines()[0]
+        masked = [(key, mask_passwords(str(value))) for key, value in tags.items()]
+        if self.submitted:
+            self._send({"tags": masked})
+        else:
+            self._call(self.client.log_batch, self.run_id, tags=[RunTag(*tag) for tag in masked])
 
-    def end(self, status: str, end_time: float | None = None) -> None:
-        """Write every buffered metric, then close the run as FINISHED, FAILED or KILLED, ended at
-        `end_time` (time.time(); default now): a population member's own end, not its batch's."""
-        self.write_remaining()
-        try:
-            end_ms = None if end_time is None else int(end_time * 1000)
-            self.client.set_terminated(self.run_id, status=status, end_time=end_ms)
-        except Exception as error:
-            self.outage = self.outage or mask_passwords(str(error)).splitlines()[0]
+    def close(self, status: str, directory: Path | None, end_time: float | None = None) -> None:
+        """Log the rest (buffered metrics, the files of `directory`), then end the run as FINISHED, FAILED
+        or KILLED at `end_time` (time.time(); default now): a population member's own end, not its
+        batch's. Where the writer holds this run, it does all that in order; `wait` for it."""
+        end_ms = int((time.time() if end_time is None else end_time) * 1000)
+        if self.submitted:
+            self.flush()
+            if directory is not None:
+                self._send({"artifacts": str(Path(directory).resolve())})
+            self._send({"end": status, "end_time": end_ms})
+            return
+        self._call(log_metrics, self.client, self.run_id, self.buffer)
+        self.buffer = []
+        if directory is not None:
+            self._call(self.client.log_artifacts, self.run_id, str(directory))
+        self._call(self.client.set_terminated, self.run_id, status=status, end_time=end_ms)
+
+    def wait(self) -> str | None:
+        """Wait until the writer has done everything handed to it for this run; the run's outage, if any."""
+        if self.submitted:
+            error = self.writer.drain(self.run_id, timeout=self.drain_timeout)
+            self.outage = self.outage or error
+            self.submitted = False
+        return self.outage
+
+    def end(self, status: str, directory: Path | None = None, end_time: float | None = None) -> str | None:
+        self.close(status, directory, end_time)
+        return self.wait()
+
+
+@functools.lru_cache(maxsize=64)
+def experiment_of_run(client, run_id: str) -> str:
+    """The experiment of a (parent) run: asked once per process, not once per trial."""
+    return client.get_run(run_id).info.experiment_id
 
 
 def get_or_create_experiment(client, name: str, artifact_location: str | None) -> str:
