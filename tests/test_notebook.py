@@ -20,6 +20,7 @@ def test_lab6_notebook_runs(tmp_path, monkeypatch):
         output.get("text", "") + str(output.get("data", {}).get("text/plain", ""))
         for cell in notebook.cells if cell.cell_type == "code" for output in cell.outputs
     )  # fmt: skip
+    assert "IProgress" not in outputs and "TqdmWarning" not in outputs  # no widget bar without ipywidgets
     assert "0.7198" in outputs  # lab 001's first loss, with backprop=manual
     assert "def backward" in outputs
     assert "trial 6/6" in outputs or "done: 6/6" in outputs

@@ -29,6 +29,7 @@ from gdlab.members import check_population
 from gdlab.model import MLP, encode_targets, initialize, layer_sizes
 from gdlab.module import RunOutcome, Stops, TrainingModule
 from gdlab.optimizers import GD, Adam, Backtracking, LBFGSStep, member_tensor
+from gdlab.progress import Progress
 from gdlab.step_rules import BarzilaiBorwein, NonMonotone, Polyak
 from gdlab.tracking import MlflowRun, run_name, tracking_uri
 
@@ -94,8 +95,9 @@ def optimizer_factory(cfgs: list[DictConfig]):
     return lambda params: GD(params, numbers("lr"), momentum, bool(first.get("nesterov", False)))
 
 
-def make_trainer(cfg: DictConfig) -> pl.Trainer:
+def make_trainer(cfg: DictConfig, callbacks: list) -> pl.Trainer:
     return pl.Trainer(
+        callbacks=callbacks,
         max_epochs=cfg.trainer.max_epochs,
         accelerator=cfg.trainer.accelerator,
         devices=1,
@@ -110,10 +112,12 @@ def make_trainer(cfg: DictConfig) -> pl.Trainer:
 
 
 def fit(cfg: DictConfig, overrides: list[str] | None = None, output_dir: str | Path | None = None,
-        epoch_callbacks: list | tuple = (), tags: dict | None = None) -> RunResult:  # fmt: skip
+        epoch_callbacks: list | tuple = (), tags: dict | None = None, progress: Progress | None = None
+        ) -> RunResult:  # fmt: skip
     """Train one validated config: a population of one (see `fit_population`)."""
     output_dirs = [output_dir] if output_dir else None
-    return fit_population([cfg], [list(overrides or [])], output_dirs, [list(epoch_callbacks)], [tags])[0]
+    return fit_population([cfg], [list(overrides or [])], output_dirs, [list(epoch_callbacks)], [tags],
+                          progress)[0]  # fmt: skip
 
 
 def fit_population(
@@ -122,6 +126,7 @@ def fit_population(
     output_dirs: list | None = None,
     epoch_callbacks: list[list] | None = None,
     tags: list[dict | None] | None = None,
+    progress: Progress | None = None,
 ) -> list[RunResult]:
     """Train validated configs that share an architecture as one stacked model; one RunResult each.
 
@@ -129,8 +134,8 @@ def fit_population(
     before any work. Whatever happens later (an exception, Ctrl-C, SIGTERM, divergence, a tracking
     outage), each member's history and artifacts are written to its output directory and its run is
     closed with the matching status. `epoch_callbacks[p]` see member p's every history row (a sweep
-    reports to Optuna there, and may raise `gdlab.members.Retire` to prune it); `tags` go on the runs.
-    `wall_time` is the population's.
+    reports to Optuna there, and may raise `gdlab.members.Retire` to prune it); `tags` go on the runs;
+    `progress` shows the population's epochs as they go. `wall_time` is the population's.
     """
     check_population(cfgs)
     n, first = len(cfgs), cfgs[0]
@@ -145,7 +150,7 @@ def fit_population(
     module = TrainingModule(model, optimizer_factory(cfgs), first.backprop, data.test, stops, callbacks)
     loader = make_loader(data.train, first.optimizer.get("batch_size"), first.seed)
     with quiet_lightning():
-        trainer = make_trainer(first)
+        trainer = make_trainer(first, [progress] if progress is not None else [])
     runs = start_runs(cfgs, overrides, tags or [None] * n, str(trainer.strategy.root_device))
     directories = [Path(output_dirs[p]) if output_dirs else default_output_dir(cfg, runs[p])
                    for p, cfg in enumerate(cfgs)]  # fmt: skip

@@ -22,7 +22,8 @@ from gdlab.fit import ALL_LINE_SEARCHES_FAILED, RunResult, fit, fit_population
 from gdlab.interrupts import InterruptHandler
 from gdlab.masking import mask_saved_hydra_configs
 from gdlab.members import check_population, group_by_architecture
-from gdlab.tracking import TrackingUnavailable
+from gdlab.progress import Progress
+from gdlab.tracking import TrackingUnavailable, run_name
 
 __all__ = ["RunResult", "main", "run", "summary"]
 # Hydra 1.4 warns on every instantiate without an execution whitelist, including the ones it makes itself
@@ -45,7 +46,8 @@ def run(overrides: list[str] | None = None, output_dir: str | Path | None = None
     """
     overrides = list(overrides or [])
     if population is None:
-        return fit(validate(compose_config(overrides)), overrides, output_dir)
+        cfg = validate(compose_config(overrides))
+        return fit(cfg, overrides, output_dir, progress=progress_of([cfg]))
     members = [[*overrides, *member_overrides(m)] for m in population]
     compose = VariantComposer(overrides)
     cfgs = [compose(member_overrides(m)) for m in population]
@@ -59,10 +61,17 @@ def run(overrides: list[str] | None = None, output_dir: str | Path | None = None
             [cfgs[i] for i in group],
             [members[i] for i in group],
             [output_dirs[i] for i in group] if output_dirs else None,
+            progress=progress_of([cfgs[i] for i in group], [f"member {i}" for i in group]),
         )
         for i, result in zip(group, trained, strict=True):
             results[i] = result
     return results
+
+
+def progress_of(cfgs: list[DictConfig], names: list[str] | None = None) -> Progress | None:
+    """A run's (or a population's) live progress, as this process's output suits it (gdlab.progress)."""
+    label = run_name(cfgs[0]) if len(cfgs) == 1 else f"population of {len(cfgs)}"
+    return Progress.auto(label, names or [label], cfgs[0].objective, cfgs[0].direction)
 
 
 def member_overrides(member: dict | list | tuple) -> list[str]:
@@ -108,7 +117,7 @@ def main(cfg: DictConfig) -> float:
     overrides = list(hydra_cfg.overrides.task)
     ctrl_c = InterruptHandler().install((signal.SIGINT,))  # SIGTERM is Lightning's (below)
     try:
-        result = fit(cfg, overrides)
+        result = fit(cfg, overrides, progress=progress_of([cfg]))
     except TrackingUnavailable as error:
         print(f"gdlab-train: error: {error}", file=sys.stderr)
         sys.exit(3)

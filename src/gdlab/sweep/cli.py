@@ -94,6 +94,14 @@ def parse_args(argv):
         help="for scheduled jobs: do nothing (exit 0, a line on stderr) while another --exclusive "
         "gdlab-sweep on this machine runs the same study",
     )
+    parser.add_argument(
+        "--progress",
+        type=float,
+        default=10.0,
+        metavar="SECONDS",
+        help="while a trial or batch trains: a line this often when stdout is a log, a bar on a "
+        "terminal (default 10; 0: none)",
+    )
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--worker-index", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--parent-run-id", help=argparse.SUPPRESS)
@@ -108,6 +116,8 @@ def check_counts(args) -> None:
     for option, value, allowed in [*checks, ("--timeout", args.timeout, "a finite number of seconds > 0")]:
         if value is not None and not (0 < value < math.inf):
             raise SweepError(f"{option}={value} is not allowed; use {allowed}")
+    if not 0 <= args.progress < math.inf:
+        raise SweepError(f"--progress={args.progress} is not allowed; use a finite number of seconds >= 0")
 
 
 def not_an_interrupt(record: logging.LogRecord) -> bool:
@@ -161,6 +171,7 @@ def sweep_main(argv: list[str] | None, interrupts: InterruptHandler) -> int:
         check_study_name(study_name)
         if args.population is not None:
             spec.population = args.population
+        spec.progress_every = args.progress
         if args.exclusive and not args.worker:
             lock = StudyLock(storage_url, study_name)
             if not lock.acquire():
@@ -287,7 +298,8 @@ def start_worker(args, spec: SweepSpec, study_name: str, storage_url: str, budge
                *(["--config-dir", str(args.config_dir)] if args.config_dir else []),
                "--study", study_name, "--budget", str(budget),
                "--heartbeat-interval", str(args.heartbeat_interval),
-               "--grace-period", str(args.grace_period), "--population", str(spec.population)]  # fmt: skip
+               "--grace-period", str(args.grace_period), "--population", str(spec.population),
+               "--progress", str(args.progress)]  # fmt: skip
     if parent_run_id:
         command += ["--parent-run-id", parent_run_id]
     command += ["--worker-index", str(index)]

@@ -52,6 +52,7 @@ class SweepSpec:
     population: int  # trials asked and trained together as one batched model (1: one at a time)
     signature: dict = field(default_factory=dict)  # gdlab.sweep.signature: what a trial computes
     composer: VariantComposer | None = field(default=None, repr=False)  # made on first use
+    progress_every: float = 10.0  # seconds between progress lines in a log (gdlab-sweep --progress)
 
 
 def available_sweeps(config_dir: Path | None = None) -> list[str]:

@@ -22,6 +22,7 @@ from optuna.trial import TrialState
 from gdlab.compose import VariantComposer
 from gdlab.masking import mask_passwords
 from gdlab.members import POPULATION_OPTIMIZERS, Retire, group_by_architecture
+from gdlab.progress import Progress
 from gdlab.sweep.spec import SweepError, SweepSpec
 from gdlab.sweep.study import FINISHED, Heartbeats
 from gdlab.tracking import TrackingUnavailable
@@ -80,6 +81,14 @@ def trial_run_args(spec: SweepSpec, trial: optuna.Trial, cfg: DictConfig, output
     )
 
 
+def progress_of(spec: SweepSpec, trials: list, cfg: DictConfig) -> Progress | None:
+    """Live progress of one trial or one batch (gdlab.progress): a bar on a terminal, else a line every
+    spec.progress_every seconds."""
+    names = [f"#{trial.number}" for trial in trials]
+    label = f"trial {names[0]}" if len(trials) == 1 else f"trials {names[0]}-{names[-1]}"
+    return Progress.auto(label, names, cfg.objective, spec.direction, every=spec.progress_every)
+
+
 def record_result(trial: optuna.Trial, result) -> float:
     """Note the run on its trial; the objective (NaN when diverged: the trial FAILs)."""
     if result.final.get("mlflow_run_id"):
@@ -96,7 +105,8 @@ def make_objective(spec: SweepSpec, output_root: Path):
     def objective(trial: optuna.Trial) -> float:
         cfg, overrides = suggest_trial(spec, trial)
         try:
-            result = fit(cfg, overrides, **trial_run_args(spec, trial, cfg, output_root))
+            result = fit(cfg, overrides, **trial_run_args(spec, trial, cfg, output_root),
+                         progress=progress_of(spec, [trial], cfg))  # fmt: skip
         except SystemExit as stop:  # Lightning's exit after SIGTERM/Ctrl-C; Optuna FAILs a trial on these:
             trial.set_user_attr("failure", "interrupted")
             raise KeyboardInterrupt("interrupted") from stop
@@ -186,6 +196,7 @@ def train_together(spec: SweepSpec, members: list, output_root: Path) -> list[tu
             output_dirs=[a["output_dir"] for a in run_args],
             epoch_callbacks=[a["epoch_callbacks"] for a in run_args],
             tags=[{**a["tags"], "gdlab.population": len(members)} for a in run_args],
+            progress=progress_of(spec, [trial for trial, _, _ in members], members[0][1]),
         )
     except TrackingUnavailable:
         raise
@@ -201,7 +212,8 @@ def train_alone(spec: SweepSpec, trial, cfg: DictConfig, overrides: list[str], o
     from gdlab.fit import fit
 
     try:
-        result = fit(cfg, overrides, **trial_run_args(spec, trial, cfg, output_root))
+        result = fit(cfg, overrides, **trial_run_args(spec, trial, cfg, output_root),
+                     progress=progress_of(spec, [trial], cfg))  # fmt: skip
     except TrackingUnavailable:
         raise
     except Exception as error:

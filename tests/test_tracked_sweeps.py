@@ -1,0 +1,74 @@
+"""A tracked population sweep: progress while it trains, every curve in MLflow, each run's own times."""
+
+import csv
+import re
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+from mlflow import MlflowClient
+
+BIN = Path(sys.executable).parent
+PROGRESS = re.compile(
+    r"^trials #0-#7: epoch (\d+)/4000, (\d+) training, (\d+) retired, (\d+) pruned; best test/loss "
+)
+
+
+def read_lines(stream, lines: list) -> None:
+    for line in stream:
+        lines.append((time.time(), line.rstrip("\n")))
+
+
+@pytest.mark.slow
+def test_population_sweep_shows_progress_and_records_every_epoch_with_its_own_times(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    command = [str(BIN / "gdlab-sweep"), "lr", "--population", "8", "--budget", "8", "--n-trials", "8",
+               "--progress", "0.5", "trainer.max_epochs=4000", "trainer.stop_loss=0.1"]  # fmt: skip
+    sweep = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    lines: list = []
+    reader = threading.Thread(target=read_lines, args=(sweep.stdout, lines), daemon=True)
+    reader.start()
+    deadline = time.monotonic() + 600
+    while sum(bool(PROGRESS.match(line)) for _, line in lines) < 2 and time.monotonic() < deadline:
+        assert sweep.poll() is None, (
+            f"the sweep ended before two progress lines: {lines} {sweep.stderr.read()}"
+        )
+        time.sleep(0.1)
+    progress = [PROGRESS.match(line) for _, line in lines if PROGRESS.match(line)]
+    assert len(progress) >= 2 and sweep.poll() is None  # read while it trains
+    assert not any("done:" in line for _, line in lines)
+    assert 0 < int(progress[0][1]) < int(progress[1][1]) < 4000
+    assert [sum(int(m[i]) for i in (2, 3, 4)) for m in progress] == [8] * len(
+        progress
+    )  # every member counted
+    assert sweep.wait(timeout=600) == 0, sweep.stderr.read()
+    reader.join(timeout=10)
+
+    trials = optuna.load_study(
+        study_name="lr", storage=f"sqlite:///{tmp_path / 'mlruns' / 'optuna.db'}"
+    ).trials
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}")
+    runs = {}
+    for trial in trials:
+        run = client.get_run(trial.user_attrs["mlflow_run_id"])
+        with open(tmp_path / "outputs" / "sweeps" / "lr" / f"trial-{trial.number}" / "history.csv") as f:
+            history = list(csv.DictReader(f))
+        for key in (
+            "train/loss",
+            "test/acc",
+            "grad_norm/layer1",
+        ):  # no curve dropped: every epoch, as trained
+            logged = sorted(client.get_metric_history(run.info.run_id, key), key=lambda m: m.step)
+            assert [m.step for m in logged] == [int(row["epoch"]) for row in history]
+            assert [m.value for m in logged] == [float(row[key]) for row in history]
+        assert run.data.metrics["final/test/loss"] == pytest.approx(trial.value)
+        assert run.info.status == "FINISHED"
+        runs[trial.number] = (len(history), run.info.end_time)
+    epochs = sorted(runs.values())
+    assert epochs[0][0] < 1000 and epochs[-1][0] == 4000  # some members met stop_loss early
+    # Each run ends when its own training did: an early member seconds before the batch's last one.
+    assert epochs[0][1] < epochs[-1][1] - 2000
