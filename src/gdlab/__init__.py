@@ -7,10 +7,14 @@ __all__ = ["ConfigError", "RunResult", "run", "__version__"]
 
 def __getattr__(name: str):
     # Lazy, so light submodules (the metric writer process, masking) don't import torch and Lightning.
-    if name in ("run", "RunResult"):
-        from gdlab import train
+    if name == "run":
+        from gdlab.train import run
 
-        return getattr(train, name)
+        return run
+    if name == "RunResult":
+        from gdlab.fit import RunResult
+
+        return RunResult
     if name == "ConfigError":
         from gdlab.config import ConfigError
 

@@ -6,9 +6,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from sklearn.datasets import load_digits, make_circles, make_moons
-from sklearn.model_selection import train_test_split
-from sklearn.preprocessing import StandardScaler
 from torch import Tensor
 
 N_CLASSES = {"xor": 2, "moons": 2, "circles": 2, "digits": 10}
@@ -46,6 +43,8 @@ def make_arrays(cfg) -> tuple[np.ndarray, np.ndarray]:
         if cfg.noise:
             X = X + rng.normal(scale=cfg.noise, size=X.shape)
         return X, y
+    from sklearn.datasets import load_digits, make_circles, make_moons  # ~0.5 s: only where a run needs it
+
     if cfg.name == "moons":
         return make_moons(n_samples=cfg.n_samples, noise=cfg.noise, random_state=cfg.random_state)
     if cfg.name == "circles":
@@ -66,6 +65,9 @@ def make_arrays(cfg) -> tuple[np.ndarray, np.ndarray]:
 
 def load_dataset(cfg, encode_targets, dtype: torch.dtype) -> Dataset:
     """Build, split (test_size 0: no test split) and standardize on the train split only."""
+    from sklearn.model_selection import train_test_split
+    from sklearn.preprocessing import StandardScaler
+
     X, y = make_arrays(cfg)
     if cfg.test_size > 0:
         X_train, X_test, y_train, y_test = train_test_split(

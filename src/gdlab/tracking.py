@@ -244,7 +244,9 @@ class MlflowRun:
         self.flush_seconds = float(cfg.tracking.get("flush_seconds", 1.0))
         self.drain_timeout = float(cfg.tracking.get("drain_timeout", 600.0))
         self.buffer: list = []
-        self.last_flush = time.monotonic()
+        self.last_flush: float | None = (
+            None  # the clock starts at the first epoch: a short run needs no writer
+        )
         self.outage: str | None = None
         self.parent_run_id = parent_run_id or os.environ.get(PARENT_ENV)
         tags = run_tags(cfg, overrides, device, extra_tags)
@@ -301,7 +303,10 @@ class MlflowRun:
                     continue
                 self.last_values[key] = value
             self.buffer.append((key, value, timestamp, step))
-        if time.monotonic() - self.last_flush >= self.flush_seconds:
+        now = time.monotonic()
+        if self.last_flush is None:
+            self.last_flush = now
+        elif now - self.last_flush >= self.flush_seconds:
             self.flush()
 
     def log_final(self, final: dict) -> None:

@@ -10,22 +10,26 @@ import signal
 import sys
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
-from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from gdlab.compose import VariantComposer, compose_config
 from gdlab.config import ConfigError, validate
-from gdlab.fit import ALL_LINE_SEARCHES_FAILED, RunResult, fit, fit_population
 from gdlab.interrupts import InterruptHandler
 from gdlab.masking import mask_saved_hydra_configs
 from gdlab.members import check_population, group_by_architecture
-from gdlab.progress import Progress
 from gdlab.tracking import TrackingUnavailable, run_name
 
+if TYPE_CHECKING:
+    from gdlab.fit import RunResult
+    from gdlab.progress import Progress
+
 __all__ = ["RunResult", "main", "run", "summary"]
+# Lightning (torch._dynamo, torchmetrics, scipy.signal: ~3 s) is imported once a config is valid, so bad
+# input is refused at once (gdlab.fit and gdlab.progress are imported where a run starts).
 # Hydra 1.4 warns on every instantiate without an execution whitelist, including the ones it makes itself
 # from gdlab's own config (our sweep callback, the sweeper's Optuna sampler): those targets are ours.
 warnings.filterwarnings(
@@ -44,6 +48,8 @@ def run(overrides: list[str] | None = None, output_dir: str | Path | None = None
     together as one stacked model (gdlab.fit.fit_population). Returns one RunResult per member, in order;
     with `output_dir`, member i writes to <output_dir>/member-i.
     """
+    from gdlab.fit import fit, fit_population
+
     overrides = list(overrides or [])
     if population is None:
         cfg = validate(compose_config(overrides))
@@ -70,6 +76,8 @@ def run(overrides: list[str] | None = None, output_dir: str | Path | None = None
 
 def progress_of(cfgs: list[DictConfig], names: list[str] | None = None) -> Progress | None:
     """A run's (or a population's) live progress, as this process's output suits it (gdlab.progress)."""
+    from gdlab.progress import Progress
+
     label = run_name(cfgs[0]) if len(cfgs) == 1 else f"population of {len(cfgs)}"
     return Progress.auto(label, names or [label], cfgs[0].objective, cfgs[0].direction)
 
@@ -81,6 +89,8 @@ def member_overrides(member: dict | list | tuple) -> list[str]:
 
 
 def summary(result: RunResult) -> str:
+    from gdlab.fit import ALL_LINE_SEARCHES_FAILED
+
     f, cfg = result.final, result.config
     parts = [f"{k}={f[k]:.6g}" for k in ("train/loss", "train/acc", "test/loss", "test/acc") if k in f]
     lines = [
@@ -114,6 +124,10 @@ def main(cfg: DictConfig) -> float:
     except ConfigError as error:
         print(f"gdlab-train: error: {error}", file=sys.stderr)
         sys.exit(2)
+    from pytorch_lightning.utilities.exceptions import SIGTERMException
+
+    from gdlab.fit import fit
+
     overrides = list(hydra_cfg.overrides.task)
     ctrl_c = InterruptHandler().install((signal.SIGINT,))  # SIGTERM is Lightning's (below)
     try:
@@ -133,6 +147,14 @@ def main(cfg: DictConfig) -> float:
         sys.exit(ctrl_c.exit_code)
     print(summary(result), flush=True)
     return result.final["objective"]
+
+
+def __getattr__(name: str):
+    if name == "RunResult":  # gdlab.train.RunResult, without importing Lightning at import
+        from gdlab.fit import RunResult
+
+        return RunResult
+    raise AttributeError(f"module 'gdlab.train' has no attribute {name!r}")
 
 
 if __name__ == "__main__":
