@@ -5,10 +5,12 @@ to run its trials, all measured by this one invocation, each in a fresh study in
   (f) one process per trial: gdlab-train -m with Hydra's Optuna sweeper and the submitit_local launcher,
       on fewer trials (--process-trials): each one pays a few seconds of process start-up;
   (g) gdlab-sweep in one process, trial by trial (--population 1);
-  (h) gdlab-sweep's population mode: the trials trained together as one batched model (--population 64).
+  (h) gdlab-sweep's population mode: the trials trained together as one batched model (--population 64);
+  (u) (h) again with tracking=none, run by default when --tracking is local: what tracking costs (h).
 Throughput = epochs trained by the study's trials (their history.csv) / (first trial's start to the last
 trial's end), times read from the Optuna storage: the start-up of the command is left out, but in (f) every
-trial's own process start-up counts. Targets: (h) >= 3x (g) and >= 20x (f).
+trial's own process start-up counts. Targets: (h) >= 3x (g) and >= 20x (f), both tracked as --tracking says,
+and tracked (h) >= 0.6x untracked (u).
 Usage: python benchmarks/bench_sweeps.py [--modes f,g,h] [--trials 64] [--process-trials 8] [--population 64]
        [--tracking local|none] [--json out.json] [--keep DIR]
 """
@@ -34,8 +36,10 @@ MODES = {
     "f": "(f) process per trial (gdlab-train -m, submitit_local)",
     "g": "(g) gdlab-sweep --population 1",
     "h": "(h) gdlab-sweep --population {population}",
+    "u": "(u) = (h) with tracking=none",  # the untracked baseline of (h), when tracking is on
 }
-TARGETS = [("h", "g", 3.0), ("h", "f", 20.0)]  # (mode, against, at least this many times faster)
+# (mode, against, at least this many times faster): tracking must keep the population's speed
+TARGETS = [("h", "g", 3.0), ("h", "f", 20.0), ("h", "u", 0.6)]
 # Nothing of the caller's environment may send the runs elsewhere than the temporary directory.
 SCRUBBED_ENV = ["MLFLOW_TRACKING_URI", "GDLAB_OPTUNA_STORAGE", "GDLAB_MLFLOW_PARENT_RUN_ID"]
 
@@ -55,13 +59,15 @@ def entry_point(name: str) -> str:
 
 def mode_command(mode: str, trials: int, population: int, tracking: str, workdir: Path, study: str,
                  storage: str) -> list[str]:  # fmt: skip
+    if mode == "u":
+        mode, tracking = "h", "none"
     common = [f"tracking={tracking}", f"tracking.dir={workdir / 'mlruns'}"]
     if mode == "f":
         return [entry_point("gdlab-train"), "-m", f"+sweep={SWEEP}", "hydra/launcher=submitit_local",
                 "hydra.launcher.timeout_min=60", "hydra.sweeper.n_jobs=1", f"hydra.sweeper.n_trials={trials}",
                 f"hydra.sweeper.storage={storage}", f"hydra.sweeper.study_name={study}",
                 f"hydra.sweep.dir={workdir / 'multirun'}", *common]  # fmt: skip
-    size = 1 if mode == "g" else population
+    size = 1 if mode == "g" else population  # "h" (and "u")
     return [entry_point("gdlab-sweep"), SWEEP, "--population", str(size), "--budget", str(trials),
             "--n-trials", str(trials), "--storage", storage, "--study", study, *common]  # fmt: skip
 
@@ -171,8 +177,9 @@ def run_mode(mode: str, trials: int, population: int, tracking: str, root: Path)
 
 
 def ratios(results: dict) -> dict[str, float]:
+    pairs = (("h", "g"), ("h", "f"), ("g", "f"), ("h", "u"))
     return {f"{a}/{b}": results[a]["trial_epochs_per_s"] / results[b]["trial_epochs_per_s"]
-            for a, b in (("h", "g"), ("h", "f"), ("g", "f")) if a in results and b in results}  # fmt: skip
+            for a, b in pairs if a in results and b in results}  # fmt: skip
 
 
 def print_table(results: dict, ratio: dict, tracking: str, process_trials: int) -> None:
@@ -218,7 +225,9 @@ def machine_info() -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--modes", default="f,g,h", help="any of f,g,h (default all three)")
+    parser.add_argument(
+        "--modes", default="f,g,h,u", help="any of f,g,h,u (default all; u only when tracked)"
+    )
     parser.add_argument("--trials", type=int, default=64, help="trials of (g) and (h) (default 64)")
     parser.add_argument("--process-trials", type=int, default=8, help="trials of (f) (default 8)")
     parser.add_argument("--population", type=int, default=64, help="population size of (h) (default 64)")
@@ -228,7 +237,9 @@ def main() -> None:
     args = parser.parse_args()
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     if not modes or set(modes) - set(MODES):
-        parser.error(f"--modes {args.modes!r}: pick from f,g,h")
+        parser.error(f"--modes {args.modes!r}: pick from f,g,h,u")
+    if args.tracking == "none" and "u" in modes:
+        modes.remove("u")  # (h) is already untracked
     started, busy = datetime.datetime.now().astimezone(), busy_cores()
     if busy is not None and busy > 0.3:
         print(f"bench_sweeps: other processes keep {busy:.1f} cores busy: they will slow some modes more "
@@ -242,7 +253,7 @@ def main() -> None:
         root = Path(root_context.name)
     results: dict = {}
     try:
-        for mode in ("f", "g", "h"):
+        for mode in ("f", "g", "h", "u"):
             if mode in modes:
                 trials = args.process_trials if mode == "f" else args.trials
                 results[mode] = run_mode(mode, trials, args.population, args.tracking, root)

@@ -18,6 +18,7 @@ import re
 import subprocess
 import sys
 import time
+import warnings
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -30,9 +31,11 @@ from gdlab.repair import process_tags, repair_dead_runs
 from gdlab.version import __version__
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")  # no network calls from a lab tool
-# gdlab shows its own progress; MLflow's artifact-upload bar is tqdm.auto, which warns in a notebook
-# without ipywidgets ("TqdmWarning: IProgress not found").
+# gdlab shows its own progress (gdlab.progress). MLflow imports tqdm.auto (mlflow.genai, at `import mlflow`)
+# and draws an artifact-upload bar with it; in a notebook without ipywidgets both say "TqdmWarning:
+# IProgress not found", about a bar gdlab never shows there.
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+warnings.filterwarnings("ignore", message="IProgress not found")
 # MLflow prints "View run ... at: <tracking URI>" with any password in it; gdlab prints its own, masked.
 os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
 # MLflow's REST client retries 7 times with exponential backoff (minutes against a dead server);
