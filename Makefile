@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.gdlab-installed
 
-.PHONY: install demo test lint format bench bench-sweeps clean
+.PHONY: install demo test lint format bench bench-sweeps bench-writer clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +33,9 @@ bench: install
 bench-sweeps: install
 	$(BIN)/python benchmarks/bench_sweeps.py
 	$(BIN)/python benchmarks/bench_sweeps.py --tracking none
+
+bench-writer: install
+	$(BIN)/python benchmarks/bench_writer.py
 
 clean:
 	rm -rf $(VENV) outputs multirun .pytest_cache
