@@ -72,3 +72,38 @@ def test_population_sweep_shows_progress_and_records_every_epoch_with_its_own_ti
     assert epochs[0][0] < 1000 and epochs[-1][0] == 4000  # some members met stop_loss early
     # Each run ends when its own training did: an early member seconds before the batch's last one.
     assert epochs[0][1] < epochs[-1][1] - 2000
+
+
+def test_a_population_whose_writer_dies_still_ends_every_run(tmp_path, monkeypatch):
+    """The writer holds a population's run closings; if it dies, the training process ends the runs."""
+    from gdlab.compose import compose_config
+    from gdlab.config import validate
+    from gdlab.fit import fit_population
+    from gdlab.metric_writer import MetricWriter
+    from gdlab.tracking import tracking_uri
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    overrides = [
+        "dataset=xor",
+        "trainer.max_epochs=40",
+        f"tracking.dir={tmp_path / 'mlruns'}",
+        "tracking.plots=false",
+    ]
+    cfgs = [validate(compose_config([*overrides, f"optimizer.lr={lr}"])) for lr in (0.1, 0.5)]
+    uri = tracking_uri(cfgs[0])
+
+    def kill_the_writer(row: dict) -> None:
+        if row["epoch"] == 20:
+            MetricWriter.for_uri(uri).process.kill()
+
+    results = fit_population(cfgs, output_dirs=[tmp_path / "a", tmp_path / "b"],
+                             epoch_callbacks=[[kill_the_writer], []])  # fmt: skip
+    client = MlflowClient(tracking_uri=uri)
+    for result in results:
+        assert "metric writer exited" in result.final["tracking_outage"]
+        run = client.get_run(result.final["mlflow_run_id"])
+        assert run.info.status == "FINISHED" and run.info.end_time is not None
+        assert (
+            len((tmp_path / Path(result.final["output_dir"]).name / "history.csv").read_text().splitlines())
+            == 41
+        )

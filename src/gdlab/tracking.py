@@ -259,6 +259,7 @@ class MlflowRun:
         # Started now, so its imports overlap Lightning's start-up; kept for the next runs (sweeps).
         self.writer = MetricWriter.for_uri(self.uri)
         self.submitted = False  # whether the writer holds anything of this run: then `wait` drains it
+        self.closing: tuple[str, int] | None = None  # (status, end time in ms) once `close` is called
         self.last_values: dict = {}
         params = list(flatten(cfg).items())
         if background:
@@ -341,6 +342,7 @@ class MlflowRun:
         or KILLED at `end_time` (time.time(); default now): a population member's own end, not its
         batch's. Where the writer holds this run, it does all that in order; `wait` for it."""
         end_ms = int((time.time() if end_time is None else end_time) * 1000)
+        self.closing = (status, end_ms)
         if self.submitted:
             self.flush()
             if directory is not None:
@@ -359,6 +361,10 @@ class MlflowRun:
             error = self.writer.drain(self.run_id, timeout=self.drain_timeout)
             self.outage = self.outage or error
             self.submitted = False
+            if error and self.writer.process.poll() is not None and self.closing:
+                # the writer died with this run in hand: the run must still end, not stay RUNNING
+                status, end_ms = self.closing
+                self._call(self.client.set_terminated, self.run_id, status=status, end_time=end_ms)
         return self.outage
 
     def end(self, status: str, directory: Path | None = None, end_time: float | None = None) -> str | None:
