@@ -138,8 +138,13 @@ def test_gdlab_sweep_budget_pruning_and_the_parent_run(tmp_path):
         run = by_trial[trial.number]
         assert float(run.data.params["optimizer.lr"]) == pytest.approx(trial.params["optimizer.lr"])
         assert run.data.tags["optuna.study"] == "lr_depth"
-        if trial.state == TrialState.PRUNED:
-            assert run.data.tags["optuna.state"] == "PRUNED" and run.info.status == "KILLED"
+        assert trial.user_attrs["mlflow_run_id"] == run.info.run_id  # every trial names its run
+        if trial.state == TrialState.PRUNED:  # FINISHED, not a crash: the tag and the name say pruned
+            assert run.data.tags["optuna.state"] == "PRUNED" and run.info.status == "FINISHED"
+            assert (
+                run.info.run_name.endswith(" (pruned)")
+                and "pruned at epoch" in run.data.tags["pruned.reason"]
+            )
         else:
             assert run.data.metrics["final/test/loss"] == pytest.approx(trial.value)
     assert parent.data.metrics["best/test/loss"] == pytest.approx(s.best_value)

@@ -3,7 +3,8 @@
 `fit_population` trains validated configs that share an architecture as one stacked model
 (`gdlab.module.TrainingModule`); `fit` is a population of one. Each member gets what a run alone
 gets: its own history, final metrics, output directory and MLflow run, closed FINISHED, FAILED
-(diverged, or an exception) or KILLED (Ctrl-C, SIGTERM, or retired by an epoch callback: pruned).
+(diverged, or an exception) or KILLED (Ctrl-C, SIGTERM); a member an epoch callback retired (a sweep's
+pruner) is FINISHED with tag optuna.state=PRUNED.
 """
 
 from __future__ import annotations
@@ -192,10 +193,10 @@ def start_runs(cfgs, overrides, tags, device: str) -> list[MlflowRun | None]:
 
 
 def status(result: RunResult) -> str:
-    """How a member that trained to its end closes: pruned KILLED, diverged FAILED, else FINISHED."""
-    if result.final["pruned"]:
-        return "KILLED"
-    return "FAILED" if result.final["diverged_at"] is not None else "FINISHED"
+    """How a member that trained to its end closes: diverged FAILED, else FINISHED. A pruned member is
+    FINISHED too (it did what its pruner asked; its tag optuna.state=PRUNED and its name say so): KILLED
+    is for runs a signal or a dead process stopped."""
+    return "FAILED" if result.final["diverged_at"] is not None and not result.final["pruned"] else "FINISHED"
 
 
 def record(cfg: DictConfig, outcome: RunOutcome, data: Dataset, wall_time: float) -> RunResult:
@@ -256,7 +257,8 @@ def save_outputs(result: RunResult, overrides: list[str], output_dir: Path, run:
     if run is None:
         return
     if result.final["pruned"]:
-        run.set_tags({"optuna.state": "PRUNED", "failure.reason": result.final["pruned"]})
+        run.set_tags({"optuna.state": "PRUNED", "pruned.reason": result.final["pruned"],
+                      "mlflow.runName": f"{run.name} (pruned)"})  # fmt: skip
     if result.final["diverged_at"] is not None:
         run.set_tags({"failure.reason": "loss became NaN/inf", "failure.epoch": result.final["diverged_at"]})
     if result.final["ls_all_failed"]:

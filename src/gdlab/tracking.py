@@ -276,7 +276,8 @@ class MlflowRun:
                 experiment_id = get_or_create_experiment(
                     self.client, experiment_name(self.cfg), artifact_root(self.cfg, self.uri)
                 )
-            return self.client.create_run(experiment_id, run_name=run_name(self.cfg), tags=tags).info.run_id
+            self.name = run_name(self.cfg)
+            return self.client.create_run(experiment_id, run_name=self.name, tags=tags).info.run_id
         except Exception as error:  # any transport or store error: refuse before training starts
             raise TrackingUnavailable(
                 f"cannot reach the MLflow tracking backend at {mask_passwords(self.uri)}: "

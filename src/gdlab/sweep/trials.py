@@ -90,10 +90,11 @@ def progress_of(spec: SweepSpec, trials: list, cfg: DictConfig) -> Progress | No
 
 
 def record_result(trial: optuna.Trial, result) -> float:
-    """Note the run on its trial; the objective (NaN when diverged: the trial FAILs)."""
+    """Note the run on its trial, whatever its state (optuna-dashboard shows user attributes); the
+    objective (NaN when diverged: the trial FAILs)."""
     if result.final.get("mlflow_run_id"):
         trial.set_user_attr("mlflow_run_id", result.final["mlflow_run_id"])
-    if result.final["diverged_at"] is not None:
+    if result.final["diverged_at"] is not None and not result.final["pruned"]:
         trial.set_user_attr("failure", f"loss became NaN/inf at epoch {result.final['diverged_at']}")
     return result.final["objective"]
 
@@ -110,9 +111,10 @@ def make_objective(spec: SweepSpec, output_root: Path):
         except SystemExit as stop:  # Lightning's exit after SIGTERM/Ctrl-C; Optuna FAILs a trial on these:
             trial.set_user_attr("failure", "interrupted")
             raise KeyboardInterrupt("interrupted") from stop
+        value = record_result(trial, result)
         if result.final["pruned"]:
             raise optuna.TrialPruned(result.final["pruned"])
-        return record_result(trial, result)
+        return value
 
     return objective
 
@@ -202,9 +204,11 @@ def train_together(spec: SweepSpec, members: list, output_root: Path) -> list[tu
         raise
     except Exception as error:  # fails this population's trials only
         return [(None, None, error)] * len(members)
-    pruned = (None, TrialState.PRUNED, None)
-    return [pruned if result.final["pruned"] else (record_result(trial, result), None, None)
-            for (trial, _, _), result in zip(members, results, strict=True)]  # fmt: skip
+    outcomes = []
+    for (trial, _, _), result in zip(members, results, strict=True):
+        value = record_result(trial, result)
+        outcomes.append((None, TrialState.PRUNED, None) if result.final["pruned"] else (value, None, None))
+    return outcomes
 
 
 def train_alone(spec: SweepSpec, trial, cfg: DictConfig, overrides: list[str], output_root: Path) -> tuple:
@@ -218,9 +222,10 @@ def train_alone(spec: SweepSpec, trial, cfg: DictConfig, overrides: list[str], o
         raise
     except Exception as error:
         return None, None, error
+    value = record_result(trial, result)
     if result.final["pruned"]:
         return None, TrialState.PRUNED, None
-    return record_result(trial, result), None, None
+    return value, None, None
 
 
 def tell_study(study: optuna.Study, trial: optuna.Trial, value, state) -> optuna.trial.FrozenTrial:
