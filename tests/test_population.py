@@ -151,7 +151,7 @@ def test_gdlab_sweep_population_mode_tells_each_trial_and_tracks_each_member(tmp
         assert float(child.data.params["optimizer.lr"]) == pytest.approx(trial.params["optimizer.lr"])
         assert child.data.metrics["final/objective"] == pytest.approx(trial.value)
         curve = client.get_metric_history(child.info.run_id, "train/loss")
-        assert [m.step for m in curve] == list(range(25))
+        assert [m.step for m in curve] == list(range(26))  # 25 epochs, then the trained weights' value
         history = (
             tmp_path / "outputs" / "sweeps" / "lr" / f"trial-{trial.number}" / "history.csv"
         ).read_text()

@@ -44,10 +44,15 @@ def test_a_run_lands_completely_in_the_sqlite_store(tmp_path):
     assert client.get_experiment(run.info.experiment_id).name == "moons"
 
     curve = client.get_metric_history(run.info.run_id, "train/loss")
-    assert [m.step for m in curve] == list(range(25))
-    assert [m.value for m in curve] == pytest.approx(list(r.history["train/loss"]), rel=1e-12)
-    for key in ("train/acc", "test/loss", "test/acc", "grad_norm", "grad_norm/layer1", "grad_norm/layer2",
-                "loss_after", "evals/total"):  # fmt: skip
+    # step k: measured at the weights after k steps; step 25 at the trained ones
+    assert [m.step for m in curve] == list(range(26))
+    expected = [*r.history["train/loss"], r.final["train/loss"]]
+    assert [m.value for m in curve] == pytest.approx(expected, rel=1e-12)
+    for key in ("train/acc", "test/loss", "test/acc"):  # the latest value is the final one
+        assert len(client.get_metric_history(run.info.run_id, key)) == 26, key
+        latest, final = run.data.metrics[key], run.data.metrics[f"final/{key}"]
+        assert latest == final == pytest.approx(r.final[key], rel=1e-12)
+    for key in ("grad_norm", "grad_norm/layer1", "grad_norm/layer2", "loss_after", "evals/total"):
         assert len(client.get_metric_history(run.info.run_id, key)) == 25, key
     for key in ("step", "backtracks", "evals/fwd", "trial_step", "ls_failures"):
         assert client.get_metric_history(run.info.run_id, key), key  # logged when they change
@@ -180,7 +185,7 @@ def test_sigterm_mid_run_ends_killed_with_the_partial_curve(tmp_path):
     history = pd.read_csv(tmp_path / "run" / "history.csv")
     assert 50 <= len(history) < 200000
     curve = client.get_metric_history(run_id, "train/loss")
-    assert len(curve) == len(history)  # everything computed before the signal is in MLflow
+    assert len(curve) == len(history) + 1  # everything computed before the signal, and the final value
 
 
 @pytest.fixture
@@ -199,7 +204,7 @@ def test_tracking_server_end_to_end_and_an_outage_mid_run(tmp_path, mlflow_serve
     client = MlflowClient(tracking_uri=url)
     run = client.get_run(r.final["mlflow_run_id"])
     assert run.info.status == "FINISHED" and r.final["tracking_outage"] is None
-    assert len(client.get_metric_history(run.info.run_id, "train/loss")) == 30
+    assert len(client.get_metric_history(run.info.run_id, "train/loss")) == 30 + 1  # and the final value
     assert "curves.png" in {a.path for a in client.list_artifacts(run.info.run_id)}
 
     env = {**os.environ, "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0"}

@@ -59,6 +59,10 @@ class TrackedRun:
 
     @property
     def epochs(self) -> int:
+        """Epochs trained: final/epochs where logged (a curve's last point, step = epochs, is the trained
+        weights' value), else the last step + 1 (runs of gdlab before that point was logged)."""
+        if "final/epochs" in self.latest:
+            return int(self.latest["final/epochs"])
         return int(self.curves.index.max()) + 1 if len(self.curves) else 0
 
     def last(self, metric: str) -> float:
@@ -322,7 +326,8 @@ def write_markdown(report: Report, target: str, figures: list[Path], path: Path)
         "## Train loss and accuracy by epoch",
         markdown_table(report.epoch_table),
         f"## Final metrics, sorted by {report.objective} ({report.direction})",
-        "Last logged values: train/loss is measured at the start of the last epoch.",
+        "Last logged values: each curve's last point (step = epochs) is measured at the trained weights, "
+        "as `final/<metric>` and what gdlab-train prints.",
         markdown_table(report.final_table),
         "## Curves",
         *(f"![{figure.stem.replace('_', ' ')}]({figure.name})" for figure in figures),

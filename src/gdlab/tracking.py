@@ -58,6 +58,8 @@ LOGGED_FINAL_METRICS = (
     "evals",
     "wall_time",
 )
+# Curves whose last point (step = epochs) is the final value, so a curve's latest value equals final/<key>.
+CURVES_ENDING_AT_FINAL = frozenset({"train/loss", "train/acc", "test/loss", "test/acc"})
 # Step-record values logged only when they change (GD's are constant): each MLflow row costs ~70 µs.
 LOGGED_ON_CHANGE = frozenset({"trial_step", "step", "backtracks", "ls_failures", "evals/fwd", "evals/fwdbwd"})
 
@@ -315,12 +317,16 @@ class MlflowRun:
             self.flush()
 
     def log_final(self, final: dict) -> None:
-        """The result at the trained weights (what gdlab-train returns) as final/<metric>."""
+        """The result at the trained weights (what gdlab-train returns) as final/<metric>, and as the last
+        point of its curve: step k of a curve is measured at the weights after k steps (the history row of
+        epoch k, taken before epoch k's step), so step `epochs` is the trained weights' value."""
         timestamp, step = int(time.time() * 1000), final["epochs"]
         for key in LOGGED_FINAL_METRICS:
             value = final.get(key)
             if isinstance(value, int | float) and not math.isnan(value):
                 self.buffer.append((f"final/{key}", value, timestamp, step))
+                if key in CURVES_ENDING_AT_FINAL:
+                    self.buffer.append((key, value, timestamp, step))
 
     def flush(self) -> None:
         """Hand the buffered metrics to the writer process."""
