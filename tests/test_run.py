@@ -146,3 +146,12 @@ def test_gradient_reusing_armijo_costs_about_one_evaluation_per_step():
     assert gentle.final["train/loss"] < 0.05 < classic.final["train/loss"]
     np.testing.assert_array_equal(h["loss_after"].iloc[:-1], h["train/loss"].iloc[1:])  # rows start at w
     assert (h["evals/fwd"] == 0).all()
+
+
+def test_the_decision_boundary_marks_exactly_the_misclassified_train_points(tmp_path):
+    from gdlab.artifacts import misclassified, plot_decision_boundary
+
+    r = run(["dataset=moons", "dataset.noise=0.3", "trainer.max_epochs=60"])
+    wrong = misclassified(r.model, r.data.train)
+    assert 0 < wrong.sum() == round((1 - r.final["train/acc"]) * len(wrong))
+    assert plot_decision_boundary(r.model, r.data, tmp_path / "db.png").stat().st_size > 10_000

@@ -94,16 +94,34 @@ def plot_decision_boundary(model: MLP, data: Dataset, path: Path) -> Path:
     grid = torch.as_tensor(np.c_[xx.ravel(), yy.ravel()], dtype=data.train.X.dtype)
     proba = model.cpu().predict_proba(grid)
     p1 = (proba[:, 0] if model.head == "sigmoid" else proba[:, 1]).reshape(xx.shape).numpy()
+    wrong = misclassified(model, data.train)
     fig = Figure(figsize=(5, 4.5))
     ax = fig.subplots()
-    contour = ax.contourf(xx, yy, p1, levels=11, cmap="RdBu_r", alpha=0.7, vmin=0, vmax=1)
+    contour = ax.contourf(xx, yy, p1, levels=11, cmap="RdBu_r", alpha=0.6, vmin=0, vmax=1)
     ax.contour(xx, yy, p1, levels=[0.5], colors="k", linewidths=1)
-    ax.scatter(X[:, 0], X[:, 1], c=data.train.y, cmap="RdBu_r", edgecolors="k", s=14)
+    labels = np.asarray(data.train.y)
+    for label, color in ((0, "#2166ac"), (1, "#b2182b")):  # the classes in the colour bar's end colours
+        right = (labels == label) & ~wrong
+        ax.scatter(X[right, 0], X[right, 1], c=color, edgecolors="white", linewidths=0.4, s=14,
+                   label=f"class {label}")  # fmt: skip
+    ax.scatter(X[wrong, 0], X[wrong, 1], marker="X", c="#ffd700", edgecolors="k", linewidths=0.8, s=60,
+               label=f"misclassified ({int(wrong.sum())})")  # fmt: skip
+    ax.legend(loc="upper right", fontsize=7, framealpha=0.8)
     fig.colorbar(contour, ax=ax, label="P(class 1)")
-    ax.set(title=f"decision boundary ({data.name}, train points)")
+    ax.set_title(
+        f"decision boundary, {data.name}: {int(wrong.sum())} of {len(X)} train points wrong", fontsize=10
+    )
     fig.subplots_adjust(left=0.12, right=0.98, bottom=0.08, top=0.92)
     fig.savefig(path, dpi=80)
     return path
+
+
+@torch.no_grad()
+def misclassified(model: MLP, split) -> np.ndarray:
+    """Which points of a split the model classifies wrongly (the decision boundary marks them)."""
+    Z = model.cpu()(split.X)
+    predicted = (Z[:, 0] > 0).long() if model.head == "sigmoid" else Z.argmax(dim=1)
+    return predicted.numpy() != np.asarray(split.y)
 
 
 @torch.no_grad()
