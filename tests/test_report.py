@@ -181,9 +181,9 @@ def test_parent_run_report_covers_its_children_and_is_logged_to_it(store, tmp_pa
     assert proc.returncode == 0, proc.stderr
     final = read_table(tmp_path / "sweep", "final_metrics.csv")
     assert sorted(final.index) == ["optimizer.lr=0.1", "optimizer.lr=0.5"]  # only the lr differs
-    assert not (tmp_path / "sweep" / "loss_vs_evals.png").exists()  # one optimizer: nothing to compare
     logged = {Path(f.path).name for f in client.list_artifacts(parent_id, "report")}
-    assert {"report.md", "final_metrics.csv", "loss_curves.png", "accuracy_curves.png"} <= logged
+    assert {"report.md", "final_metrics.csv", "loss_curves.png", "accuracy_curves.png", "loss_vs_evals.png",
+            "objective_vs_params.png"} <= logged  # fmt: skip
 
     # The experiment's report has the three training runs, not the parent run (it logs no metrics).
     whole = build_report("sweep", tracking_uri=uri, out=tmp_path / "experiment")
@@ -217,3 +217,45 @@ def test_loss_against_evaluations_colours_by_rule_not_by_seed_or_lr():
             run(**{"optimizer.name": "polyak", "optimizer.c": "0.5", "seed": "3"})]  # fmt: skip
     assert rule_labels(runs) == ["gd", "gd", "backtracking trial_eval=forward",
                                  "backtracking trial_eval=forward_backward", "polyak"]  # fmt: skip
+
+
+def test_sweep_figures_at_64_runs_colour_by_lr_mark_pruned_and_failed_and_survive_divergence(tmp_path):
+    """The data behind each figure of a 64-run lr sweep: which runs, which scales, which marked how."""
+    import numpy as np
+
+    from gdlab.report import assign_labels, differing_params
+    from gdlab.report_figures import write_figures
+
+    lrs = np.logspace(-3, 1, 64)
+    runs = []
+    for i, lr in enumerate(lrs):
+        epochs = np.arange(31)
+        loss = 0.7 * np.exp(-lr * epochs / 10) + 0.01 * (1 + abs(np.log10(lr) - 0.3))
+        tags, status, diverged = {}, "FINISHED", None
+        if i == 63:  # lr 10 diverges: its loss explodes, and it has no objective
+            loss, status, diverged = 0.7 * 10.0 ** epochs[:12], "FAILED", "12"
+        if i in (0, 1):  # the two smallest are pruned
+            tags = {"optuna.state": "PRUNED"}
+        curves = pd.DataFrame({"train/loss": loss, "train/acc": 1 - loss / 2,
+                               "evals/total": 2.0 * (epochs[: len(loss)] + 1)})  # fmt: skip
+        latest = {"final/test/loss": float(loss[-1]), "final/epochs": len(loss) - 1}
+        runs.append(TrackedRun(f"id{i}", f"run{i}", {"optimizer.lr": repr(float(lr)), "optimizer.name": "gd"},
+                               curves, status, diverged, latest=latest, tags=tags))  # fmt: skip
+    assign_labels(runs)
+    assert runs[5].label == f"optimizer.lr={float(lrs[5]):.3g}"  # 3 significant digits, not 16
+    drawn = write_figures(runs, tmp_path, differing_params(runs), "final/test/loss", "minimize")
+    figures = {d.path.name: d for d in drawn}
+    assert set(figures) == {"objective_vs_params.png", "loss_curves.png", "accuracy_curves.png",
+                            "loss_vs_evals.png"}  # fmt: skip
+    best = sorted(runs[2:63], key=lambda run: run.latest["final/test/loss"])[:5]
+    by_param = figures["objective_vs_params.png"]
+    assert by_param.xscale == "log" and by_param.top == [run.label for run in best]
+    assert by_param.pruned == [runs[0].label, runs[1].label] and by_param.failed == [runs[63].label]
+    curves = figures["loss_curves.png"]
+    assert curves.colour_by == "optimizer.lr" and curves.yscale == "log" and len(curves.runs) == 64
+    assert (curves.top, curves.pruned, curves.failed) == (by_param.top, by_param.pruned, by_param.failed)
+    largest_start = max(float(run.curves["train/loss"].iloc[0]) for run in runs)
+    assert curves.ylim[1] == pytest.approx(2 * largest_start)  # not the diverged run's 7e11
+    for drawn in figures.values():
+        data = drawn.path.read_bytes()
+        assert data.startswith(PNG_SIGNATURE) and len(data) > 20_000

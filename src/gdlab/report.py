@@ -23,7 +23,7 @@ import pandas as pd
 from pandas.api.types import is_numeric_dtype
 
 from gdlab.masking import mask_passwords
-from gdlab.report_figures import write_figures
+from gdlab.report_figures import short_number, write_figures
 
 CURVE_METRICS = ("train/loss", "train/acc", "test/loss", "test/acc", "evals/total")
 EPOCH_TABLE_METRICS = ("train/loss", "train/acc")
@@ -52,6 +52,7 @@ class TrackedRun:
     diverged_at: str | None = None  # gdlab's failure.epoch tag: the loss became NaN/inf there
     label: str = ""
     latest: dict = field(default_factory=dict)  # every metric's latest value (final/<metric> included)
+    tags: dict = field(default_factory=dict)  # its MLflow tags (optuna.state=PRUNED marks a pruned trial)
 
     @property
     def outcome(self) -> str:
@@ -82,6 +83,7 @@ class Report:
     runs: list[TrackedRun] = field(default_factory=list)  # in the final table's order
     parent_run_id: str | None = None  # set when the target was a parent run
     logged_to_parent: bool = False
+    figures: list = field(default_factory=list)  # gdlab.report_figures.Drawn: what each figure shows
 
 
 # --- where the runs are --------------------------------------------------------------------------------
@@ -151,7 +153,8 @@ def load_run(client, run) -> TrackedRun:
     frame.index.name = "epoch"
     name = run.data.tags.get("mlflow.runName") or run.info.run_name or run.info.run_id
     return TrackedRun(run.info.run_id, name, dict(run.data.params), frame, run.info.status,
-                      run.data.tags.get("failure.epoch"), latest=dict(run.data.metrics))  # fmt: skip
+                      run.data.tags.get("failure.epoch"), latest=dict(run.data.metrics),
+                      tags=dict(run.data.tags))  # fmt: skip
 
 
 def load_runs(client, target: str) -> tuple[list[TrackedRun], str | None]:
@@ -196,7 +199,7 @@ def differing_keys(param_sets: list[dict]) -> list[str]:
 def assign_labels(runs: list[TrackedRun]) -> None:
     keys = differing_params(runs)
     for run in runs:
-        parts = [f"{key}={run.params[key]}" for key in keys if key in run.params]
+        parts = [f"{key}={short_number(run.params[key])}" for key in keys if key in run.params]
         run.label = " ".join(parts) or run.name
     counts = Counter(run.label for run in runs)
     for run in runs:
@@ -383,7 +386,8 @@ def build_report(
 
     out_dir = Path(out) if out is not None else default_out_dir(target)
     out_dir.mkdir(parents=True, exist_ok=True)
-    figures = write_figures(runs, out_dir)
+    report.figures = write_figures(runs, out_dir, differing_params(runs), objective, direction)
+    figures = [drawn.path for drawn in report.figures]
     markdown = write_markdown(report, target, figures, out_dir / "report.md")
     report.paths = [markdown, *write_tables(report, out_dir), *figures]
     if parent_run_id and log:
