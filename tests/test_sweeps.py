@@ -12,6 +12,7 @@ from mlflow import MlflowClient
 from optuna.trial import TrialState
 
 from gdlab.sweep import load_sweep
+from gdlab.tracking import short_number
 
 BIN = Path(sys.executable).parent
 SHORT = ["trainer.max_epochs=20"]
@@ -139,6 +140,9 @@ def test_gdlab_sweep_budget_pruning_and_the_parent_run(tmp_path):
         assert float(run.data.params["optimizer.lr"]) == pytest.approx(trial.params["optimizer.lr"])
         assert run.data.tags["optuna.study"] == "lr_depth"
         assert trial.user_attrs["mlflow_run_id"] == run.info.run_id  # every trial names its run
+        lead = run.info.run_name.split(f" #{trial.number} ")[0].split()  # the name leads with what varies
+        assert sorted(lead) == sorted([f"lr={short_number(trial.params['optimizer.lr'])}",
+                                       f"depth={trial.params['model.depth']}"])  # fmt: skip
         if trial.state == TrialState.PRUNED:  # FINISHED, not a crash: the tag and the name say pruned
             assert run.data.tags["optuna.state"] == "PRUNED" and run.info.status == "FINISHED"
             assert (

@@ -23,7 +23,8 @@ import pandas as pd
 from pandas.api.types import is_numeric_dtype
 
 from gdlab.masking import mask_passwords
-from gdlab.report_figures import short_number, write_figures
+from gdlab.report_figures import write_figures
+from gdlab.tracking import short_number
 
 CURVE_METRICS = ("train/loss", "train/acc", "test/loss", "test/acc", "evals/total")
 EPOCH_TABLE_METRICS = ("train/loss", "train/acc")

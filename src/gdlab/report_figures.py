@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from gdlab.tracking import short_number
+
 if TYPE_CHECKING:
     from gdlab.report import TrackedRun
 
@@ -41,16 +43,6 @@ class Drawn:
     top: list[str] = field(default_factory=list)  # best first
     colour_by: str | None = None  # the parameter of the colour bar, if any
     ylim: tuple[float, float] | None = None  # a loss axis' limits, set so diverging runs cannot flatten it
-
-
-def short_number(text: str) -> str:
-    """A param value with at most 3 significant digits (4.337920697490942 -> 4.34; 0.1, 1.0 as they are)."""
-    try:
-        value = float(text)
-    except (TypeError, ValueError):
-        return str(text)
-    digits = len(str(text).lstrip("-0.").replace(".", "").rstrip("0"))
-    return f"{value:.3g}" if digits > 3 and math.isfinite(value) else str(text)
 
 
 def run_state(run: TrackedRun) -> str:
@@ -259,6 +251,10 @@ def plot_objective_vs_params(runs, varied: list[str], objective: str, direction:
         top_box(ax, lines, f"top {len(lines)}: {key.rsplit('.', 1)[-1]}: {objective.rsplit('/', 1)[-1]}")
         if categorical:
             ax.set_xticks(range(len(categories)), [short_number(c) for c in categories], rotation=30)
+        elif xscale == "linear" and all(v.is_integer() for v in values):  # depth, width: whole numbers
+            from matplotlib.ticker import MaxNLocator
+
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set(xscale=xscale, yscale=yscale, xlabel=key, ylabel=objective)
         ax.grid(True, alpha=0.3)
         drawn.xscale = xscale if key == keys[0] else drawn.xscale

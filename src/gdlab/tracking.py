@@ -102,6 +102,23 @@ def run_name(cfg: DictConfig) -> str:
     )
 
 
+def short_number(text) -> str:
+    """A value with at most 3 significant digits (4.337920697490942 -> 4.34; 0.1, 1.0, words: unchanged)."""
+    try:
+        value = float(text)
+    except (TypeError, ValueError):
+        return str(text)
+    digits = len(str(text).lstrip("-0.").replace(".", "").rstrip("0"))
+    return f"{value:.3g}" if digits > 3 and math.isfinite(value) else str(text)
+
+
+def trial_run_name(params: dict, number: int, cfg: DictConfig) -> str:
+    """A sweep trial's run name leads with what the sweep varies, where the UI's column shows it:
+    lr=4.34 depth=2 #12 moons-gd-d2-w16-lr4.34-s42."""
+    varied = " ".join(f"{key.rsplit('.', 1)[-1]}={short_number(value)}" for key, value in params.items())
+    return f"{varied} #{number} {run_name(cfg)}".strip()
+
+
 def flatten(cfg: DictConfig) -> dict[str, str]:
     """Resolved config as short dotted keys (optimizer.lr, model.depth, ...), values as MLflow params."""
     from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH
@@ -278,7 +295,7 @@ class MlflowRun:
                 experiment_id = get_or_create_experiment(
                     self.client, experiment_name(self.cfg), artifact_root(self.cfg, self.uri)
                 )
-            self.name = run_name(self.cfg)
+            self.name = tags.get("mlflow.runName") or run_name(self.cfg)  # a sweep names its trials
             return self.client.create_run(experiment_id, run_name=self.name, tags=tags).info.run_id
         except Exception as error:  # any transport or store error: refuse before training starts
             raise TrackingUnavailable(

@@ -25,7 +25,7 @@ from gdlab.members import POPULATION_OPTIMIZERS, Retire, group_by_architecture
 from gdlab.progress import Progress
 from gdlab.sweep.spec import SweepError, SweepSpec
 from gdlab.sweep.study import FINISHED, Heartbeats
-from gdlab.tracking import TrackingUnavailable
+from gdlab.tracking import TrackingUnavailable, trial_run_name
 
 
 def suggest(trial: optuna.Trial, name: str, distribution):
@@ -77,7 +77,11 @@ def trial_run_args(spec: SweepSpec, trial: optuna.Trial, cfg: DictConfig, output
     return dict(
         output_dir=output_root / f"trial-{trial.number}",
         epoch_callbacks=[PruningReporter(trial, cfg.objective, spec.report_every)],
-        tags={"optuna.study": spec.study_name, "optuna.trial": trial.number},
+        tags={
+            "optuna.study": spec.study_name,
+            "optuna.trial": trial.number,
+            "mlflow.runName": trial_run_name(trial.params, trial.number, cfg),
+        },  # fmt: skip
     )
 
 
