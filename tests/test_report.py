@@ -243,6 +243,10 @@ def test_sweep_figures_at_64_runs_colour_by_lr_mark_pruned_and_failed_and_surviv
                                curves, status, diverged, latest=latest, tags=tags))  # fmt: skip
     assign_labels(runs)
     assert runs[5].label == f"optimizer.lr={float(lrs[5]):.3g}"  # 3 significant digits, not 16
+    from gdlab.tracking import short_number
+
+    values = ("0.1", "1.0", "12345", "gd", "-3.14159")
+    assert [short_number(v) for v in values] == ["0.1", "1.0", "12345", "gd", "-3.14"]
     drawn = write_figures(runs, tmp_path, differing_params(runs), "final/test/loss", "minimize")
     figures = {d.path.name: d for d in drawn}
     assert set(figures) == {"objective_vs_params.png", "loss_curves.png", "accuracy_curves.png",

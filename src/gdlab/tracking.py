@@ -104,12 +104,15 @@ def run_name(cfg: DictConfig) -> str:
 
 def short_number(text) -> str:
     """A value with at most 3 significant digits (4.337920697490942 -> 4.34; 0.1, 1.0, words: unchanged)."""
+    text = str(text)
     try:
         value = float(text)
-    except (TypeError, ValueError):
-        return str(text)
-    digits = len(str(text).lstrip("-0.").replace(".", "").rstrip("0"))
-    return f"{value:.3g}" if digits > 3 and math.isfinite(value) else str(text)
+    except ValueError:
+        return text
+    if text.lstrip("-").isdigit():  # a count or a width stays whole: 12345, not 1.23e+04
+        return text
+    digits = len(text.lstrip("-0.").replace(".", "").rstrip("0"))
+    return f"{value:.3g}" if digits > 3 and math.isfinite(value) else text
 
 
 def trial_run_name(params: dict, number: int, cfg: DictConfig) -> str:
