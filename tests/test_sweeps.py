@@ -105,6 +105,13 @@ def test_hydra_multirun_sweep_tracks_trials_and_resumes(tmp_path):
         time.sleep(1.1)  # each invocation gets its own multirun/<date>/<time> directory
     trials = study(tmp_path, "lr_depth").trials
     assert len(trials) == 6 and all(t.state == TrialState.COMPLETE for t in trials)
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}")
+    for trial in trials:  # Hydra's sweeper tells its trials; each still names its run (optuna-dashboard)
+        run = client.get_run(trial.user_attrs["mlflow_run_id"])
+        assert float(run.data.params["optimizer.lr"]) == trial.params["optimizer.lr"]
+        lead = run.info.run_name.split(" #")[0].split()  # the name leads with what the sweep varies
+        assert sorted(lead) == sorted([f"lr={short_number(trial.params['optimizer.lr'])}",
+                                       f"depth={trial.params['model.depth']}"])  # fmt: skip
     assert len(list((tmp_path / "multirun").glob("*/*"))) == 2
     parents, children = runs_by_parent(tmp_path, "sweep-lr_depth")
     assert len(parents) == 2

@@ -21,13 +21,14 @@ from gdlab.config import ConfigError, validate
 from gdlab.interrupts import InterruptHandler
 from gdlab.masking import mask_saved_hydra_configs
 from gdlab.members import check_population, group_by_architecture
-from gdlab.tracking import TrackingUnavailable, run_name
+from gdlab.tracking import TrackingUnavailable, run_name, trial_run_name
 
 if TYPE_CHECKING:
     from gdlab.fit import RunResult
     from gdlab.progress import Progress
 
 __all__ = ["RunResult", "main", "run", "summary"]
+last_mlflow_run_id: str | None = None  # the MLflow run of gdlab-train's last job (Hydra multirun notes it)
 # Lightning (torch._dynamo, torchmetrics, scipy.signal: ~3 s) is imported once a config is valid, so bad
 # input is refused at once (gdlab.fit and gdlab.progress are imported where a run starts).
 # Hydra 1.4 warns on every instantiate without an execution whitelist, including the ones it makes itself
@@ -131,7 +132,9 @@ def main(cfg: DictConfig) -> float:
     overrides = list(hydra_cfg.overrides.task)
     ctrl_c = InterruptHandler().install((signal.SIGINT,))  # SIGTERM is Lightning's (below)
     try:
-        result = fit(cfg, overrides, progress=progress_of([cfg]))
+        result = fit(
+            cfg, overrides, tags=multirun_tags(hydra_cfg, overrides, cfg), progress=progress_of([cfg])
+        )
     except TrackingUnavailable as error:
         print(f"gdlab-train: error: {error}", file=sys.stderr)
         sys.exit(3)
@@ -146,7 +149,21 @@ def main(cfg: DictConfig) -> float:
               f"{hydra_cfg.runtime.output_dir}", file=sys.stderr)  # fmt: skip
         sys.exit(ctrl_c.exit_code)
     print(summary(result), flush=True)
+    global last_mlflow_run_id
+    last_mlflow_run_id = result.final.get("mlflow_run_id")  # for the multirun callback's on_job_end
     return result.final["objective"]
+
+
+def multirun_tags(hydra_cfg, overrides: list[str], cfg: DictConfig) -> dict | None:
+    """A job of Hydra's Optuna sweeper: a run name that leads with the values the sweep varies."""
+    from hydra.types import RunMode
+
+    searched = hydra_cfg.sweeper.get("params") if hydra_cfg.mode == RunMode.MULTIRUN else None
+    if not searched:
+        return None
+    values = dict(override.lstrip("+").split("=", 1) for override in overrides if "=" in override)
+    varied = {key: values[key] for key in searched if key in values}
+    return {"mlflow.runName": trial_run_name(varied, hydra_cfg.job.num, cfg)} if varied else None
 
 
 def __getattr__(name: str):

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from hydra.experimental.callback import Callback
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from gdlab.masking import install_log_masking, mask_passwords, mask_saved_hydra_configs
@@ -153,12 +154,54 @@ class MlflowSweepCallback(Callback):
             },  # fmt: skip
         )
 
+    def on_job_end(self, config: DictConfig, job_return, **kwargs) -> None:
+        """In the job's own process: name the job's MLflow run on its Optuna trial (optuna-dashboard)."""
+        from gdlab import train
+
+        run_id, train.last_mlflow_run_id = train.last_mlflow_run_id, None
+        if run_id and config.hydra.mode == RunMode.MULTIRUN:
+            note_run_on_trial(config, list(job_return.overrides or []), run_id)
+
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
         mask_saved_hydra_configs(Path(str(config.hydra.sweep.dir)))  # Hydra's multirun.yaml
         if self.parent_run_id:
             report_dir = Path(str(config.hydra.sweep.dir)) / "report"
             finish_parent_run(_task_config(config), self.parent_run_id, report_dir)
             self.parent_run_id = None
+
+
+def note_run_on_trial(config: DictConfig, overrides: list[str], run_id: str) -> None:
+    """Hydra's Optuna sweeper tells its trials itself: find this job's trial (RUNNING, with the job's
+    values) and give it the user attribute mlflow_run_id, as gdlab-sweep does. Best effort."""
+    sweeper = config.hydra.sweeper
+    if "optuna" not in str(sweeper.get("_target_", "")) or not (
+        sweeper.get("storage") and sweeper.get("study_name")
+    ):
+        return
+    import optuna
+
+    from gdlab.sweep.study import make_storage
+
+    values = dict(override.split("=", 1) for override in overrides if "=" in override)
+    try:
+        study = optuna.load_study(study_name=sweeper.study_name, storage=make_storage(str(sweeper.storage)))
+        for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+            if "mlflow_run_id" not in trial.user_attrs and same_values(trial.params, values):
+                optuna.trial.Trial(study, trial._trial_id).set_user_attr("mlflow_run_id", run_id)
+                return
+    except Exception:  # noqa: BLE001 (the dashboard's convenience never fails the job)
+        return
+
+
+def same_values(params: dict, overrides: dict[str, str]) -> bool:
+    """Whether a trial's typed params are what the job's `key=value` overrides say."""
+    try:
+        return bool(params) and all(
+            key in overrides and (str(value) == overrides[key] or float(overrides[key]) == value)
+            for key, value in params.items()
+        )
+    except (TypeError, ValueError):
+        return False
 
 
 def check_optuna_study(config: DictConfig, task: DictConfig) -> None:
