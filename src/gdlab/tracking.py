@@ -287,7 +287,7 @@ class MlflowRun:
         if background:
             self._send({"params": params})
         else:
-            self._call(self._log_params, params)
+            self._call(log_params, self.client, self.run_id, params)
 
     def _create_run(self, tags: dict) -> str:
         try:
@@ -305,9 +305,6 @@ class MlflowRun:
                 f"cannot reach the MLflow tracking backend at {mask_passwords(self.uri)}: "
                 f"{mask_passwords(str(error)).splitlines()[0]}"
             ) from error
-
-    def _log_params(self, params: list[tuple[str, str]]) -> None:
-        log_params(self.client, self.run_id, params)
 
     def _send(self, message: dict) -> None:
         self.writer.send({"run": self.run_id, **message})
@@ -393,10 +390,6 @@ class MlflowRun:
                 status, end_ms = self.closing
                 self._call(self.client.set_terminated, self.run_id, status=status, end_time=end_ms)
         return self.outage
-
-    def end(self, status: str, directory: Path | None = None, end_time: float | None = None) -> str | None:
-        self.close(status, directory, end_time)
-        return self.wait()
 
 
 @functools.lru_cache(maxsize=64)
