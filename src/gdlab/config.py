@@ -13,6 +13,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from gdlab.data import DIGITS_ROWS, N_CLASSES, N_FEATURES
 from gdlab.masking import mask_passwords
+from gdlab.schedules import SCHEDULABLE, SCHEDULE_SUFFIX
 from gdlab.model import ACTIVATIONS, HEADS, INITS, LOSS_FOR_HEAD, LOSSES
 from gdlab.optimizers import FAILURE_MODES, OPTIMIZERS, RESETS, TRIAL_EVALS
 from gdlab.step_rules import BB_VARIANTS, FIRST_TRIALS
@@ -223,6 +224,45 @@ def _check_optimizer(cfg) -> None:
         check_choice(cfg, "optimizer.on_failure", FAILURE_MODES)
         check_number(cfg, "optimizer.tiny_step", 0, low_open=True)
         check_choice(cfg, "optimizer.trial_eval", TRIAL_EVALS)
+    _check_schedules(cfg)
+
+
+# The range of each schedulable number (gdlab.members.SCHEDULABLE), as check_number takes it.
+SCHEDULED_RANGES = {
+    "lr": dict(low=0, low_open=True),
+    "momentum": dict(low=0, high=1, high_open=True),
+    "c": dict(low=0, high=1, low_open=True, high_open=True),
+    "beta": dict(low=0, high=1, low_open=True, high_open=True),
+    "step_max": dict(low=0, low_open=True),
+    "step_min": dict(low=0, low_open=True),
+}
+
+
+def _check_schedules(cfg) -> None:
+    """optimizer.<number>_schedule: [[epoch, value], ...] with epochs >= 0 rising, each value in its
+    number's range, for the numbers this optimizer may change between epochs."""
+    name, allowed = cfg.optimizer.name, SCHEDULABLE[cfg.optimizer.name]
+    for key, entries in cfg.optimizer.items():
+        if not key.endswith(SCHEDULE_SUFFIX) or entries is None:
+            continue
+        number, full = key[: -len(SCHEDULE_SUFFIX)], f"optimizer.{key}"
+        if number not in allowed:
+            options = "|".join(f"{n}{SCHEDULE_SUFFIX}" for n in allowed) or "none"
+            raise ConfigError(f"{full} is not allowed with optimizer.name={name}; its schedules: {options}")
+        shape = "[[epoch, value], ...] with integer epochs >= 0, rising"
+        if not isinstance(entries, ListConfig) or not entries:
+            raise ConfigError(f"{full}={_plain(entries)!r} must be a non-empty list {shape}")
+        previous = -1
+        for i, entry in enumerate(entries):
+            if not isinstance(entry, ListConfig) or len(entry) != 2:
+                raise ConfigError(f"{full}.{i}={_plain(entry)!r} must be a pair [epoch, value]; the schedule is {shape}")
+            check_number(cfg, f"{full}.{i}.0", previous + 1, integer=True)
+            check_number(cfg, f"{full}.{i}.1", **SCHEDULED_RANGES[number])
+            previous = entry[0]
+
+
+def _plain(node):
+    return OmegaConf.to_container(node) if isinstance(node, DictConfig | ListConfig) else node
 
 
 def _check_tracking(cfg) -> None:

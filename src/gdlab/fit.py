@@ -9,6 +9,7 @@ pruner) is FINISHED with tag optuna.state=PRUNED.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import time
@@ -30,7 +31,9 @@ from gdlab.members import check_population
 from gdlab.model import MLP, encode_targets, initialize, layer_sizes
 from gdlab.module import RunOutcome, Stops, TrainingModule
 from gdlab.optimizers import GD, Adam, Backtracking, LBFGSStep, member_tensor
+from gdlab.pbt import PopulationBasedTraining
 from gdlab.progress import Progress
+from gdlab.schedules import schedules_of
 from gdlab.step_rules import BarzilaiBorwein, NonMonotone, Polyak
 from gdlab.tracking import MlflowRun, run_name, tracking_uri
 
@@ -128,6 +131,7 @@ def fit_population(
     epoch_callbacks: list[list] | None = None,
     tags: list[dict | None] | None = None,
     progress: Progress | None = None,
+    pbt: PopulationBasedTraining | None = None,
 ) -> list[RunResult]:
     """Train validated configs that share an architecture as one stacked model; one RunResult each.
 
@@ -136,7 +140,8 @@ def fit_population(
     outage), each member's history and artifacts are written to its output directory and its run is
     closed with the matching status. `epoch_callbacks[p]` see member p's every history row (a sweep
     reports to Optuna there, and may raise `gdlab.members.Retire` to prune it); `tags` go on the runs;
-    `progress` shows the population's epochs as they go. `wall_time` is the population's.
+    `progress` shows the population's epochs as they go; `pbt` exploits and explores between epochs
+    (gdlab.pbt), and each member's run then keeps pbt.json and its replay. `wall_time` is the population's.
     """
     check_population(cfgs)
     n, first = len(cfgs), cfgs[0]
@@ -148,10 +153,13 @@ def fit_population(
         loss=[-math.inf if c.trainer.stop_loss is None else c.trainer.stop_loss for c in cfgs],
         evals=[math.inf if c.trainer.get("max_evals") is None else c.trainer.max_evals for c in cfgs],
     )
-    module = TrainingModule(model, optimizer_factory(cfgs), first.backprop, data.test, stops, callbacks)
+    schedules = member_schedules(cfgs)
+    logged_numbers = sorted({*schedules, *(pbt.settings.numbers if pbt else ())})
+    module = TrainingModule(model, optimizer_factory(cfgs), first.backprop, data.test, stops, callbacks,
+                            schedules, logged_numbers)  # fmt: skip
     loader = make_loader(data.train, first.optimizer.get("batch_size"), first.seed)
     with quiet_lightning():
-        trainer = make_trainer(first, [progress] if progress is not None else [])
+        trainer = make_trainer(first, [c for c in (pbt, progress) if c is not None])
     runs = start_runs(cfgs, overrides, tags or [None] * n, str(trainer.strategy.root_device))
     directories = [Path(output_dirs[p]) if output_dirs else default_output_dir(cfg, runs[p])
                    for p, cfg in enumerate(cfgs)]  # fmt: skip
@@ -172,6 +180,11 @@ def fit_population(
     finally:
         wall_time = time.perf_counter() - started
         results = [record(cfg, module.outcome(p), data, wall_time) for p, cfg in enumerate(cfgs)]
+        if pbt is not None:
+            try:
+                record_pbt(pbt, module.histories, results, overrides, directories, runs)
+            except Exception as error:  # never at the cost of the members' histories and statuses
+                log.warning("gdlab: could not write the PBT record: %s", error)
         for p, result in enumerate(results):
             if directories[p] is not None:
                 appenders[p].close()
@@ -180,6 +193,29 @@ def fit_population(
             if run is not None:
                 finish_tracking(result, run)
     return results
+
+
+def member_schedules(cfgs: list[DictConfig]) -> dict[str, list[list[tuple[int, float]]]]:
+    """number -> each member's schedule ([] where it has none), for the numbers any member schedules."""
+    per_member = [schedules_of(cfg.optimizer) for cfg in cfgs]
+    numbers = sorted({number for schedules in per_member for number in schedules})
+    return {number: [schedules.get(number, []) for schedules in per_member] for number in numbers}
+
+
+def record_pbt(pbt: PopulationBasedTraining, histories: list[list[dict]], results: list[RunResult],
+               overrides: list[list[str]], directories: list, runs: list) -> None:  # fmt: skip
+    """Each member's PBT record: pbt.json in its output directory (an artifact of its run), its replay
+    and exploit count in its final numbers and as tags."""
+    run_ids = [run.run_id if run is not None else None for run in runs]
+    for p, result in enumerate(results):
+        member = pbt.member_record(p, histories, overrides[p], run_ids)
+        result.final.update(pbt_exploits=len(member["exploits"]), pbt_replay=" ".join(member["replay"]))
+        if directories[p] is not None:
+            directories[p].mkdir(parents=True, exist_ok=True)
+            (directories[p] / "pbt.json").write_text(json.dumps(member, indent=1))
+        if runs[p] is not None:
+            runs[p].set_tags({"pbt.exploits": len(member["exploits"]), "pbt.donations": member["donations"],
+                              "pbt.member": p, "pbt.replay": result.final["pbt_replay"][:5000]})  # fmt: skip
 
 
 def start_runs(cfgs, overrides, tags, device: str) -> list[MlflowRun | None]:

@@ -10,6 +10,7 @@ import json
 from omegaconf import DictConfig, OmegaConf
 
 from gdlab.config import ConfigError
+from gdlab.schedules import SCHEDULE_KEYS
 
 # L-BFGS's two-loop recursion couples all parameters, so it has no per-member form: it trains as P = 1.
 POPULATION_OPTIMIZERS = ("gd", "sgd", "momentum", "backtracking", "adam", "polyak", "bb", "nonmonotone")
@@ -18,6 +19,7 @@ MEMBER_KEYS = ("seed", "init", "optimizer.lr", "optimizer.momentum", "optimizer.
                "optimizer.growth", "optimizer.lr_max", "optimizer.lr_min", "optimizer.max_backtracks",
                "optimizer.tiny_step", "optimizer.f_star", "optimizer.step_max", "optimizer.step_min",
                "optimizer.c_step", "trainer.stop_loss", "trainer.max_evals")  # fmt: skip
+MEMBER_KEYS = MEMBER_KEYS + SCHEDULE_KEYS
 
 
 class Retire(Exception):  # noqa: N818 (a signal, not an error)

@@ -6,6 +6,10 @@ epoch starts from (the step record's start evaluation; test loss/acc from a forw
 retires a member that diverges, reaches its stop condition, or whose epoch callback raises
 `gdlab.members.Retire`: its weights and history are kept, its slot is zeroed and no longer moves, and
 the others go on. Training ends when every member has retired or at max_epochs.
+
+Numbers that change between epochs (gdlab.schedules) are set at each epoch's start from `schedules`, and
+every row then carries them as `hp/optimizer.<number>`. Population Based Training (gdlab.pbt, a Lightning
+callback) moves members with `copy_member` at its interval boundaries.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from gdlab.optimizers import Evaluation, MemberOptimizer, StepRecord
 
 _PLAIN_TYPES = (str, bool, int, float, type(None), tuple)
 EpochCallback = Callable[[dict], None]
+Schedules = dict[str, list[list[tuple[int, float]]]]  # number -> per member: [(epoch, value), ...]
 
 
 @dataclass
@@ -96,7 +101,8 @@ class EpochState:
 
 class TrainingModule(pl.LightningModule):
     def __init__(self, model: MLP, make_optimizer: Callable[[list], MemberOptimizer], backprop: str,
-                 test: Split | None, stops: Stops, epoch_callbacks: list[list[EpochCallback]]):  # fmt: skip
+                 test: Split | None, stops: Stops, epoch_callbacks: list[list[EpochCallback]],
+                 schedules: Schedules | None = None, logged_numbers: Sequence[str] = ()):  # fmt: skip
         super().__init__()
         self.automatic_optimization = False
         self.model = model
@@ -116,6 +122,8 @@ class TrainingModule(pl.LightningModule):
         self.test_on_device: tuple = ()
         self.epoch = EpochState()
         self.started = 0.0
+        self.schedules = schedules or {}
+        self.logged_numbers = tuple(logged_numbers)  # each row's hp/optimizer.<number>
 
     def __setattr__(self, name, value):
         # Lightning sets bookkeeping attributes (e.g. _current_fx_name) on every hook call, and
@@ -137,6 +145,8 @@ class TrainingModule(pl.LightningModule):
 
     def on_train_epoch_start(self) -> None:
         self.epoch.__init__()
+        if self.schedules:
+            self.apply_schedules(self.current_epoch)
         if self.test_on_device:
             X, T = self.test_on_device
             with torch.no_grad():
@@ -180,6 +190,36 @@ class TrainingModule(pl.LightningModule):
         if not self.alive:
             self.trainer.should_stop = True
 
+    def apply_schedules(self, epoch: int) -> None:
+        """Set the numbers whose schedules change at `epoch` (for every member with an entry there)."""
+        optimizer = self.optimizers().optimizer
+        for number, members in self.schedules.items():
+            changes = {p: value for p, entries in enumerate(members) for e, value in entries if e == epoch}
+            if changes:
+                values = optimizer.number(number).clone()
+                for p, value in changes.items():
+                    values[p] = value
+                optimizer.set_numbers(number, values)
+
+    @torch.no_grad()
+    def copy_member(self, source: int, target: int) -> None:
+        """PBT's exploit: member `target` goes on from member `source`'s weights, gradients, optimizer state
+        and evaluation counts, exactly; a retired `target` trains again."""
+        if target not in self.alive:
+            self.revive(target)
+        for param in self.model.parameters():
+            param[target] = param[source]
+            if param.grad is not None:
+                param.grad[target] = param.grad[source]
+        self.optimizers().optimizer.copy_member(source, target)
+        for counts in (self.evals_fwd, self.evals_fwdbwd, self.ls_failures):
+            counts[target] = counts[source]
+
+    def revive(self, p: int) -> None:
+        self.retired[p] = self.diverged[p] = self.ended_at[p] = None
+        self.alive = sorted([*self.alive, p])
+        self.optimizers().optimizer.revive(p)
+
     def on_train_end(self) -> None:
         now = time.time()
         for p in self.alive:
@@ -205,6 +245,8 @@ class TrainingModule(pl.LightningModule):
         metrics, norms = measured[:n_metrics], measured[n_metrics:]
         loss_after, trial_step, step, backtracks, failed, fwd, fwdbwd = e.step_numbers()
         now, rows = time.perf_counter() - self.started, []
+        optimizer = self.optimizers().optimizer if self.logged_numbers else None
+        numbers = {number: optimizer.number(number).tolist() for number in self.logged_numbers}
         for p in self.alive:
             self.evals_fwd[p] += int(fwd[p])
             self.evals_fwdbwd[p] += int(fwdbwd[p])
@@ -227,6 +269,8 @@ class TrainingModule(pl.LightningModule):
                 **{"evals/fwd": int(fwd[p]), "evals/fwdbwd": int(fwdbwd[p]),
                    "evals/total": self.evals_fwd[p] + self.evals_fwdbwd[p], "time": now},
             )  # fmt: skip
+            for number, values in numbers.items():
+                row[f"hp/optimizer.{number}"] = values[p]
             rows.append((p, row))
         return rows
 

@@ -107,6 +107,38 @@ class MemberOptimizer(Optimizer):
         """`values` (P,) with zeros for retired members."""
         return values if self.all_active else torch.where(self.active, values, 0.0)
 
+    def revive(self, p: int) -> None:
+        """Member p moves again (PBT gave a retired slot a donor's weights)."""
+        self.active[p] = True
+        self.all_active = bool(self.active.all())
+        self.moving_changed()
+
+    def number(self, name: str) -> Tensor:
+        """Every member's `name` (one of gdlab.schedules.SCHEDULABLE) as a (P,) tensor."""
+        values = getattr(self, name)
+        return torch.zeros(len(self.active), dtype=torch.float64) if values is None else values
+
+    def set_numbers(self, name: str, values: Tensor) -> None:
+        """Every member's `name` (one of gdlab.schedules.SCHEDULABLE, a (P,) tensor) from the next step on."""
+        current = getattr(self, name)
+        if current is None:  # GD without momentum gets one
+            setattr(self, name, values.clone())
+        else:
+            current.copy_(values)
+        self.moving_changed()
+
+    def member_tensors(self) -> list[tuple[Tensor, int]]:
+        """(tensor, member axis) of everything a member carries from one step to the next, besides its
+        weights and gradients: the per-parameter state (momentum buffers, Adam's moments), and what a
+        rule keeps of its own (subclasses add theirs)."""
+        return [(t, 0) for state in self.state.values() for t in state.values() if isinstance(t, Tensor) and t.dim()]
+
+    @torch.no_grad()
+    def copy_member(self, source: int, target: int) -> None:
+        """Member `target` takes member `source`'s optimizer state (PBT's exploit)."""
+        for tensor, axis in self.member_tensors():
+            tensor.select(axis, target).copy_(tensor.select(axis, source))
+
 
 class GD(MemberOptimizer):
     """torch.optim.SGD's update with an lr and a momentum per member: plain, heavy-ball or Nesterov.
@@ -210,6 +242,10 @@ class Backtracking(MemberOptimizer):
         self.reset, self.on_failure, self.reuse = reset, on_failure, trial_eval == "forward_backward"
         self.last_accepted = torch.full_like(lr, math.nan)
         self.carried: Evaluation | None = None  # reuse: the accepted trials' evaluation (NaN: none)
+
+    def member_tensors(self) -> list[tuple[Tensor, int]]:
+        carried = [] if self.carried is None else [(t, -1) for t in self.carried.fields() if t is not None]
+        return [*super().member_tensors(), (self.last_accepted, 0), *carried]
 
     def first_trial_step(self, f0: Tensor, grad_sq: Tensor) -> Tensor:
         """The step each search starts at: lr, or from the last accepted step (`reset`)."""

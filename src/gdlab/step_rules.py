@@ -77,6 +77,10 @@ class BarzilaiBorwein(GradientStep):
         self.last_w: list[Tensor] | None = None
         self.last_g: list[Tensor] | None = None
 
+    def member_tensors(self) -> list[tuple[Tensor, int]]:
+        pairs = [] if self.last_w is None else [(t, 0) for t in (*self.last_w, *self.last_g)]
+        return [*super().member_tensors(), (self.current, 0), *pairs]
+
     def step_size(self, f: Tensor, grads: list[Tensor]) -> Tensor:
         if self.last_w is not None:
             s = [p - w for p, w in zip(self.params, self.last_w, strict=True)]
@@ -98,6 +102,9 @@ class NonMonotone(Backtracking):
         super().__init__(params, **backtracking)
         self.first_trial, self.f_star, self.c_step = first_trial, f_star, c_step
         self.recent = torch.full((memory, len(self.lr)), -torch.inf, dtype=torch.float64)  # the last losses
+
+    def member_tensors(self) -> list[tuple[Tensor, int]]:
+        return [*super().member_tensors(), (self.recent, -1)]
 
     def reference(self, f0: Tensor) -> Tensor:
         self.recent = torch.cat([self.recent[1:], f0.unsqueeze(0)])

@@ -68,7 +68,11 @@ def check_same_experiment(study: optuna.Study, signature: dict[str, str]) -> Non
     if stored is None:
         study.set_user_attr(SIGNATURE_ATTR, signature)
         return
-    differing = sorted(k for k in stored.keys() | signature.keys() if stored.get(k) != signature.get(k))
+    # A key set to null and a key not there mean the same (a study from before optimizer.lr_schedule existed).
+    null = json.dumps(None)
+    differing = sorted(
+        k for k in stored.keys() | signature.keys() if stored.get(k, null) != signature.get(k, null)
+    )
     if not differing:
         return
     shown = "; ".join(

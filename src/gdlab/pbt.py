@@ -1,0 +1,211 @@
+"""Population Based Training inside one batched model (Jaderberg et al. 2017; Ray Tune's PBT is the reference).
+
+A population (gdlab.module.TrainingModule) trains P members as one stacked model. Every `interval`
+epochs this Lightning callback ranks the members still training by the objective of their last history
+row. Each member of the bottom `fraction`, and every member that diverged since, copies a member of the
+top `fraction` chosen at random (seeded): weights, gradients, optimizer state and evaluation counts, in
+place (`TrainingModule.copy_member`). Then it explores: each hyperparameter is resampled from the search
+space with probability `resample_probability`, else the donor's value is multiplied by one of `perturb`,
+and either way kept inside the search space's bounds.
+
+The record: every exploit is an `ExploitEvent`, and each member has a lineage (whose slot trained the
+weights it holds, over which epochs). `lineage_rows` stitches the history of the weights a member ends
+with, and `schedule` reads the hyperparameters of that history as a piecewise-constant schedule, which
+a single run replays with optimizer.<number>_schedule (`replay_overrides`).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
+
+import pytorch_lightning as pl
+
+from gdlab.schedules import SCHEDULE_SUFFIX
+
+if TYPE_CHECKING:  # a training run does not import Optuna
+    from optuna.distributions import FloatDistribution
+
+
+@dataclass(frozen=True)
+class PBTSettings:
+    """A sweep file's gdlab_sweep.pbt block, checked (gdlab.sweep.spec)."""
+
+    interval: int  # epochs between exploit/explore rounds
+    fraction: float  # the top and bottom quantile, in [0, 0.5]; 0 turns PBT off
+    perturb: tuple[float, ...]  # factors a kept value is multiplied by (Ray: 1.2, 0.8)
+    resample_probability: float  # chance a value is drawn anew from the search space instead
+    hyperparameters: dict[str, FloatDistribution]  # config key (optimizer.lr) -> its search-space distribution
+    seed: int = 0
+
+    @property
+    def numbers(self) -> list[str]:
+        """The optimizer numbers PBT changes (lr for optimizer.lr)."""
+        return [key.removeprefix("optimizer.") for key in self.hyperparameters]
+
+    def describe(self) -> dict:
+        return {"interval": self.interval, "fraction": self.fraction, "perturb": list(self.perturb),
+                "resample_probability": self.resample_probability, "seed": self.seed,
+                "hyperparameters": {k: repr(d) for k, d in self.hyperparameters.items()}}  # fmt: skip
+
+
+@dataclass
+class ExploitEvent:
+    """Member `member` took member `donor`'s weights and state, and these values, from epoch `epoch` on."""
+
+    epoch: int
+    member: int
+    donor: int
+    old: dict[str, float]  # the member's values before
+    new: dict[str, float]  # after explore
+    how: dict[str, str]  # per value: "x1.2", "x0.8" or "resampled"
+    reason: str
+
+
+@dataclass(frozen=True)
+class Segment:
+    """Part of a lineage: from epoch `start` on, member `member`'s slot trained the weights."""
+
+    start: int
+    member: int
+
+
+def quantile_size(n_ranked: int, fraction: float) -> int:
+    """How many members are top (and bottom): Ray's ceil(n * fraction), at most half."""
+    return min(math.ceil(n_ranked * fraction), n_ranked // 2)
+
+
+def ranked(values: dict[int, float], direction: str) -> list[int]:
+    """Members best first by `values`; a NaN/inf objective ranks last, ties by member."""
+    sign = -1.0 if direction == "maximize" else 1.0
+
+    def key(p: int) -> tuple:
+        value = values[p]
+        return (0, sign * value, p) if math.isfinite(value) else (1, 0.0, p)
+
+    return sorted(values, key=key)
+
+
+def clip(value: float, distribution: FloatDistribution) -> float:
+    if distribution.step is not None:
+        value = distribution.low + round((value - distribution.low) / distribution.step) * distribution.step
+    return min(max(value, distribution.low), distribution.high)
+
+
+def draw(distribution: FloatDistribution, rng: random.Random) -> float:
+    """A value from the search space's distribution (log-uniform where it is log)."""
+    low, high = distribution.low, distribution.high
+    if distribution.log:
+        return clip(math.exp(rng.uniform(math.log(low), math.log(high))), distribution)
+    return clip(rng.uniform(low, high), distribution)
+
+
+def explore(value: float, distribution: FloatDistribution, settings: PBTSettings,
+            rng: random.Random) -> tuple[float, str]:  # fmt: skip
+    """(new value, how): resampled, or perturbed by a factor; always inside the search space."""
+    if rng.random() < settings.resample_probability:
+        return draw(distribution, rng), "resampled"
+    factor = rng.choice(settings.perturb)
+    return clip(value * factor, distribution), f"x{factor:g}"
+
+
+class PopulationBasedTraining(pl.Callback):
+    """Exploit and explore between epochs of one population; see the module docstring."""
+
+    def __init__(self, settings: PBTSettings, objective: str, direction: str, n_members: int):
+        self.settings, self.objective, self.direction = settings, objective, direction
+        self.rng = random.Random(settings.seed)
+        self.events: list[ExploitEvent] = []
+        self.lineages = [[Segment(0, p)] for p in range(n_members)]
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, module) -> None:
+        # Lightning runs the callbacks' on_train_epoch_start before the module's, so everything the
+        # module measures for this epoch (its history row) is measured at the copied weights.
+        epoch = trainer.current_epoch
+        if epoch and epoch % self.settings.interval == 0:
+            self.exploit_and_explore(module, epoch)
+
+    def exploit_and_explore(self, module, epoch: int) -> None:
+        last = {p: module.histories[p][-1].get(self.objective, math.nan)
+                for p in module.alive if module.histories[p]}  # fmt: skip
+        order = ranked(last, self.direction)
+        n = quantile_size(len(order), self.settings.fraction)
+        if n == 0:
+            return
+        top, bottom = order[:n], order[-n:]
+        diverged = [p for p, at in enumerate(module.diverged) if at is not None]
+        optimizer = module.optimizers().optimizer
+        values = {number: optimizer.number(number).clone() for number in self.settings.numbers}
+        for member in [*diverged, *bottom]:
+            donor = self.rng.choice(top)
+            if member in diverged:
+                reason = f"diverged at epoch {module.diverged[member]}"
+            else:
+                reason = (f"bottom {self.settings.fraction:g} at epoch {epoch - 1}: {self.objective} "
+                          f"{last[member]:.4g}, donor's {last[donor]:.4g}")  # fmt: skip
+            old = {key: float(values[key.removeprefix("optimizer.")][member]) for key in self.settings.hyperparameters}
+            module.copy_member(donor, member)
+            new, how = {}, {}
+            for key, distribution in self.settings.hyperparameters.items():
+                number = key.removeprefix("optimizer.")
+                new[key], how[key] = explore(float(values[number][donor]), distribution, self.settings, self.rng)
+                values[number][member] = new[key]
+            self.lineages[member] = [*self.lineages[donor], Segment(epoch, member)]
+            self.events.append(ExploitEvent(epoch, member, donor, old, new, how, reason))
+        for number, member_values in values.items():
+            optimizer.set_numbers(number, member_values)
+
+    # --- what a member's record holds ------------------------------------------------------------
+
+    def lineage_rows(self, p: int, histories: list[list[dict]]) -> list[dict]:
+        """The history of the weights member p ends with: each lineage segment's rows from its slot."""
+        segments = self.lineages[p]
+        ends = [s.start for s in segments[1:]] + [math.inf]
+        return [row for s, end in zip(segments, ends, strict=True) for row in histories[s.member]
+                if s.start <= row["epoch"] < end]  # fmt: skip
+
+    def schedule(self, p: int, histories: list[list[dict]]) -> dict[str, list[tuple[int, float]]]:
+        """{key: [(epoch, value), ...]}: where the values along member p's lineage change."""
+        rows = self.lineage_rows(p, histories)
+        schedules = {}
+        for key in self.settings.hyperparameters:
+            points: list[tuple[int, float]] = []
+            for row in rows:
+                value = row[f"hp/{key}"]
+                if not points or points[-1][1] != value:
+                    points.append((row["epoch"], value))
+            schedules[key] = points
+        return schedules
+
+    def replay_overrides(self, p: int, histories: list[list[dict]], overrides: list[str]) -> list[str]:
+        """Member p's overrides with each PBT value as a schedule: a single run that trains its weights."""
+        schedule = self.schedule(p, histories)
+        replaced = {*schedule, *(f"{key}{SCHEDULE_SUFFIX}" for key in schedule)}
+        kept = [o for o in overrides if o.partition("=")[0].lstrip("+~") not in replaced]
+        for key, points in schedule.items():
+            if points:
+                pairs = ",".join(f"[{epoch},{value!r}]" for epoch, value in points)
+                kept += [f"{key}={points[0][1]!r}", f"{key}{SCHEDULE_SUFFIX}=[{pairs}]"]
+        return kept
+
+    def member_record(self, p: int, histories: list[list[dict]], overrides: list[str],
+                      run_ids: list[str | None]) -> dict:  # fmt: skip
+        """What member p's run keeps as pbt.json: its exploits, lineage, schedule and replay."""
+        events = [{**asdict(e), "donor_run_id": run_ids[e.donor]} for e in self.events if e.member == p]
+        return {
+            "member": p,
+            "run_id": run_ids[p],
+            "settings": self.settings.describe(),
+            "objective": self.objective,
+            "direction": self.direction,
+            "exploits": events,
+            "donations": sum(e.donor == p for e in self.events),
+            "lineage": [{"from_epoch": s.start, "member": s.member, "run_id": run_ids[s.member]}
+                        for s in self.lineages[p]],  # fmt: skip
+            "schedule": {key: [list(point) for point in points]
+                         for key, points in self.schedule(p, histories).items()},  # fmt: skip
+            "replay": self.replay_overrides(p, histories, overrides),
+        }
+
