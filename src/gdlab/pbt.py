@@ -19,36 +19,11 @@ from __future__ import annotations
 import math
 import random
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING
 
 import pytorch_lightning as pl
 
+from gdlab.pbt_rules import PBTSettings, explore, quantile_size, ranked
 from gdlab.schedules import SCHEDULE_SUFFIX
-
-if TYPE_CHECKING:  # a training run does not import Optuna
-    from optuna.distributions import FloatDistribution
-
-
-@dataclass(frozen=True)
-class PBTSettings:
-    """A sweep file's gdlab_sweep.pbt block, checked (gdlab.sweep.spec)."""
-
-    interval: int  # epochs between exploit/explore rounds
-    fraction: float  # the top and bottom quantile, in [0, 0.5]; 0 turns PBT off
-    perturb: tuple[float, ...]  # factors a kept value is multiplied by (Ray: 1.2, 0.8)
-    resample_probability: float  # chance a value is drawn anew from the search space instead
-    hyperparameters: dict[str, FloatDistribution]  # config key (optimizer.lr) -> its search-space distribution
-    seed: int = 0
-
-    @property
-    def numbers(self) -> list[str]:
-        """The optimizer numbers PBT changes (lr for optimizer.lr)."""
-        return [key.removeprefix("optimizer.") for key in self.hyperparameters]
-
-    def describe(self) -> dict:
-        return {"interval": self.interval, "fraction": self.fraction, "perturb": list(self.perturb),
-                "resample_probability": self.resample_probability, "seed": self.seed,
-                "hyperparameters": {k: repr(d) for k, d in self.hyperparameters.items()}}  # fmt: skip
 
 
 @dataclass
@@ -70,45 +45,6 @@ class Segment:
 
     start: int
     member: int
-
-
-def quantile_size(n_ranked: int, fraction: float) -> int:
-    """How many members are top (and bottom): Ray's ceil(n * fraction), at most half."""
-    return min(math.ceil(n_ranked * fraction), n_ranked // 2)
-
-
-def ranked(values: dict[int, float], direction: str) -> list[int]:
-    """Members best first by `values`; a NaN/inf objective ranks last, ties by member."""
-    sign = -1.0 if direction == "maximize" else 1.0
-
-    def key(p: int) -> tuple:
-        value = values[p]
-        return (0, sign * value, p) if math.isfinite(value) else (1, 0.0, p)
-
-    return sorted(values, key=key)
-
-
-def clip(value: float, distribution: FloatDistribution) -> float:
-    if distribution.step is not None:
-        value = distribution.low + round((value - distribution.low) / distribution.step) * distribution.step
-    return min(max(value, distribution.low), distribution.high)
-
-
-def draw(distribution: FloatDistribution, rng: random.Random) -> float:
-    """A value from the search space's distribution (log-uniform where it is log)."""
-    low, high = distribution.low, distribution.high
-    if distribution.log:
-        return clip(math.exp(rng.uniform(math.log(low), math.log(high))), distribution)
-    return clip(rng.uniform(low, high), distribution)
-
-
-def explore(value: float, distribution: FloatDistribution, settings: PBTSettings,
-            rng: random.Random) -> tuple[float, str]:  # fmt: skip
-    """(new value, how): resampled, or perturbed by a factor; always inside the search space."""
-    if rng.random() < settings.resample_probability:
-        return draw(distribution, rng), "resampled"
-    factor = rng.choice(settings.perturb)
-    return clip(value * factor, distribution), f"x{factor:g}"
 
 
 class PopulationBasedTraining(pl.Callback):

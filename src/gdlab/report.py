@@ -24,6 +24,7 @@ from pandas.api.types import is_numeric_dtype
 
 from gdlab.masking import mask_passwords
 from gdlab.report_figures import write_figures
+from gdlab.report_pbt import best_member, load_pbt_records, markdown_section, plot_lineage, write_best_schedule
 from gdlab.tracking import short_number
 
 CURVE_METRICS = ("train/loss", "train/acc", "test/loss", "test/acc", "evals/total")
@@ -54,6 +55,7 @@ class TrackedRun:
     label: str = ""
     latest: dict = field(default_factory=dict)  # every metric's latest value (final/<metric> included)
     tags: dict = field(default_factory=dict)  # its MLflow tags (optuna.state=PRUNED marks a pruned trial)
+    pbt: dict | None = None  # a PBT member's pbt.json (gdlab.pbt.PopulationBasedTraining.member_record)
 
     @property
     def outcome(self) -> str:
@@ -144,7 +146,8 @@ def search_all_runs(client, experiment_id: str, filter_string: str = "") -> list
 
 def load_run(client, run) -> TrackedRun:
     curves = {}
-    for metric in CURVE_METRICS:
+    hyperparameters = sorted(m for m in run.data.metrics if m.startswith("hp/"))  # scheduled or PBT's
+    for metric in (*CURVE_METRICS, *hyperparameters):
         if metric in run.data.metrics:
             history = sorted(client.get_metric_history(run.info.run_id, metric),
                              key=lambda m: (m.step, m.timestamp))  # fmt: skip
@@ -333,6 +336,7 @@ def write_markdown(report: Report, target: str, figures: list[Path], path: Path)
         "Last logged values: each curve's last point (step = epochs) is measured at the trained weights, "
         "as `final/<metric>` and what gdlab-train prints.",
         markdown_table(report.final_table),
+        *markdown_section(report.runs, report.objective, report.direction),
         "## Curves",
         *(f"![{figure.stem.replace('_', ' ')}]({figure.name})" for figure in figures),
     ]
@@ -376,6 +380,7 @@ def build_report(
     uri = tracking_uri or default_tracking_uri()
     client = make_client(uri)
     runs, parent_run_id = read_runs(client, uri, target)
+    load_pbt_records(client, runs)
     assign_labels(runs)
     objective, direction = objective_and_direction(runs, objective)
     final_table = make_final_table(runs, objective, direction)
@@ -389,8 +394,12 @@ def build_report(
     out_dir.mkdir(parents=True, exist_ok=True)
     report.figures = write_figures(runs, out_dir, differing_params(runs), objective, direction)
     figures = [drawn.path for drawn in report.figures]
+    extra = []
+    if best := best_member(runs, objective, direction):
+        report.figures.append(plot_lineage(runs, objective, direction, out_dir / "pbt_lineage.png"))
+        extra = [report.figures[-1].path, write_best_schedule(best, objective, out_dir / "pbt_best_schedule.json")]
     markdown = write_markdown(report, target, figures, out_dir / "report.md")
-    report.paths = [markdown, *write_tables(report, out_dir), *figures]
+    report.paths = [markdown, *write_tables(report, out_dir), *figures, *extra]
     if parent_run_id and log:
         log_to_parent(client, parent_run_id, out_dir)
         report.logged_to_parent = True

@@ -32,7 +32,14 @@ from gdlab.sweep.parent_run import (
     start_parent_run,
 )
 from gdlab.sweep.signature import ExperimentMismatch, check_same_experiment
-from gdlab.sweep.spec import SweepError, SweepSpec, available_sweeps, load_sweep, sampler_for_stream
+from gdlab.sweep.spec import (
+    SweepError,
+    SweepSpec,
+    available_sweeps,
+    check_pbt_population,
+    load_sweep,
+    sampler_for_stream,
+)
 from gdlab.sweep.study import (
     FINISHED,
     GRACE_SECONDS,
@@ -171,6 +178,7 @@ def sweep_main(argv: list[str] | None, interrupts: InterruptHandler) -> int:
         check_study_name(study_name)
         if args.population is not None:
             spec.population = args.population
+        check_pbt_population(spec)
         spec.progress_every = args.progress
         if args.exclusive and not args.worker:
             lock = StudyLock(storage_url, study_name)

@@ -81,6 +81,8 @@ def finish_parent_run(cfg: DictConfig, parent_run_id: str, report_dir: str | Pat
         client.set_tag(parent_run_id, "best.run_name", best.info.run_name)
         for key, value in varied_params_of(best, children).items():
             client.set_tag(parent_run_id, f"best.{key}", value)
+        if "pbt.replay" in best.data.tags:  # a PBT member: the schedule it ended with, as a single run
+            client.set_tag(parent_run_id, "best.pbt.replay", best.data.tags["pbt.replay"])
     if children:
         attach_report(cfg, parent_run_id, report_dir)
     client.set_terminated(parent_run_id, status="FINISHED" if finished or not children else "FAILED")

@@ -21,6 +21,8 @@ from gdlab.masking import mask_passwords
 SIGNATURE_ATTR = "gdlab.experiment"
 # Not what a trial computes: where it is recorded, how the sweep schedules it, what hardware runs it.
 IGNORED_PREFIXES = ("hydra", "tracking", "gdlab_sweep", "trainer.threads", "trainer.accelerator")
+# ... except PBT: its settings, and the population it copies within, change what every trial computes.
+PBT_PREFIXES = ("gdlab_sweep.pbt", "gdlab_sweep.population")
 
 
 class ExperimentMismatch(ValueError):
@@ -34,10 +36,11 @@ def experiment_signature(task: DictConfig, sweeper_params, cli_overrides: list[s
     distributions, fixed, _ = create_params_from_overrides(space)
     searched = set(distributions) | set(fixed) | set(sweep_override_keys(cli_overrides))
     flat = flatten(OmegaConf.to_container(task, resolve=True))
+    counted = PBT_PREFIXES if OmegaConf.select(task, "gdlab_sweep.pbt") is not None else ()
     signature = {
         key: json.dumps(value, sort_keys=True)
         for key, value in flat.items()
-        if not _under(key, IGNORED_PREFIXES) and not _under(key, searched)
+        if (_under(key, counted) or not _under(key, IGNORED_PREFIXES)) and not _under(key, searched)
     }
     signature.update({key: json.dumps(value) for key, value in fixed.items()})
     return dict(sorted(signature.items()))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -17,11 +18,13 @@ import optuna
 from hydra.errors import HydraException
 from hydra.utils import instantiate
 from hydra_plugins.hydra_optuna_sweeper._impl import OptunaSweeperImpl, create_params_from_overrides
-from omegaconf import DictConfig, OmegaConf
-from optuna.distributions import CategoricalDistribution
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from optuna.distributions import CategoricalDistribution, FloatDistribution
 
 from gdlab.compose import VariantComposer, compose_config, search_path_override
 from gdlab.config import ConfigError, validate
+from gdlab.pbt_rules import PBTSettings
+from gdlab.schedules import SCHEDULABLE, SCHEDULE_SUFFIX
 from gdlab.sweep.signature import experiment_signature
 
 # What a sweep file may instantiate: Optuna's samplers and pruners, and gdlab's search-space hooks.
@@ -53,6 +56,7 @@ class SweepSpec:
     signature: dict = field(default_factory=dict)  # gdlab.sweep.signature: what a trial computes
     composer: VariantComposer | None = field(default=None, repr=False)  # made on first use
     progress_every: float = 10.0  # seconds between progress lines in a log (gdlab-sweep --progress)
+    pbt: PBTSettings | None = None  # gdlab_sweep.pbt: Population Based Training inside each population
 
 
 def available_sweeps(config_dir: Path | None = None) -> list[str]:
@@ -107,7 +111,82 @@ def load_sweep(name: str, overrides: list[str] | None = None, config_dir: Path |
         custom_search_space=custom,
         population=population,
         signature=experiment_signature(task, sweeper.params, overrides),
+        pbt=parse_pbt(name, extra.get("pbt"), task, distributions, pruner),
     )
+
+
+PBT_KEYS = ("interval", "fraction", "perturb", "resample_probability", "hyperparameters", "seed")
+
+
+def parse_pbt(name: str, block, task: DictConfig, distributions: dict, pruner) -> PBTSettings | None:
+    """gdlab_sweep.pbt, checked: each problem is one SweepError naming the key and what is allowed."""
+    if block is None:
+        return None
+    where = f"sweeps/{name}.yaml: gdlab_sweep.pbt"
+    if not isinstance(block, DictConfig):
+        raise SweepError(f"{where}={block!r} must be a mapping with keys {', '.join(PBT_KEYS)}")
+    unknown = sorted(set(block) - set(PBT_KEYS))
+    if unknown:
+        raise SweepError(f"{where}.{unknown[0]} is not a PBT setting; allowed: {', '.join(PBT_KEYS)}")
+    interval = block.get("interval", 10)
+    if isinstance(interval, bool) or not isinstance(interval, int) or interval < 1:
+        raise SweepError(f"{where}.interval={interval!r} must be an integer >= 1 (epochs between exploits)")
+    fraction = pbt_number(where, "fraction", block.get("fraction", 0.25), 0.0, 0.5)
+    probability = pbt_number(where, "resample_probability", block.get("resample_probability", 0.25), 0.0, 1.0)
+    perturb = block.get("perturb", [1.2, 0.8])
+    if not isinstance(perturb, ListConfig) or not perturb:
+        raise SweepError(f"{where}.perturb={perturb!r} must be a non-empty list of factors > 0, e.g. [1.2, 0.8]")
+    factors = tuple(pbt_number(where, f"perturb.{i}", f, 0.0, math.inf, low_open=True) for i, f in enumerate(perturb))
+    seed = block.get("seed", 0)
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise SweepError(f"{where}.seed={seed!r} must be an integer >= 0")
+    hyperparameters = pbt_hyperparameters(where, block.get("hyperparameters"), task, distributions)
+    if not isinstance(pruner, optuna.pruners.NopPruner):
+        raise SweepError(f"sweeps/{name}.yaml: gdlab_sweep.pruner={type(pruner).__name__} does not go with "
+                         "gdlab_sweep.pbt (PBT replaces a bad member instead); use optuna.pruners.NopPruner")  # fmt: skip
+    return PBTSettings(interval, fraction, factors, probability, hyperparameters, seed)
+
+
+def pbt_number(where: str, key: str, value, low: float, high: float, low_open: bool = False) -> float:
+    number_ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    if not number_ok or value < low or value > high or (low_open and value == low):
+        allowed = f"a number > {low:g}" if high == math.inf else f"a number in [{low:g}, {high:g}]"
+        raise SweepError(f"{where}.{key}={value!r} is not allowed; use {allowed}")
+    return float(value)
+
+
+def pbt_hyperparameters(where: str, keys, task: DictConfig, distributions: dict) -> dict[str, FloatDistribution]:
+    """The searched optimizer numbers PBT may change: each a float range of the search space (its bounds
+    are explore's), of a number this optimizer may change between epochs; and nothing else searched, so
+    members differ only in what PBT manages."""
+    optimizer = task.optimizer.name
+    allowed = [f"optimizer.{n}" for n in SCHEDULABLE.get(optimizer, ())]
+    if "optimizer" in distributions:
+        raise SweepError(f"{where}: the search space varies the optimizer; PBT needs one optimizer for all members")
+    if not isinstance(keys, ListConfig) or not keys:
+        raise SweepError(f"{where}.hyperparameters={keys!r} must be a non-empty list; with optimizer.name="
+                         f"{optimizer} choose from {'|'.join(allowed) or 'none'}")  # fmt: skip
+    for key in keys:
+        if key not in allowed:
+            raise SweepError(f"{where}.hyperparameters: {key!r} is not allowed with optimizer.name={optimizer}; "
+                             f"choose from {'|'.join(allowed) or 'none'}")  # fmt: skip
+        if not isinstance(distributions.get(key), FloatDistribution):
+            raise SweepError(f"{where}.hyperparameters: {key} must be searched as a float range in "
+                             "hydra.sweeper.params (its bounds are where explore stays)")  # fmt: skip
+        if OmegaConf.select(task, f"{key}{SCHEDULE_SUFFIX}") is not None:
+            raise SweepError(f"{where}.hyperparameters: {key} is PBT's, so {key}{SCHEDULE_SUFFIX} must be null")
+    others = sorted(set(distributions) - set(keys))
+    if others:
+        raise SweepError(f"{where}: the search space also varies {', '.join(others)}; PBT members may differ only "
+                         f"in pbt.hyperparameters ({', '.join(keys)})")  # fmt: skip
+    return {key: distributions[key] for key in keys}
+
+
+def check_pbt_population(spec: SweepSpec) -> None:
+    """PBT needs members to copy between: population mode with two or more."""
+    if spec.pbt is not None and spec.population < 2:
+        raise SweepError(f"sweeps/{spec.name}.yaml: gdlab_sweep.pbt needs population mode; "
+                         f"gdlab_sweep.population (or --population) is {spec.population}, use an integer >= 2")  # fmt: skip
 
 
 def build_sampler(sampler_cfg: DictConfig, distributions: dict, **arguments) -> optuna.samplers.BaseSampler:

@@ -9,6 +9,7 @@ retires a hopeless trial with gdlab.members.Retire, which this layer turns back 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import sys
 import time
@@ -98,6 +99,9 @@ def record_result(trial: optuna.Trial, result) -> float:
     objective (NaN when diverged: the trial FAILs)."""
     if result.final.get("mlflow_run_id"):
         trial.set_user_attr("mlflow_run_id", result.final["mlflow_run_id"])
+    if "pbt_replay" in result.final:  # what replays the weights this trial ends with, and how often it copied
+        trial.set_user_attr("pbt.replay", result.final["pbt_replay"])
+        trial.set_user_attr("pbt.exploits", result.final["pbt_exploits"])
     if result.final["diverged_at"] is not None and not result.final["pruned"]:
         trial.set_user_attr("failure", f"loss became NaN/inf at epoch {result.final['diverged_at']}")
     return result.final["objective"]
@@ -195,6 +199,7 @@ def train_together(spec: SweepSpec, members: list, output_root: Path) -> list[tu
     from gdlab.fit import fit_population
 
     run_args = [trial_run_args(spec, trial, cfg, output_root) for trial, cfg, _ in members]
+    pbt = population_based_training(spec, [trial for trial, _, _ in members], members[0][1])
     try:
         results = fit_population(
             [cfg for _, cfg, _ in members],
@@ -203,6 +208,7 @@ def train_together(spec: SweepSpec, members: list, output_root: Path) -> list[tu
             epoch_callbacks=[a["epoch_callbacks"] for a in run_args],
             tags=[{**a["tags"], "gdlab.population": len(members)} for a in run_args],
             progress=progress_of(spec, [trial for trial, _, _ in members], members[0][1]),
+            pbt=pbt,
         )
     except TrackingUnavailable:
         raise
@@ -213,6 +219,18 @@ def train_together(spec: SweepSpec, members: list, output_root: Path) -> list[tu
         value = record_result(trial, result)
         outcomes.append((None, TrialState.PRUNED, None) if result.final["pruned"] else (value, None, None))
     return outcomes
+
+
+def population_based_training(spec: SweepSpec, trials: list, cfg: DictConfig):
+    """The sweep's PBT for one population (None without gdlab_sweep.pbt). Each population of a study
+    draws its own exploits: its seed is pbt.seed plus its first trial's number (a new study's first
+    population uses pbt.seed itself)."""
+    if spec.pbt is None or len(trials) < 2:
+        return None
+    from gdlab.pbt import PopulationBasedTraining
+
+    settings = dataclasses.replace(spec.pbt, seed=spec.pbt.seed + trials[0].number)
+    return PopulationBasedTraining(settings, cfg.objective, spec.direction, len(trials))
 
 
 def train_alone(spec: SweepSpec, trial, cfg: DictConfig, overrides: list[str], output_root: Path) -> tuple:

@@ -1,0 +1,181 @@
+"""gdlab-report on a Population Based Training sweep: the lineage figure, and the best member's schedule.
+
+Read from MLflow alone: each member's run has its own slot's hyperparameters as per-epoch curves
+(`hp/optimizer.lr`), and pbt.json (gdlab.pbt's member record: exploits, lineage, schedule, replay) as
+an artifact.
+
+- `pbt_lineage.png`: top, one row per member (best at the top), coloured by its hyperparameter epoch by
+  epoch, with a grey link at each copy from donor to member and the best member's lineage in black;
+  below, each hyperparameter against epochs: every member's own in grey, the best member's schedule
+  (the values its weights were trained with) in colour.
+- `pbt_best_schedule.json`: that schedule, and the overrides that replay it as a single run.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shlex
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from gdlab.report_figures import Drawn, log_spaced, new_figure, ranked, save
+from gdlab.tracking import short_number
+
+if TYPE_CHECKING:
+    from gdlab.report import TrackedRun
+
+PBT_TAG = "pbt.member"  # gdlab.fit tags each PBT member's run with its slot
+
+
+def load_pbt_records(client, runs: list[TrackedRun]) -> None:
+    """Each PBT member's pbt.json onto its TrackedRun (`run.pbt`); other runs keep None."""
+    with tempfile.TemporaryDirectory() as folder:
+        for run in runs:
+            if PBT_TAG in run.tags:
+                try:
+                    path = client.download_artifacts(run.run_id, "pbt.json", folder)
+                except Exception:  # a member whose artifacts did not reach the store: drawn without links
+                    continue
+                run.pbt = json.loads(Path(path).read_text())
+
+
+def pbt_runs(runs: list[TrackedRun]) -> list[TrackedRun]:
+    return [run for run in runs if run.pbt is not None]
+
+
+def best_member(runs: list[TrackedRun], objective: str, direction: str) -> TrackedRun | None:
+    members = pbt_runs(runs)
+    best = ranked(members, objective, direction)
+    return best[0] if best else None
+
+
+def replay_command(record: dict) -> str:
+    return "gdlab-train " + " ".join(shlex.quote(o) for o in record["replay"])
+
+
+def plot_lineage(runs: list[TrackedRun], objective: str, direction: str, path: Path) -> Drawn:
+    """See the module docstring. Members that did not finish are drawn too, below the ranked ones."""
+    from matplotlib import colormaps
+    from matplotlib.collections import LineCollection
+    from matplotlib.colors import LogNorm, Normalize
+
+    members = pbt_runs(runs)
+    order = ranked(members, objective, direction)
+    order += [run for run in members if run not in order]
+    row = {run.run_id: i for i, run in enumerate(order)}
+    keys = list(order[0].pbt["schedule"])
+    best = order[0]
+    epochs = max(run.epochs for run in order)
+
+    figure, _ = new_figure(11, 4 + 0.18 * len(order) + 2.2 * len(keys))
+    figure.clear()
+    grid = figure.add_gridspec(1 + len(keys), 1, height_ratios=[max(3.0, 0.18 * len(order))] + [2.2] * len(keys))
+    lineage_ax = figure.add_subplot(grid[0])
+    key = keys[0]
+    values = [v for run in order if f"hp/{key}" in run.curves for v in run.curves[f"hp/{key}"].dropna()]
+    norm = (LogNorm if log_spaced(values) else Normalize)(min(values), max(values))
+    cmap = colormaps["viridis"]
+    for run in order:
+        curve = run.curves[f"hp/{key}"].dropna() if f"hp/{key}" in run.curves else None
+        if curve is None or not len(curve):
+            continue
+        y = row[run.run_id]
+        segments = [[(e, y), (e + 1, y)] for e in curve.index]
+        lines = LineCollection(segments, colors=cmap(norm(curve.to_numpy())), linewidths=3.5)
+        lineage_ax.add_collection(lines)
+    copies = 0
+    for run in order:
+        for event in run.pbt["exploits"]:
+            donor = row.get(event["donor_run_id"])
+            if donor is not None:
+                lineage_ax.annotate("", (event["epoch"], row[run.run_id]), (event["epoch"], donor),
+                                    arrowprops={"arrowstyle": "->", "color": "0.55", "linewidth": 0.6})  # fmt: skip
+                copies += 1
+    lineage = best.pbt["lineage"]
+    ends = [part["from_epoch"] for part in lineage[1:]] + [epochs]
+    xs, ys = [], []
+    for part, end in zip(lineage, ends, strict=True):
+        y = row.get(part["run_id"], math.nan)
+        xs += [part["from_epoch"], end]
+        ys += [y, y]
+    lineage_ax.plot(xs, ys, color="black", linewidth=1.6, zorder=3, label=f"the best member's lineage ({best.label})")
+    lineage_ax.set(xlim=(0, epochs), ylim=(len(order) - 0.5, -0.5), xlabel="epoch",
+                   title=f"PBT lineage: {len(order)} members, {copies} copies (arrow: donor -> member), "
+                         f"best by {objective} at the top")  # fmt: skip
+    lineage_ax.set_yticks(range(len(order)), [run.label for run in order], fontsize=6 if len(order) > 16 else 8)
+    lineage_ax.set_ylabel("member (the values it started with)")
+    lineage_ax.legend(loc="lower right", fontsize="small")
+    from matplotlib.cm import ScalarMappable
+
+    figure.colorbar(ScalarMappable(norm=norm, cmap=cmap), ax=lineage_ax, label=key)
+    scales = []
+    for i, key in enumerate(keys, start=1):
+        ax = figure.add_subplot(grid[i], sharex=lineage_ax)
+        levels = [segment for run in order for segment in constant_stretches(run, key)]
+        ax.add_collection(LineCollection(levels, colors="0.6", linewidths=0.8))
+        schedule = best.pbt["schedule"][key]
+        xs = [epoch for epoch, _ in schedule] + [epochs]
+        ys = [value for _, value in schedule] + [schedule[-1][1]]
+        ax.step(xs, ys, where="post", color="C3", linewidth=2.2, label=f"the best member's schedule ({key})")
+        scale = "log" if log_spaced(values if i == 1 else ys) else "linear"
+        scales.append(scale)
+        ax.set(yscale=scale, ylabel=key, xlabel="epoch")
+        ax.grid(True, alpha=0.3)
+        ax.legend(loc="best", fontsize="small")
+    save(figure, path)
+    labels = {part["run_id"]: part for part in lineage}
+    return Drawn(path, yscale=scales[0], runs=[run.label for run in order], top=[best.label],
+                 lineage=[run.label for run in order if run.run_id in labels])  # fmt: skip
+
+
+def constant_stretches(run: TrackedRun, key: str) -> list[list[tuple[float, float]]]:
+    """A member's own `hp/<key>` curve as level segments [(start, v), (end, v)], without the jumps."""
+    if f"hp/{key}" not in run.curves:
+        return []
+    curve = run.curves[f"hp/{key}"].dropna()
+    segments, start = [], None
+    epochs, values = curve.index.to_list(), curve.to_list()
+    for i, (epoch, value) in enumerate(zip(epochs, values, strict=True)):
+        start = epoch if start is None else start
+        last = i + 1 == len(values) or values[i + 1] != value or epochs[i + 1] != epoch + 1
+        if last:
+            segments.append([(start, value), (epoch + 1, value)])
+            start = None
+    return segments
+
+
+def write_best_schedule(best: TrackedRun, objective: str, path: Path) -> Path:
+    record = best.pbt
+    path.write_text(json.dumps({
+        "run_id": best.run_id, "run_name": best.name, "objective": objective,
+        "value": best.latest.get(objective), "schedule": record["schedule"], "replay": record["replay"],
+        "command": replay_command(record)}, indent=1))  # fmt: skip
+    return path
+
+
+def markdown_section(runs: list[TrackedRun], objective: str, direction: str) -> list[str]:
+    """The report's PBT section (none for runs without PBT)."""
+    best = best_member(runs, objective, direction)
+    if best is None:
+        return []
+    record, members = best.pbt, pbt_runs(runs)
+    settings = record["settings"]
+    copies = sum(len(run.pbt["exploits"]) for run in members)
+    lines = [
+        "## Population Based Training",
+        f"{len(members)} members; every {settings['interval']} epochs the bottom {settings['fraction']:g} "
+        f"copied a member of the top {settings['fraction']:g} (weights and optimizer state) and perturbed "
+        f"its values by {settings['perturb']} or resampled them (p={settings['resample_probability']:g}); "
+        f"{copies} copies in all. A run's params are the values it started with; its `hp/` curves, the "
+        "values its own slot trained with.",
+        f"The best member, `{best.label}` ({objective} {short_number(best.latest.get(objective, math.nan))}), "
+        f"holds weights trained by {len(record['lineage'])} members in turn. Its schedule:",
+    ]
+    for key, points in record["schedule"].items():
+        lines.append("| from epoch | " + key + " |\n| ---: | ---: |\n" +
+                     "\n".join(f"| {epoch} | {value:.6g} |" for epoch, value in points))  # fmt: skip
+    lines.append(f"Replay it as one run:\n\n```\n{replay_command(record)}\n```")
+    lines.append("![pbt lineage](pbt_lineage.png)")
+    return lines
