@@ -22,10 +22,25 @@ from gdlab.pbt import PopulationBasedTraining
 from gdlab.pbt_rules import PBTSettings, explore, quantile_size, ranked
 from gdlab.train import run
 
-BASE = ["tracking=none", "dataset=moons", "dataset.n_samples=200", "trainer.max_epochs=60", "objective=test/loss"]
+BASE = [
+    "tracking=none",
+    "dataset=moons",
+    "dataset.n_samples=200",
+    "trainer.max_epochs=60",
+    "objective=test/loss",
+]
 LR = FloatDistribution(1e-3, 10.0, log=True)
 LRS = [0.002, 0.01, 0.05, 0.2, 0.8, 2.0, 4.0, 8.0]
-COMPARED = ["train/loss", "train/acc", "test/loss", "test/acc", "grad_norm", "step", "evals/total", "hp/optimizer.lr"]
+COMPARED = [
+    "train/loss",
+    "train/acc",
+    "test/loss",
+    "test/acc",
+    "grad_norm",
+    "step",
+    "evals/total",
+    "hp/optimizer.lr",
+]
 
 
 def settings(**changes) -> PBTSettings:
@@ -61,7 +76,9 @@ def test_top_and_bottom_quantiles_follow_ray_and_rank_nan_last():
     assert ranked(values, "maximize") == [0, 3, 2, 1, 4]
 
 
-@pytest.mark.parametrize("distribution", [LR, FloatDistribution(0.5, 0.99), FloatDistribution(0.1, 0.9, step=0.1)])
+@pytest.mark.parametrize(
+    "distribution", [LR, FloatDistribution(0.5, 0.99), FloatDistribution(0.1, 0.9, step=0.1)]
+)
 def test_explore_stays_inside_the_search_space(distribution):
     rng = random.Random(0)
     rules = settings(perturb=(1.2, 0.8, 3.0, 0.1), resample_probability=0.3)
@@ -71,7 +88,10 @@ def test_explore_stays_inside_the_search_space(distribution):
         value, how = explore(rng.choice(values), distribution, rules, rng)
         assert distribution.low <= value <= distribution.high
         if distribution.step:
-            assert abs((value - distribution.low) / distribution.step - round((value - distribution.low) / 0.1)) < 1e-9
+            assert (
+                abs((value - distribution.low) / distribution.step - round((value - distribution.low) / 0.1))
+                < 1e-9
+            )
         values.append(value)
         hows.add(how)
     assert hows == {"resampled", "x1.2", "x0.8", "x3", "x0.1"}
@@ -96,7 +116,9 @@ def test_exploits_happen_only_at_interval_boundaries_and_values_stay_in_bounds()
         assert result.history["hp/optimizer.lr"].iloc[0] == LRS[p]
     for event in pbt.events:  # the bottom copies the top: its objective at the last epoch was worse
         rows = histories(results)
-        before = {p: [r for r in rows[p] if r["epoch"] == event.epoch - 1] for p in (event.member, event.donor)}
+        before = {
+            p: [r for r in rows[p] if r["epoch"] == event.epoch - 1] for p in (event.member, event.donor)
+        }
         if before[event.member]:
             assert before[event.member][0]["test/loss"] >= before[event.donor][0]["test/loss"]
 
@@ -168,7 +190,9 @@ def test_pbt_with_fraction_zero_trains_exactly_the_plain_population():
     assert pbt.events == []
     for a, b in zip(plain, with_pbt, strict=True):
         for column in ["train/loss", "train/acc", "test/loss", "test/acc", "grad_norm", "evals/total"]:
-            np.testing.assert_allclose(a.history[column], b.history[column], rtol=0, atol=1e-12, err_msg=column)
+            np.testing.assert_allclose(
+                a.history[column], b.history[column], rtol=0, atol=1e-12, err_msg=column
+            )
         assert b.history["hp/optimizer.lr"].nunique() == 1
         assert abs(a.final["test/loss"] - b.final["test/loss"]) < 1e-12
 
@@ -176,7 +200,11 @@ def test_pbt_with_fraction_zero_trains_exactly_the_plain_population():
 def test_the_same_seed_gives_the_same_lineage_and_another_seed_another():
     def lineage(seed):
         results, pbt = train(["trainer.max_epochs=45"], LRS, settings(seed=seed))
-        return [dataclasses.asdict(e) for e in pbt.events], pbt.lineages, [r.final["test/loss"] for r in results]
+        return (
+            [dataclasses.asdict(e) for e in pbt.events],
+            pbt.lineages,
+            [r.final["test/loss"] for r in results],
+        )
 
     first, again, other = lineage(3), lineage(3), lineage(4)
     assert first[0] and first[0] == again[0] and first[1] == again[1]
@@ -198,7 +226,7 @@ def test_a_diverged_member_is_replaced_at_the_next_boundary_and_ends_finished():
     assert replaced[0].donor in (0, 1, 2, 3)
 
 
-# --- schedules and replay ------------------------------------------------------------------------------------
+# --- schedules and replay ------------------------------------------------------------------------------
 
 
 def test_a_member_replays_as_a_single_run_to_1e_8():
@@ -214,41 +242,48 @@ def test_a_member_replays_as_a_single_run_to_1e_8():
         lineage = pbt.lineage_rows(p, rows)
         assert [r["epoch"] for r in lineage] == single.history["epoch"].tolist()
         for column in ["train/loss", "test/loss", "grad_norm", "hp/optimizer.lr"]:
-            np.testing.assert_allclose(single.history[column], [r[column] for r in lineage], rtol=0, atol=1e-8,
-                                       err_msg=column)  # fmt: skip
+            expected = [r[column] for r in lineage]
+            np.testing.assert_allclose(single.history[column], expected, rtol=0, atol=1e-8, err_msg=column)
         assert abs(single.final["test/loss"] - results[p].final["test/loss"]) < 1e-8
         assert results[p].final["pbt_replay"] == " ".join(replay)
 
 
 def test_a_schedule_sets_its_values_from_each_listed_epoch_on():
-    result = run([*BASE, "trainer.max_epochs=12", "optimizer.lr=0.3", "optimizer.lr_schedule=[[4,0.5],[9,0.05]]"])
+    result = run(
+        [*BASE, "trainer.max_epochs=12", "optimizer.lr=0.3", "optimizer.lr_schedule=[[4,0.5],[9,0.05]]"]
+    )
     assert result.history["hp/optimizer.lr"].tolist() == [0.3] * 4 + [0.5] * 5 + [0.05] * 3
-    momentum = run([*BASE, "trainer.max_epochs=6", "optimizer=momentum", "optimizer.momentum_schedule=[[0,0.0],[3,0.9]]"])
+    momentum = run(
+        [*BASE, "trainer.max_epochs=6", "optimizer=momentum", "optimizer.momentum_schedule=[[0,0.0],[3,0.9]]"]
+    )
     assert momentum.history["hp/optimizer.momentum"].tolist() == [0.0] * 3 + [0.9] * 3
     plain = run([*BASE, "trainer.max_epochs=6", "optimizer=momentum", "optimizer.momentum=0.0"])
-    np.testing.assert_allclose(momentum.history["train/loss"][:4], plain.history["train/loss"][:4], rtol=0, atol=1e-12)
+    np.testing.assert_allclose(
+        momentum.history["train/loss"][:4], plain.history["train/loss"][:4], rtol=0, atol=1e-12
+    )
     assert abs(momentum.history["train/loss"].iloc[5] - plain.history["train/loss"].iloc[5]) > 1e-6
 
 
-@pytest.mark.parametrize(
-    "override, expected",
-    [
-        ("optimizer.lr_schedule=[[5,0.1],[3,0.2]]", "optimizer.lr_schedule.1.0=3 is out of range; allowed: an integer >= 6"),
-        ("optimizer.lr_schedule=[[0,-0.1]]", "optimizer.lr_schedule.0.1=-0.1 is out of range; allowed: a number > 0"),
-        ("optimizer.lr_schedule=[[0,nan]]", "optimizer.lr_schedule.0.1=nan is not allowed; allowed: a finite number > 0"),
-        ("optimizer.lr_schedule=[0.1]", "optimizer.lr_schedule.0=0.1 must be a pair [epoch, value]"),
-        ("optimizer.lr_schedule=[]", "optimizer.lr_schedule=[] must be a non-empty list"),
-        ("+optimizer.momentum_schedule=[[0,0.5]]", "optimizer.momentum_schedule is not allowed with optimizer.name=gd; "
-                                                    "its schedules: lr_schedule"),
-    ],
-)  # fmt: skip
-def test_a_bad_schedule_is_one_line_naming_the_key(override, expected):
+BAD_SCHEDULES = {
+    "optimizer.lr_schedule=[[5,0.1],[3,0.2]]": "optimizer.lr_schedule.1.0=3 is out of range; allowed: an integer >= 6",  # noqa: E501
+    "optimizer.lr_schedule=[[0,-0.1]]": "optimizer.lr_schedule.0.1=-0.1 is out of range; allowed: a number > 0",  # noqa: E501
+    "optimizer.lr_schedule=[[0,nan]]": "optimizer.lr_schedule.0.1=nan is not allowed; allowed: a finite number > 0",  # noqa: E501
+    "optimizer.lr_schedule=[0.1]": "optimizer.lr_schedule.0=0.1 must be a pair [epoch, value]",
+    "optimizer.lr_schedule=[]": "optimizer.lr_schedule=[] must be a non-empty list",
+    "+optimizer.momentum_schedule=[[0,0.5]]": "optimizer.momentum_schedule is not allowed with optimizer.name=gd; "  # noqa: E501
+    "its schedules: lr_schedule",
+}
+
+
+@pytest.mark.parametrize("override", list(BAD_SCHEDULES))
+def test_a_bad_schedule_is_one_line_naming_the_key(override):
+    expected = BAD_SCHEDULES[override]
     with pytest.raises(ConfigError) as error:
         validate(compose_config([*BASE, override]))
     assert str(error.value).startswith(expected)
 
 
-# --- gdlab-sweep ---------------------------------------------------------------------------------------------
+# --- gdlab-sweep ---------------------------------------------------------------------------------------
 
 
 def sweep(cwd: Path, *args: str) -> subprocess.CompletedProcess:
@@ -256,20 +291,27 @@ def sweep(cwd: Path, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=600)
 
 
-@pytest.mark.parametrize(
-    "args, expected",
-    [
-        (["gdlab_sweep.pbt.fraction=0.7"], "gdlab_sweep.pbt.fraction=0.7 is not allowed; use a number in [0, 0.5]"),
-        (["gdlab_sweep.pbt.interval=0"], "gdlab_sweep.pbt.interval=0 must be an integer >= 1"),
-        (["gdlab_sweep.pbt.perturb=[1.2,nan]"], "gdlab_sweep.pbt.perturb.1=nan is not allowed; use a number > 0"),
-        (["gdlab_sweep.pbt.hyperparameters=[optimizer.momentum]"], "'optimizer.momentum' is not allowed with "
-                                                                   "optimizer.name=gd; choose from optimizer.lr"),
-        (["+gdlab_sweep.pbt.every=3"], "gdlab_sweep.pbt.every is not a PBT setting"),
-        (["--population", "1"], "gdlab_sweep.pbt needs population mode"),
-        (["gdlab_sweep.pruner._target_=optuna.pruners.MedianPruner"], "gdlab_sweep.pruner=MedianPruner does not go "
-                                                                      "with gdlab_sweep.pbt"),
-    ],
-)  # fmt: skip
+BAD_PBT_BLOCKS = [
+    (
+        ["gdlab_sweep.pbt.fraction=0.7"],
+        "gdlab_sweep.pbt.fraction=0.7 is not allowed; use a number in [0, 0.5]",
+    ),
+    (["gdlab_sweep.pbt.interval=0"], "gdlab_sweep.pbt.interval=0 must be an integer >= 1"),
+    (["gdlab_sweep.pbt.perturb=[1.2,nan]"], "gdlab_sweep.pbt.perturb.1=nan is not allowed; use a number > 0"),
+    (
+        ["gdlab_sweep.pbt.hyperparameters=[optimizer.momentum]"],
+        "'optimizer.momentum' is not allowed with optimizer.name=gd; choose from optimizer.lr",
+    ),
+    (["+gdlab_sweep.pbt.every=3"], "gdlab_sweep.pbt.every is not a PBT setting"),
+    (["--population", "1"], "gdlab_sweep.pbt needs population mode"),
+    (
+        ["gdlab_sweep.pruner._target_=optuna.pruners.MedianPruner"],
+        "gdlab_sweep.pruner=MedianPruner does not go with gdlab_sweep.pbt",
+    ),
+]
+
+
+@pytest.mark.parametrize("args, expected", BAD_PBT_BLOCKS)
 def test_a_bad_pbt_block_is_refused_in_one_line_before_any_trial(tmp_path: Path, monkeypatch, capsys, args,
                                                                   expected):  # fmt: skip
     from gdlab.sweep.cli import main
@@ -283,7 +325,8 @@ def test_a_bad_pbt_block_is_refused_in_one_line_before_any_trial(tmp_path: Path,
 
 @pytest.mark.slow
 def test_gdlab_sweep_lr_pbt_records_each_member_and_the_lineage(tmp_path: Path):
-    done = sweep(tmp_path, "lr_pbt", "trainer.max_epochs=60", "dataset.n_samples=200", "gdlab_sweep.pbt.interval=10",
+    done = sweep(tmp_path, "lr_pbt", "trainer.max_epochs=60", "dataset.n_samples=200",
+                 "gdlab_sweep.pbt.interval=10",
                  "--population", "8", "--budget", "8", "--progress", "0")  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     study = optuna.load_study(study_name="lr_pbt", storage=f"sqlite:///{tmp_path}/mlruns/optuna.db")
@@ -292,7 +335,9 @@ def test_gdlab_sweep_lr_pbt_records_each_member_and_the_lineage(tmp_path: Path):
     client = MlflowClient(f"sqlite:///{tmp_path}/mlruns/mlflow.db")
     experiment = client.get_experiment_by_name("sweep-lr_pbt")
     parent = client.search_runs([experiment.experiment_id], "tags.sweep = 'lr_pbt'")[0]
-    children = client.search_runs([experiment.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    children = client.search_runs(
+        [experiment.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'"
+    )
     assert len(children) == 8
     exploits = 0
     for child in children:
@@ -302,11 +347,18 @@ def test_gdlab_sweep_lr_pbt_records_each_member_and_the_lineage(tmp_path: Path):
         lr = client.get_metric_history(child.info.run_id, "hp/optimizer.lr")
         assert sorted(m.step for m in lr) == list(range(60))
         assert all(1e-3 <= m.value <= 10 for m in lr)
-        record = json.loads(Path(client.download_artifacts(child.info.run_id, "pbt.json", str(tmp_path))).read_text())
-        assert record["run_id"] == child.info.run_id and len(record["exploits"]) == int(child.data.tags["pbt.exploits"])
+        record = json.loads(
+            Path(client.download_artifacts(child.info.run_id, "pbt.json", str(tmp_path))).read_text()
+        )
+        assert record["run_id"] == child.info.run_id and len(record["exploits"]) == int(
+            child.data.tags["pbt.exploits"]
+        )
         assert {e["epoch"] for e in record["exploits"]} <= {10, 20, 30, 40, 50}
         assert all(e["donor_run_id"] in {c.info.run_id for c in children} for e in record["exploits"])
-        assert record["schedule"]["optimizer.lr"][0][1] == trial.params["optimizer.lr"] or record["lineage"][0]["member"] != record["member"]
+        assert (
+            record["schedule"]["optimizer.lr"][0][1] == trial.params["optimizer.lr"]
+            or record["lineage"][0]["member"] != record["member"]
+        )
         exploits += len(record["exploits"])
     assert exploits >= 5 * 2  # 5 rounds, 2 copies each (a quarter of 8)
     parent = client.get_run(parent.info.run_id)
@@ -314,8 +366,8 @@ def test_gdlab_sweep_lr_pbt_records_each_member_and_the_lineage(tmp_path: Path):
     assert parent.data.tags["best.pbt.replay"] == best.data.tags["pbt.replay"]
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id, "report")}
     assert {"report/pbt_lineage.png", "report/pbt_best_schedule.json"} <= artifacts
-    best_schedule = json.loads(Path(client.download_artifacts(parent.info.run_id, "report/pbt_best_schedule.json",
-                                                              str(tmp_path))).read_text())  # fmt: skip
+    path = client.download_artifacts(parent.info.run_id, "report/pbt_best_schedule.json", str(tmp_path))
+    best_schedule = json.loads(Path(path).read_text())
     assert best_schedule["run_id"] == best.info.run_id
     # the best member's replay, as one run, ends where the member ended
     replay = run([*best_schedule["replay"], "tracking=none"])

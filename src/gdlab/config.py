@@ -13,9 +13,9 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from gdlab.data import DIGITS_ROWS, N_CLASSES, N_FEATURES
 from gdlab.masking import mask_passwords
-from gdlab.schedules import SCHEDULABLE, SCHEDULE_SUFFIX
 from gdlab.model import ACTIVATIONS, HEADS, INITS, LOSS_FOR_HEAD, LOSSES
 from gdlab.optimizers import FAILURE_MODES, OPTIMIZERS, RESETS, TRIAL_EVALS
+from gdlab.schedules import SCHEDULABLE, SCHEDULE_SUFFIX
 from gdlab.step_rules import BB_VARIANTS, FIRST_TRIALS
 
 BACKPROPS = ("autograd", "manual")
@@ -255,7 +255,9 @@ def _check_schedules(cfg) -> None:
         previous = -1
         for i, entry in enumerate(entries):
             if not isinstance(entry, ListConfig) or len(entry) != 2:
-                raise ConfigError(f"{full}.{i}={_plain(entry)!r} must be a pair [epoch, value]; the schedule is {shape}")
+                raise ConfigError(
+                    f"{full}.{i}={_plain(entry)!r} must be a pair [epoch, value]; the schedule is {shape}"
+                )
             check_number(cfg, f"{full}.{i}.0", previous + 1, integer=True)
             check_number(cfg, f"{full}.{i}.1", **SCHEDULED_RANGES[number])
             previous = entry[0]

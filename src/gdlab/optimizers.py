@@ -131,7 +131,12 @@ class MemberOptimizer(Optimizer):
         """(tensor, member axis) of everything a member carries from one step to the next, besides its
         weights and gradients: the per-parameter state (momentum buffers, Adam's moments), and what a
         rule keeps of its own (subclasses add theirs)."""
-        return [(t, 0) for state in self.state.values() for t in state.values() if isinstance(t, Tensor) and t.dim()]
+        return [
+            (t, 0)
+            for state in self.state.values()
+            for t in state.values()
+            if isinstance(t, Tensor) and t.dim()
+        ]
 
     @torch.no_grad()
     def copy_member(self, source: int, target: int) -> None:

@@ -1,4 +1,4 @@
-"""Population Based Training inside one batched model (Jaderberg et al. 2017; Ray Tune's PBT is the reference).
+"""Population Based Training inside one batched model (Jaderberg et al. 2017; Ray Tune's PBT: the reference).
 
 A population (gdlab.module.TrainingModule) trains P members as one stacked model. Every `interval`
 epochs this Lightning callback ranks the members still training by the objective of their last history
@@ -81,12 +81,17 @@ class PopulationBasedTraining(pl.Callback):
             else:
                 reason = (f"bottom {self.settings.fraction:g} at epoch {epoch - 1}: {self.objective} "
                           f"{last[member]:.4g}, donor's {last[donor]:.4g}")  # fmt: skip
-            old = {key: float(values[key.removeprefix("optimizer.")][member]) for key in self.settings.hyperparameters}
+            old = {
+                key: float(values[key.removeprefix("optimizer.")][member])
+                for key in self.settings.hyperparameters
+            }
             module.copy_member(donor, member)
             new, how = {}, {}
             for key, distribution in self.settings.hyperparameters.items():
                 number = key.removeprefix("optimizer.")
-                new[key], how[key] = explore(float(values[number][donor]), distribution, self.settings, self.rng)
+                new[key], how[key] = explore(
+                    float(values[number][donor]), distribution, self.settings, self.rng
+                )
                 values[number][member] = new[key]
             self.lineages[member] = [*self.lineages[donor], Segment(epoch, member)]
             self.events.append(ExploitEvent(epoch, member, donor, old, new, how, reason))
@@ -138,10 +143,12 @@ class PopulationBasedTraining(pl.Callback):
             "direction": self.direction,
             "exploits": events,
             "donations": sum(e.donor == p for e in self.events),
-            "lineage": [{"from_epoch": s.start, "member": s.member, "run_id": run_ids[s.member]}
-                        for s in self.lineages[p]],  # fmt: skip
-            "schedule": {key: [list(point) for point in points]
-                         for key, points in self.schedule(p, histories).items()},  # fmt: skip
+            "lineage": [
+                {"from_epoch": s.start, "member": s.member, "run_id": run_ids[s.member]}
+                for s in self.lineages[p]
+            ],  # fmt: skip
+            "schedule": {
+                key: [list(point) for point in points] for key, points in self.schedule(p, histories).items()
+            },  # fmt: skip
             "replay": self.replay_overrides(p, histories, overrides),
         }
-

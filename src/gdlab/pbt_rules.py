@@ -23,7 +23,9 @@ class PBTSettings:
     fraction: float  # the top and bottom quantile, in [0, 0.5]; 0 turns PBT off
     perturb: tuple[float, ...]  # factors a kept value is multiplied by (Ray: 1.2, 0.8)
     resample_probability: float  # chance a value is drawn anew from the search space instead
-    hyperparameters: dict[str, FloatDistribution]  # config key (optimizer.lr) -> its search-space distribution
+    hyperparameters: dict[
+        str, FloatDistribution
+    ]  # config key (optimizer.lr) -> its search-space distribution
     seed: int = 0
 
     @property

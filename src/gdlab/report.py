@@ -24,7 +24,13 @@ from pandas.api.types import is_numeric_dtype
 
 from gdlab.masking import mask_passwords
 from gdlab.report_figures import write_figures
-from gdlab.report_pbt import best_member, load_pbt_records, markdown_section, plot_lineage, write_best_schedule
+from gdlab.report_pbt import (
+    best_member,
+    load_pbt_records,
+    markdown_section,
+    plot_lineage,
+    write_best_schedule,
+)
 from gdlab.tracking import short_number
 
 CURVE_METRICS = ("train/loss", "train/acc", "test/loss", "test/acc", "evals/total")
@@ -397,7 +403,10 @@ def build_report(
     extra = []
     if best := best_member(runs, objective, direction):
         report.figures.append(plot_lineage(runs, objective, direction, out_dir / "pbt_lineage.png"))
-        extra = [report.figures[-1].path, write_best_schedule(best, objective, out_dir / "pbt_best_schedule.json")]
+        extra = [
+            report.figures[-1].path,
+            write_best_schedule(best, objective, out_dir / "pbt_best_schedule.json"),
+        ]
     markdown = write_markdown(report, target, figures, out_dir / "report.md")
     report.paths = [markdown, *write_tables(report, out_dir), *figures, *extra]
     if parent_run_id and log:

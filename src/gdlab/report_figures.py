@@ -43,7 +43,9 @@ class Drawn:
     top: list[str] = field(default_factory=list)  # best first
     colour_by: str | None = None  # the parameter of the colour bar, if any
     ylim: tuple[float, float] | None = None  # a loss axis' limits, set so diverging runs cannot flatten it
-    lineage: list[str] = field(default_factory=list)  # PBT: the members whose slots trained the best's weights
+    lineage: list[str] = field(
+        default_factory=list
+    )  # PBT: the members whose slots trained the best's weights
 
 
 def run_state(run: TrackedRun) -> str:

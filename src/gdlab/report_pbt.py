@@ -71,7 +71,9 @@ def plot_lineage(runs: list[TrackedRun], objective: str, direction: str, path: P
 
     figure, _ = new_figure(11, 4 + 0.18 * len(order) + 2.2 * len(keys))
     figure.clear()
-    grid = figure.add_gridspec(1 + len(keys), 1, height_ratios=[max(3.0, 0.18 * len(order))] + [2.2] * len(keys))
+    grid = figure.add_gridspec(
+        1 + len(keys), 1, height_ratios=[max(3.0, 0.18 * len(order))] + [2.2] * len(keys)
+    )
     lineage_ax = figure.add_subplot(grid[0])
     key = keys[0]
     values = [v for run in order if f"hp/{key}" in run.curves for v in run.curves[f"hp/{key}"].dropna()]
@@ -90,8 +92,10 @@ def plot_lineage(runs: list[TrackedRun], objective: str, direction: str, path: P
         for event in run.pbt["exploits"]:
             donor = row.get(event["donor_run_id"])
             if donor is not None:
-                lineage_ax.annotate("", (event["epoch"], row[run.run_id]), (event["epoch"], donor),
-                                    arrowprops={"arrowstyle": "->", "color": "0.55", "linewidth": 0.6})  # fmt: skip
+                arrow = {"arrowstyle": "->", "color": "0.55", "linewidth": 0.6}
+                lineage_ax.annotate(
+                    "", (event["epoch"], row[run.run_id]), (event["epoch"], donor), arrowprops=arrow
+                )
                 copies += 1
     lineage = best.pbt["lineage"]
     ends = [part["from_epoch"] for part in lineage[1:]] + [epochs]
@@ -100,11 +104,15 @@ def plot_lineage(runs: list[TrackedRun], objective: str, direction: str, path: P
         y = row.get(part["run_id"], math.nan)
         xs += [part["from_epoch"], end]
         ys += [y, y]
-    lineage_ax.plot(xs, ys, color="black", linewidth=1.6, zorder=3, label=f"the best member's lineage ({best.label})")
+    lineage_ax.plot(
+        xs, ys, color="black", linewidth=1.6, zorder=3, label=f"the best member's lineage ({best.label})"
+    )
     lineage_ax.set(xlim=(0, epochs), ylim=(len(order) - 0.5, -0.5), xlabel="epoch",
                    title=f"PBT lineage: {len(order)} members, {copies} copies (arrow: donor -> member), "
                          f"best by {objective} at the top")  # fmt: skip
-    lineage_ax.set_yticks(range(len(order)), [run.label for run in order], fontsize=6 if len(order) > 16 else 8)
+    lineage_ax.set_yticks(
+        range(len(order)), [run.label for run in order], fontsize=6 if len(order) > 16 else 8
+    )
     lineage_ax.set_ylabel("member (the values it started with)")
     lineage_ax.legend(loc="lower right", fontsize="small")
     from matplotlib.cm import ScalarMappable
@@ -170,7 +178,8 @@ def markdown_section(runs: list[TrackedRun], objective: str, direction: str) -> 
         f"its values by {settings['perturb']} or resampled them (p={settings['resample_probability']:g}); "
         f"{copies} copies in all. A run's params are the values it started with; its `hp/` curves, the "
         "values its own slot trained with.",
-        f"The best member, `{best.label}` ({objective} {short_number(best.latest.get(objective, math.nan))}), "
+        f"The best member, `{best.label}` ({objective} {short_number(best.latest.get(objective, math.nan))}),"
+        " "
         f"holds weights trained by {len(record['lineage'])} members in turn. Its schedule:",
     ]
     for key, points in record["schedule"].items():

@@ -25,7 +25,9 @@ SCHEDULABLE = {
     "lbfgs": (),
 }
 SCHEDULE_SUFFIX = "_schedule"
-SCHEDULE_KEYS = tuple(sorted({f"optimizer.{n}{SCHEDULE_SUFFIX}" for names in SCHEDULABLE.values() for n in names}))
+SCHEDULE_KEYS = tuple(
+    sorted({f"optimizer.{n}{SCHEDULE_SUFFIX}" for names in SCHEDULABLE.values() for n in names})
+)
 
 
 def schedules_of(optimizer: DictConfig) -> dict[str, list[tuple[int, float]]]:

@@ -135,15 +135,21 @@ def parse_pbt(name: str, block, task: DictConfig, distributions: dict, pruner) -
     probability = pbt_number(where, "resample_probability", block.get("resample_probability", 0.25), 0.0, 1.0)
     perturb = block.get("perturb", [1.2, 0.8])
     if not isinstance(perturb, ListConfig) or not perturb:
-        raise SweepError(f"{where}.perturb={perturb!r} must be a non-empty list of factors > 0, e.g. [1.2, 0.8]")
-    factors = tuple(pbt_number(where, f"perturb.{i}", f, 0.0, math.inf, low_open=True) for i, f in enumerate(perturb))
+        raise SweepError(
+            f"{where}.perturb={perturb!r} must be a non-empty list of factors > 0, e.g. [1.2, 0.8]"
+        )
+    factors = tuple(
+        pbt_number(where, f"perturb.{i}", f, 0.0, math.inf, low_open=True) for i, f in enumerate(perturb)
+    )
     seed = block.get("seed", 0)
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise SweepError(f"{where}.seed={seed!r} must be an integer >= 0")
     hyperparameters = pbt_hyperparameters(where, block.get("hyperparameters"), task, distributions)
     if not isinstance(pruner, optuna.pruners.NopPruner):
-        raise SweepError(f"sweeps/{name}.yaml: gdlab_sweep.pruner={type(pruner).__name__} does not go with "
-                         "gdlab_sweep.pbt (PBT replaces a bad member instead); use optuna.pruners.NopPruner")  # fmt: skip
+        raise SweepError(
+            f"sweeps/{name}.yaml: gdlab_sweep.pruner={type(pruner).__name__} does not go with "
+            "gdlab_sweep.pbt (PBT replaces a bad member instead); use optuna.pruners.NopPruner"
+        )
     return PBTSettings(interval, fraction, factors, probability, hyperparameters, seed)
 
 
@@ -155,38 +161,50 @@ def pbt_number(where: str, key: str, value, low: float, high: float, low_open: b
     return float(value)
 
 
-def pbt_hyperparameters(where: str, keys, task: DictConfig, distributions: dict) -> dict[str, FloatDistribution]:
+def pbt_hyperparameters(
+    where: str, keys, task: DictConfig, distributions: dict
+) -> dict[str, FloatDistribution]:
     """The searched optimizer numbers PBT may change: each a float range of the search space (its bounds
     are explore's), of a number this optimizer may change between epochs; and nothing else searched, so
     members differ only in what PBT manages."""
     optimizer = task.optimizer.name
     allowed = [f"optimizer.{n}" for n in SCHEDULABLE.get(optimizer, ())]
     if "optimizer" in distributions:
-        raise SweepError(f"{where}: the search space varies the optimizer; PBT needs one optimizer for all members")
+        raise SweepError(
+            f"{where}: the search space varies the optimizer; PBT needs one optimizer for all members"
+        )
     if not isinstance(keys, ListConfig) or not keys:
         raise SweepError(f"{where}.hyperparameters={keys!r} must be a non-empty list; with optimizer.name="
                          f"{optimizer} choose from {'|'.join(allowed) or 'none'}")  # fmt: skip
     for key in keys:
         if key not in allowed:
-            raise SweepError(f"{where}.hyperparameters: {key!r} is not allowed with optimizer.name={optimizer}; "
-                             f"choose from {'|'.join(allowed) or 'none'}")  # fmt: skip
+            raise SweepError(
+                f"{where}.hyperparameters: {key!r} is not allowed with optimizer.name={optimizer}; "
+                f"choose from {'|'.join(allowed) or 'none'}"
+            )
         if not isinstance(distributions.get(key), FloatDistribution):
             raise SweepError(f"{where}.hyperparameters: {key} must be searched as a float range in "
                              "hydra.sweeper.params (its bounds are where explore stays)")  # fmt: skip
         if OmegaConf.select(task, f"{key}{SCHEDULE_SUFFIX}") is not None:
-            raise SweepError(f"{where}.hyperparameters: {key} is PBT's, so {key}{SCHEDULE_SUFFIX} must be null")
+            raise SweepError(
+                f"{where}.hyperparameters: {key} is PBT's, so {key}{SCHEDULE_SUFFIX} must be null"
+            )
     others = sorted(set(distributions) - set(keys))
     if others:
-        raise SweepError(f"{where}: the search space also varies {', '.join(others)}; PBT members may differ only "
-                         f"in pbt.hyperparameters ({', '.join(keys)})")  # fmt: skip
+        raise SweepError(
+            f"{where}: the search space also varies {', '.join(others)}; PBT members may differ only "
+            f"in pbt.hyperparameters ({', '.join(keys)})"
+        )
     return {key: distributions[key] for key in keys}
 
 
 def check_pbt_population(spec: SweepSpec) -> None:
     """PBT needs members to copy between: population mode with two or more."""
     if spec.pbt is not None and spec.population < 2:
-        raise SweepError(f"sweeps/{spec.name}.yaml: gdlab_sweep.pbt needs population mode; "
-                         f"gdlab_sweep.population (or --population) is {spec.population}, use an integer >= 2")  # fmt: skip
+        raise SweepError(
+            f"sweeps/{spec.name}.yaml: gdlab_sweep.pbt needs population mode; gdlab_sweep.population "
+            f"(or --population) is {spec.population}, use an integer >= 2"
+        )
 
 
 def build_sampler(sampler_cfg: DictConfig, distributions: dict, **arguments) -> optuna.samplers.BaseSampler:
