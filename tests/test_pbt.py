@@ -283,6 +283,27 @@ def test_a_bad_schedule_is_one_line_naming_the_key(override):
     assert str(error.value).startswith(expected)
 
 
+def test_gdlab_run_trains_a_population_with_pbt_for_a_notebook():
+    import gdlab
+
+    settings = gdlab.PBTSettings(interval=10, fraction=0.25, perturb=(1.2, 0.8), resample_probability=0.25,
+                                 hyperparameters={"optimizer.lr": LR}, seed=0)  # fmt: skip
+    results = gdlab.run(
+        ["+sweep=lr_pbt", *BASE], population=[{"optimizer.lr": lr} for lr in LRS], pbt=settings
+    )
+    assert len(results) == len(LRS) and sum(r.final["pbt_exploits"] for r in results) >= 5 * 2
+    best = min(results, key=lambda r: r.final["test/loss"])
+    replay = run(best.final["pbt_replay"].split())
+    assert abs(replay.final["test/loss"] - best.final["test/loss"]) < 1e-8
+    with pytest.raises(ConfigError, match="pbt needs one population of two or more members"):
+        gdlab.run(BASE, population=[{"optimizer.lr": 0.1}], pbt=settings)
+    momentum = dataclasses.replace(
+        settings, hyperparameters={"optimizer.momentum": FloatDistribution(0.0, 0.9)}
+    )
+    with pytest.raises(ConfigError, match="'optimizer.momentum' is not allowed with optimizer.name=gd"):
+        gdlab.run(BASE, population=[{"optimizer.lr": 0.1}, {"optimizer.lr": 0.2}], pbt=momentum)
+
+
 # --- gdlab-sweep ---------------------------------------------------------------------------------------
 
 

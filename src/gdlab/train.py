@@ -21,10 +21,12 @@ from gdlab.config import ConfigError, validate
 from gdlab.interrupts import InterruptHandler
 from gdlab.masking import mask_saved_hydra_configs
 from gdlab.members import check_population, group_by_architecture
+from gdlab.schedules import SCHEDULABLE
 from gdlab.tracking import TrackingUnavailable, run_name, trial_run_name
 
 if TYPE_CHECKING:
     from gdlab.fit import RunResult
+    from gdlab.pbt_rules import PBTSettings
     from gdlab.progress import Progress
 
 __all__ = ["RunResult", "main", "run", "summary"]
@@ -41,13 +43,16 @@ warnings.filterwarnings(
 
 
 def run(overrides: list[str] | None = None, output_dir: str | Path | None = None,
-        population: list | None = None) -> RunResult | list[RunResult]:  # fmt: skip
+        population: list | None = None, pbt: PBTSettings | None = None
+        ) -> RunResult | list[RunResult]:  # fmt: skip
     """Train one run from CLI-style overrides, e.g. ``run(["dataset=xor", "optimizer.lr=0.5"])``.
 
     With `population`, a list of per-member overrides (dicts like ``{"optimizer.lr": 0.1}`` or lists
     of "key=value"), train one run per member on top of `overrides`: those sharing an architecture
     together as one stacked model (gdlab.fit.fit_population). Returns one RunResult per member, in order;
-    with `output_dir`, member i writes to <output_dir>/member-i.
+    with `output_dir`, member i writes to <output_dir>/member-i. With `pbt` (a `gdlab.PBTSettings`), the
+    population trains with Population Based Training (gdlab.pbt): each result's history then has the
+    `hp/optimizer.<number>` it trained with, and final["pbt_replay"] the overrides that replay its weights.
     """
     from gdlab.fit import fit, fit_population
 
@@ -63,16 +68,42 @@ def run(overrides: list[str] | None = None, output_dir: str | Path | None = None
     groups = group_by_architecture(cfgs)
     for group in groups:  # every population is checked before any trains
         check_population([cfgs[i] for i in group])
+    if pbt is not None:
+        check_pbt(pbt, cfgs, groups)
     for group in groups:
         trained = fit_population(
             [cfgs[i] for i in group],
             [members[i] for i in group],
             [output_dirs[i] for i in group] if output_dirs else None,
             progress=progress_of([cfgs[i] for i in group], [f"member {i}" for i in group]),
+            pbt=population_based_training(pbt, cfgs[0], len(group)),
         )
         for i, result in zip(group, trained, strict=True):
             results[i] = result
     return results
+
+
+def check_pbt(settings: PBTSettings, cfgs: list[DictConfig], groups: list[list[int]]) -> None:
+    """PBT copies between members of one population, and changes what their optimizer may change."""
+    if len(groups) != 1 or len(cfgs) < 2:
+        raise ConfigError(
+            f"pbt needs one population of two or more members sharing an architecture; got {len(cfgs)} "
+            f"member(s) in {len(groups)} population(s)"
+        )
+    name = cfgs[0].optimizer.name
+    allowed = [f"optimizer.{n}" for n in SCHEDULABLE[name]]
+    for key in settings.hyperparameters:
+        if key not in allowed:
+            raise ConfigError(f"pbt hyperparameter {key!r} is not allowed with optimizer.name={name}; "
+                              f"choose from {'|'.join(allowed) or 'none'}")  # fmt: skip
+
+
+def population_based_training(settings: PBTSettings | None, cfg: DictConfig, n_members: int):
+    if settings is None:
+        return None
+    from gdlab.pbt import PopulationBasedTraining
+
+    return PopulationBasedTraining(settings, cfg.objective, cfg.direction, n_members)
 
 
 def progress_of(cfgs: list[DictConfig], names: list[str] | None = None) -> Progress | None:

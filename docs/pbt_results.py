@@ -1,0 +1,114 @@
+"""The README's PBT results: PBT with P = 32 against the best fixed lr of 32 at the same member-epochs.
+
+For each dataset (moons: sweeps/lr_pbt.yaml against sweeps/lr.yaml; digits: sweeps/digits_lr_pbt.yaml
+against `lr dataset=digits`) and each seed s, two gdlab-sweep commands in a fresh directory:
+  PBT    gdlab-sweep lr_pbt seed=s gdlab_sweep.pbt.seed=s hydra.sweeper.sampler.seed=s tracking=none
+  fixed  gdlab-sweep lr seed=s hydra.sweeper.sampler.seed=s tracking=none --budget 32 --population 32
+Both train 32 members x 300 epochs from the same initial weights (seed s), their learning rates drawn
+log-uniform over [1e-3, 10] (the fixed sweep's TPE draws its first batch at random too); each reports its
+best member's final test loss (the sweeps' objective). Printed as a Markdown table: median and range over
+the seeds, and each seed's value. With --lineage DIR, a tracked seed-0 PBT sweep per dataset and
+gdlab-report's lineage figure and best schedule, copied to DIR.
+Usage: python docs/pbt_results.py [--seeds 0,1,2,3,4] [--datasets moons,digits] [--lineage docs/pbt]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import optuna
+
+SWEEPS = {  # dataset: (PBT sweep, fixed-lr sweep and its overrides)
+    "moons": ("lr_pbt", ["lr"]),
+    "digits": ("digits_lr_pbt", ["lr", "dataset=digits"]),
+}
+SCRUBBED_ENV = ["MLFLOW_TRACKING_URI", "GDLAB_OPTUNA_STORAGE", "GDLAB_MLFLOW_PARENT_RUN_ID"]
+
+
+def gdlab(command: str, *args: str, cwd: Path) -> str:
+    executable = str(Path(sys.executable).with_name(command))
+    env = {k: v for k, v in os.environ.items() if k not in SCRUBBED_ENV}
+    done = subprocess.run([executable, *args], cwd=cwd, capture_output=True, text=True, env=env)
+    if done.returncode != 0:
+        raise SystemExit(f"{command} {' '.join(args)} failed:\n{done.stderr[-2000:]}")
+    return done.stdout
+
+
+def best_of(cwd: Path, study: str) -> optuna.trial.FrozenTrial:
+    return optuna.load_study(study_name=study, storage=f"sqlite:///{cwd}/mlruns/optuna.db").best_trial
+
+
+def run_seed(dataset: str, seed: int, cwd: Path) -> dict:
+    pbt_sweep, (fixed_sweep, *fixed_overrides) = SWEEPS[dataset]
+    seeded = [f"seed={seed}", f"hydra.sweeper.sampler.seed={seed}", "tracking=none"]
+    gdlab("gdlab-sweep", pbt_sweep, *seeded, f"gdlab_sweep.pbt.seed={seed}",
+          "--study", f"pbt-{dataset}-{seed}", "--progress", "0", cwd=cwd)  # fmt: skip
+    gdlab("gdlab-sweep", fixed_sweep, *fixed_overrides, *seeded, "--budget", "32", "--population", "32",
+          "--study", f"fixed-{dataset}-{seed}", "--progress", "0", cwd=cwd)  # fmt: skip
+    pbt, fixed = best_of(cwd, f"pbt-{dataset}-{seed}"), best_of(cwd, f"fixed-{dataset}-{seed}")
+    return {"dataset": dataset, "seed": seed, "pbt": pbt.value, "fixed": fixed.value,
+            "fixed_lr": fixed.params["optimizer.lr"],
+            "pbt_replay": pbt.user_attrs.get("pbt.replay")}  # fmt: skip
+
+
+def summary(values: list[float]) -> str:
+    return f"{statistics.median(values):.4f} [{min(values):.4f}, {max(values):.4f}]"
+
+
+def table(results: list[dict]) -> str:
+    lines = ["| dataset | best fixed lr of 32 | PBT, P = 32 | PBT better in | per seed (fixed / PBT) |",
+             "| --- | ---: | ---: | ---: | --- |"]  # fmt: skip
+    for dataset in dict.fromkeys(r["dataset"] for r in results):
+        rows = [r for r in results if r["dataset"] == dataset]
+        better = sum(r["pbt"] < r["fixed"] for r in rows)
+        seeds = ", ".join(f"{r['fixed']:.4f} / {r['pbt']:.4f}" for r in rows)
+        fixed, pbt = summary([r["fixed"] for r in rows]), summary([r["pbt"] for r in rows])
+        lines.append(f"| {dataset} | {fixed} | {pbt} | {better} of {len(rows)} seeds | {seeds} |")
+    return "\n".join(lines)
+
+
+def lineage(dataset: str, cwd: Path, out: Path) -> None:
+    """A tracked seed-0 PBT sweep and its report's lineage figure and best schedule, copied to `out`."""
+    pbt_sweep = SWEEPS[dataset][0]
+    gdlab("gdlab-sweep", pbt_sweep, "--progress", "0", cwd=cwd)
+    reports = sorted((cwd / "outputs" / "sweeps" / pbt_sweep).glob("report-*"))
+    out.mkdir(parents=True, exist_ok=True)
+    shutil.copy(reports[-1] / "pbt_lineage.png", out / f"{dataset}_lineage.png")
+    shutil.copy(reports[-1] / "pbt_best_schedule.json", out / f"{dataset}_best_schedule.json")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seeds", default="0,1,2,3,4")
+    parser.add_argument("--datasets", default="moons,digits")
+    parser.add_argument(
+        "--lineage", type=Path, help="also draw each dataset's seed-0 lineage into this folder"
+    )
+    parser.add_argument("--json", type=Path, help="write every seed's figures here")
+    args = parser.parse_args()
+    seeds = [int(s) for s in args.seeds.split(",")]
+    results = []
+    with tempfile.TemporaryDirectory(prefix="gdlab-pbt-") as folder:
+        cwd = Path(folder)
+        for dataset in args.datasets.split(","):
+            for seed in seeds:
+                results.append(run_seed(dataset, seed, cwd))
+                print(json.dumps(results[-1]), flush=True)
+            if args.lineage:
+                lineage(dataset, cwd, args.lineage)
+    print(f"\nfinal test loss of the best member, median [min, max] over seeds {args.seeds}:\n")
+    print(table(results))
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()
