@@ -344,6 +344,23 @@ def test_a_bad_pbt_block_is_refused_in_one_line_before_any_trial(tmp_path: Path,
     assert not (tmp_path / "mlruns" / "optuna.db").exists()
 
 
+def test_hydra_multirun_refuses_a_pbt_sweep_in_one_line(tmp_path: Path):
+    command = [
+        str(Path(sys.executable).with_name("gdlab-train")),
+        "-m",
+        "+sweep=lr_pbt",
+        "hydra.sweeper.n_trials=1",
+    ]
+    done = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert done.stderr.strip().splitlines() == [
+        "gdlab-train: error: this sweep has a gdlab_sweep.pbt block, which gdlab-sweep runs (PBT needs its "
+        "trials trained together); gdlab-train -m would train them one by one without PBT. Use "
+        "gdlab-sweep NAME"
+    ]
+    assert not (tmp_path / "mlruns" / "optuna.db").exists()
+
+
 @pytest.mark.slow
 def test_gdlab_sweep_lr_pbt_records_each_member_and_the_lineage(tmp_path: Path):
     done = sweep(tmp_path, "lr_pbt", "trainer.max_epochs=60", "dataset.n_samples=200",

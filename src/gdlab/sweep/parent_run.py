@@ -208,14 +208,20 @@ def same_values(params: dict, overrides: dict[str, str]) -> bool:
 
 def check_optuna_study(config: DictConfig, task: DictConfig) -> None:
     """Hydra's Optuna sweeper on a stored study: the same experiment signature as gdlab-sweep writes and
-    checks (gdlab.sweep.signature); a different one is one line on stderr and exit status 2."""
+    checks (gdlab.sweep.signature); a different one is one line on stderr and exit status 2. So is a sweep
+    with a gdlab_sweep.pbt block: only gdlab-sweep trains its populations with PBT."""
+    import sys
+
+    if OmegaConf.select(task, "gdlab_sweep.pbt") is not None:
+        print("gdlab-train: error: this sweep has a gdlab_sweep.pbt block, which gdlab-sweep runs (PBT needs "
+              "its trials trained together); gdlab-train -m would train them one by one without PBT. Use "
+              "gdlab-sweep NAME", file=sys.stderr)  # fmt: skip
+        sys.exit(2)
     sweeper = config.hydra.sweeper
     if "optuna" not in str(sweeper.get("_target_", "")) or not sweeper.get("storage"):
         return
     if not sweeper.get("study_name") or OmegaConf.is_list(sweeper.get("direction")):
         return  # a new auto-named study each time, or a multi-objective one: nothing to join
-    import sys
-
     import optuna
 
     from gdlab.sweep.signature import ExperimentMismatch, check_same_experiment, experiment_signature
