@@ -12,6 +12,7 @@ from mlflow import MlflowClient
 from optuna.trial import TrialState
 
 from gdlab.sweep import load_sweep
+from gdlab.sweep.spec import available_sweeps
 from gdlab.tracking import short_number
 
 BIN = Path(sys.executable).parent
@@ -214,7 +215,9 @@ def test_exclusive_declines_on_stderr_and_plain_invocations_join(tmp_path):
 def test_bad_sweep_input_is_refused_before_any_trial(tmp_path):
     proc = sweep("no_such_sweep", cwd=tmp_path)
     assert proc.returncode == 2
-    assert "unknown sweep 'no_such_sweep'; available: digits_depth_width, init_activation" in proc.stderr
+    shipped = ", ".join(available_sweeps())
+    assert proc.stderr.strip() == f"gdlab-sweep: error: unknown sweep 'no_such_sweep'; available: {shipped}"
+    assert shipped.startswith("digits_depth_width, digits_lr_pbt, init_activation, lr, lr_depth")
     write_sweep(
         tmp_path / "cfg",
         "badkey",
