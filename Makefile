@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.gdlab-installed
 
-.PHONY: install demo test lint format bench bench-sweeps bench-writer clean
+.PHONY: install demo test lint format bench bench-sweeps bench-writer bench-pbt clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -36,6 +36,9 @@ bench-sweeps: install
 
 bench-writer: install
 	$(BIN)/python benchmarks/bench_writer.py
+
+bench-pbt: install
+	$(BIN)/python benchmarks/bench_pbt.py
 
 clean:
 	rm -rf $(VENV) outputs multirun .pytest_cache
