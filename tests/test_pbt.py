@@ -223,6 +223,9 @@ def test_a_diverged_member_is_replaced_at_the_next_boundary_and_ends_finished():
     assert not math.isfinite(diverged_rows[diverged_rows["epoch"] < 20]["train/loss"].iloc[-1])
     assert LR.low <= diverged_rows["hp/optimizer.lr"].iloc[-1] <= LR.high  # explored from a donor
     assert results[4].final["diverged_at"] is None and math.isfinite(results[4].final["test/loss"])
+    assert (
+        results[4].final["epochs"] == 60
+    )  # its last epoch + 1, though its history skips the epochs it was out
     assert replaced[0].donor in (0, 1, 2, 3)
 
 
@@ -253,6 +256,8 @@ def test_a_schedule_sets_its_values_from_each_listed_epoch_on():
         [*BASE, "trainer.max_epochs=12", "optimizer.lr=0.3", "optimizer.lr_schedule=[[4,0.5],[9,0.05]]"]
     )
     assert result.history["hp/optimizer.lr"].tolist() == [0.3] * 4 + [0.5] * 5 + [0.05] * 3
+    polyak = validate(compose_config([*BASE, "optimizer=polyak", "optimizer.c_schedule=[[0,2.0],[3,0.5]]"]))
+    assert polyak.optimizer.c_schedule == [[0, 2.0], [3, 0.5]]  # polyak's c is any positive number
     momentum = run(
         [*BASE, "trainer.max_epochs=6", "optimizer=momentum", "optimizer.momentum_schedule=[[0,0.0],[3,0.9]]"]
     )
@@ -270,6 +275,13 @@ BAD_SCHEDULES = {
     "optimizer.lr_schedule=[[0,nan]]": "optimizer.lr_schedule.0.1=nan is not allowed; allowed: a finite number > 0",  # noqa: E501
     "optimizer.lr_schedule=[0.1]": "optimizer.lr_schedule.0=0.1 must be a pair [epoch, value]",
     "optimizer.lr_schedule=[]": "optimizer.lr_schedule=[] must be a non-empty list",
+    "optimizer=backtracking optimizer.lr_schedule=[[0,1.0],[5,20.0]]": (
+        "optimizer.lr_schedule.1.1=20.0 is out of range; it must stay within optimizer.lr_min=1e-10 and "
+        "optimizer.lr_max=10.0"
+    ),
+    "optimizer=bb optimizer.step_min_schedule=[[0,20.0]]": (
+        "optimizer.step_min_schedule.0.1=20.0 is out of range; it must stay within optimizer.step_max=10.0"
+    ),
     "+optimizer.momentum_schedule=[[0,0.5]]": "optimizer.momentum_schedule is not allowed with optimizer.name=gd; "  # noqa: E501
     "its schedules: lr_schedule",
 }
@@ -279,7 +291,7 @@ BAD_SCHEDULES = {
 def test_a_bad_schedule_is_one_line_naming_the_key(override):
     expected = BAD_SCHEDULES[override]
     with pytest.raises(ConfigError) as error:
-        validate(compose_config([*BASE, override]))
+        validate(compose_config([*BASE, *override.split()]))
     assert str(error.value).startswith(expected)
 
 
@@ -297,11 +309,24 @@ def test_gdlab_run_trains_a_population_with_pbt_for_a_notebook():
     assert abs(replay.final["test/loss"] - best.final["test/loss"]) < 1e-8
     with pytest.raises(ConfigError, match="pbt needs one population of two or more members"):
         gdlab.run(BASE, population=[{"optimizer.lr": 0.1}], pbt=settings)
+    two = [{"optimizer.lr": 0.1}, {"optimizer.lr": 0.2}]
     momentum = dataclasses.replace(
         settings, hyperparameters={"optimizer.momentum": FloatDistribution(0.0, 0.9)}
     )
-    with pytest.raises(ConfigError, match="'optimizer.momentum' is not allowed with optimizer.name=gd"):
-        gdlab.run(BASE, population=[{"optimizer.lr": 0.1}, {"optimizer.lr": 0.2}], pbt=momentum)
+    refused = {
+        "'optimizer.momentum' is not allowed with optimizer.name=gd": (two, momentum),
+        "pbt.interval=0 must be an integer >= 1": (two, dataclasses.replace(settings, interval=0)),
+        r"pbt.perturb=\(\) must be a non-empty list": (two, dataclasses.replace(settings, perturb=())),
+        "pbt members may differ only in optimizer.lr; these also differ: seed": (
+            [{"optimizer.lr": 0.1, "seed": 1}, {"optimizer.lr": 0.2, "seed": 2}], settings),
+        "optimizer.lr is PBT's, so optimizer.lr_schedule must be null": (
+            [{"optimizer.lr": 0.1, "optimizer.lr_schedule": "[[0,0.1]]"}, {"optimizer.lr": 0.2}], settings),
+        "optimizer.lr=0.0 is out of range": (
+            two, dataclasses.replace(settings, hyperparameters={"optimizer.lr": FloatDistribution(0, 1.0)})),
+    }  # fmt: skip
+    for message, (members, bad) in refused.items():
+        with pytest.raises(ConfigError, match=message):
+            gdlab.run(BASE, population=members, pbt=bad)
 
 
 # --- gdlab-sweep ---------------------------------------------------------------------------------------
@@ -324,6 +349,10 @@ BAD_PBT_BLOCKS = [
         "'optimizer.momentum' is not allowed with optimizer.name=gd; choose from optimizer.lr",
     ),
     (["+gdlab_sweep.pbt.every=3"], "gdlab_sweep.pbt.every is not a PBT setting"),
+    (
+        ["hydra.sweeper.custom_search_space=gdlab.sweep.lr_per_optimizer"],
+        "gdlab_sweep.pbt: hydra.sweeper.custom_search_space does not go with PBT",
+    ),
     (["--population", "1"], "gdlab_sweep.pbt needs population mode"),
     (
         ["gdlab_sweep.pruner._target_=optuna.pruners.MedianPruner"],

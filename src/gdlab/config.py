@@ -238,6 +238,17 @@ SCHEDULED_RANGES = {
 }
 
 
+# Where an optimizer allows a number more than the table above: polyak's c is any positive number.
+SCHEDULED_RANGES_OF = {("polyak", "c"): dict(low=0, low_open=True)}
+# Numbers a scheduled value must stay within, as the fixed one does: (optimizer, number) -> (low, high) keys.
+SCHEDULED_LIMITS = {
+    ("backtracking", "lr"): ("lr_min", "lr_max"),
+    ("nonmonotone", "lr"): ("lr_min", "lr_max"),
+    ("bb", "step_min"): (None, "step_max"),
+    ("bb", "step_max"): ("step_min", None),
+}
+
+
 def _check_schedules(cfg) -> None:
     """optimizer.<number>_schedule: [[epoch, value], ...] with epochs >= 0 rising, each value in its
     number's range, for the numbers this optimizer may change between epochs."""
@@ -259,8 +270,20 @@ def _check_schedules(cfg) -> None:
                     f"{full}.{i}={_plain(entry)!r} must be a pair [epoch, value]; the schedule is {shape}"
                 )
             check_number(cfg, f"{full}.{i}.0", previous + 1, integer=True)
-            check_number(cfg, f"{full}.{i}.1", **SCHEDULED_RANGES[number])
+            check_number(
+                cfg, f"{full}.{i}.1", **SCHEDULED_RANGES_OF.get((name, number), SCHEDULED_RANGES[number])
+            )
+            _check_limits(cfg, name, number, f"{full}.{i}.1", entry[1])
             previous = entry[0]
+
+
+def _check_limits(cfg, name: str, number: str, key: str, value: float) -> None:
+    low_key, high_key = SCHEDULED_LIMITS.get((name, number), (None, None))
+    low = cfg.optimizer[low_key] if low_key else None
+    high = cfg.optimizer[high_key] if high_key else None
+    if (low is not None and value < low) or (high is not None and value > high):
+        bounds = " and ".join(f"optimizer.{k}={cfg.optimizer[k]}" for k in (low_key, high_key) if k)
+        raise ConfigError(f"{key}={value!r} is out of range; it must stay within {bounds}")
 
 
 def _plain(node):

@@ -238,13 +238,14 @@ def status(result: RunResult) -> str:
 def record(cfg: DictConfig, outcome: RunOutcome, data: Dataset, wall_time: float) -> RunResult:
     """A member's RunResult: its history, and final metrics measured once more at its trained weights."""
     final = final_metrics(outcome.model, data)
+    epochs = outcome.history[-1]["epoch"] + 1 if outcome.history else 0  # a PBT-revived member has a gap
     final.update(
-        epochs=len(outcome.history),
+        epochs=epochs,
         evals_fwd=outcome.evals_fwd,
         evals_fwdbwd=outcome.evals_fwdbwd,
         evals=outcome.evals_fwd + outcome.evals_fwdbwd,
         ls_failures=outcome.ls_failures,
-        ls_all_failed=0 < outcome.ls_failures == len(outcome.history),  # the search never found a step
+        ls_all_failed=0 < outcome.ls_failures == epochs,  # the search never found a step
         wall_time=wall_time,
         diverged_at=outcome.diverged_at,
         pruned=outcome.pruned,

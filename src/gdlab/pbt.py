@@ -122,13 +122,12 @@ class PopulationBasedTraining(pl.Callback):
 
     def replay_overrides(self, p: int, histories: list[list[dict]], overrides: list[str]) -> list[str]:
         """Member p's overrides with each PBT value as a schedule: a single run that trains its weights."""
-        schedule = self.schedule(p, histories)
+        schedule = {key: points for key, points in self.schedule(p, histories).items() if points}
         replaced = {*schedule, *(f"{key}{SCHEDULE_SUFFIX}" for key in schedule)}
         kept = [o for o in overrides if o.partition("=")[0].lstrip("+~") not in replaced]
         for key, points in schedule.items():
-            if points:
-                pairs = ",".join(f"[{epoch},{value!r}]" for epoch, value in points)
-                kept += [f"{key}={points[0][1]!r}", f"{key}{SCHEDULE_SUFFIX}=[{pairs}]"]
+            pairs = ",".join(f"[{epoch},{value!r}]" for epoch, value in points)
+            kept += [f"{key}={points[0][1]!r}", f"{key}{SCHEDULE_SUFFIX}=[{pairs}]"]
         return kept
 
     def member_record(self, p: int, histories: list[list[dict]], overrides: list[str],

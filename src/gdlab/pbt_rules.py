@@ -39,6 +39,31 @@ class PBTSettings:
                 "hyperparameters": {k: repr(d) for k, d in self.hyperparameters.items()}}  # fmt: skip
 
 
+def settings_problem(interval, fraction, perturb, resample_probability, seed) -> str | None:
+    """The first PBT setting outside what is allowed, as "key=value ... allowed" (None: all fine). Shared by
+    a sweep file's gdlab_sweep.pbt block and gdlab.run(pbt=...)."""
+    if isinstance(interval, bool) or not isinstance(interval, int) or interval < 1:
+        return f"interval={interval!r} must be an integer >= 1 (epochs between exploits)"
+    for key, value, high in (
+        ("fraction", fraction, 0.5),
+        ("resample_probability", resample_probability, 1.0),
+    ):
+        if not finite_number(value) or not 0 <= value <= high:
+            return f"{key}={value!r} is not allowed; use a number in [0, {high:g}]"
+    if isinstance(perturb, str) or not hasattr(perturb, "__len__") or not len(perturb):
+        return f"perturb={perturb!r} must be a non-empty list of factors > 0, e.g. [1.2, 0.8]"
+    for i, factor in enumerate(perturb):
+        if not finite_number(factor) or factor <= 0:
+            return f"perturb.{i}={factor!r} is not allowed; use a number > 0"
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        return f"seed={seed!r} must be an integer >= 0"
+    return None
+
+
+def finite_number(value) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def quantile_size(n_ranked: int, fraction: float) -> int:
     """How many members are top (and bottom): Ray's ceil(n * fraction), at most half."""
     return min(math.ceil(n_ranked * fraction), n_ranked // 2)

@@ -402,11 +402,13 @@ def build_report(
     figures = [drawn.path for drawn in report.figures]
     extra = []
     if best := best_member(runs, objective, direction):
-        report.figures.append(plot_lineage(runs, objective, direction, out_dir / "pbt_lineage.png"))
-        extra = [
-            report.figures[-1].path,
-            write_best_schedule(best, objective, out_dir / "pbt_best_schedule.json"),
-        ]
+        try:
+            lineage = plot_lineage(runs, objective, direction, out_dir / "pbt_lineage.png")
+            extra = [lineage.path, write_best_schedule(best, objective, out_dir / "pbt_best_schedule.json")]
+            report.figures.append(lineage)
+        except Exception as error:  # the tables and the other figures are the report; this part is extra
+            print(f"gdlab-report: no PBT lineage: {str(error).splitlines()[0] if str(error) else error!r}",
+                  file=sys.stderr)  # fmt: skip
     markdown = write_markdown(report, target, figures, out_dir / "report.md")
     report.paths = [markdown, *write_tables(report, out_dir), *figures, *extra]
     if parent_run_id and log:

@@ -36,9 +36,9 @@ def load_pbt_records(client, runs: list[TrackedRun]) -> None:
             if PBT_TAG in run.tags:
                 try:
                     path = client.download_artifacts(run.run_id, "pbt.json", folder)
-                except Exception:  # a member whose artifacts did not reach the store: drawn without links
+                    run.pbt = json.loads(Path(path).read_text())
+                except Exception:  # a record that did not reach the store whole: left out of PBT's part
                     continue
-                run.pbt = json.loads(Path(path).read_text())
 
 
 def pbt_runs(runs: list[TrackedRun]) -> list[TrackedRun]:
@@ -77,6 +77,7 @@ def plot_lineage(runs: list[TrackedRun], objective: str, direction: str, path: P
     lineage_ax = figure.add_subplot(grid[0])
     key = keys[0]
     values = [v for run in order if f"hp/{key}" in run.curves for v in run.curves[f"hp/{key}"].dropna()]
+    values = values or [value for _, value in best.pbt["schedule"][key]]  # hp curves lost in an outage
     norm = (LogNorm if log_spaced(values) else Normalize)(min(values), max(values))
     cmap = colormaps["viridis"]
     for run in order:

@@ -14,15 +14,15 @@ from typing import TYPE_CHECKING
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from gdlab.compose import VariantComposer, compose_config
 from gdlab.config import ConfigError, validate
 from gdlab.interrupts import InterruptHandler
 from gdlab.masking import mask_saved_hydra_configs
 from gdlab.members import check_population, group_by_architecture
-from gdlab.schedules import SCHEDULABLE
-from gdlab.tracking import TrackingUnavailable, run_name, trial_run_name
+from gdlab.schedules import SCHEDULABLE, SCHEDULE_SUFFIX
+from gdlab.tracking import TrackingUnavailable, flatten, run_name, trial_run_name
 
 if TYPE_CHECKING:
     from gdlab.fit import RunResult
@@ -84,7 +84,15 @@ def run(overrides: list[str] | None = None, output_dir: str | Path | None = None
 
 
 def check_pbt(settings: PBTSettings, cfgs: list[DictConfig], groups: list[list[int]]) -> None:
-    """PBT copies between members of one population, and changes what their optimizer may change."""
+    """PBT's settings, as a sweep file's are checked; one population of members that differ only in what
+    PBT changes (a member's replay starts from its own config), each a number its optimizer may change,
+    searched between bounds the config accepts."""
+    from gdlab.pbt_rules import settings_problem
+
+    problem = settings_problem(settings.interval, settings.fraction, settings.perturb,
+                               settings.resample_probability, settings.seed)  # fmt: skip
+    if problem:
+        raise ConfigError(f"pbt.{problem}")
     if len(groups) != 1 or len(cfgs) < 2:
         raise ConfigError(
             f"pbt needs one population of two or more members sharing an architecture; got {len(cfgs)} "
@@ -92,10 +100,29 @@ def check_pbt(settings: PBTSettings, cfgs: list[DictConfig], groups: list[list[i
         )
     name = cfgs[0].optimizer.name
     allowed = [f"optimizer.{n}" for n in SCHEDULABLE[name]]
-    for key in settings.hyperparameters:
+    for key, space in settings.hyperparameters.items():
         if key not in allowed:
             raise ConfigError(f"pbt hyperparameter {key!r} is not allowed with optimizer.name={name}; "
                               f"choose from {'|'.join(allowed) or 'none'}")  # fmt: skip
+        if not all(hasattr(space, a) for a in ("low", "high", "log", "step")):
+            raise ConfigError(f"pbt hyperparameter {key}: {space!r} must be an optuna FloatDistribution")
+        if any(OmegaConf.select(cfg, f"{key}{SCHEDULE_SUFFIX}") is not None for cfg in cfgs):
+            raise ConfigError(f"pbt hyperparameter {key} is PBT's, so {key}{SCHEDULE_SUFFIX} must be null")
+        for bound in (space.low, space.high):
+            edge = OmegaConf.create(OmegaConf.to_container(cfgs[0]))
+            OmegaConf.update(edge, key, bound)
+            validate(edge)
+    differing = differing_keys(cfgs, settings.hyperparameters)
+    if differing:
+        raise ConfigError(f"pbt members may differ only in {', '.join(settings.hyperparameters)}; these also "
+                          f"differ: {', '.join(differing)}")  # fmt: skip
+
+
+def differing_keys(cfgs: list[DictConfig], allowed) -> list[str]:
+    """Flattened config keys whose values differ between `cfgs`, outside `allowed`."""
+    flat = [flatten(cfg) for cfg in cfgs]
+    keys = {key for f in flat for key in f}
+    return sorted(k for k in keys if k not in allowed and len({f.get(k) for f in flat}) > 1)
 
 
 def population_based_training(settings: PBTSettings | None, cfg: DictConfig, n_members: int):

@@ -178,6 +178,8 @@ def sweep_main(argv: list[str] | None, interrupts: InterruptHandler) -> int:
         check_study_name(study_name)
         if args.population is not None:
             spec.population = args.population
+            if spec.pbt is not None:  # PBT copies within the population: its size is part of the experiment
+                spec.signature["gdlab_sweep.population"] = json.dumps(args.population)
         check_pbt_population(spec)
         spec.progress_every = args.progress
         if args.exclusive and not args.worker:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -23,7 +22,7 @@ from optuna.distributions import CategoricalDistribution, FloatDistribution
 
 from gdlab.compose import VariantComposer, compose_config, search_path_override
 from gdlab.config import ConfigError, validate
-from gdlab.pbt_rules import PBTSettings
+from gdlab.pbt_rules import PBTSettings, settings_problem
 from gdlab.schedules import SCHEDULABLE, SCHEDULE_SUFFIX
 from gdlab.sweep.signature import experiment_signature
 
@@ -111,14 +110,14 @@ def load_sweep(name: str, overrides: list[str] | None = None, config_dir: Path |
         custom_search_space=custom,
         population=population,
         signature=experiment_signature(task, sweeper.params, overrides),
-        pbt=parse_pbt(name, extra.get("pbt"), task, distributions, pruner),
+        pbt=parse_pbt(name, extra.get("pbt"), task, distributions, pruner, custom),
     )
 
 
 PBT_KEYS = ("interval", "fraction", "perturb", "resample_probability", "hyperparameters", "seed")
 
 
-def parse_pbt(name: str, block, task: DictConfig, distributions: dict, pruner) -> PBTSettings | None:
+def parse_pbt(name: str, block, task: DictConfig, distributions: dict, pruner, custom) -> PBTSettings | None:
     """gdlab_sweep.pbt, checked: each problem is one SweepError naming the key and what is allowed."""
     if block is None:
         return None
@@ -128,37 +127,24 @@ def parse_pbt(name: str, block, task: DictConfig, distributions: dict, pruner) -
     unknown = sorted(set(block) - set(PBT_KEYS))
     if unknown:
         raise SweepError(f"{where}.{unknown[0]} is not a PBT setting; allowed: {', '.join(PBT_KEYS)}")
-    interval = block.get("interval", 10)
-    if isinstance(interval, bool) or not isinstance(interval, int) or interval < 1:
-        raise SweepError(f"{where}.interval={interval!r} must be an integer >= 1 (epochs between exploits)")
-    fraction = pbt_number(where, "fraction", block.get("fraction", 0.25), 0.0, 0.5)
-    probability = pbt_number(where, "resample_probability", block.get("resample_probability", 0.25), 0.0, 1.0)
+    interval, seed = block.get("interval", 10), block.get("seed", 0)
+    fraction, probability = block.get("fraction", 0.25), block.get("resample_probability", 0.25)
     perturb = block.get("perturb", [1.2, 0.8])
-    if not isinstance(perturb, ListConfig) or not perturb:
-        raise SweepError(
-            f"{where}.perturb={perturb!r} must be a non-empty list of factors > 0, e.g. [1.2, 0.8]"
-        )
-    factors = tuple(
-        pbt_number(where, f"perturb.{i}", f, 0.0, math.inf, low_open=True) for i, f in enumerate(perturb)
-    )
-    seed = block.get("seed", 0)
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        raise SweepError(f"{where}.seed={seed!r} must be an integer >= 0")
+    perturb = tuple(perturb) if isinstance(perturb, ListConfig) else perturb
+    problem = settings_problem(interval, fraction, perturb, probability, seed)
+    if problem:
+        raise SweepError(f"{where}.{problem}")
+    if custom is not None:
+        raise SweepError(f"{where}: hydra.sweeper.custom_search_space does not go with PBT (its members may "
+                         "differ only in pbt.hyperparameters)")  # fmt: skip
     hyperparameters = pbt_hyperparameters(where, block.get("hyperparameters"), task, distributions)
     if not isinstance(pruner, optuna.pruners.NopPruner):
         raise SweepError(
             f"sweeps/{name}.yaml: gdlab_sweep.pruner={type(pruner).__name__} does not go with "
             "gdlab_sweep.pbt (PBT replaces a bad member instead); use optuna.pruners.NopPruner"
         )
-    return PBTSettings(interval, fraction, factors, probability, hyperparameters, seed)
-
-
-def pbt_number(where: str, key: str, value, low: float, high: float, low_open: bool = False) -> float:
-    number_ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
-    if not number_ok or value < low or value > high or (low_open and value == low):
-        allowed = f"a number > {low:g}" if high == math.inf else f"a number in [{low:g}, {high:g}]"
-        raise SweepError(f"{where}.{key}={value!r} is not allowed; use {allowed}")
-    return float(value)
+    factors = tuple(float(f) for f in perturb)
+    return PBTSettings(interval, float(fraction), factors, float(probability), hyperparameters, seed)
 
 
 def pbt_hyperparameters(
