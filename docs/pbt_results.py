@@ -7,7 +7,7 @@ against `lr dataset=digits`) and each seed s, two gdlab-sweep commands in a fres
 Both train 32 members x 300 epochs from the same initial weights (seed s), their learning rates drawn
 log-uniform over [1e-3, 10] (the fixed sweep's TPE draws its first batch at random too); each reports its
 best member's final test loss (the sweeps' objective). Printed as a Markdown table: median and range over
-the seeds, and each seed's value. With --lineage DIR, a tracked seed-0 PBT sweep per dataset and
+the seeds, and each seed's value. With --lineage DIR, each shipped PBT sweep as it is (tracked) and
 gdlab-report's lineage figure and best schedule, copied to DIR.
 Usage: python docs/pbt_results.py [--seeds 0,1,2,3,4] [--datasets moons,digits] [--lineage docs/pbt]
 """
@@ -76,7 +76,7 @@ def table(results: list[dict]) -> str:
 
 
 def lineage(dataset: str, cwd: Path, out: Path) -> None:
-    """A tracked seed-0 PBT sweep and its report's lineage figure and best schedule, copied to `out`."""
+    """The shipped PBT sweep as it is, tracked; its report's lineage figure and best schedule go to `out`."""
     pbt_sweep = SWEEPS[dataset][0]
     gdlab("gdlab-sweep", pbt_sweep, "--progress", "0", cwd=cwd)
     reports = sorted((cwd / "outputs" / "sweeps" / pbt_sweep).glob("report-*"))
@@ -90,7 +90,7 @@ def main() -> None:
     parser.add_argument("--seeds", default="0,1,2,3,4")
     parser.add_argument("--datasets", default="moons,digits")
     parser.add_argument(
-        "--lineage", type=Path, help="also draw each dataset's seed-0 lineage into this folder"
+        "--lineage", type=Path, help="also run each shipped PBT sweep and copy its lineage here"
     )
     parser.add_argument("--json", type=Path, help="write every seed's figures here")
     args = parser.parse_args()
