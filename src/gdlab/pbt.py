@@ -64,39 +64,42 @@ class PopulationBasedTraining(pl.Callback):
             self.exploit_and_explore(module, epoch)
 
     def exploit_and_explore(self, module, epoch: int) -> None:
+        optimizer = module.optimizers().optimizer
+        values = {number: optimizer.number(number).clone() for number in self.settings.numbers}
+        for member, donor, reason in self.copies(module, epoch):
+            old = {key: float(values[number][member]) for key, number in self.keys()}
+            module.copy_member(donor, member)
+            new, how = {}, {}
+            for key, number in self.keys():
+                space = self.settings.hyperparameters[key]
+                new[key], how[key] = explore(float(values[number][donor]), space, self.settings, self.rng)
+                values[number][member] = new[key]
+            self.lineages[member] = [*self.lineages[donor], Segment(epoch, member)]
+            self.events.append(ExploitEvent(epoch, member, donor, old, new, how, reason))
+        for number, member_values in values.items():
+            optimizer.set_numbers(number, member_values)
+
+    def copies(self, module, epoch: int):
+        """(member, donor, why) of this round, each donor drawn from the top as its member comes: every
+        member that diverged since, then the bottom of the ranking by each member's last objective."""
         last = {p: module.histories[p][-1].get(self.objective, math.nan)
                 for p in module.alive if module.histories[p]}  # fmt: skip
         order = ranked(last, self.direction)
         n = quantile_size(len(order), self.settings.fraction)
         if n == 0:
             return
-        top, bottom = order[:n], order[-n:]
-        diverged = [p for p, at in enumerate(module.diverged) if at is not None]
-        optimizer = module.optimizers().optimizer
-        values = {number: optimizer.number(number).clone() for number in self.settings.numbers}
-        for member in [*diverged, *bottom]:
+        top = order[:n]
+        for member, at in enumerate(module.diverged):
+            if at is not None:
+                yield member, self.rng.choice(top), f"diverged at epoch {at}"
+        for member in order[-n:]:
             donor = self.rng.choice(top)
-            if member in diverged:
-                reason = f"diverged at epoch {module.diverged[member]}"
-            else:
-                reason = (f"bottom {self.settings.fraction:g} at epoch {epoch - 1}: {self.objective} "
-                          f"{last[member]:.4g}, donor's {last[donor]:.4g}")  # fmt: skip
-            old = {
-                key: float(values[key.removeprefix("optimizer.")][member])
-                for key in self.settings.hyperparameters
-            }
-            module.copy_member(donor, member)
-            new, how = {}, {}
-            for key, distribution in self.settings.hyperparameters.items():
-                number = key.removeprefix("optimizer.")
-                new[key], how[key] = explore(
-                    float(values[number][donor]), distribution, self.settings, self.rng
-                )
-                values[number][member] = new[key]
-            self.lineages[member] = [*self.lineages[donor], Segment(epoch, member)]
-            self.events.append(ExploitEvent(epoch, member, donor, old, new, how, reason))
-        for number, member_values in values.items():
-            optimizer.set_numbers(number, member_values)
+            yield member, donor, (f"bottom {self.settings.fraction:g} at epoch {epoch - 1}: {self.objective} "
+                                  f"{last[member]:.4g}, donor's {last[donor]:.4g}")  # fmt: skip
+
+    def keys(self) -> list[tuple[str, str]]:
+        """(config key, optimizer number) of each hyperparameter PBT changes: (optimizer.lr, lr)."""
+        return [(key, key.removeprefix("optimizer.")) for key in self.settings.hyperparameters]
 
     # --- what a member's record holds ------------------------------------------------------------
 
