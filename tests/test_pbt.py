@@ -20,7 +20,8 @@ from gdlab.config import ConfigError, validate
 from gdlab.fit import fit_population
 from gdlab.pbt import PopulationBasedTraining
 from gdlab.pbt_rules import PBTSettings, explore, quantile_size, ranked
-from gdlab.train import run
+from gdlab.tracking import run_name
+from gdlab.train import run, summary
 
 BASE = [
     "tracking=none",
@@ -256,6 +257,10 @@ def test_a_schedule_sets_its_values_from_each_listed_epoch_on():
         [*BASE, "trainer.max_epochs=12", "optimizer.lr=0.3", "optimizer.lr_schedule=[[4,0.5],[9,0.05]]"]
     )
     assert result.history["hp/optimizer.lr"].tolist() == [0.3] * 4 + [0.5] * 5 + [0.05] * 3
+    assert run_name(result.config).endswith("-lr0.3sched-s42")  # not named after a fixed lr
+    assert " lr=0.3 lr_schedule=0.5@4,0.05@9 " in summary(result)
+    replayed = validate(compose_config([*BASE, "optimizer.lr_schedule=[[0,6.35],[20,5.08]]"]))
+    assert "-lr6.35sched-" in run_name(replayed)
     polyak = validate(compose_config([*BASE, "optimizer=polyak", "optimizer.c_schedule=[[0,2.0],[3,0.5]]"]))
     assert polyak.optimizer.c_schedule == [[0, 2.0], [3, 0.5]]  # polyak's c is any positive number
     momentum = run(

@@ -98,8 +98,18 @@ def run_name(cfg: DictConfig) -> str:
     width = "x".join(map(str, width)) if isinstance(width, Iterable) and not isinstance(width, str) else width
     return (
         f"{cfg.dataset.name}-{cfg.optimizer.name}-d{cfg.model.depth}-w{width}"
-        f"-lr{cfg.optimizer.lr:g}-s{cfg.seed}" + ("-manual" if cfg.backprop == "manual" else "")
+        f"-lr{lr_label(cfg.optimizer)}-s{cfg.seed}" + ("-manual" if cfg.backprop == "manual" else "")
     )
+
+
+def lr_label(optimizer: DictConfig) -> str:
+    """The lr a name shows: 0.1; on an optimizer.lr_schedule, the lr it starts with and "sched" (6.35sched),
+    so a replayed PBT schedule is not named after the fixed lr it never trained with."""
+    schedule = optimizer.get("lr_schedule")
+    if not schedule:
+        return f"{optimizer.lr:g}"
+    start = schedule[0][1] if schedule[0][0] == 0 else optimizer.lr
+    return f"{start:g}sched"
 
 
 def short_number(text) -> str:

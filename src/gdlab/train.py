@@ -21,8 +21,8 @@ from gdlab.config import ConfigError, validate
 from gdlab.interrupts import InterruptHandler
 from gdlab.masking import mask_saved_hydra_configs
 from gdlab.members import check_population, group_by_architecture
-from gdlab.schedules import SCHEDULABLE, SCHEDULE_SUFFIX
-from gdlab.tracking import TrackingUnavailable, flatten, run_name, trial_run_name
+from gdlab.schedules import SCHEDULABLE, SCHEDULE_SUFFIX, schedules_of
+from gdlab.tracking import TrackingUnavailable, flatten, run_name, short_number, trial_run_name
 
 if TYPE_CHECKING:
     from gdlab.fit import RunResult
@@ -147,14 +147,22 @@ def member_overrides(member: dict | list | tuple) -> list[str]:
     return list(member)
 
 
+def scheduled(cfg: DictConfig) -> str:
+    """ " lr_schedule=6.35@0,5.08@20": each schedule a run trains with, value@epoch (gdlab.schedules)."""
+    return "".join(
+        f" {number}{SCHEDULE_SUFFIX}=" + ",".join(f"{short_number(value)}@{epoch}" for epoch, value in points)
+        for number, points in schedules_of(cfg.optimizer).items()
+    )
+
+
 def summary(result: RunResult) -> str:
     from gdlab.fit import ALL_LINE_SEARCHES_FAILED
 
     f, cfg = result.final, result.config
     parts = [f"{k}={f[k]:.6g}" for k in ("train/loss", "train/acc", "test/loss", "test/acc") if k in f]
     lines = [
-        f"gdlab: {cfg.dataset.name} {cfg.optimizer.name} lr={cfg.optimizer.lr} depth={cfg.model.depth} "
-        f"backprop={cfg.backprop} seed={cfg.seed}",
+        f"gdlab: {cfg.dataset.name} {cfg.optimizer.name} lr={cfg.optimizer.lr}{scheduled(cfg)} "
+        f"depth={cfg.model.depth} backprop={cfg.backprop} seed={cfg.seed}",
         "final: " + " ".join(parts),
         f"epochs={f['epochs']} evals={f['evals']} (forward {f['evals_fwd']}, forward+backward "
         f"{f['evals_fwdbwd']}) line_search_failures={f['ls_failures']} wall_time={f['wall_time']:.2f}s",
