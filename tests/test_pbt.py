@@ -399,18 +399,25 @@ def test_hydra_multirun_refuses_a_pbt_sweep_in_one_line(tmp_path: Path):
 def test_gdlab_sweep_lr_pbt_records_each_member_and_the_lineage(tmp_path: Path):
     done = sweep(tmp_path, "lr_pbt", "trainer.max_epochs=60", "dataset.n_samples=200",
                  "gdlab_sweep.pbt.interval=10",
-                 "--population", "8", "--budget", "8", "--progress", "0")  # fmt: skip
+                 "--population", "8", "--budget", "9", "--progress", "0")  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     study = optuna.load_study(study_name="lr_pbt", storage=f"sqlite:///{tmp_path}/mlruns/optuna.db")
     trials = study.get_trials()
-    assert len(trials) == 8 and all(t.state == optuna.trial.TrialState.COMPLETE for t in trials)
+    assert len(trials) == 9 and all(t.state == optuna.trial.TrialState.COMPLETE for t in trials)
+    # the budget's ninth trial is a population of one: it trains, without PBT, and the sweep says so
+    assert "trial #8 trains alone, without PBT" in done.stderr
+    assert "pbt.replay" not in trials[8].user_attrs
+    trials = trials[:8]
     client = MlflowClient(f"sqlite:///{tmp_path}/mlruns/mlflow.db")
     experiment = client.get_experiment_by_name("sweep-lr_pbt")
     parent = client.search_runs([experiment.experiment_id], "tags.sweep = 'lr_pbt'")[0]
     children = client.search_runs(
         [experiment.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'"
     )
-    assert len(children) == 8
+    assert len(children) == 9
+    alone = [c for c in children if c.data.tags["optuna.trial"] == "8"]
+    assert len(alone) == 1 and "pbt.replay" not in alone[0].data.tags
+    children = [c for c in children if c.data.tags["optuna.trial"] != "8"]
     exploits = 0
     for child in children:
         trial = trials[int(child.data.tags["optuna.trial"])]

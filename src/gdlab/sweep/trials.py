@@ -224,8 +224,12 @@ def train_together(spec: SweepSpec, members: list, output_root: Path) -> list[tu
 def population_based_training(spec: SweepSpec, trials: list, cfg: DictConfig):
     """The sweep's PBT for one population (None without gdlab_sweep.pbt). Each population of a study
     draws its own exploits: its seed is pbt.seed plus its first trial's number (a new study's first
-    population uses pbt.seed itself)."""
-    if spec.pbt is None or len(trials) < 2:
+    population uses pbt.seed itself). A population of one trains without PBT, and says so."""
+    if spec.pbt is None:
+        return None
+    if len(trials) < 2:  # the budget's last trial: nobody to copy from
+        print(f"gdlab-sweep: trial #{trials[0].number} trains alone, without PBT (the budget left a "
+              "population of 1); its value is a fixed-hyperparameter run's", file=sys.stderr)  # fmt: skip
         return None
     from gdlab.pbt import PopulationBasedTraining
 
