@@ -58,15 +58,14 @@ def replay_command(record: dict) -> str:
 def plot_lineage(runs: list[TrackedRun], objective: str, direction: str, path: Path) -> Drawn:
     """See the module docstring. Members that did not finish are drawn too, below the ranked ones."""
     from matplotlib import colormaps
-    from matplotlib.collections import LineCollection
+    from matplotlib.cm import ScalarMappable
     from matplotlib.colors import LogNorm, Normalize
 
     members = pbt_runs(runs)
     order = ranked(members, objective, direction)
     order += [run for run in members if run not in order]
     row = {run.run_id: i for i, run in enumerate(order)}
-    keys = list(order[0].pbt["schedule"])
-    best = order[0]
+    keys, best = list(order[0].pbt["schedule"]), order[0]
     epochs = max(run.epochs for run in order)
 
     figure, _ = new_figure(11, 4 + 0.18 * len(order) + 2.2 * len(keys))
@@ -80,24 +79,58 @@ def plot_lineage(runs: list[TrackedRun], objective: str, direction: str, path: P
     values = values or [value for _, value in best.pbt["schedule"][key]]  # hp curves lost in an outage
     norm = (LogNorm if log_spaced(values) else Normalize)(min(values), max(values))
     cmap = colormaps["viridis"]
+    draw_member_rows(lineage_ax, order, row, key, lambda v: cmap(norm(v)))
+    copies = draw_copies(lineage_ax, order, row)
+    draw_best_lineage(lineage_ax, best, row, epochs)
+    lineage_ax.set(xlim=(0, epochs), ylim=(len(order) - 0.5, -0.5), xlabel="epoch",
+                   title=f"PBT lineage: {len(order)} members, {copies} {'copy' if copies == 1 else 'copies'} "
+                         "(arrow: donor -> member), "
+                         f"best by {objective} at the top")  # fmt: skip
+    lineage_ax.set_yticks(
+        range(len(order)), [run.label for run in order], fontsize=6 if len(order) > 16 else 8
+    )
+    lineage_ax.set_ylabel("member (the values it started with)")
+    lineage_ax.legend(loc="lower right", fontsize="small")
+    figure.colorbar(ScalarMappable(norm=norm, cmap=cmap), ax=lineage_ax, label=key)
+    scales = [
+        draw_schedule(figure.add_subplot(grid[i], sharex=lineage_ax), order, best, key, epochs,
+                      values if i == 1 else None)
+        for i, key in enumerate(keys, start=1)
+    ]  # fmt: skip
+    save(figure, path)
+    in_lineage = {part["run_id"] for part in best.pbt["lineage"]}
+    return Drawn(path, yscale=scales[0], runs=[run.label for run in order], top=[best.label],
+                 lineage=[run.label for run in order if run.run_id in in_lineage])  # fmt: skip
+
+
+def draw_member_rows(ax, order: list[TrackedRun], row: dict, key: str, colour) -> None:
+    """One row per member, coloured epoch by epoch by the value its own slot trained with."""
+    from matplotlib.collections import LineCollection
+
     for run in order:
         curve = run.curves[f"hp/{key}"].dropna() if f"hp/{key}" in run.curves else None
         if curve is None or not len(curve):
             continue
         y = row[run.run_id]
         segments = [[(e, y), (e + 1, y)] for e in curve.index]
-        lines = LineCollection(segments, colors=cmap(norm(curve.to_numpy())), linewidths=3.5)
-        lineage_ax.add_collection(lines)
+        ax.add_collection(LineCollection(segments, colors=colour(curve.to_numpy()), linewidths=3.5))
+
+
+def draw_copies(ax, order: list[TrackedRun], row: dict) -> int:
+    """An arrow from donor to member at each copy's epoch; how many were drawn."""
     copies = 0
     for run in order:
         for event in run.pbt["exploits"]:
             donor = row.get(event["donor_run_id"])
             if donor is not None:
                 arrow = {"arrowstyle": "->", "color": "0.55", "linewidth": 0.6}
-                lineage_ax.annotate(
-                    "", (event["epoch"], row[run.run_id]), (event["epoch"], donor), arrowprops=arrow
-                )
+                ax.annotate("", (event["epoch"], row[run.run_id]), (event["epoch"], donor), arrowprops=arrow)
                 copies += 1
+    return copies
+
+
+def draw_best_lineage(ax, best: TrackedRun, row: dict, epochs: int) -> None:
+    """The black path: whose row held the best member's weights, over which epochs."""
     lineage = best.pbt["lineage"]
     ends = [part["from_epoch"] for part in lineage[1:]] + [epochs]
     xs, ys = [], []
@@ -105,38 +138,26 @@ def plot_lineage(runs: list[TrackedRun], objective: str, direction: str, path: P
         y = row.get(part["run_id"], math.nan)
         xs += [part["from_epoch"], end]
         ys += [y, y]
-    lineage_ax.plot(
-        xs, ys, color="black", linewidth=1.6, zorder=3, label=f"the best member's lineage ({best.label})"
-    )
-    lineage_ax.set(xlim=(0, epochs), ylim=(len(order) - 0.5, -0.5), xlabel="epoch",
-                   title=f"PBT lineage: {len(order)} members, {copies} copies (arrow: donor -> member), "
-                         f"best by {objective} at the top")  # fmt: skip
-    lineage_ax.set_yticks(
-        range(len(order)), [run.label for run in order], fontsize=6 if len(order) > 16 else 8
-    )
-    lineage_ax.set_ylabel("member (the values it started with)")
-    lineage_ax.legend(loc="lower right", fontsize="small")
-    from matplotlib.cm import ScalarMappable
+    ax.plot(xs, ys, color="black", linewidth=1.6, zorder=3, label=f"the best member's lineage ({best.label})")
 
-    figure.colorbar(ScalarMappable(norm=norm, cmap=cmap), ax=lineage_ax, label=key)
-    scales = []
-    for i, key in enumerate(keys, start=1):
-        ax = figure.add_subplot(grid[i], sharex=lineage_ax)
-        levels = [segment for run in order for segment in constant_stretches(run, key)]
-        ax.add_collection(LineCollection(levels, colors="0.6", linewidths=0.8))
-        schedule = best.pbt["schedule"][key]
-        xs = [epoch for epoch, _ in schedule] + [epochs]
-        ys = [value for _, value in schedule] + [schedule[-1][1]]
-        ax.step(xs, ys, where="post", color="C3", linewidth=2.2, label=f"the best member's schedule ({key})")
-        scale = "log" if log_spaced(values if i == 1 else ys) else "linear"
-        scales.append(scale)
-        ax.set(yscale=scale, ylabel=key, xlabel="epoch")
-        ax.grid(True, alpha=0.3)
-        ax.legend(loc="best", fontsize="small")
-    save(figure, path)
-    labels = {part["run_id"]: part for part in lineage}
-    return Drawn(path, yscale=scales[0], runs=[run.label for run in order], top=[best.label],
-                 lineage=[run.label for run in order if run.run_id in labels])  # fmt: skip
+
+def draw_schedule(ax, order: list[TrackedRun], best: TrackedRun, key: str, epochs: int,
+                  values: list[float] | None) -> str:  # fmt: skip
+    """Every member's own `key` in grey, the best member's schedule in colour; the y scale chosen (from
+    `values`, else from the schedule)."""
+    from matplotlib.collections import LineCollection
+
+    levels = [segment for run in order for segment in constant_stretches(run, key)]
+    ax.add_collection(LineCollection(levels, colors="0.6", linewidths=0.8))
+    schedule = best.pbt["schedule"][key]
+    xs = [epoch for epoch, _ in schedule] + [epochs]
+    ys = [value for _, value in schedule] + [schedule[-1][1]]
+    ax.step(xs, ys, where="post", color="C3", linewidth=2.2, label=f"the best member's schedule ({key})")
+    scale = "log" if log_spaced(values if values is not None else ys) else "linear"
+    ax.set(yscale=scale, ylabel=key, xlabel="epoch")
+    ax.grid(True, alpha=0.3)
+    ax.legend(loc="best", fontsize="small")
+    return scale
 
 
 def constant_stretches(run: TrackedRun, key: str) -> list[list[tuple[float, float]]]:
