@@ -200,6 +200,10 @@ def test_two_search_spaces_on_one_study_are_refused(tmp_path, make_database):
     first = sweep("lr_depth", "trainer.max_epochs=5", "--budget", "1", "--study", "shared",
                   "--storage", storage, cwd=tmp_path)  # fmt: skip
     assert first.returncode == 0, first.stderr[-2000:]
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}")
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert len(runs) == 2  # the parent and its trial, both tagged with --study's name, not the file's
+    assert [r.data.tags["optuna.study"] for r in runs] == ["shared", "shared"]
     second = sweep("optimizers", "trainer.max_epochs=5", "--budget", "2", "--study", "shared",
                    "--storage", storage, cwd=tmp_path)  # fmt: skip
     assert second.returncode == 2

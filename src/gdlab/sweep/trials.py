@@ -79,7 +79,7 @@ def trial_run_args(spec: SweepSpec, trial: optuna.Trial, cfg: DictConfig, output
         output_dir=output_root / f"trial-{trial.number}",
         epoch_callbacks=[PruningReporter(trial, cfg.objective, spec.report_every)],
         tags={
-            "optuna.study": spec.study_name,
+            "optuna.study": trial.study.study_name,  # --study NAME, not the file's
             "optuna.trial": trial.number,
             "mlflow.runName": trial_run_name(trial.params, trial.number, cfg),
         },  # fmt: skip
