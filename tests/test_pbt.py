@@ -314,6 +314,9 @@ def test_gdlab_run_trains_a_population_with_pbt_for_a_notebook():
     assert abs(replay.final["test/loss"] - best.final["test/loss"]) < 1e-8
     with pytest.raises(ConfigError, match="pbt needs one population of two or more members"):
         gdlab.run(BASE, population=[{"optimizer.lr": 0.1}], pbt=settings)
+    with pytest.raises(ConfigError, match=r"pbt needs population=\[...\], a list of two or more members"):
+        gdlab.run(BASE, pbt=settings)  # not one plain run that drops pbt without a word
+    assert gdlab.PBTSettings({"optimizer.lr": LR}) == dataclasses.replace(settings, interval=10, seed=0)
     two = [{"optimizer.lr": 0.1}, {"optimizer.lr": 0.2}]
     momentum = dataclasses.replace(
         settings, hyperparameters={"optimizer.momentum": FloatDistribution(0.0, 0.9)}
@@ -321,7 +324,9 @@ def test_gdlab_run_trains_a_population_with_pbt_for_a_notebook():
     refused = {
         "'optimizer.momentum' is not allowed with optimizer.name=gd": (two, momentum),
         "pbt.interval=0 must be an integer >= 1": (two, dataclasses.replace(settings, interval=0)),
-        r"pbt.perturb=\(\) must be a non-empty list": (two, dataclasses.replace(settings, perturb=())),
+        r"pbt.perturb=\[\] must be a non-empty list": (two, dataclasses.replace(settings, perturb=())),
+        r"population\[1\] optimizer.lr=50.0 is outside the pbt search space; allowed: \[0.001, 10\]": (
+            [{"optimizer.lr": 0.5}, {"optimizer.lr": 50.0}], settings),
         "pbt members may differ only in optimizer.lr; these also differ: seed": (
             [{"optimizer.lr": 0.1, "seed": 1}, {"optimizer.lr": 0.2, "seed": 2}], settings),
         "optimizer.lr is PBT's, so optimizer.lr_schedule must be null": (

@@ -17,15 +17,13 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class PBTSettings:
-    """A sweep file's gdlab_sweep.pbt block, checked (gdlab.sweep.spec)."""
+    """A sweep file's gdlab_sweep.pbt block, checked (gdlab.sweep.spec); the defaults are Ray Tune's."""
 
-    interval: int  # epochs between exploit/explore rounds
-    fraction: float  # the top and bottom quantile, in [0, 0.5]; 0 turns PBT off
-    perturb: tuple[float, ...]  # factors a kept value is multiplied by (Ray: 1.2, 0.8)
-    resample_probability: float  # chance a value is drawn anew from the search space instead
-    hyperparameters: dict[
-        str, FloatDistribution
-    ]  # config key (optimizer.lr) -> its search-space distribution
+    hyperparameters: dict[str, FloatDistribution]  # config key (optimizer.lr) -> its search space
+    interval: int = 10  # epochs between exploit/explore rounds
+    fraction: float = 0.25  # the top and bottom quantile, in [0, 0.5]; 0 turns PBT off
+    perturb: tuple[float, ...] = (1.2, 0.8)  # factors a kept value is multiplied by
+    resample_probability: float = 0.25  # chance a value is drawn anew from the search space instead
     seed: int = 0
 
     @property
@@ -51,7 +49,8 @@ def settings_problem(interval, fraction, perturb, resample_probability, seed) ->
         if not finite_number(value) or not 0 <= value <= high:
             return f"{key}={value!r} is not allowed; use a number in [0, {high:g}]"
     if isinstance(perturb, str) or not hasattr(perturb, "__len__") or not len(perturb):
-        return f"perturb={perturb!r} must be a non-empty list of factors > 0, e.g. [1.2, 0.8]"
+        shown = list(perturb) if isinstance(perturb, tuple) else perturb
+        return f"perturb={shown!r} must be a non-empty list of factors > 0, e.g. [1.2, 0.8]"
     for i, factor in enumerate(perturb):
         if not finite_number(factor) or factor <= 0:
             return f"perturb.{i}={factor!r} is not allowed; use a number > 0"

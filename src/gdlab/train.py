@@ -57,6 +57,8 @@ def run(overrides: list[str] | None = None, output_dir: str | Path | None = None
     from gdlab.fit import fit, fit_population
 
     overrides = list(overrides or [])
+    if pbt is not None and population is None:
+        raise ConfigError("pbt needs population=[...], a list of two or more members to train together")
     if population is None:
         cfg = validate(compose_config(overrides))
         return fit(cfg, overrides, output_dir, progress=progress_of([cfg]))
@@ -108,6 +110,11 @@ def check_pbt(settings: PBTSettings, cfgs: list[DictConfig], groups: list[list[i
             raise ConfigError(f"pbt hyperparameter {key}: {space!r} must be an optuna FloatDistribution")
         if any(OmegaConf.select(cfg, f"{key}{SCHEDULE_SUFFIX}") is not None for cfg in cfgs):
             raise ConfigError(f"pbt hyperparameter {key} is PBT's, so {key}{SCHEDULE_SUFFIX} must be null")
+        for i, cfg in enumerate(cfgs):  # explore keeps a value inside the bounds: a member starts there too
+            value = OmegaConf.select(cfg, key)
+            if value is None or not space.low <= value <= space.high:
+                raise ConfigError(f"population[{i}] {key}={value!r} is outside the pbt search space; "
+                                  f"allowed: [{space.low:g}, {space.high:g}]")  # fmt: skip
         for bound in (space.low, space.high):
             edge = OmegaConf.create(OmegaConf.to_container(cfgs[0]))
             OmegaConf.update(edge, key, bound)

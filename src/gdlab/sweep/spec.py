@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from functools import partial
 from pathlib import Path
 
@@ -127,9 +127,11 @@ def parse_pbt(name: str, block, task: DictConfig, distributions: dict, pruner, c
     unknown = sorted(set(block) - set(PBT_KEYS))
     if unknown:
         raise SweepError(f"{where}.{unknown[0]} is not a PBT setting; allowed: {', '.join(PBT_KEYS)}")
-    interval, seed = block.get("interval", 10), block.get("seed", 0)
-    fraction, probability = block.get("fraction", 0.25), block.get("resample_probability", 0.25)
-    perturb = block.get("perturb", [1.2, 0.8])
+    default = {f.name: f.default for f in fields(PBTSettings)}
+    interval, seed = block.get("interval", default["interval"]), block.get("seed", default["seed"])
+    fraction = block.get("fraction", default["fraction"])
+    probability = block.get("resample_probability", default["resample_probability"])
+    perturb = block.get("perturb", default["perturb"])
     perturb = tuple(perturb) if isinstance(perturb, ListConfig) else perturb
     problem = settings_problem(interval, fraction, perturb, probability, seed)
     if problem:
@@ -144,7 +146,7 @@ def parse_pbt(name: str, block, task: DictConfig, distributions: dict, pruner, c
             "gdlab_sweep.pbt (PBT replaces a bad member instead); use optuna.pruners.NopPruner"
         )
     factors = tuple(float(f) for f in perturb)
-    return PBTSettings(interval, float(fraction), factors, float(probability), hyperparameters, seed)
+    return PBTSettings(hyperparameters, interval, float(fraction), factors, float(probability), seed)
 
 
 def pbt_hyperparameters(
