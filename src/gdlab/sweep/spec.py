@@ -75,7 +75,7 @@ def load_sweep(name: str, overrides: list[str] | None = None, config_dir: Path |
     try:
         full = compose_config([f"+sweep={name}", *overrides], return_hydra_config=True)
     except HydraException as error:
-        raise SweepError(f"sweeps/{name}.yaml: {error}") from error
+        raise SweepError(f"sweeps/{name}.yaml: {one_line(error)}") from error
     sweeper = full.hydra.sweeper
     task = OmegaConf.create({k: v for k, v in OmegaConf.to_container(full).items() if k != "hydra"})
     space = [f"{key}={value}" for key, value in (sweeper.params or {}).items()]
@@ -247,7 +247,12 @@ def check_search_space(name: str, overrides: list[str], task: DictConfig, full: 
     except ConfigError as error:
         raise SweepError(f"sweeps/{name}.yaml: {error}") from error
     except HydraException as error:
-        raise SweepError(f"sweeps/{name}.yaml: {error}") from error
+        raise SweepError(f"sweeps/{name}.yaml: {one_line(error)}") from error
+
+
+def one_line(error: Exception) -> str:
+    """Hydra's message on one line ("Could not override 'x'. To append to your config use +x=1")."""
+    return " ".join(line.strip() for line in str(error).splitlines() if line.strip())
 
 
 def edge_values(distribution) -> list:
