@@ -359,7 +359,7 @@ BAD_PBT_BLOCKS = [
         "'optimizer.momentum' is not allowed with optimizer.name=gd; choose from optimizer.lr",
     ),
     (["+gdlab_sweep.pbt.every=3"], "gdlab_sweep.pbt.every is not a PBT setting"),
-    (["gdlab_sweep.pbt.every=3"], "Could not override 'gdlab_sweep.pbt.every'. To append to your config use +"),
+    (["gdlab_sweep.pbt.every=3"], "Could not override 'gdlab_sweep.pbt.every'. To append to your config use"),
     (
         ["hydra.sweeper.custom_search_space=gdlab.sweep.lr_per_optimizer"],
         "gdlab_sweep.pbt: hydra.sweeper.custom_search_space does not go with PBT",
