@@ -85,26 +85,44 @@ def lineage(dataset: str, cwd: Path, out: Path) -> None:
     shutil.copy(reports[-1] / "pbt_best_schedule.json", out / f"{dataset}_best_schedule.json")
 
 
+def seed_list(text: str) -> list[int]:
+    try:
+        seeds = [int(s) for s in text.split(",")]
+    except ValueError:
+        seeds = [-1]
+    if min(seeds) < 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: use comma-separated integers >= 0, e.g. 0,1,2")
+    return seeds
+
+
+def dataset_list(text: str) -> list[str]:
+    unknown = [d for d in text.split(",") if d not in SWEEPS]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"{unknown[0]!r} is not one of {','.join(SWEEPS)}")
+    return text.split(",")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seeds", default="0,1,2,3,4")
-    parser.add_argument("--datasets", default="moons,digits")
+    parser.add_argument("--seeds", type=seed_list, default="0,1,2,3,4",
+                        help="comma-separated seeds >= 0 (default: 0,1,2,3,4)")  # fmt: skip
+    parser.add_argument("--datasets", type=dataset_list, default="moons,digits",
+                        help=f"comma-separated, from {','.join(SWEEPS)} (default: all)")  # fmt: skip
     parser.add_argument(
         "--lineage", type=Path, help="also run each shipped PBT sweep and copy its lineage here"
     )
     parser.add_argument("--json", type=Path, help="write every seed's figures here")
     args = parser.parse_args()
-    seeds = [int(s) for s in args.seeds.split(",")]
     results = []
     with tempfile.TemporaryDirectory(prefix="gdlab-pbt-") as folder:
         cwd = Path(folder)
-        for dataset in args.datasets.split(","):
-            for seed in seeds:
+        for dataset in args.datasets:
+            for seed in args.seeds:
                 results.append(run_seed(dataset, seed, cwd))
                 print(json.dumps(results[-1]), flush=True)
             if args.lineage:
                 lineage(dataset, cwd, args.lineage)
-    print(f"\nfinal test loss of the best member, median [min, max] over seeds {args.seeds}:\n")
+    print(f"\nfinal test loss of the best member, median [min, max] over seeds {",".join(map(str, args.seeds))}:\n")
     print(table(results))
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))
