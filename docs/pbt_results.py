@@ -122,7 +122,8 @@ def main() -> None:
                 print(json.dumps(results[-1]), flush=True)
             if args.lineage:
                 lineage(dataset, cwd, args.lineage)
-    print(f"\nfinal test loss of the best member, median [min, max] over seeds {",".join(map(str, args.seeds))}:\n")
+    seeds = ",".join(map(str, args.seeds))
+    print(f"\nfinal test loss of the best member, median [min, max] over seeds {seeds}:\n")
     print(table(results))
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))
