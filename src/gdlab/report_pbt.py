@@ -70,10 +70,10 @@ def plot_lineage(runs: list[TrackedRun], objective: str, direction: str, path: P
 
     figure, _ = new_figure(11, 4 + 0.18 * len(order) + 2.2 * len(keys))
     figure.clear()
-    grid = figure.add_gridspec(
-        1 + len(keys), 1, height_ratios=[max(3.0, 0.18 * len(order))] + [2.2] * len(keys)
-    )
-    lineage_ax = figure.add_subplot(grid[0])
+    # the colour bar has its own narrow column, so that every panel has the same width and epochs line up
+    grid = figure.add_gridspec(1 + len(keys), 2, width_ratios=[1, 0.015],
+                               height_ratios=[max(3.0, 0.18 * len(order))] + [2.2] * len(keys))  # fmt: skip
+    lineage_ax = figure.add_subplot(grid[0, 0])
     key = keys[0]
     values = [v for run in order if f"hp/{key}" in run.curves for v in run.curves[f"hp/{key}"].dropna()]
     values = values or [value for _, value in best.pbt["schedule"][key]]  # hp curves lost in an outage
@@ -83,20 +83,17 @@ def plot_lineage(runs: list[TrackedRun], objective: str, direction: str, path: P
     copies = draw_copies(lineage_ax, order, row)
     draw_best_lineage(lineage_ax, best, row, epochs)
     lineage_ax.set(xlim=(0, epochs), ylim=(len(order) - 0.5, -0.5), xlabel="epoch",
-                   title=f"PBT lineage: {len(order)} members, {copies} {'copy' if copies == 1 else 'copies'} "
-                         "(arrow: donor -> member), "
-                         f"best by {objective} at the top")  # fmt: skip
-    lineage_ax.set_yticks(
-        range(len(order)), [run.label for run in order], fontsize=6 if len(order) > 16 else 8
-    )
+                   title=f"PBT lineage: {len(order)} members, {copies} cop{'y' if copies == 1 else 'ies'}, "
+                         f"best by {objective} at the top\narrow: a copy, donor -> member; black: the best "
+                         f"member's lineage ({best.label})")  # fmt: skip
+    lineage_ax.set_yticks(range(len(order)), [run.label for run in order], fontsize=7)
     lineage_ax.set_ylabel("member (the values it started with)")
-    lineage_ax.legend(loc="lower right", fontsize="small")
-    figure.colorbar(ScalarMappable(norm=norm, cmap=cmap), ax=lineage_ax, label=key)
     scales = [
-        draw_schedule(figure.add_subplot(grid[i], sharex=lineage_ax), order, best, key, epochs,
+        draw_schedule(figure.add_subplot(grid[i, 0], sharex=lineage_ax), order, best, key, epochs,
                       values if i == 1 else None)
         for i, key in enumerate(keys, start=1)
     ]  # fmt: skip
+    figure.colorbar(ScalarMappable(norm=norm, cmap=cmap), cax=figure.add_subplot(grid[0, 1]), label=key)
     save(figure, path)
     in_lineage = {part["run_id"] for part in best.pbt["lineage"]}
     return Drawn(path, yscale=scales[0], runs=[run.label for run in order], top=[best.label],
@@ -123,7 +120,12 @@ def draw_copies(ax, order: list[TrackedRun], row: dict) -> int:
         for event in run.pbt["exploits"]:
             donor = row.get(event["donor_run_id"])
             if donor is not None:
-                arrow = {"arrowstyle": "->", "color": "0.55", "linewidth": 0.6}
+                arrow = {
+                    "arrowstyle": "->",
+                    "color": "0.45",
+                    "linewidth": 0.6,
+                    "connectionstyle": "arc3,rad=0.25",
+                }  # curved: a round's copies do not stack
                 ax.annotate("", (event["epoch"], row[run.run_id]), (event["epoch"], donor), arrowprops=arrow)
                 copies += 1
     return copies
@@ -148,7 +150,7 @@ def draw_schedule(ax, order: list[TrackedRun], best: TrackedRun, key: str, epoch
     from matplotlib.collections import LineCollection
 
     levels = [segment for run in order for segment in constant_stretches(run, key)]
-    ax.add_collection(LineCollection(levels, colors="0.6", linewidths=0.8))
+    ax.add_collection(LineCollection(levels, colors="0.6", linewidths=0.8, label=f"each member's own {key}"))
     schedule = best.pbt["schedule"][key]
     xs = [epoch for epoch, _ in schedule] + [epochs]
     ys = [value for _, value in schedule] + [schedule[-1][1]]
