@@ -13,6 +13,30 @@ def _single_thread():
     torch.set_num_threads(1)
 
 
+@pytest.fixture
+def refused(tmp_path, monkeypatch, capsys):
+    """gdlab-sweep's main in this process, for input it refuses before any work (no process to start):
+    (exit status, stderr). A traceback would surface here as the exception itself."""
+    from gdlab.sweep.cli import main
+
+    monkeypatch.chdir(tmp_path)
+
+    def sweep(*args: str) -> tuple[int, str]:
+        import signal
+
+        handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            code = main(list(args))
+        except SystemExit as error:  # argparse's refusals
+            code = error.code
+        finally:
+            for signum, handler in handlers.items():  # main installs gdlab's; pytest keeps its own
+                signal.signal(signum, handler)
+        return code, capsys.readouterr().err
+
+    return sweep
+
+
 def free_port() -> int:
     import socket
 

@@ -373,14 +373,9 @@ BAD_PBT_BLOCKS = [
 
 
 @pytest.mark.parametrize("args, expected", BAD_PBT_BLOCKS)
-def test_a_bad_pbt_block_is_refused_in_one_line_before_any_trial(tmp_path: Path, monkeypatch, capsys, args,
-                                                                  expected):  # fmt: skip
-    from gdlab.sweep.cli import main
-
-    monkeypatch.chdir(tmp_path)
-    assert main(["lr_pbt", *args]) == 2
-    stderr = capsys.readouterr().err
-    assert expected in stderr and len(stderr.strip().splitlines()) == 1, stderr
+def test_a_bad_pbt_block_is_refused_in_one_line_before_any_trial(tmp_path: Path, refused, args, expected):
+    code, stderr = refused("lr_pbt", *args)
+    assert code == 2 and expected in stderr and len(stderr.strip().splitlines()) == 1, stderr
     assert not (tmp_path / "mlruns" / "optuna.db").exists()
 
 

@@ -50,18 +50,18 @@ def test_invocations_and_workers_draw_distinct_trials_and_share_n_trials(tmp_pat
 
 
 @pytest.mark.parametrize("name", ["a/b", "../up", ".hidden"])
-def test_a_study_name_that_is_not_one_word_is_refused(tmp_path: Path, name):
-    code, _, err = finish(gdlab("gdlab-sweep", "lr", "--study", name, *QUICK, cwd=tmp_path))
+def test_a_study_name_that_is_not_one_word_is_refused(tmp_path: Path, refused, name):
+    code, err = refused("lr", "--study", name, *QUICK)
     assert code == 2 and f"--study={name!r} is not allowed; use letters, digits" in err, err
-    assert "Traceback" not in err and not (tmp_path / "outputs").exists()
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "outputs").exists()
 
 
 @pytest.mark.parametrize("value", ["0", "-3", "nan", "inf"])
-def test_non_positive_or_non_finite_counts_are_refused_before_any_trial(tmp_path: Path, value):
+def test_non_positive_or_non_finite_counts_are_refused_before_any_trial(tmp_path: Path, refused, value):
     for option in ("--n-trials", "--budget", "--timeout") if value in ("0", "-3") else ("--timeout",):
-        code, _, err = finish(gdlab("gdlab-sweep", "lr", option, value, *QUICK, cwd=tmp_path))
+        code, err = refused("lr", option, value, *QUICK)
         assert code == 2 and f"{option}=" in err and "not allowed" in err, err
-        assert "Traceback" not in err and not (tmp_path / "mlruns" / "optuna.db").exists()
+        assert not (tmp_path / "mlruns" / "optuna.db").exists()
 
 
 @pytest.mark.slow
