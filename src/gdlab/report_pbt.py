@@ -140,7 +140,7 @@ def draw_best_lineage(ax, best: TrackedRun, row: dict, epochs: int) -> None:
         y = row.get(part["run_id"], math.nan)
         xs += [part["from_epoch"], end]
         ys += [y, y]
-    ax.plot(xs, ys, color="black", linewidth=1.6, zorder=3, label=f"the best member's lineage ({best.label})")
+    ax.plot(xs, ys, color="black", linewidth=1.6, zorder=3)  # the title says what it is
 
 
 def draw_schedule(ax, order: list[TrackedRun], best: TrackedRun, key: str, epochs: int,
