@@ -227,6 +227,7 @@ def test_bad_sweep_input_is_refused_before_any_trial(tmp_path, refused):
     code, err = refused("badkey", "--config-dir", str(tmp_path / "cfg"))
     assert code == 2 and len(err.strip().splitlines()) == 1
     assert "unknown key 'optimizer.learning_rate'" in err
+    assert err.startswith(f"gdlab-sweep: error: {tmp_path / 'cfg' / 'sweep' / 'badkey.yaml'}: ")
     write_sweep(
         tmp_path / "cfg",
         "badrange",

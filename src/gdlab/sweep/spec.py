@@ -56,6 +56,7 @@ class SweepSpec:
     composer: VariantComposer | None = field(default=None, repr=False)  # made on first use
     progress_every: float = 10.0  # seconds between progress lines in a log (gdlab-sweep --progress)
     pbt: PBTSettings | None = None  # gdlab_sweep.pbt: Population Based Training inside each population
+    source: str = ""  # the sweep file, as messages name it (sweeps/lr.yaml)
 
 
 def available_sweeps(config_dir: Path | None = None) -> list[str]:
@@ -67,31 +68,40 @@ def available_sweeps(config_dir: Path | None = None) -> list[str]:
                    for p in folder.iterdir() if p.name.endswith(".yaml")})  # fmt: skip
 
 
+def sweep_source(name: str, config_dir: Path | None) -> str:
+    """The sweep file as messages name it: a shipped sweep wins over one of the same name in
+    <config_dir>/sweep/, as in Hydra's search path."""
+    if config_dir is None or name in available_sweeps():
+        return f"sweeps/{name}.yaml"
+    return str(Path(config_dir) / "sweep" / f"{name}.yaml")
+
+
 def load_sweep(name: str, overrides: list[str] | None = None, config_dir: Path | None = None) -> SweepSpec:
     """Parse and check a named sweep before any trial runs."""
     overrides = [*search_path_override(config_dir), *(overrides or [])]
     if name not in available_sweeps(config_dir):
         raise SweepError(f"unknown sweep {name!r}; available: {', '.join(available_sweeps(config_dir))}")
+    source = sweep_source(name, config_dir)
     try:
         full = compose_config([f"+sweep={name}", *overrides], return_hydra_config=True)
     except HydraException as error:
-        raise SweepError(f"sweeps/{name}.yaml: {one_line(error)}") from error
+        raise SweepError(f"{source}: {one_line(error)}") from error
     sweeper = full.hydra.sweeper
     task = OmegaConf.create({k: v for k, v in OmegaConf.to_container(full).items() if k != "hydra"})
     space = [f"{key}={value}" for key, value in (sweeper.params or {}).items()]
     try:
         distributions, fixed_params, _ = create_params_from_overrides(space)
     except Exception as error:
-        raise SweepError(f"sweeps/{name}.yaml: hydra.sweeper.params: {error}") from error
-    check_search_space(name, overrides, task, full, distributions)
+        raise SweepError(f"{source}: hydra.sweeper.params: {error}") from error
+    check_search_space(name, source, overrides, task, full, distributions)
     extra = task.get("gdlab_sweep") or {}
     try:
         sampler, pruner, custom = build_optuna_parts(sweeper, extra, distributions)
     except Exception as error:  # a bad _target_ or argument in the sweep file
-        raise SweepError(f"sweeps/{name}.yaml: {str(error).splitlines()[0]}") from error
+        raise SweepError(f"{source}: {str(error).splitlines()[0]}") from error
     population = extra.get("population", 1)
     if isinstance(population, bool) or not isinstance(population, int) or population < 1:
-        raise SweepError(f"sweeps/{name}.yaml: gdlab_sweep.population={population!r} must be an integer >= 1")
+        raise SweepError(f"{source}: gdlab_sweep.population={population!r} must be an integer >= 1")
     return SweepSpec(
         name=name,
         overrides=overrides,
@@ -110,18 +120,21 @@ def load_sweep(name: str, overrides: list[str] | None = None, config_dir: Path |
         custom_search_space=custom,
         population=population,
         signature=experiment_signature(task, sweeper.params, overrides),
-        pbt=parse_pbt(name, extra.get("pbt"), task, distributions, pruner, custom),
+        pbt=parse_pbt(source, extra.get("pbt"), task, distributions, pruner, custom),
+        source=source,
     )
 
 
 PBT_KEYS = ("interval", "fraction", "perturb", "resample_probability", "hyperparameters", "seed")
 
 
-def parse_pbt(name: str, block, task: DictConfig, distributions: dict, pruner, custom) -> PBTSettings | None:
+def parse_pbt(
+    source: str, block, task: DictConfig, distributions: dict, pruner, custom
+) -> PBTSettings | None:
     """gdlab_sweep.pbt, checked: each problem is one SweepError naming the key and what is allowed."""
     if block is None:
         return None
-    where = f"sweeps/{name}.yaml: gdlab_sweep.pbt"
+    where = f"{source}: gdlab_sweep.pbt"
     if not isinstance(block, DictConfig):
         raise SweepError(f"{where}={block!r} must be a mapping with keys {', '.join(PBT_KEYS)}")
     unknown = sorted(set(block) - set(PBT_KEYS))
@@ -142,7 +155,7 @@ def parse_pbt(name: str, block, task: DictConfig, distributions: dict, pruner, c
     hyperparameters = pbt_hyperparameters(where, block.get("hyperparameters"), task, distributions)
     if not isinstance(pruner, optuna.pruners.NopPruner):
         raise SweepError(
-            f"sweeps/{name}.yaml: gdlab_sweep.pruner={type(pruner).__name__} does not go with "
+            f"{source}: gdlab_sweep.pruner={type(pruner).__name__} does not go with "
             "gdlab_sweep.pbt (PBT replaces a bad member instead); use optuna.pruners.NopPruner"
         )
     factors = tuple(float(f) for f in perturb)
@@ -190,7 +203,7 @@ def check_pbt_population(spec: SweepSpec) -> None:
     """PBT needs members to copy between: population mode with two or more."""
     if spec.pbt is not None and spec.population < 2:
         raise SweepError(
-            f"sweeps/{spec.name}.yaml: gdlab_sweep.pbt needs population mode; gdlab_sweep.population "
+            f"{spec.source}: gdlab_sweep.pbt needs population mode; gdlab_sweep.population "
             f"(or --population) is {spec.population}, use an integer >= 2"
         )
 
@@ -232,22 +245,22 @@ def build_optuna_parts(sweeper: DictConfig, extra: DictConfig, distributions: di
     return sampler, pruner, custom
 
 
-def check_search_space(name: str, overrides: list[str], task: DictConfig, full: DictConfig,
+def check_search_space(name: str, source: str, overrides: list[str], task: DictConfig, full: DictConfig,
                        distributions: dict) -> None:  # fmt: skip
     """Every searched key exists, and the configs at the edges of the space validate."""
     choices = full.hydra.runtime.choices
     for key in distributions:
         if key not in choices and OmegaConf.select(task, key, default="__missing__") == "__missing__":
-            raise SweepError(f"sweeps/{name}.yaml: hydra.sweeper.params: unknown key {key!r}")
+            raise SweepError(f"{source}: hydra.sweeper.params: unknown key {key!r}")
     try:
         validate(task)
         for key, distribution in distributions.items():
             for value in edge_values(distribution):
                 validate(compose_config([f"+sweep={name}", *overrides, f"{key}={value}"]))
     except ConfigError as error:
-        raise SweepError(f"sweeps/{name}.yaml: {error}") from error
+        raise SweepError(f"{source}: {error}") from error
     except HydraException as error:
-        raise SweepError(f"sweeps/{name}.yaml: {one_line(error)}") from error
+        raise SweepError(f"{source}: {one_line(error)}") from error
 
 
 def one_line(error: Exception) -> str:
