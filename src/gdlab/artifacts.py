@@ -68,7 +68,7 @@ def write_run_outputs(directory: Path, cfg: DictConfig, overrides: list[str], hi
 def plot_curves(history: pd.DataFrame, path: Path, title: str = "") -> Path:
     fig = Figure(figsize=(10, 4))
     ax_loss, ax_acc = fig.subplots(1, 2)
-    for split in ("train", "test"):
+    for split in ("train", "val", "test"):
         if f"{split}/loss" in history:
             ax_loss.plot(history["epoch"], history[f"{split}/loss"], label=split)
             ax_acc.plot(history["epoch"], history[f"{split}/acc"], label=split)

@@ -24,6 +24,7 @@ PRECISIONS = (32, 64)
 DIRECTIONS = ("minimize", "maximize")
 TRACKING_BACKENDS = ("local", "server", "none")
 TRAIN_METRICS = ("train/loss", "train/acc")
+VAL_METRICS = ("val/loss", "val/acc")
 TEST_METRICS = ("test/loss", "test/acc")
 MAX_SEED = 2**32 - 1  # numpy's limit (torch takes more)
 
@@ -83,14 +84,28 @@ def validate(cfg: DictConfig) -> DictConfig:
     check_number(cfg, "seed", 0, MAX_SEED, integer=True)
     _check_size(cfg)
     check_choice(cfg, "direction", DIRECTIONS)
-    metrics = TRAIN_METRICS + (TEST_METRICS if cfg.dataset.test_size > 0 else ())
-    if cfg.objective in TEST_METRICS and cfg.objective not in metrics:
-        raise ConfigError(
-            f"objective={cfg.objective!r} needs a test split but dataset.test_size=0; "
-            f"choose one of {_allowed(metrics)} or set dataset.test_size in (0, 1)"
-        )
-    check_choice(cfg, "objective", metrics)
+    _check_objective(cfg)
     return cfg
+
+
+def objective_metrics(dataset) -> tuple[str, ...]:
+    """The metrics a run with this dataset config measures: train, val (val_size > 0), test (test_size > 0)."""
+    return (
+        TRAIN_METRICS
+        + (VAL_METRICS if (dataset.get("val_size") or 0) > 0 else ())
+        + (TEST_METRICS if dataset.test_size > 0 else ())
+    )
+
+
+def _check_objective(cfg) -> None:
+    metrics = objective_metrics(cfg.dataset)
+    for split, names, key in (("validation", VAL_METRICS, "val_size"), ("test", TEST_METRICS, "test_size")):
+        if cfg.objective in names and cfg.objective not in metrics:
+            raise ConfigError(
+                f"objective={cfg.objective!r} needs a {split} split but dataset.{key}=0; "
+                f"choose one of {_allowed(metrics)} or set dataset.{key} in (0, 1)"
+            )
+    check_choice(cfg, "objective", metrics)
 
 
 def _check_dataset(cfg) -> None:
@@ -101,12 +116,28 @@ def _check_dataset(cfg) -> None:
     check_number(cfg, "dataset.random_state", 0, MAX_SEED, integer=True)
     check_number(cfg, "dataset.n_samples", 4, integer=True, optional=cfg.dataset.name in ("xor", "digits"))
     check_choice(cfg, "dataset.standardize", (True, False))
+    if "val_size" not in cfg.dataset:  # a config saved before the validation split
+        cfg.dataset.val_size = 0.0
+    check_number(cfg, "dataset.val_size", 0, 1, high_open=True)
+    test_size, val_size = cfg.dataset.test_size, cfg.dataset.val_size
+    if test_size + val_size >= 1:
+        raise ConfigError(
+            f"dataset.val_size={val_size} with dataset.test_size={test_size} leaves no training rows "
+            "(val_size + test_size must be < 1); use smaller fractions"
+        )
     rows = dataset_rows(cfg.dataset)
-    n_test = math.ceil(cfg.dataset.test_size * rows)  # scikit-learn's train_test_split rounds it up
+    n_test = math.ceil(test_size * rows)  # scikit-learn's train_test_split rounds it up
+    n_val = math.ceil(val_size * rows)
     if rows - n_test < 1:
         raise ConfigError(
-            f"dataset.test_size={cfg.dataset.test_size} leaves no training rows of the {rows} in "
+            f"dataset.test_size={test_size} leaves no training rows of the {rows} in "
             f"dataset={cfg.dataset.name}; use a smaller dataset.test_size or more rows"
+        )
+    if rows - n_test - n_val < 1:
+        raise ConfigError(
+            f"dataset.val_size={val_size} asks for {n_val} validation rows but dataset={cfg.dataset.name} "
+            f"has {rows - n_test} rows outside its test split, and training needs at least one; use a "
+            "smaller dataset.val_size or more rows"
         )
 
 

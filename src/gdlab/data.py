@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -29,9 +30,14 @@ class Split:
 class Dataset:
     name: str
     train: Split
-    test: Split | None
+    val: Split | None  # dataset.val_size > 0: the rows a sweep selects on
+    test: Split | None  # dataset.test_size > 0: the rows a sweep's result is measured on, once
     n_features: int
     n_classes: int
+
+    def evaluation_splits(self) -> dict[str, Split]:
+        """The held-out splits a run measures each epoch, by name: val, test (those that exist)."""
+        return {name: split for name, split in (("val", self.val), ("test", self.test)) if split is not None}
 
 
 def make_arrays(cfg) -> tuple[np.ndarray, np.ndarray]:
@@ -63,31 +69,43 @@ def make_arrays(cfg) -> tuple[np.ndarray, np.ndarray]:
     raise ValueError(f"unknown dataset {cfg.name!r}")
 
 
-def load_dataset(cfg, encode_targets, dtype: torch.dtype) -> Dataset:
-    """Build, split (test_size 0: no test split) and standardize on the train split only."""
+def split_rows(cfg, y: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(train, val, test) row indices: the test part is split off first, exactly as without a validation
+    split (so test rows never depend on dataset.val_size), then the validation part from what is left.
+    Both sizes are fractions of all rows, rounded up as scikit-learn rounds a test_size."""
     from sklearn.model_selection import train_test_split
+
+    rows = np.arange(len(y))
+    rest, test = rows, rows[:0]
+    if cfg.test_size > 0:
+        rest, test = train_test_split(rows, test_size=cfg.test_size, random_state=cfg.random_state)
+    train, val = rest, rows[:0]
+    val_size = cfg.get("val_size") or 0
+    if val_size > 0:
+        n_val = math.ceil(val_size * len(rows))
+        train, val = train_test_split(rest, test_size=n_val, random_state=cfg.random_state)
+    return train, val, test
+
+
+def load_dataset(cfg, encode_targets, dtype: torch.dtype) -> Dataset:
+    """Build, split into train/val/test (a size of 0: no such split) and standardize on the train rows."""
     from sklearn.preprocessing import StandardScaler
 
     X, y = make_arrays(cfg)
-    if cfg.test_size > 0:
-        X_train, X_test, y_train, y_test = train_test_split(
-            X, y, test_size=cfg.test_size, random_state=cfg.random_state
-        )
-    else:
-        X_train, y_train, X_test, y_test = X, y, None, None
-    if cfg.standardize:
-        scaler = StandardScaler().fit(X_train)
-        X_train = scaler.transform(X_train)
-        X_test = scaler.transform(X_test) if X_test is not None else None
+    train, val, test = split_rows(cfg, y)
+    scale = StandardScaler().fit(X[train]).transform if cfg.standardize else lambda part: part
 
-    def split(X_part, y_part) -> Split:
-        labels = torch.as_tensor(y_part, dtype=torch.long)
-        return Split(torch.as_tensor(X_part, dtype=dtype), encode_targets(labels, dtype), y_part)
+    def split(rows) -> Split | None:
+        if len(rows) == 0:
+            return None
+        labels = torch.as_tensor(y[rows], dtype=torch.long)
+        return Split(torch.as_tensor(scale(X[rows]), dtype=dtype), encode_targets(labels, dtype), y[rows])
 
     return Dataset(
         name=cfg.name,
-        train=split(X_train, y_train),
-        test=split(X_test, y_test) if X_test is not None else None,
+        train=split(train),
+        val=split(val),
+        test=split(test),
         n_features=X.shape[1],
         n_classes=N_CLASSES[cfg.name],
     )

@@ -155,7 +155,7 @@ def fit_population(
     )
     schedules = member_schedules(cfgs)
     logged_numbers = sorted({*schedules, *(pbt.settings.numbers if pbt else ())})
-    module = TrainingModule(model, optimizer_factory(cfgs), first.backprop, data.test, stops, callbacks,
+    module = TrainingModule(model, optimizer_factory(cfgs), first.backprop, data.evaluation_splits(), stops, callbacks,
                             schedules, logged_numbers)  # fmt: skip
     loader = make_loader(data.train, first.optimizer.get("batch_size"), first.seed)
     with quiet_lightning():
@@ -258,9 +258,7 @@ def record(cfg: DictConfig, outcome: RunOutcome, data: Dataset, wall_time: float
 @torch.no_grad()
 def final_metrics(model: MLP, data: Dataset) -> dict:
     final = {}
-    for name, split in (("train", data.train), ("test", data.test)):
-        if split is None:
-            continue
+    for name, split in {"train": data.train, **data.evaluation_splits()}.items():
         Z = model(split.X)
         final[f"{name}/loss"] = float(model.loss(Z, split.T))
         final[f"{name}/acc"] = float(model.accuracy(Z, split.T))

@@ -1,8 +1,9 @@
 """The one LightningModule: manual optimization of P members stacked in one model (a single run is P = 1).
 
-The module receives built things: the stacked model, an optimizer factory, the test split and each
-member's stop numbers. It keeps one history row per member and epoch, measured at the weights the
-epoch starts from (the step record's start evaluation; test loss/acc from a forward pass), and
+The module receives built things: the stacked model, an optimizer factory, the held-out splits (val,
+test) and each member's stop numbers. It keeps one history row per member and epoch, measured at the
+weights the epoch starts from (the step record's start evaluation; val and test loss/acc from a forward
+pass), and
 retires a member that diverges, reaches its stop condition, or whose epoch callback raises
 `gdlab.members.Retire`: its weights and history are kept, its slot is zeroed and no longer moves, and
 the others go on. Training ends when every member has retired or at max_epochs.
@@ -62,7 +63,7 @@ class EpochState:
     def __init__(self):
         self.records: list[StepRecord] = []
         self.sizes: list[int] = []
-        self.test_metrics: tuple = ()
+        self.held_out_metrics: list[Tensor] = []  # loss, accuracy of each held-out split, in order
 
     def add_step(self, record: StepRecord, rows: int) -> None:
         self.records.append(record)
@@ -101,14 +102,14 @@ class EpochState:
 
 class TrainingModule(pl.LightningModule):
     def __init__(self, model: MLP, make_optimizer: Callable[[list], MemberOptimizer], backprop: str,
-                 test: Split | None, stops: Stops, epoch_callbacks: list[list[EpochCallback]],
+                 held_out: dict[str, Split], stops: Stops, epoch_callbacks: list[list[EpochCallback]],
                  schedules: Schedules | None = None, logged_numbers: Sequence[str] = ()):  # fmt: skip
         super().__init__()
         self.automatic_optimization = False
         self.model = model
         self.make_optimizer = make_optimizer
         self.manual = backprop == "manual"
-        self.test_split = test
+        self.held_out = dict(held_out)  # name (val, test) -> split
         self.stops = stops
         self.epoch_callbacks = epoch_callbacks
         n = len(epoch_callbacks)
@@ -119,7 +120,7 @@ class TrainingModule(pl.LightningModule):
         self.retired: list[MLP | None] = [None] * n
         self.ended_at: list[float | None] = [None] * n
         self.alive = list(range(n))
-        self.test_on_device: tuple = ()
+        self.held_out_on_device: dict[str, tuple[Tensor, Tensor]] = {}
         self.epoch = EpochState()
         self.started = 0.0
         self.schedules = schedules or {}
@@ -139,19 +140,18 @@ class TrainingModule(pl.LightningModule):
         return self.make_optimizer(list(self.model.parameters()))
 
     def on_fit_start(self) -> None:
-        if self.test_split is not None:
-            self.test_on_device = (self.test_split.X.to(self.device), self.test_split.T.to(self.device))
+        self.held_out_on_device = {name: (split.X.to(self.device), split.T.to(self.device))
+                                   for name, split in self.held_out.items()}  # fmt: skip
         self.started = time.perf_counter()
 
     def on_train_epoch_start(self) -> None:
         self.epoch.__init__()
         if self.schedules:
             self.apply_schedules(self.current_epoch)
-        if self.test_on_device:
-            X, T = self.test_on_device
-            with torch.no_grad():
+        with torch.no_grad():
+            for X, T in self.held_out_on_device.values():
                 Z = self.model(X)
-                self.epoch.test_metrics = (self.model.loss(Z, T), self.model.accuracy(Z, T))
+                self.epoch.held_out_metrics += [self.model.loss(Z, T), self.model.accuracy(Z, T)]
 
     def training_step(self, batch, batch_idx):
         X, T = batch
@@ -239,9 +239,9 @@ class TrainingModule(pl.LightningModule):
     def epoch_rows(self) -> list[tuple[int, dict]]:
         """(member, history row) for every member still training, from one device-to-host transfer."""
         e = self.epoch
-        measured = [*e.train_metrics(), *e.test_metrics, e.records[-1].start.grad_norms]
+        measured = [*e.train_metrics(), *e.held_out_metrics, e.records[-1].start.grad_norms]
         measured = torch.cat([torch.stack(measured[:-1]), measured[-1]]).tolist()
-        n_metrics = 2 + len(e.test_metrics)
+        n_metrics = 2 + len(e.held_out_metrics)
         metrics, norms = measured[:n_metrics], measured[n_metrics:]
         loss_after, trial_step, step, backtracks, failed, fwd, fwdbwd = e.step_numbers()
         now, rows = time.perf_counter() - self.started, []
@@ -252,8 +252,8 @@ class TrainingModule(pl.LightningModule):
             self.evals_fwdbwd[p] += int(fwdbwd[p])
             self.ls_failures[p] += int(failed[p])
             row = {"epoch": self.current_epoch, "train/loss": metrics[0][p], "train/acc": metrics[1][p]}
-            if e.test_metrics:
-                row["test/loss"], row["test/acc"] = metrics[2][p], metrics[3][p]
+            for i, name in enumerate(self.held_out_on_device):
+                row[f"{name}/loss"], row[f"{name}/acc"] = metrics[2 + 2 * i][p], metrics[3 + 2 * i][p]
             member_norms = [n[p] for n in norms]
             row["grad_norm"] = math.sqrt(sum(n * n for n in member_norms))
             for l in range(len(member_norms) // 2):

@@ -33,10 +33,11 @@ from gdlab.report_pbt import (
 )
 from gdlab.tracking import short_number
 
-CURVE_METRICS = ("train/loss", "train/acc", "test/loss", "test/acc", "evals/total")
+CURVE_METRICS = ("train/loss", "train/acc", "val/loss", "val/acc", "test/loss", "test/acc", "evals/total")
 EPOCH_TABLE_METRICS = ("train/loss", "train/acc")
-FINAL_TABLE_METRICS = ("train/loss", "train/acc", "test/loss", "test/acc", "evals/total")
-OPTIONAL_FINAL_METRICS = ("test/loss", "test/acc")  # absent for datasets without a test split
+FINAL_TABLE_METRICS = ("train/loss", "train/acc", "val/loss", "val/acc", "test/loss", "test/acc", "evals/total")
+# absent for datasets without a validation or a test split
+OPTIONAL_FINAL_METRICS = ("val/loss", "val/acc", "test/loss", "test/acc")
 DEFAULT_EPOCH_FRACTIONS = (0.1, 0.5)
 
 

@@ -51,6 +51,8 @@ UNLOGGED = frozenset({"epoch", "time", "loss_before", "ls_failed"})
 LOGGED_FINAL_METRICS = (
     "train/loss",
     "train/acc",
+    "val/loss",
+    "val/acc",
     "test/loss",
     "test/acc",
     "objective",
@@ -59,7 +61,7 @@ LOGGED_FINAL_METRICS = (
     "wall_time",
 )
 # Curves whose last point (step = epochs) is the final value, so a curve's latest value equals final/<key>.
-CURVES_ENDING_AT_FINAL = frozenset({"train/loss", "train/acc", "test/loss", "test/acc"})
+CURVES_ENDING_AT_FINAL = frozenset({"train/loss", "train/acc", "val/loss", "val/acc", "test/loss", "test/acc"})
 # Step-record values logged only when they change (GD's are constant): each MLflow row costs ~70 µs.
 LOGGED_ON_CHANGE = frozenset({"trial_step", "step", "backtracks", "ls_failures", "evals/fwd", "evals/fwdbwd"})
 

@@ -166,7 +166,8 @@ def summary(result: RunResult) -> str:
     from gdlab.fit import ALL_LINE_SEARCHES_FAILED
 
     f, cfg = result.final, result.config
-    parts = [f"{k}={f[k]:.6g}" for k in ("train/loss", "train/acc", "test/loss", "test/acc") if k in f]
+    parts = [f"{k}={f[k]:.6g}" for k in ("train/loss", "train/acc", "val/loss", "val/acc", "test/loss", "test/acc")
+             if k in f]
     lines = [
         f"gdlab: {cfg.dataset.name} {cfg.optimizer.name} lr={cfg.optimizer.lr}{scheduled(cfg)} "
         f"depth={cfg.model.depth} backprop={cfg.backprop} seed={cfg.seed}",
