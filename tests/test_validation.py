@@ -69,8 +69,10 @@ BAD = [
     (["dataset.val_size=nan"], "dataset.val_size=nan is not allowed; allowed: a finite number in [0, 1)"),
     (["dataset.val_size=inf"], "dataset.val_size=inf is not allowed"),
     (["dataset.val_size=0.8"], "dataset.val_size=0.8 with dataset.test_size=0.2 leaves no training rows"),
-    (["dataset=xor", "dataset.val_size=0.9"], "dataset.val_size=0.9 asks for 4 validation rows but dataset=xor "
-                                              "has 4 rows outside its test split"),  # fmt: skip
+    (
+        ["dataset=xor", "dataset.val_size=0.9"],
+        "dataset.val_size=0.9 asks for 4 validation rows but dataset=xor has 4 rows outside its test split",
+    ),
     (["dataset.val_size=x"], "dataset.val_size='x' must be a number"),
     (["objective=val/loss"], "objective='val/loss' needs a validation split but dataset.val_size=0"),
 ]

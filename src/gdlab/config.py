@@ -89,7 +89,7 @@ def validate(cfg: DictConfig) -> DictConfig:
 
 
 def objective_metrics(dataset) -> tuple[str, ...]:
-    """The metrics a run with this dataset config measures: train, val (val_size > 0), test (test_size > 0)."""
+    """The metrics a run with this dataset measures: train, val (val_size > 0), test (test_size > 0)."""
     return (
         TRAIN_METRICS
         + (VAL_METRICS if (dataset.get("val_size") or 0) > 0 else ())

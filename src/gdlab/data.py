@@ -14,6 +14,8 @@ N_FEATURES = {"xor": 2, "moons": 2, "circles": 2, "digits": 64}
 DIGITS_ROWS = 1797
 XOR_POINTS = np.array([[0, 0], [0, 1], [1, 0], [1, 1]], dtype=np.float64)
 XOR_LABELS = np.array([0, 1, 1, 0])
+# Each split's loss and accuracy, as history, final and MLflow name them: train/loss, ..., test/acc.
+SPLIT_METRICS = tuple(f"{split}/{metric}" for split in ("train", "val", "test") for metric in ("loss", "acc"))
 
 
 @dataclass

@@ -155,8 +155,8 @@ def fit_population(
     )
     schedules = member_schedules(cfgs)
     logged_numbers = sorted({*schedules, *(pbt.settings.numbers if pbt else ())})
-    module = TrainingModule(model, optimizer_factory(cfgs), first.backprop, data.evaluation_splits(), stops, callbacks,
-                            schedules, logged_numbers)  # fmt: skip
+    module = TrainingModule(model, optimizer_factory(cfgs), first.backprop, data.evaluation_splits(), stops,
+                            callbacks, schedules, logged_numbers)  # fmt: skip
     loader = make_loader(data.train, first.optimizer.get("batch_size"), first.seed)
     with quiet_lightning():
         trainer = make_trainer(first, [c for c in (pbt, progress) if c is not None])

@@ -22,6 +22,7 @@ from pathlib import Path
 import pandas as pd
 from pandas.api.types import is_numeric_dtype
 
+from gdlab.data import SPLIT_METRICS
 from gdlab.masking import mask_passwords
 from gdlab.report_figures import write_figures
 from gdlab.report_pbt import (
@@ -33,11 +34,10 @@ from gdlab.report_pbt import (
 )
 from gdlab.tracking import short_number
 
-CURVE_METRICS = ("train/loss", "train/acc", "val/loss", "val/acc", "test/loss", "test/acc", "evals/total")
+CURVE_METRICS = (*SPLIT_METRICS, "evals/total")
 EPOCH_TABLE_METRICS = ("train/loss", "train/acc")
-FINAL_TABLE_METRICS = ("train/loss", "train/acc", "val/loss", "val/acc", "test/loss", "test/acc", "evals/total")
-# absent for datasets without a validation or a test split
-OPTIONAL_FINAL_METRICS = ("val/loss", "val/acc", "test/loss", "test/acc")
+FINAL_TABLE_METRICS = (*SPLIT_METRICS, "evals/total")
+OPTIONAL_FINAL_METRICS = SPLIT_METRICS[2:]  # val and test: absent for datasets without such a split
 DEFAULT_EPOCH_FRACTIONS = (0.1, 0.5)
 
 

@@ -24,6 +24,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from gdlab.data import SPLIT_METRICS
 from gdlab.masking import mask_passwords
 from gdlab.metric_store import log_metrics, log_params
 from gdlab.metric_writer import MetricWriter
@@ -48,20 +49,9 @@ PARENT_ENV = "GDLAB_MLFLOW_PARENT_RUN_ID"
 # its wall time, and the other two repeat a logged one (train/loss, ls_failures).
 UNLOGGED = frozenset({"epoch", "time", "loss_before", "ls_failed"})
 # What a run logs as final/<metric> (gdlab-report's table, report.FINAL_TABLE_METRICS, is another list).
-LOGGED_FINAL_METRICS = (
-    "train/loss",
-    "train/acc",
-    "val/loss",
-    "val/acc",
-    "test/loss",
-    "test/acc",
-    "objective",
-    "epochs",
-    "evals",
-    "wall_time",
-)
+LOGGED_FINAL_METRICS = (*SPLIT_METRICS, "objective", "epochs", "evals", "wall_time")
 # Curves whose last point (step = epochs) is the final value, so a curve's latest value equals final/<key>.
-CURVES_ENDING_AT_FINAL = frozenset({"train/loss", "train/acc", "val/loss", "val/acc", "test/loss", "test/acc"})
+CURVES_ENDING_AT_FINAL = frozenset(SPLIT_METRICS)
 # Step-record values logged only when they change (GD's are constant): each MLflow row costs ~70 µs.
 LOGGED_ON_CHANGE = frozenset({"trial_step", "step", "backtracks", "ls_failures", "evals/fwd", "evals/fwdbwd"})
 

@@ -18,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from gdlab.compose import VariantComposer, compose_config
 from gdlab.config import ConfigError, validate
+from gdlab.data import SPLIT_METRICS
 from gdlab.interrupts import InterruptHandler
 from gdlab.masking import mask_saved_hydra_configs
 from gdlab.members import check_population, group_by_architecture
@@ -166,8 +167,7 @@ def summary(result: RunResult) -> str:
     from gdlab.fit import ALL_LINE_SEARCHES_FAILED
 
     f, cfg = result.final, result.config
-    parts = [f"{k}={f[k]:.6g}" for k in ("train/loss", "train/acc", "val/loss", "val/acc", "test/loss", "test/acc")
-             if k in f]
+    parts = [f"{k}={f[k]:.6g}" for k in SPLIT_METRICS if k in f]
     lines = [
         f"gdlab: {cfg.dataset.name} {cfg.optimizer.name} lr={cfg.optimizer.lr}{scheduled(cfg)} "
         f"depth={cfg.model.depth} backprop={cfg.backprop} seed={cfg.seed}",
