@@ -32,7 +32,7 @@ from gdlab.report_pbt import (
     plot_lineage,
     write_best_schedule,
 )
-from gdlab.tracking import short_number
+from gdlab.tracking import REFIT_ROLE, RESULT_TAG, ROLE_TAG, SELECTED_ON_TAG, short_number
 
 CURVE_METRICS = (*SPLIT_METRICS, "evals/total")
 EPOCH_TABLE_METRICS = ("train/loss", "train/acc")
@@ -94,6 +94,19 @@ class Report:
     parent_run_id: str | None = None  # set when the target was a parent run
     logged_to_parent: bool = False
     figures: list = field(default_factory=list)  # gdlab.report_figures.Drawn: what each figure shows
+    selected_on: str | None = None  # a sweep's: the split its trials were ranked on (train, val, test)
+    result: str | None = None  # a sweep's: its test result and how it was measured (gdlab.sweep.refit)
+    refit: TrackedRun | None = None  # the refit of the chosen trial, kept out of the ranking
+
+    def caveats(self) -> list[str]:
+        """What a reader must know about how the runs were ranked and what the result means."""
+        lines = []
+        if self.selected_on == "test":
+            lines.append("**Selected on the test split** (gdlab_sweep.select_on_test): the best test score "
+                         "is the best of many looks at the same rows, an optimistic estimate.")  # fmt: skip
+        if self.result:
+            lines.append(f"**{self.result}**")
+        return lines
 
 
 # --- where the runs are --------------------------------------------------------------------------------
@@ -334,9 +347,11 @@ def describe_target(target: str, parent_run_id: str | None) -> str:
 
 
 def write_markdown(report: Report, target: str, figures: list[Path], path: Path) -> Path:
+    selected = " (selected on test)" if report.selected_on == "test" else ""
     sections = [
-        f"# gdlab report: {describe_target(target, report.parent_run_id)}",
+        f"# gdlab report: {describe_target(target, report.parent_run_id)}{selected}",
         f"{len(report.runs)} runs; objective `{report.objective}` ({report.direction}).",
+        *report.caveats(),
         "## Train loss and accuracy by epoch",
         markdown_table(report.epoch_table),
         f"## Final metrics, sorted by {report.objective} ({report.direction})",
@@ -387,6 +402,10 @@ def build_report(
     uri = tracking_uri or default_tracking_uri()
     client = make_client(uri)
     runs, parent_run_id = read_runs(client, uri, target)
+    refits = [run for run in runs if run.tags.get(ROLE_TAG) == REFIT_ROLE]
+    runs = [run for run in runs if run not in refits]  # the trials: what the sweep ranked
+    if not runs:
+        raise ReportError(f"run {parent_run_id} has no trial runs besides its refit")
     load_pbt_records(client, runs)
     assign_labels(runs)
     objective, direction = objective_and_direction(runs, objective)
@@ -395,11 +414,15 @@ def build_report(
     runs = sorted(runs, key=lambda run: position[run.label])  # both tables in the objective's order
     epoch_table = make_epoch_table(runs, sorted(set(epochs)) if epochs else default_epochs(runs))
     report = Report(epoch_table, final_table, objective=objective, direction=direction, runs=runs,
-                    parent_run_id=parent_run_id)  # fmt: skip
+                    parent_run_id=parent_run_id, refit=refits[-1] if refits else None)  # fmt: skip
+    if parent_run_id:
+        tags = client.get_run(parent_run_id).data.tags
+        report.selected_on, report.result = tags.get(SELECTED_ON_TAG), tags.get(RESULT_TAG)
 
     out_dir = Path(out) if out is not None else default_out_dir(target)
     out_dir.mkdir(parents=True, exist_ok=True)
-    report.figures = write_figures(runs, out_dir, differing_params(runs), objective, direction)
+    report.figures = write_figures(runs, out_dir, differing_params(runs), objective, direction,
+                                   note=" ".join(report.caveats()).replace("**", ""))  # fmt: skip
     figures = [drawn.path for drawn in report.figures]
     extra = []
     if best := best_member(runs, objective, direction):
@@ -424,6 +447,8 @@ def print_report(report: Report, target: str) -> None:
     print(text_table(report.epoch_table))
     print(f"\nfinal metrics, sorted by {report.objective} ({report.direction})")
     print(text_table(report.final_table))
+    for line in report.caveats():
+        print("\n" + line.replace("**", ""))
     print(f"\nwritten to {report.paths[0].parent}: " + ", ".join(path.name for path in report.paths))
     if report.logged_to_parent:
         print(f"logged as artifacts of parent run {report.parent_run_id} under report/")

@@ -46,6 +46,7 @@ class Drawn:
     lineage: list[str] = field(
         default_factory=list
     )  # PBT: the members whose slots trained the best's weights
+    title: str = ""  # the figure's title, where it carries the sweep's result or caveat
 
 
 def run_state(run: TrackedRun) -> str:
@@ -217,7 +218,7 @@ def plot_curves(
 
 
 def plot_objective_vs_params(runs, varied: list[str], objective: str, direction: str,
-                             path: Path) -> Drawn:  # fmt: skip
+                             path: Path, note: str = "") -> Drawn:  # fmt: skip
     """One panel per varied parameter (at most 4): each run's objective at that parameter's value."""
     keys = varied[:4]
     figure, axes = new_figure(9 if len(keys) == 1 else min(6 * len(keys), 18), 5.5, columns=len(keys))
@@ -269,7 +270,8 @@ def plot_objective_vs_params(runs, varied: list[str], objective: str, direction:
                Line2D([], [], marker="*", linestyle="", color="tab:orange", markersize=12,
                       label=f"top {len(top)} ({direction})")]  # fmt: skip
     axes[0].legend(handles=handles, fontsize="small", loc="lower left")
-    figure.suptitle(f"{objective} against what the runs vary ({len(runs)} runs)")
+    drawn.title = f"{objective} against what the runs vary ({len(runs)} runs)" + (f"\n{note}" if note else "")
+    figure.suptitle(drawn.title, fontsize=10 if note else None)
     drawn.runs = [run.label for run in runs]
     drawn.pruned = [run.label for run in runs if run_state(run) == PRUNED]
     drawn.failed = [run.label for run in runs if run_state(run) == FAILED]
@@ -321,17 +323,23 @@ def optimizers_differ(runs: list[TrackedRun]) -> bool:
 
 
 def write_figures(runs: list[TrackedRun], out_dir: Path, varied: list[str], objective: str,
-                  direction: str) -> list[Drawn]:  # fmt: skip
-    """Every figure of the report; `varied`: the params the runs differ in, most telling first."""
+                  direction: str, note: str = "") -> list[Drawn]:  # fmt: skip
+    """Every figure of the report; `varied`: the params the runs differ in, most telling first; `note`: the
+    sweep's result or caveat, on the objective figure's title."""
     palette = Palette(runs, varied, objective, direction)
     drawn = []
     if varied and len(runs) > 1:
         path = out_dir / "objective_vs_params.png"
-        drawn.append(plot_objective_vs_params(runs, varied, objective, direction, path))
+        drawn.append(plot_objective_vs_params(runs, varied, objective, direction, path, note))
     drawn += [
         plot_curves(runs, "train/loss", palette, out_dir / "loss_curves.png", title="train loss"),
         plot_curves(runs, "train/acc", palette, out_dir / "accuracy_curves.png", title="train accuracy"),
     ]
+    selected_curve = objective.removeprefix("final/")
+    if selected_curve.startswith("val/") and any(selected_curve in run.curves for run in runs):
+        name = "validation loss" if selected_curve.endswith("loss") else "validation accuracy"
+        drawn.append(plot_curves(runs, selected_curve, palette, out_dir / "validation_curves.png",
+                                 title=f"{name}: what the trials are ranked on"))  # fmt: skip
     if all("evals/total" in run.curves for run in runs):
         path = out_dir / "loss_vs_evals.png"
         if optimizers_differ(runs):

@@ -45,6 +45,10 @@ os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
 PARENT_ENV = "GDLAB_MLFLOW_PARENT_RUN_ID"
+# A sweep's record (gdlab.sweep.selection, gdlab.sweep.refit), read back by gdlab-report:
+ROLE_TAG, REFIT_ROLE = "gdlab.role", "refit"  # the refit of the chosen trial, a child of the parent run
+SELECTED_ON_TAG = "gdlab.selected_on"  # on the parent: the split the trials were ranked on
+RESULT_TAG = "result.summary"  # on the parent: the sweep's test result and how it was measured
 # History columns not sent to MLflow as metrics: the epoch is the step, MLflow stamps each value with
 # its wall time, and the other two repeat a logged one (train/loss, ls_failures).
 UNLOGGED = frozenset({"epoch", "time", "loss_before", "ls_failed"})

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import optuna
 
-from gdlab.config import ConfigError
+from gdlab.config import TEST_METRICS, ConfigError
 from gdlab.interrupts import InterruptHandler, failure_reason
 from gdlab.masking import install_log_masking, mask_passwords
 from gdlab.sweep.parent_run import (
@@ -31,6 +31,8 @@ from gdlab.sweep.parent_run import (
     repair_killed_runs,
     start_parent_run,
 )
+from gdlab.sweep.refit import SweepResult, refit, wants_refit
+from gdlab.sweep.selection import refit_enabled, selected_on
 from gdlab.sweep.signature import ExperimentMismatch, check_same_experiment
 from gdlab.sweep.spec import (
     SweepError,
@@ -49,7 +51,7 @@ from gdlab.sweep.study import (
     check_same_search_space,
     make_storage,
 )
-from gdlab.sweep.trials import TrialLogger, make_objective, run_population_batches
+from gdlab.sweep.trials import TrialLogger, chosen_config, make_objective, run_population_batches
 from gdlab.tracking import PARENT_ENV, TrackingUnavailable, tracking_uri
 
 STUDY_NAME = re.compile(r"[A-Za-z0-9_\-][A-Za-z0-9_.\-]{0,99}")
@@ -108,6 +110,12 @@ def parse_args(argv):
         metavar="SECONDS",
         help="while a trial or batch trains: a line this often when stdout is a log, a bar on a "
         "terminal (default 10; 0: none)",
+    )
+    parser.add_argument(
+        "--no-refit",
+        action="store_true",
+        help="report the best trial's own test metrics instead of refitting its configuration on the "
+        "training and validation rows and measuring the test split once (gdlab_sweep.refit: false)",
     )
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--worker-index", type=int, default=0, help=argparse.SUPPRESS)
@@ -237,8 +245,9 @@ def run_sweep(args, spec: SweepSpec, study: optuna.Study, storage, storage_url: 
         logger = TrialLogger(budget, spec.max_failure_rate)
         run_trials(args, spec, study, storage, budget, logger)
         worker_failed = any(worker.wait() != 0 for worker in workers)
+        result = None if args.worker else sweep_result(args, spec, study, parent_run_id)
         if not args.worker and parent_run_id:
-            finish_sweep(spec, study, parent_run_id)
+            finish_sweep(spec, study, parent_run_id, result)
     except (KeyboardInterrupt, SystemExit):
         if interrupts.signum is None:
             raise
@@ -249,20 +258,47 @@ def run_sweep(args, spec: SweepSpec, study: optuna.Study, storage, storage_url: 
         return 1
     total = len(study.get_trials(deepcopy=False, states=FINISHED))
     try:
-        print(f"gdlab-sweep: done: {total}/{budget} finished trials; best {study.best_value:.6g} "
-              f"with {study.best_trial.params}")  # fmt: skip
+        print(
+            f"gdlab-sweep: done: {total}/{budget} finished trials; best {spec.task.objective} "
+            f"{study.best_value:.6g} (trial #{study.best_trial.number}) with {study.best_trial.params}"
+        )
     except ValueError:
         print(f"gdlab-sweep: done: {total}/{budget} finished trials; none completed")
+    if result is not None:
+        print(f"gdlab-sweep: {result.line()}", flush=True)
     return 0
 
 
-def finish_sweep(spec: SweepSpec, study: optuna.Study, parent_run_id: str) -> None:
+def sweep_result(args, spec: SweepSpec, study: optuna.Study, parent_run_id: str | None) -> SweepResult | None:
+    """The sweep's answer: the best trial (by the objective) refit on train + val, its test split measured
+    once; or, without a refit, the best trial's own test metrics. None before any trial completed."""
+    try:
+        best = study.best_trial
+    except ValueError:
+        return None
+    cfg, overrides = chosen_config(spec, best)
+    trial = f"trial #{best.number}"
+    if wants_refit(cfg) and refit_enabled(spec.task) and not args.no_refit:
+        print(f"gdlab-sweep: refit of {trial} ({spec.task.objective} {best.value:.6g}) on its train + val "
+              "rows", flush=True)  # fmt: skip
+        output_dir = Path("outputs") / "sweeps" / study.study_name / f"refit-{time.strftime('%Y%m%d-%H%M%S')}"
+        return refit(cfg, overrides, output_dir, trial, parent_run_id, best.params)
+    final = best.user_attrs.get("final", {})
+    metrics = {key: final[key] for key in TEST_METRICS if key in final}
+    if not metrics:
+        return None
+    run_id = best.user_attrs.get("mlflow_run_id")
+    return SweepResult(metrics, trial, False, selected_on(spec.task), run_id=run_id, params=best.params)
+
+
+def finish_sweep(spec: SweepSpec, study: optuna.Study, parent_run_id: str,
+                 result: SweepResult | None) -> None:  # fmt: skip
     """The parent run's end: repairs, the best child, the comparison report, Optuna's plots."""
     repaired = repair_killed_runs(spec.task, study)
     if repaired:
         print(f"gdlab-sweep: ended {repaired} MLflow run(s) left RUNNING by dead processes as KILLED")
     report_dir = Path("outputs") / "sweeps" / study.study_name / f"report-{time.strftime('%Y%m%d-%H%M%S')}"
-    finish_parent_run(spec.task, parent_run_id, report_dir)
+    finish_parent_run(spec.task, parent_run_id, report_dir, result)
     log_study_plots(spec.task, parent_run_id, study)
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import os
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -21,8 +22,13 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from gdlab.masking import install_log_masking, mask_passwords, mask_saved_hydra_configs
+from gdlab.sweep.selection import selected_on
 from gdlab.tracking import (
     PARENT_ENV,
+    REFIT_ROLE,
+    RESULT_TAG,
+    ROLE_TAG,
+    SELECTED_ON_TAG,
     TrackingUnavailable,
     artifact_root,
     experiment_name,
@@ -33,6 +39,8 @@ from gdlab.tracking import (
 
 if TYPE_CHECKING:
     import optuna
+
+    from gdlab.sweep.refit import SweepResult
 
 
 def start_parent_run(cfg: DictConfig, name: str, tags: dict | None = None) -> str | None:
@@ -58,16 +66,18 @@ def start_parent_run(cfg: DictConfig, name: str, tags: dict | None = None) -> st
     return run.info.run_id
 
 
-def finish_parent_run(cfg: DictConfig, parent_run_id: str, report_dir: str | Path | None = None) -> dict:
-    """Record the best child (by cfg.objective and cfg.direction) and the comparison report on the
-    parent, and close it."""
+def finish_parent_run(cfg: DictConfig, parent_run_id: str, report_dir: str | Path | None = None,
+                      result: SweepResult | None = None) -> dict:  # fmt: skip
+    """Record the best child (by cfg.objective and cfg.direction), the sweep's result (the refit's test
+    metrics, gdlab.sweep.refit) and the comparison report on the parent, and close it."""
 
     os.environ.pop(PARENT_ENV, None)
     client = mlflow_client(tracking_uri(cfg))
     parent = client.get_run(parent_run_id)
-    children = client.search_runs(
+    children = trial_runs(client.search_runs(
         [parent.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}'"
-    )
+    ))  # fmt: skip
+    client.set_tag(parent_run_id, SELECTED_ON_TAG, selected_on(cfg))
     summary = best_child(children, f"final/{cfg.objective}", cfg.direction)
     finished = sum(run.info.status == "FINISHED" for run in children)
     client.log_metric(parent_run_id, "sweep/trials", len(children))
@@ -83,10 +93,28 @@ def finish_parent_run(cfg: DictConfig, parent_run_id: str, report_dir: str | Pat
             client.set_tag(parent_run_id, f"best.{key}", value)
         if "pbt.replay" in best.data.tags:  # a PBT member: the schedule it ended with, as a single run
             client.set_tag(parent_run_id, "best.pbt.replay", best.data.tags["pbt.replay"])
+    if result is not None:
+        log_result(client, parent_run_id, result)
     if children:
         attach_report(cfg, parent_run_id, report_dir)
     client.set_terminated(parent_run_id, status="FINISHED" if finished or not children else "FAILED")
     return summary
+
+
+def trial_runs(children: list) -> list:
+    """The sweep's trials among a parent's children: not the refit of the chosen one."""
+    return [run for run in children if run.data.tags.get(ROLE_TAG) != REFIT_ROLE]
+
+
+def log_result(client, parent_run_id: str, result: SweepResult) -> None:
+    """The sweep's answer on its parent: result/test/<metric>, where it was measured, and the line."""
+    from mlflow.entities import Metric, RunTag
+
+    now = int(time.time() * 1000)
+    metrics = [Metric(f"result/{key}", value, now, 0) for key, value in result.metrics.items()]
+    tags = {"result.source": "refit" if result.refit else "best trial", "result.trial": result.trial,
+            RESULT_TAG: result.label(), "result.run_id": result.run_id or ""}  # fmt: skip
+    client.log_batch(parent_run_id, metrics=metrics, tags=[RunTag(k, str(v)) for k, v in tags.items()])
 
 
 def end_parent_run(cfg: DictConfig, parent_run_id: str, status: str, reason: str) -> None:

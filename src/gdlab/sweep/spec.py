@@ -24,6 +24,7 @@ from gdlab.compose import VariantComposer, compose_config, search_path_override
 from gdlab.config import ConfigError, validate
 from gdlab.pbt_rules import PBTSettings, settings_problem
 from gdlab.schedules import SCHEDULABLE, SCHEDULE_SUFFIX
+from gdlab.sweep.selection import check_selection, refit_enabled
 from gdlab.sweep.signature import experiment_signature
 
 # What a sweep file may instantiate: Optuna's samplers and pruners, and gdlab's search-space hooks.
@@ -94,6 +95,11 @@ def load_sweep(name: str, overrides: list[str] | None = None, config_dir: Path |
     except Exception as error:
         raise SweepError(f"{source}: hydra.sweeper.params: {error}") from error
     check_search_space(name, source, overrides, task, full, distributions)
+    try:
+        check_selection(task)
+        refit_enabled(task)
+    except ConfigError as error:
+        raise SweepError(f"{source}: {error}") from error
     extra = task.get("gdlab_sweep") or {}
     try:
         sampler, pruner, custom = build_optuna_parts(sweeper, extra, distributions)

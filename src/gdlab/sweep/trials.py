@@ -20,7 +20,9 @@ from omegaconf import DictConfig
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 from optuna.trial import TrialState
 
-from gdlab.compose import VariantComposer
+from gdlab.compose import VariantComposer, compose_config
+from gdlab.config import validate
+from gdlab.data import SPLIT_METRICS
 from gdlab.masking import mask_passwords
 from gdlab.members import POPULATION_OPTIMIZERS, Retire, group_by_architecture
 from gdlab.progress import Progress
@@ -48,11 +50,25 @@ def suggest_trial(spec: SweepSpec, trial: optuna.Trial) -> tuple[DictConfig, lis
         suggest(trial, key, distribution)
     if spec.custom_search_space is not None:
         spec.custom_search_space(spec.task, trial)
+    return trial_config(spec, trial.params)
+
+
+def trial_config(spec: SweepSpec, params: dict) -> tuple[DictConfig, list[str]]:
+    """The validated config of a trial with these params, and the overrides that reproduce it."""
     base = [f"+sweep={spec.name}", *spec.overrides]
-    params = [f"{k}={v}" for k, v in {**trial.params, **spec.fixed_params}.items()]
+    values = [f"{k}={v}" for k, v in {**params, **spec.fixed_params}.items()]
     if spec.composer is None:
         spec.composer = VariantComposer(base)
-    return spec.composer(params), [*base, *params]
+    return spec.composer(values), [*base, *values]
+
+
+def chosen_config(spec: SweepSpec, trial: optuna.trial.FrozenTrial) -> tuple[DictConfig, list[str]]:
+    """What the chosen trial trained, to refit: its config, or a PBT member's replay (its schedule)."""
+    replay = trial.user_attrs.get("pbt.replay")
+    if replay:
+        overrides = replay.split()
+        return validate(compose_config(overrides)), overrides
+    return trial_config(spec, trial.params)
 
 
 class PruningReporter:
@@ -99,6 +115,7 @@ def record_result(trial: optuna.Trial, result) -> float:
     objective (NaN when diverged: the trial FAILs)."""
     if result.final.get("mlflow_run_id"):
         trial.set_user_attr("mlflow_run_id", result.final["mlflow_run_id"])
+    trial.set_user_attr("final", {key: result.final[key] for key in SPLIT_METRICS if key in result.final})
     if "pbt_replay" in result.final:  # what replays the weights this trial ends with, and how often it copied
         trial.set_user_attr("pbt.replay", result.final["pbt_replay"])
         trial.set_user_attr("pbt.exploits", result.final["pbt_exploits"])
