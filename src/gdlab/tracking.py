@@ -49,6 +49,7 @@ PARENT_ENV = "GDLAB_MLFLOW_PARENT_RUN_ID"
 ROLE_TAG, REFIT_ROLE = "gdlab.role", "refit"  # the refit of the chosen trial, a child of the parent run
 SELECTED_ON_TAG = "gdlab.selected_on"  # on the parent: the split the trials were ranked on
 RESULT_TAG = "result.summary"  # on the parent: the sweep's test result and how it was measured
+OUTPUT_DIR_TAG = "gdlab.output_dir"  # a gdlab-train job's folder: its .hydra/ configs rebuild it (a refit)
 # History columns not sent to MLflow as metrics: the epoch is the step, MLflow stamps each value with
 # its wall time, and the other two repeat a logged one (train/loss, ls_failures).
 UNLOGGED = frozenset({"epoch", "time", "loss_before", "ls_failed"})

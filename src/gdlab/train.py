@@ -23,7 +23,14 @@ from gdlab.interrupts import InterruptHandler
 from gdlab.masking import mask_saved_hydra_configs
 from gdlab.members import check_population, group_by_architecture
 from gdlab.schedules import SCHEDULABLE, SCHEDULE_SUFFIX, schedules_of
-from gdlab.tracking import TrackingUnavailable, flatten, run_name, short_number, trial_run_name
+from gdlab.tracking import (
+    OUTPUT_DIR_TAG,
+    TrackingUnavailable,
+    flatten,
+    run_name,
+    short_number,
+    trial_run_name,
+)
 
 if TYPE_CHECKING:
     from gdlab.fit import RunResult
@@ -206,9 +213,9 @@ def main(cfg: DictConfig) -> float:
     overrides = list(hydra_cfg.overrides.task)
     ctrl_c = InterruptHandler().install((signal.SIGINT,))  # SIGTERM is Lightning's (below)
     try:
-        result = fit(
-            cfg, overrides, tags=multirun_tags(hydra_cfg, overrides, cfg), progress=progress_of([cfg])
-        )
+        tags = {OUTPUT_DIR_TAG: hydra_cfg.runtime.output_dir,
+                **(multirun_tags(hydra_cfg, overrides, cfg) or {})}  # fmt: skip
+        result = fit(cfg, overrides, tags=tags, progress=progress_of([cfg]))
     except TrackingUnavailable as error:
         print(f"gdlab-train: error: {error}", file=sys.stderr)
         sys.exit(3)

@@ -169,6 +169,7 @@ class MlflowSweepCallback(Callback):
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
         mask_saved_hydra_configs(Path(str(config.hydra.sweep.dir)))
         cfg = _task_config(config)
+        check_multirun_selection(cfg)
         check_optuna_study(config, cfg)
         if cfg.tracking.backend == "none":
             return
@@ -195,9 +196,30 @@ class MlflowSweepCallback(Callback):
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
         mask_saved_hydra_configs(Path(str(config.hydra.sweep.dir)))  # Hydra's multirun.yaml
         if self.parent_run_id:
-            report_dir = Path(str(config.hydra.sweep.dir)) / "report"
-            finish_parent_run(_task_config(config), self.parent_run_id, report_dir)
+            from gdlab.sweep.refit import multirun_result
+
+            sweep_dir, task = Path(str(config.hydra.sweep.dir)), _task_config(config)
+            result = multirun_result(task, self.parent_run_id, sweep_dir / "refit")
+            finish_parent_run(task, self.parent_run_id, sweep_dir / "report", result)
+            if result is not None:
+                print(f"gdlab-train: {result.line()}", flush=True)
             self.parent_run_id = None
+
+
+def check_multirun_selection(task: DictConfig) -> None:
+    """A multirun ranks its jobs by the objective (its parent's best child): not on the test split, unless
+    it says so knowingly (gdlab.sweep.selection); a refusal is one line on stderr and exit status 2."""
+    import sys
+
+    from gdlab.config import ConfigError
+    from gdlab.sweep.selection import check_selection, refit_enabled
+
+    try:
+        check_selection(task)
+        refit_enabled(task)
+    except ConfigError as error:
+        print(f"gdlab-train: error: {error}", file=sys.stderr)
+        sys.exit(2)
 
 
 def note_run_on_trial(config: DictConfig, overrides: list[str], run_id: str) -> None:

@@ -42,6 +42,6 @@ def check_selection(task: DictConfig) -> None:
         raise ConfigError(
             f"objective={task.objective} selects on the test split, so the sweep's test score would be "
             f"optimistically biased; use objective=val/{metric} with dataset.val_size (e.g. 0.2): the test "
-            "split then measures the chosen configuration once (or set gdlab_sweep.select_on_test: true to "
-            "select on test knowingly)"
+            "split then measures the chosen configuration once; or opt in knowingly with "
+            "++gdlab_sweep.select_on_test=true"
         )
