@@ -24,5 +24,7 @@ def test_lab6_notebook_runs(tmp_path, monkeypatch):
     assert "0.7198" in outputs  # lab 001's first loss, with backprop=manual
     assert "def backward" in outputs
     assert "trial 6/6" in outputs or "done: 6/6" in outputs
+    assert "result: test/loss=" in outputs and "by the refit of trial #" in outputs  # the test split, once
+    assert "{'train': 300, 'val': 100, 'test': 100}" in outputs  # the validation split's rows
     code_outputs = [output for cell in notebook.cells if cell.cell_type == "code" for output in cell.outputs]
-    assert sum(output.get("output_type") == "display_data" for output in code_outputs) >= 2  # the figures
+    assert sum(output.get("output_type") == "display_data" for output in code_outputs) >= 3  # the figures

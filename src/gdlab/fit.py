@@ -259,6 +259,7 @@ def record(cfg: DictConfig, outcome: RunOutcome, data: Dataset, wall_time: float
 def final_metrics(model: MLP, data: Dataset) -> dict:
     final = {}
     for name, split in {"train": data.train, **data.evaluation_splits()}.items():
+        final[f"rows/{name}"] = len(split)
         Z = model(split.X)
         final[f"{name}/loss"] = float(model.loss(Z, split.T))
         final[f"{name}/acc"] = float(model.accuracy(Z, split.T))
