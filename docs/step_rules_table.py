@@ -1,5 +1,7 @@
 """The README's step-size rules table from a `gdlab-sweep step_rules` study: per rule, the final train and
-test loss (median, and min–max over seeds) and the evaluations per step, at the sweep's evaluation budget.
+validation loss (median, and min–max over seeds) and the evaluations per step, at the sweep's evaluation
+budget. The rules are compared on validation; the test split is measured once, by the sweep's refit of the
+best rule (its `result:` line and the parent run's result/test/loss).
 
 Usage (in the folder the sweep ran in): python docs/step_rules_table.py [STUDY] [--objective-only]
 """
@@ -32,21 +34,22 @@ def main() -> None:
             continue
         metrics = client.get_run(run_id).data.metrics
         row = rows.setdefault(
-            trial.params["optimizer"], {"train": [], "test": [], "per_step": [], "evals": []}
+            trial.params["optimizer"], {"train": [], "val": [], "per_step": [], "evals": []}
         )
         row["train"].append(metrics["final/train/loss"])
-        if "final/test/loss" in metrics:
-            row["test"].append(metrics["final/test/loss"])
+        if "final/val/loss" in metrics:
+            row["val"].append(metrics["final/val/loss"])
         row["per_step"].append(metrics["final/evals"] / metrics["final/epochs"])
         row["evals"].append(metrics["final/evals"])
     print(f"study {study_name}: {len(study.trials)} trials\n")
     print(
-        "| rule | final train loss, median (min–max) | final test loss | evaluations per step | evaluations |"
+        "| rule | final train loss, median (min–max) | final validation loss | evaluations per step "
+        "| evaluations |"
     )
     print("| --- | --- | --- | --- | --- |")
     for rule, row in sorted(rows.items(), key=lambda item: statistics.median(item[1]["train"])):
-        print(f"| {rule} | {spread(row['train'])} | {spread(row['test'])} | "
-              f"{statistics.median(row['per_step']):.2f} | {statistics.median(row['evals']):.0f} |")  # fmt: skip
+        per_step, evals = statistics.median(row["per_step"]), statistics.median(row["evals"])
+        print(f"| {rule} | {spread(row['train'])} | {spread(row['val'])} | {per_step:.2f} | {evals:.0f} |")
 
 
 if __name__ == "__main__":

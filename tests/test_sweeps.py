@@ -37,7 +37,8 @@ def runs_by_parent(cwd: Path, experiment: str) -> tuple[list, dict]:
     client = MlflowClient(tracking_uri=f"sqlite:///{cwd / 'mlruns' / 'mlflow.db'}")
     runs = client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
     parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
-    children = {p.info.run_id: [r for r in runs if r.data.tags.get("mlflow.parentRunId") == p.info.run_id]
+    trials = [r for r in runs if r.data.tags.get("gdlab.role") != "refit"]  # the refit is not a trial
+    children = {p.info.run_id: [r for r in trials if r.data.tags.get("mlflow.parentRunId") == p.info.run_id]
                 for p in parents}  # fmt: skip
     return parents, children
 
@@ -53,9 +54,11 @@ defaults:
   - override /dataset: moons
   - override /hydra/sweeper: optuna
   - override /hydra/sweeper/sampler: grid
+dataset:
+  val_size: 0.2
 trainer:
   max_epochs: 15
-objective: test/loss
+objective: val/loss
 tracking:
   experiment: sweep-diverging
 hydra:
@@ -157,8 +160,8 @@ def test_gdlab_sweep_budget_pruning_and_the_parent_run(tmp_path):
                 and "pruned at epoch" in run.data.tags["pruned.reason"]
             )
         else:
-            assert run.data.metrics["final/test/loss"] == pytest.approx(trial.value)
-    assert parent.data.metrics["best/test/loss"] == pytest.approx(s.best_value)
+            assert run.data.metrics["final/val/loss"] == pytest.approx(trial.value)
+    assert parent.data.metrics["best/val/loss"] == pytest.approx(s.best_value)
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}")
     plots = {a.path for a in client.list_artifacts(parent.info.run_id, "optuna")}
     assert "optuna/optimization_history.png" in plots and "optuna/param_importances.png" in plots

@@ -14,7 +14,7 @@ from mlflow import MlflowClient
 
 BIN = Path(sys.executable).parent
 PROGRESS = re.compile(
-    r"^trials #0-#7: epoch (\d+)/4000, (\d+) training, (\d+) retired, (\d+) pruned; best test/loss "
+    r"^trials #0-#7: epoch (\d+)/4000, (\d+) training, (\d+) retired, (\d+) pruned; best val/loss "
 )
 
 
@@ -27,7 +27,8 @@ def read_lines(stream, lines: list) -> None:
 def test_population_sweep_shows_progress_and_records_every_epoch_with_its_own_times(tmp_path, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     command = [str(BIN / "gdlab-sweep"), "lr", "--population", "8", "--budget", "8", "--n-trials", "8",
-               "--progress", "0.5", "trainer.max_epochs=4000", "trainer.stop_loss=0.1"]  # fmt: skip
+               "--progress", "0.5", "trainer.max_epochs=4000", "trainer.stop_loss=0.1",
+               "--no-refit"]  # fmt: skip
     sweep = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     lines: list = []
     reader = threading.Thread(target=read_lines, args=(sweep.stdout, lines), daemon=True)
@@ -64,7 +65,7 @@ def test_population_sweep_shows_progress_and_records_every_epoch_with_its_own_ti
             final = [(len(history), run.data.metrics[final_key])] if final_key in run.data.metrics else []
             assert [m.step for m in logged] == [int(row["epoch"]) for row in history] + [s for s, _ in final]
             assert [m.value for m in logged] == [float(row[key]) for row in history] + [v for _, v in final]
-        assert run.data.metrics["final/test/loss"] == pytest.approx(trial.value)
+        assert run.data.metrics["final/val/loss"] == pytest.approx(trial.value)
         assert run.info.status == "FINISHED"
         runs[trial.number] = (len(history), run.info.end_time)
     epochs = sorted(runs.values())
