@@ -61,9 +61,9 @@ def lr_depth_picture(storage: str) -> None:
     fig = Figure(figsize=(7, 4))
     ax = fig.subplots()
     for depth in sorted({t.params["model.depth"] for t in study.trials}):
-        trials = [t for t in study.trials if t.params["model.depth"] == depth and t.state.name == "COMPLETE"]
-        ax.scatter([t.params["optimizer.lr"] for t in trials], [t.value for t in trials], label=f"depth {depth}")
-    ax.set(xscale="log", xlabel="learning rate (fixed-LR GD)", ylabel="final test loss (300 epochs)",
+        done = [t for t in study.trials if t.params["model.depth"] == depth and t.state.name == "COMPLETE"]
+        ax.scatter([t.params["optimizer.lr"] for t in done], [t.value for t in done], label=f"depth {depth}")
+    ax.set(xscale="log", xlabel="learning rate (fixed-LR GD)", ylabel="final validation loss (300 epochs)",
            title="lr_depth sweep on two-moons (completed trials)")  # fmt: skip
     ax.legend()
     fig.subplots_adjust(left=0.11, right=0.97, bottom=0.13, top=0.91)

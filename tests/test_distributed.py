@@ -204,8 +204,9 @@ def test_two_search_spaces_on_one_study_are_refused(tmp_path, make_database):
     assert first.returncode == 0, first.stderr[-2000:]
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}")
     runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
-    assert len(runs) == 2  # the parent and its trial, both tagged with --study's name, not the file's
-    assert [r.data.tags["optuna.study"] for r in runs] == ["shared", "shared"]
+    assert len(runs) == 3  # the parent, its trial and the refit of the trial on train + val
+    trial_and_parent = [r for r in runs if r.data.tags.get("gdlab.role") != "refit"]
+    assert [r.data.tags["optuna.study"] for r in trial_and_parent] == ["shared", "shared"]  # --study's name
     second = sweep("optimizers", "trainer.max_epochs=5", "--budget", "2", "--study", "shared",
                    "--storage", storage, cwd=tmp_path)  # fmt: skip
     assert second.returncode == 2
