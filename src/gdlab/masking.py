@@ -81,3 +81,9 @@ def install_log_masking() -> None:
 
     factory.masks_passwords = True
     logging.setLogRecordFactory(factory)
+
+
+def error_line(error: BaseException) -> str:
+    """An exception as one masked line for the user: its first line, or its repr when it has no message."""
+    text = str(error)
+    return mask_passwords(text.splitlines()[0]) if text.strip() else repr(error)

@@ -23,7 +23,7 @@ import optuna
 
 from gdlab.config import TEST_METRICS, ConfigError
 from gdlab.interrupts import InterruptHandler, failure_reason
-from gdlab.masking import install_log_masking, mask_passwords
+from gdlab.masking import error_line, install_log_masking, mask_passwords
 from gdlab.sweep.parent_run import (
     end_parent_run,
     finish_parent_run,
@@ -282,7 +282,13 @@ def sweep_result(args, spec: SweepSpec, study: optuna.Study, parent_run_id: str 
         print(f"gdlab-sweep: refit of {trial} ({spec.task.objective} {best.value:.6g}) on its train + val "
               "rows", flush=True)  # fmt: skip
         output_dir = Path("outputs") / "sweeps" / study.study_name / f"refit-{time.strftime('%Y%m%d-%H%M%S')}"
-        return refit(cfg, overrides, output_dir, trial, parent_run_id, best.params)
+        try:
+            return refit(cfg, overrides, output_dir, trial, parent_run_id, best.params)
+        except TrackingUnavailable:
+            raise
+        except Exception as error:  # the trials stand; the result falls back to the best trial's own
+            print(f"gdlab-sweep: the refit of {trial} failed ({type(error).__name__}: {error_line(error)}); "
+                  "reporting the trial's own test metrics", file=sys.stderr)  # fmt: skip
     final = best.user_attrs.get("final", {})
     metrics = {key: final[key] for key in TEST_METRICS if key in final}
     if not metrics:

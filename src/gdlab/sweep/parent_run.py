@@ -21,7 +21,7 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from gdlab.masking import install_log_masking, mask_passwords, mask_saved_hydra_configs
+from gdlab.masking import error_line, install_log_masking, mask_passwords, mask_saved_hydra_configs
 from gdlab.sweep.selection import selected_on
 from gdlab.tracking import (
     PARENT_ENV,
@@ -199,7 +199,11 @@ class MlflowSweepCallback(Callback):
             from gdlab.sweep.refit import multirun_result
 
             sweep_dir, task = Path(str(config.hydra.sweep.dir)), _task_config(config)
-            result = multirun_result(task, self.parent_run_id, sweep_dir / "refit")
+            try:
+                result = multirun_result(task, self.parent_run_id, sweep_dir / "refit")
+            except Exception as error:  # the jobs stand; the parent still ends with its best child and report
+                print(f"gdlab-train: no refit: {error_line(error)}")
+                result = None
             finish_parent_run(task, self.parent_run_id, sweep_dir / "report", result)
             if result is not None:
                 print(f"gdlab-train: {result.line()}", flush=True)
