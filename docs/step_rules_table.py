@@ -8,6 +8,7 @@ Usage (in the folder the sweep ran in): python docs/step_rules_table.py [STUDY] 
 
 from __future__ import annotations
 
+import math
 import statistics
 import sys
 from pathlib import Path
@@ -17,9 +18,12 @@ from mlflow import MlflowClient
 
 
 def spread(values: list[float]) -> str:
-    if not values:
-        return "–"
-    return f"{statistics.median(values):.3g} ({min(values):.3g}–{max(values):.3g})"
+    """Median (min–max) of the finite values; a diverged run (no final value) is counted, not averaged."""
+    finite = [v for v in values if math.isfinite(v)]
+    diverged = f", {len(values) - len(finite)} diverged" if len(finite) < len(values) else ""
+    if not finite:
+        return f"–{diverged}"
+    return f"{statistics.median(finite):.3g} ({min(finite):.3g}–{max(finite):.3g}{diverged})"
 
 
 def main() -> None:
@@ -36,9 +40,9 @@ def main() -> None:
         row = rows.setdefault(
             trial.params["optimizer"], {"train": [], "val": [], "per_step": [], "evals": []}
         )
-        row["train"].append(metrics["final/train/loss"])
-        if "final/val/loss" in metrics:
-            row["val"].append(metrics["final/val/loss"])
+        row["train"].append(metrics.get("final/train/loss", math.nan))  # NaN/inf are not logged
+        if "final/val/loss" in metrics or "final/rows/val" in metrics:
+            row["val"].append(metrics.get("final/val/loss", math.nan))
         row["per_step"].append(metrics["final/evals"] / metrics["final/epochs"])
         row["evals"].append(metrics["final/evals"])
     print(f"study {study_name}: {len(study.trials)} trials\n")
@@ -47,7 +51,8 @@ def main() -> None:
         "| evaluations |"
     )
     print("| --- | --- | --- | --- | --- |")
-    for rule, row in sorted(rows.items(), key=lambda item: statistics.median(item[1]["train"])):
+    finite_median = lambda values: statistics.median([v for v in values if math.isfinite(v)] or [math.inf])  # noqa: E731
+    for rule, row in sorted(rows.items(), key=lambda item: finite_median(item[1]["val"] or item[1]["train"])):
         per_step, evals = statistics.median(row["per_step"]), statistics.median(row["evals"])
         print(f"| {rule} | {spread(row['train'])} | {spread(row['val'])} | {per_step:.2f} | {evals:.0f} |")
 
