@@ -78,7 +78,7 @@ def shoot(base: str, experiment: str, parent: str, out: Path) -> list[Path]:
         browser = playwright.chromium.launch(executable_path="/usr/bin/chromium", args=["--no-sandbox"])
         page = browser.new_page(viewport={"width": 1600, "height": 1000})
         search = urllib.parse.quote(f"tags.mlflow.parentRunId = '{parent}'")  # the sweep's 64 trials
-        order = urllib.parse.quote("metrics.`final/test/loss`")
+        order = urllib.parse.quote("metrics.`final/val/loss`")
         query = f"searchFilter={search}&orderByKey={order}&orderByAsc=true"
         page.goto(f"{base}/#/experiments/{experiment}/runs?{query}")
         try:  # the trials, flat: no parent to expand
