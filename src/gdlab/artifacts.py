@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import csv
+import io
+import os
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -34,13 +37,29 @@ class HistoryAppender:
 
     def close(self) -> None:
         if self.file is not None:
-            self.file.close()
+            try:
+                self.file.close()
+            except OSError:  # a full disk: what was flushed stays; write_history says what failed
+                pass
 
 
 def write_history(directory: Path, history: pd.DataFrame) -> Path:
+    """history.csv whole, through a new file renamed over the appended one: if the write fails (a full disk),
+    the appended copy is left as it was."""
     directory.mkdir(parents=True, exist_ok=True)
-    path = directory / "history.csv"
-    history.to_csv(path, index=False)
+    return replace_atomically(directory / "history.csv", lambda path: history.to_csv(path, index=False))
+
+
+def replace_atomically(path: Path, write: Callable[[Path], object]) -> Path:
+    """`write(new)` to a new file beside `path`, then rename it over `path`; on any failure the new file is
+    removed and `path` is untouched."""
+    new = path.with_name(f".{path.name}.{os.getpid()}.new")
+    try:
+        write(new)
+        os.replace(new, path)
+    except BaseException:
+        new.unlink(missing_ok=True)
+        raise
     return path
 
 
@@ -52,7 +71,9 @@ def write_run_outputs(directory: Path, cfg: DictConfig, overrides: list[str], hi
     (directory / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
     (directory / "overrides.txt").write_text("\n".join(overrides) + "\n")
     paths = [directory / "config.yaml", directory / "overrides.txt", directory / "history.csv"]
-    torch.save(model.state_dict(), directory / "weights.pt")
+    weights = io.BytesIO()  # torch.save to a full disk raises a RuntimeError; a file write, an OSError
+    torch.save(model.state_dict(), weights)
+    (directory / "weights.pt").write_bytes(weights.getvalue())
     paths.append(directory / "weights.pt")
     if not plots:
         return paths

@@ -280,18 +280,16 @@ def default_output_dir(cfg: DictConfig, run: MlflowRun | None) -> Path | None:
 
 def save_outputs(result: RunResult, overrides: list[str], output_dir: Path, run: MlflowRun | None,
                  status: str) -> None:  # fmt: skip
-    """History first (it is what an outage or a crash must not lose), then plots, then MLflow."""
+    """History first (it is what an outage or a crash must not lose), then plots, then MLflow. A record that
+    cannot be written (a full disk, a read-only folder) ends the run FAILED with the reason."""
     result.final["output_dir"] = str(output_dir)
-    write_history(output_dir, result.history)
-    cfg = masked_config(result.config)
-    try:
-        masked_overrides = [mask_passwords(o) for o in overrides]
-        write_run_outputs(output_dir, cfg, masked_overrides, result.history, result.model, result.data,
-                          plots=cfg.tracking.get("plots", True))  # fmt: skip
-    except Exception as error:  # a plot must never cost the run its history or its MLflow status
-        log.warning("gdlab: could not write every artifact to %s: %s", output_dir, error)
+    problem = write_outputs(result, overrides, output_dir)
+    if problem:  # the caller says so (gdlab-train's last line, gdlab.run's warning, the trial's failure)
+        result.final["record_error"], status = problem, "FAILED"
     if run is None:
         return
+    if problem:
+        run.set_tags({"failure.reason": problem})
     if result.final["pruned"]:
         run.set_tags({"optuna.state": "PRUNED", "pruned.reason": result.final["pruned"],
                       "mlflow.runName": f"{run.name} (pruned)"})  # fmt: skip
@@ -301,6 +299,27 @@ def save_outputs(result: RunResult, overrides: list[str], output_dir: Path, run:
         run.set_tags({"gdlab.warning": ALL_LINE_SEARCHES_FAILED})
     run.log_final(result.final)
     run.close(status, output_dir, end_time=result.ended_at)
+
+
+def write_outputs(result: RunResult, overrides: list[str], output_dir: Path) -> str | None:
+    """Write the run's files; what kept the record from being written (None: nothing)."""
+    try:
+        write_history(output_dir, result.history)
+        cfg = masked_config(result.config)
+        masked_overrides = [mask_passwords(o) for o in overrides]
+        write_run_outputs(output_dir, cfg, masked_overrides, result.history, result.model, result.data,
+                          plots=cfg.tracking.get("plots", True))  # fmt: skip
+    except OSError as error:
+        return record_error(error, output_dir)
+    except Exception as error:  # a plot must never cost the run its history or its MLflow status
+        log.warning("gdlab: could not write every artifact to %s: %s", output_dir, error)
+    return None
+
+
+def record_error(error: OSError, output_dir: Path) -> str:
+    """An OSError as a run's failure reason: "no space left on device writing /path/history.csv"."""
+    what = (error.strerror or type(error).__name__).lower()
+    return f"{what} writing {error.filename or output_dir}"
 
 
 def finish_tracking(result: RunResult, run: MlflowRun) -> None:

@@ -6,6 +6,7 @@ outputs, tracking) → summary and the objective a sweeper optimizes.
 
 from __future__ import annotations
 
+import logging
 import signal
 import sys
 import warnings
@@ -69,7 +70,7 @@ def run(overrides: list[str] | None = None, output_dir: str | Path | None = None
         raise ConfigError("pbt needs population=[...], a list of two or more members to train together")
     if population is None:
         cfg = validate(compose_config(overrides))
-        return fit(cfg, overrides, output_dir, progress=progress_of([cfg]))
+        return warn_incomplete([fit(cfg, overrides, output_dir, progress=progress_of([cfg]))])[0]
     members = [[*overrides, *member_overrides(m)] for m in population]
     compose = VariantComposer(overrides)
     cfgs = [compose(member_overrides(m)) for m in population]
@@ -90,6 +91,14 @@ def run(overrides: list[str] | None = None, output_dir: str | Path | None = None
         )
         for i, result in zip(group, trained, strict=True):
             results[i] = result
+    return warn_incomplete(results)
+
+
+def warn_incomplete(results: list[RunResult]) -> list[RunResult]:
+    """A notebook's notice of runs whose record could not be written (they ended FAILED)."""
+    for result in results:
+        if result.final.get("record_error"):
+            warnings.warn(f"gdlab: {result.final['record_error']}; the run ended FAILED", stacklevel=3)
     return results
 
 
@@ -198,6 +207,7 @@ def summary(result: RunResult) -> str:
 
 @hydra.main(config_path="pkg://gdlab.conf", config_name="config")
 def main(cfg: DictConfig) -> float:
+    logging.raiseExceptions = False  # a full disk under Hydra's job log: no traceback, gdlab says what failed
     hydra_cfg = HydraConfig.get()
     if hydra_cfg.output_subdir is not None:
         mask_saved_hydra_configs(Path(hydra_cfg.runtime.output_dir) / hydra_cfg.output_subdir)
@@ -208,7 +218,7 @@ def main(cfg: DictConfig) -> float:
         sys.exit(2)
     from pytorch_lightning.utilities.exceptions import SIGTERMException
 
-    from gdlab.fit import fit
+    from gdlab.fit import fit, record_error
 
     overrides = list(hydra_cfg.overrides.task)
     ctrl_c = InterruptHandler().install((signal.SIGINT,))  # SIGTERM is Lightning's (below)
@@ -219,6 +229,10 @@ def main(cfg: DictConfig) -> float:
     except TrackingUnavailable as error:
         print(f"gdlab-train: error: {error}", file=sys.stderr)
         sys.exit(3)
+    except OSError as error:  # the record could not be written: a full disk, a read-only folder
+        reason = record_error(error, hydra_cfg.runtime.output_dir)
+        print(f"gdlab-train: error: {reason}; the run ended FAILED", file=sys.stderr)
+        sys.exit(1)
     except SIGTERMException:  # Lightning's: raised at the end of the epoch that received SIGTERM
         print(f"gdlab-train: stopped by SIGTERM; the run ended KILLED, its history is in "
               f"{hydra_cfg.runtime.output_dir}", file=sys.stderr)  # fmt: skip
@@ -230,6 +244,9 @@ def main(cfg: DictConfig) -> float:
               f"{hydra_cfg.runtime.output_dir}", file=sys.stderr)  # fmt: skip
         sys.exit(ctrl_c.exit_code)
     print(summary(result), flush=True)
+    if result.final.get("record_error"):
+        print(f"gdlab-train: error: {result.final['record_error']}; the run ended FAILED", file=sys.stderr)
+        sys.exit(1)
     global last_mlflow_run_id
     last_mlflow_run_id = result.final.get("mlflow_run_id")  # for the multirun callback's on_job_end
     return result.final["objective"]

@@ -121,6 +121,9 @@ def record_result(trial: optuna.Trial, result) -> float:
         trial.set_user_attr("pbt.exploits", result.final["pbt_exploits"])
     if result.final["diverged_at"] is not None and not result.final["pruned"]:
         trial.set_user_attr("failure", f"loss became NaN/inf at epoch {result.final['diverged_at']}")
+    if result.final.get("record_error"):  # its record is incomplete: the trial FAILs, with the reason
+        trial.set_user_attr("failure", result.final["record_error"])
+        return math.nan
     return result.final["objective"]
 
 
