@@ -90,10 +90,7 @@ def test_sigterm_to_the_process_group_keeps_every_epoch_and_the_final_metrics(tm
     process = gdlab("gdlab-train", "dataset=xor", "trainer.max_epochs=200000", "tracking.plots=false",
                     "tracking.flush_seconds=0.2", cwd=tmp_path, start_new_session=True)  # fmt: skip
     database = tmp_path / "mlruns" / "mlflow.db"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and not list((tmp_path / "outputs").glob("*/*/.hydra")):
-        time.sleep(0.5)
-    time.sleep(8)  # well into training, with metrics handed to the writer
+    wait_for_history(tmp_path, process, rows=2000)  # well into training, with metrics handed to the writer
     os.killpg(process.pid, signal.SIGTERM)  # what systemd, docker and SLURM send: the whole group
     code, _, err = finish(process, timeout=300)
     assert code == 143, err[-3000:]
@@ -106,6 +103,55 @@ def test_sigterm_to_the_process_group_keeps_every_epoch_and_the_final_metrics(tm
     assert len(logged) == len(history) + 1  # every epoch trained, and the final value: none lost
     assert run.data.metrics["final/epochs"] == len(history)
     assert "final/train/loss" in run.data.metrics
+    assert run.data.tags["failure.reason"] == "interrupted by SIGTERM"
+
+
+def wait_for_history(cwd: Path, process, rows: int, timeout: float = 300) -> None:
+    """Until the run's history.csv holds `rows` epochs (a busy machine only makes this take longer)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and process.poll() is None:
+        found = list((cwd / "outputs").glob("*/*/history.csv"))
+        if found and sum(1 for _ in open(found[0])) > rows:
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"no history of {rows} epochs (exit status {process.poll()})")
+
+
+def wait_for_sigterm_handler(process, timeout: float = 60) -> None:
+    """Until the process catches SIGTERM: its console script's first line has run, its imports have not."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and process.poll() is None:
+        status = Path(f"/proc/{process.pid}/status").read_text()
+        caught = int(next(line for line in status.splitlines() if line.startswith("SigCgt")).split()[1], 16)
+        if caught & (1 << (signal.SIGTERM - 1)):
+            return
+    raise AssertionError("the process never caught SIGTERM")
+
+
+@pytest.mark.slow
+def test_sigterm_during_start_up_ends_the_run_killed_not_by_the_default_action(tmp_path: Path):
+    process = gdlab("gdlab-train", "dataset=xor", "trainer.max_epochs=200000", "tracking.plots=false",
+                    cwd=tmp_path, start_new_session=True)  # fmt: skip
+    wait_for_sigterm_handler(process)
+    os.killpg(process.pid, signal.SIGTERM)  # while it imports torch, Lightning and Hydra
+    code, _, err = finish(process, timeout=300)
+    assert code == 143, err[-3000:]  # not -15, the default action's
+    assert err.strip().splitlines()[-1].startswith("gdlab-train: stopped by SIGTERM; the run ended KILLED")
+    history = pd.read_csv(next((tmp_path / "outputs").glob("*/*/history.csv")))
+    assert len(history) < 100  # it stopped at once, after its first epoch
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}")
+    (run,) = client.search_runs([client.get_experiment_by_name("xor").experiment_id])
+    assert run.info.status == "KILLED" and run.data.tags["failure.reason"] == "interrupted by SIGTERM"
+
+
+def test_sigterm_during_start_up_stops_gdlab_sweep_before_any_trial(tmp_path: Path):
+    process = gdlab("gdlab-sweep", "lr", cwd=tmp_path, start_new_session=True)
+    wait_for_sigterm_handler(process)
+    os.killpg(process.pid, signal.SIGTERM)
+    code, _, err = finish(process, timeout=300)
+    assert code == 143, err[-3000:]
+    assert err.strip().splitlines() == ["gdlab-sweep: interrupted by SIGTERM before any trial started"]
+    assert not (tmp_path / "mlruns").exists()
 
 
 def test_the_metric_writer_gets_its_tracking_uri_off_the_command_line(tmp_path: Path):
@@ -161,6 +207,7 @@ def test_a_signalled_sweep_fails_its_running_trials_and_kills_its_runs(
     assert sorted(r.info.status for r in runs) == ["KILLED"] * (int(population) + 1)  # children + parent
     (parent,) = [r for r in runs if r.data.tags.get("gdlab.kind") == "sweep"]
     assert parent.data.tags["failure.reason"] == f"interrupted by {signum.name}"
+    assert {r.data.tags["failure.reason"] for r in runs} == {f"interrupted by {signum.name}"}  # the trials' too
 
 
 @pytest.mark.slow

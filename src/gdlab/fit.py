@@ -26,6 +26,7 @@ from omegaconf import DictConfig
 
 from gdlab.artifacts import HistoryAppender, write_history, write_run_outputs
 from gdlab.data import N_CLASSES, Dataset, load_dataset, make_loader
+from gdlab.interrupts import interruption_reason
 from gdlab.masking import mask_passwords, masked_config
 from gdlab.members import check_population
 from gdlab.model import MLP, encode_targets, initialize, layer_sizes
@@ -169,13 +170,13 @@ def fit_population(
             callbacks[p].insert(0, run.log_epoch)
         if appender is not None:
             callbacks[p].insert(0, appender)
-    ending, started = "FAILED", time.perf_counter()
+    ending, reason, started = "FAILED", None, time.perf_counter()
     try:
         with quiet_lightning(), torch_threads(first.trainer.get("threads")):
             trainer.fit(module, train_dataloaders=loader)
         ending = None
-    except (KeyboardInterrupt, SystemExit):  # Lightning turns Ctrl-C and SIGTERM into SystemExit
-        ending = "KILLED"
+    except (KeyboardInterrupt, SystemExit) as stop:  # Lightning turns Ctrl-C and SIGTERM into SystemExit
+        ending, reason = "KILLED", interruption_reason(stop)
         raise
     finally:
         wall_time = time.perf_counter() - started
@@ -188,7 +189,7 @@ def fit_population(
         for p, result in enumerate(results):
             if directories[p] is not None:
                 appenders[p].close()
-                save_outputs(result, overrides[p], directories[p], runs[p], ending or status(result))
+                save_outputs(result, overrides[p], directories[p], runs[p], ending or status(result), reason)
         for result, run in zip(results, runs, strict=True):  # the writer has worked meanwhile
             if run is not None:
                 finish_tracking(result, run)
@@ -279,7 +280,7 @@ def default_output_dir(cfg: DictConfig, run: MlflowRun | None) -> Path | None:
 
 
 def save_outputs(result: RunResult, overrides: list[str], output_dir: Path, run: MlflowRun | None,
-                 status: str) -> None:  # fmt: skip
+                 status: str, reason: str | None = None) -> None:  # fmt: skip
     """History first (it is what an outage or a crash must not lose), then plots, then MLflow. A record that
     cannot be written (a full disk, a read-only folder) ends the run FAILED with the reason."""
     result.final["output_dir"] = str(output_dir)
@@ -288,8 +289,8 @@ def save_outputs(result: RunResult, overrides: list[str], output_dir: Path, run:
         result.final["record_error"], status = problem, "FAILED"
     if run is None:
         return
-    if problem:
-        run.set_tags({"failure.reason": problem})
+    if problem or reason:  # an incomplete record says so first; else why the run was stopped
+        run.set_tags({"failure.reason": problem or reason})
     if result.final["pruned"]:
         run.set_tags({"optuna.state": "PRUNED", "pruned.reason": result.final["pruned"],
                       "mlflow.runName": f"{run.name} (pruned)"})  # fmt: skip

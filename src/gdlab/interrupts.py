@@ -9,6 +9,7 @@ cleanup runs.
 
 from __future__ import annotations
 
+import os
 import signal
 
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
@@ -51,3 +52,46 @@ class InterruptHandler:
 
 def failure_reason(handler: InterruptHandler) -> str:
     return f"interrupted by {handler.name or 'a signal'}"
+
+
+def interruption_reason(stop: BaseException) -> str:
+    """Why a fit stopped, from what it raised: gdlab's `Interrupted`, Lightning's SIGTERMException, or a plain
+    Ctrl-C, possibly under the SystemExit Lightning raises after shutting its loop down."""
+    seen = stop
+    while seen is not None:
+        if isinstance(seen, Interrupted):
+            return f"interrupted by {signal.Signals(seen.signum).name}"
+        if type(seen).__name__ == "SIGTERMException":  # Lightning's, a SystemExit
+            return "interrupted by SIGTERM"
+        if isinstance(seen, KeyboardInterrupt):
+            return "interrupted by SIGINT"
+        seen = seen.__cause__ or seen.__context__
+    return "interrupted"
+
+
+class PendingSigterm:
+    """SIGTERM while a command starts (imports and composing take seconds on a busy machine): remembered
+    instead of the default action's exit -15 with nothing said, and acted on once the command can: gdlab-sweep
+    stops before any trial, gdlab-train delivers it again once Lightning's own handler is in place
+    (`deliver`, from TrainingModule.on_train_start), so the run ends KILLED after its first epoch."""
+
+    def __init__(self):
+        self.signum: int | None = None
+        self.installed = False
+
+    def __call__(self, signum: int, frame) -> None:
+        self.signum = signum
+
+    def install(self) -> PendingSigterm:
+        signal.signal(signal.SIGTERM, self)
+        self.installed = True
+        return self
+
+    def deliver(self) -> None:
+        """Send a SIGTERM that arrived during start-up again, to whatever handles SIGTERM now."""
+        if self.signum is not None and signal.getsignal(signal.SIGTERM) is not self:
+            self.signum = None
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+PENDING = PendingSigterm()  # installed by the console scripts' first line (gdlab.entry)

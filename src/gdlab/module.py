@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 
 from gdlab.data import Split
+from gdlab.interrupts import PENDING
 from gdlab.members import Retire
 from gdlab.model import MLP
 from gdlab.optimizers import Evaluation, MemberOptimizer, StepRecord
@@ -143,6 +144,9 @@ class TrainingModule(pl.LightningModule):
         self.held_out_on_device = {name: (split.X.to(self.device), split.T.to(self.device))
                                    for name, split in self.held_out.items()}  # fmt: skip
         self.started = time.perf_counter()
+
+    def on_train_start(self) -> None:
+        PENDING.deliver()  # a SIGTERM during start-up, now that Lightning handles SIGTERM
 
     def on_train_epoch_start(self) -> None:
         self.epoch.__init__()

@@ -22,7 +22,7 @@ from pathlib import Path
 import optuna
 
 from gdlab.config import TEST_METRICS, ConfigError
-from gdlab.interrupts import InterruptHandler, failure_reason
+from gdlab.interrupts import PENDING, InterruptHandler, failure_reason
 from gdlab.masking import error_line, install_log_masking, mask_passwords
 from gdlab.sweep.parent_run import (
     end_parent_run,
@@ -157,6 +157,8 @@ def trial_shares(n_trials: int | None, workers: int) -> list[int | None]:
 def main(argv: list[str] | None = None) -> int:
     interrupts = InterruptHandler().install()
     try:
+        if PENDING.signum is not None:  # a SIGTERM while this process imported: stop now
+            interrupts(PENDING.signum, None)
         return sweep_main(argv, interrupts)
     except (KeyboardInterrupt, SystemExit):
         if interrupts.signum is None:
