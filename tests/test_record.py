@@ -207,7 +207,9 @@ def test_a_signalled_sweep_fails_its_running_trials_and_kills_its_runs(
     assert sorted(r.info.status for r in runs) == ["KILLED"] * (int(population) + 1)  # children + parent
     (parent,) = [r for r in runs if r.data.tags.get("gdlab.kind") == "sweep"]
     assert parent.data.tags["failure.reason"] == f"interrupted by {signum.name}"
-    assert {r.data.tags["failure.reason"] for r in runs} == {f"interrupted by {signum.name}"}  # the trials' too
+    assert {r.data.tags["failure.reason"] for r in runs} == {
+        f"interrupted by {signum.name}"
+    }  # the trials' too
 
 
 @pytest.mark.slow
@@ -310,3 +312,32 @@ def test_an_unusable_store_is_one_line_and_exit_3_before_training(tmp_path: Path
         assert code in (2, 3) and "Traceback" not in err, (command, err[-3000:])
         assert len(err.strip().splitlines()) == 1 and "error:" in err, (command, err)
         assert "final:" not in out and "trial " not in out
+
+
+@pytest.mark.slow
+def test_a_live_run_in_another_pid_namespace_is_not_taken_for_dead(tmp_path: Path):
+    """A container with host networking or a pod: the same hostname, its own pids."""
+    uri = f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}"
+    command = ["unshare", "--pid", "--fork", "--mount-proc", str(BIN / "gdlab-train"), "dataset=xor",
+               "trainer.max_epochs=200000", "tracking.plots=false"]  # fmt: skip
+    process = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True, start_new_session=True)  # fmt: skip
+    try:
+        wait_for_history(tmp_path, process, rows=50)
+    except AssertionError:
+        if process.poll() is not None and "unshare" in process.stderr.read():
+            pytest.skip("no new pid namespace here (unshare needs CAP_SYS_ADMIN)")
+        raise
+    try:
+        from gdlab.repair import PID_NAMESPACE_TAG, repair_dead_runs
+
+        client = MlflowClient(tracking_uri=uri)
+        (run,) = client.search_runs([client.get_experiment_by_name("xor").experiment_id])
+        assert int(run.data.tags["gdlab.pid"]) < 10  # its pid inside its own namespace
+        assert run.data.tags[PID_NAMESPACE_TAG] != os.readlink("/proc/self/ns/pid")
+        assert repair_dead_runs(client) == 0  # what this process cannot judge, it leaves alone
+        assert client.get_run(run.info.run_id).info.status == "RUNNING"
+    finally:
+        os.killpg(process.pid, signal.SIGTERM)
+        finish(process, timeout=300)
+    assert client.get_run(run.info.run_id).info.status == "KILLED"  # ended by its own process

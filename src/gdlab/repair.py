@@ -4,7 +4,10 @@ Every run gdlab creates carries the host and the process that made it (`process_
 OOM kill or a power cut leaves the run RUNNING in MLflow forever; the first `mlflow_client` a later gdlab
 process opens on that store ends such runs of this host whose process is gone (`repair_dead_runs`).
 A process is identified by its pid and its start time, so a recycled pid does not keep a dead run alive.
-Runs of other hosts are left alone: only their own host can tell whether they are still training.
+A pid means something only in its pid namespace and until the machine reboots, so the run also records
+both (containers with host networking and pods share a hostname but not a pid namespace). Runs of other
+hosts, other pid namespaces, other boots, or without those records are left alone: only where a run's
+process was started can anyone tell whether it is still training.
 """
 
 from __future__ import annotations
@@ -16,6 +19,8 @@ from pathlib import Path
 HOST_TAG = "gdlab.host"
 PID_TAG = "gdlab.pid"
 PROCESS_TAG = "gdlab.process"  # "<pid>:<start time in clock ticks>" where /proc has it
+PID_NAMESPACE_TAG = "gdlab.pid_namespace"  # /proc/self/ns/pid's link: "pid:[4026531836]"
+BOOT_TAG = "gdlab.boot_id"  # /proc/sys/kernel/random/boot_id: a new one at every boot
 
 
 def process_identity(pid: int) -> str | None:
@@ -34,7 +39,21 @@ def process_tags() -> dict[str, str]:
     identity = process_identity(pid)
     if identity:
         tags[PROCESS_TAG] = identity
+    tags.update({key: value for key, value in where_pids_mean_something().items() if value})
     return tags
+
+
+def where_pids_mean_something() -> dict[str, str | None]:
+    """This process's pid namespace and boot (None where the system does not say)."""
+    try:
+        namespace = os.readlink("/proc/self/ns/pid")
+    except OSError:
+        namespace = None
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        boot = None
+    return {PID_NAMESPACE_TAG: namespace, BOOT_TAG: boot}
 
 
 def process_alive(pid: int) -> bool:
@@ -50,8 +69,12 @@ def process_alive(pid: int) -> bool:
 
 
 def made_by_dead_process(tags: dict) -> bool:
-    """True for a run of this host whose process is gone; False when unsure (another host, no tags)."""
+    """True for a run of this host whose process is gone; False when unsure (another host, pid namespace or
+    boot, or a run that does not record them)."""
     if tags.get(HOST_TAG) != socket.gethostname() or not tags.get(PID_TAG, "").isdigit():
+        return False
+    here = where_pids_mean_something()
+    if any(value is None or tags.get(key) != value for key, value in here.items()):
         return False
     pid = int(tags[PID_TAG])
     if pid == os.getpid():
