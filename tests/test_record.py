@@ -49,6 +49,26 @@ def test_invocations_and_workers_draw_distinct_trials_and_share_n_trials(tmp_pat
     assert len({tuple(sorted(t.params.items())) for t in trials}) == 24
 
 
+@pytest.mark.slow
+def test_two_invocations_started_together_on_a_new_study_draw_distinct_trials(tmp_path: Path):
+    both = [gdlab("gdlab-sweep", "lr_depth", "--n-trials", "4", "--no-refit", *QUICK, cwd=tmp_path)
+            for _ in range(2)]  # fmt: skip
+    for process in both:
+        code, _, err = finish(process)
+        assert code == 0, err[-2000:]
+    study = optuna.load_study(study_name="lr_depth", storage=f"sqlite:///{tmp_path / 'mlruns' / 'optuna.db'}")
+    trials = study.get_trials(deepcopy=False)
+    assert len(trials) == 8 and len({tuple(sorted(t.params.items())) for t in trials}) == 8
+    # the process that created the study drew the sweep file's stream: a fresh sweep reproduces
+    alone = tmp_path / "alone"
+    alone.mkdir()
+    code, _, err = finish(gdlab("gdlab-sweep", "lr_depth", "--n-trials", "4", *QUICK, cwd=alone))
+    assert code == 0, err[-2000:]
+    fresh = optuna.load_study(study_name="lr_depth", storage=f"sqlite:///{alone / 'mlruns' / 'optuna.db'}")
+    first = [t.params for t in fresh.get_trials(deepcopy=False)][:1]
+    assert first[0] in [t.params for t in trials]
+
+
 @pytest.mark.parametrize("name", ["a/b", "../up", ".hidden"])
 def test_a_study_name_that_is_not_one_word_is_refused(tmp_path: Path, refused, name):
     code, err = refused("lr", "--study", name, *QUICK)

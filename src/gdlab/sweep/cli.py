@@ -200,13 +200,12 @@ def sweep_main(argv: list[str] | None, interrupts: InterruptHandler) -> int:
                       file=sys.stderr)  # fmt: skip
                 return 0
         storage = make_storage(storage_url, args.heartbeat_interval, args.grace_period)
-        study = optuna.create_study(
-            study_name=study_name, storage=storage, sampler=spec.sampler, pruner=spec.pruner,
-            direction=spec.direction, load_if_exists=True,
-        )  # fmt: skip
+        study, created = create_or_load_study(study_name, storage, spec)
         check_same_search_space(study, spec)
         check_same_experiment(study, spec.signature)
-        study.sampler = sampler_for_stream(spec, len(study.get_trials(deepcopy=False)), args.worker_index)
+        first_stream = created and not args.worker  # only the process that made the study reproduces it
+        study.sampler = sampler_for_stream(spec, len(study.get_trials(deepcopy=False)), args.worker_index,
+                                           first_stream)  # fmt: skip
     except (SweepError, ConfigError, ExperimentMismatch) as error:
         print(f"gdlab-sweep: error: {error}", file=sys.stderr)
         return 2
@@ -215,6 +214,15 @@ def sweep_main(argv: list[str] | None, interrupts: InterruptHandler) -> int:
     except TrackingUnavailable as error:
         print(f"gdlab-sweep: error: {error}", file=sys.stderr)
         return 3
+
+
+def create_or_load_study(name: str, storage, spec: SweepSpec) -> tuple[optuna.Study, bool]:
+    """The study, and whether this process created it (of two processes starting together, one does)."""
+    arguments = dict(study_name=name, storage=storage, sampler=spec.sampler, pruner=spec.pruner)
+    try:
+        return optuna.create_study(**arguments, direction=spec.direction), True
+    except optuna.exceptions.DuplicatedStudyError:
+        return optuna.load_study(**arguments), False
 
 
 def run_sweep(args, spec: SweepSpec, study: optuna.Study, storage, storage_url: str, budget: int,

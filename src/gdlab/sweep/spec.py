@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import socket
+import uuid
 from dataclasses import dataclass, field, fields
 from functools import partial
 from pathlib import Path
@@ -223,19 +226,22 @@ def build_sampler(sampler_cfg: DictConfig, distributions: dict, **arguments) -> 
     return sampler
 
 
-def sampler_for_stream(spec: SweepSpec, trials_before: int, worker: int) -> optuna.samplers.BaseSampler:
+def sampler_for_stream(spec: SweepSpec, trials_before: int, worker: int,
+                       first: bool = False) -> optuna.samplers.BaseSampler:  # fmt: skip
     """The sweep's sampler for one stream of draws: an invocation that finds `trials_before` trials in the
-    study, as its worker number `worker`.
+    study, as its worker number `worker`; `first`: this process created the study.
 
-    A sampler seeded from the sweep file draws the same values in every process. Stream (0, 0), a new
-    study's first process, keeps the file's seed (so a fresh sweep reproduces); every other stream gets a
-    seed derived from it, so workers and later invocations draw their own values and a resumed study
-    goes on instead of replaying.
+    A sampler seeded from the sweep file draws the same values in every process. The process that
+    created the study keeps the file's seed while the study is empty (so a fresh sweep reproduces); every
+    other stream gets a seed derived from it and from this process's own identity (pid, host, a random
+    nonce), so workers, later invocations and invocations started in the same second all draw their own
+    values, and a resumed study goes on instead of replaying.
     """
     seed = spec.sampler_cfg.get("seed")
-    if seed is None or (trials_before, worker) == (0, 0):
+    if seed is None or (first and (trials_before, worker) == (0, 0)):
         return spec.sampler
-    digest = hashlib.sha256(f"{seed}:{trials_before}:{worker}".encode()).digest()
+    identity = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex}"
+    digest = hashlib.sha256(f"{seed}:{trials_before}:{worker}:{identity}".encode()).digest()
     return build_sampler(spec.sampler_cfg, spec.distributions, seed=int.from_bytes(digest[:4], "little"))
 
 
