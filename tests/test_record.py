@@ -361,3 +361,60 @@ def test_a_live_run_in_another_pid_namespace_is_not_taken_for_dead(tmp_path: Pat
         os.killpg(process.pid, signal.SIGTERM)
         finish(process, timeout=300)
     assert client.get_run(run.info.run_id).info.status == "KILLED"  # ended by its own process
+
+
+WRITER_SCRIPT = """
+import sys
+import gdlab
+overrides = ["dataset=xor", "trainer.max_epochs=6000", "tracking.plots=false", "tracking.flush_seconds=0.1",
+             f"tracking.dir={sys.argv[1]}"]
+results = gdlab.run(overrides, population=[{"optimizer.lr": lr} for lr in (0.05, 0.1, 0.2)])
+print(" ".join(r.final["mlflow_run_id"] for r in results))
+print(" ".join(str(len(r.history)) for r in results))
+"""
+
+
+def writer_of(process) -> int | None:
+    """The pid of the metric writer child of `process`, once it runs."""
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+                cmdline = (entry / "cmdline").read_bytes()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == process.pid and b"gdlab.metric_writer" in cmdline:
+                return int(entry.name)
+    return None
+
+
+@pytest.mark.slow
+def test_a_dead_metric_writer_costs_no_metric_and_no_false_finished(tmp_path: Path):
+    """kill -9 of the writer child alone (an OOM kill): the training process writes the record itself."""
+    script = tmp_path / "population.py"
+    script.write_text(WRITER_SCRIPT)
+    process = subprocess.Popen([sys.executable, str(script), str(tmp_path / "mlruns")], cwd=tmp_path,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}")
+    deadline, writer, written = time.monotonic() + 300, None, 0
+    while time.monotonic() < deadline and process.poll() is None and not written:
+        writer = writer or writer_of(process)
+        experiment = (
+            client.get_experiment_by_name("xor") if (tmp_path / "mlruns" / "mlflow.db").exists() else None
+        )
+        runs = client.search_runs([experiment.experiment_id]) if experiment else []
+        written = sum(len(client.get_metric_history(r.info.run_id, "train/loss")) for r in runs)
+        time.sleep(0.1)
+    assert writer is not None and written > 0, "the writer never wrote"
+    os.kill(writer, signal.SIGKILL)  # mid-training, with rows in its hands
+    code, out, err = finish(process, timeout=600)
+    assert code == 0, err[-3000:]
+    run_ids, lengths = (line.split() for line in out.strip().splitlines()[-2:])
+    assert "the metric writer process died" in err
+    for run_id, epochs in zip(run_ids, map(int, lengths), strict=True):
+        run = client.get_run(run_id)
+        assert run.info.status == "FINISHED"
+        steps = [m.step for m in client.get_metric_history(run_id, "train/loss")]
+        assert sorted(steps) == list(range(epochs + 1))  # every epoch once, and the final value: none lost
+        assert run.data.metrics["final/epochs"] == epochs
+        assert run.data.tags["gdlab.writer"].startswith("died")

@@ -324,8 +324,14 @@ def record_error(error: OSError, output_dir: Path) -> str:
 
 
 def finish_tracking(result: RunResult, run: MlflowRun) -> None:
-    """Wait for the run's record to be written; note the run (and any outage) on the result."""
+    """Wait for the run's record to be written (by this process, if the writer died meanwhile); note the run
+    (and any outage) on the result."""
     run.wait()
+    if run.writer_died:
+        log.warning("gdlab: the metric writer process died; writing run %s's record from this process",
+                    run.run_id)  # fmt: skip
+        output_dir = result.final.get("output_dir")
+        run.rewrite(result.history.to_dict("records"), result.final, Path(output_dir) if output_dir else None)
     result.final.update(
         mlflow_run_id=run.run_id, tracking_outage=run.outage, tracking_uri=mask_passwords(run.uri)
     )

@@ -291,11 +291,13 @@ class MlflowRun:
         self.submitted = False  # whether the writer holds anything of this run: then `wait` drains it
         self.closing: tuple[str, int] | None = None  # (status, end time in ms) once `close` is called
         self.last_values: dict = {}
-        params = list(flatten(cfg).items())
+        self.sent_tags: dict = {}  # tags handed to the writer: written again should it die
+        self.writer_died = False  # the writer exited with some of this run's record in hand (see `rewrite`)
+        self.params = list(flatten(cfg).items())
         if background:
-            self._send({"params": params})
+            self._send({"params": self.params})
         else:
-            self._call(log_params, self.client, self.run_id, params)
+            self._call(log_params, self.client, self.run_id, self.params)
 
     def _create_run(self, tags: dict) -> str:
         try:
@@ -326,15 +328,7 @@ class MlflowRun:
             self.outage = self.outage or mask_passwords(str(error)).splitlines()[0]
 
     def log_epoch(self, row: dict) -> None:
-        step, timestamp = row["epoch"], int(time.time() * 1000)
-        for key, value in row.items():
-            if key in UNLOGGED or (isinstance(value, float) and math.isnan(value)):
-                continue
-            if key in LOGGED_ON_CHANGE:
-                if self.last_values.get(key) == value:
-                    continue
-                self.last_values[key] = value
-            self.buffer.append((key, value, timestamp, step))
+        self.log_epoch_rows(row)
         now = time.monotonic()
         if self.last_flush is None:
             self.last_flush = now
@@ -365,6 +359,7 @@ class MlflowRun:
 
         masked = [(key, mask_passwords(str(value))) for key, value in tags.items()]
         if self.submitted:
+            self.sent_tags.update(masked)
             self._send({"tags": masked})
         else:
             self._call(self.client.log_batch, self.run_id, tags=[RunTag(*tag) for tag in masked])
@@ -391,13 +386,58 @@ class MlflowRun:
         """Wait until the writer has done everything handed to it for this run; the run's outage, if any."""
         if self.submitted:
             error = self.writer.drain(self.run_id, timeout=self.drain_timeout)
-            self.outage = self.outage or error
             self.submitted = False
-            if error and self.writer.process.poll() is not None and self.closing:
-                # the writer died with this run in hand: the run must still end, not stay RUNNING
-                status, end_ms = self.closing
-                self._call(self.client.set_terminated, self.run_id, status=status, end_time=end_ms)
+            if error and self.writer.process.poll() is not None:
+                self.writer_died = True  # not an outage: the caller writes the record itself (`rewrite`)
+            else:
+                self.outage = self.outage or error
         return self.outage
+
+    def rewrite(self, history: Iterable[dict], final: dict, directory: Path | None) -> None:
+        """After the writer died with this run in hand (an OOM kill, a kill -9 of that child alone): write the
+        run's record from this process, without the writer: params, the metric rows the store lacks (each
+        metric from the step after the last one stored), tags, files; then end it as `close` was asked to. A
+        record that cannot be completed ends the run FAILED, with the reason."""
+        status, end_ms = self.closing or ("FAILED", int(time.time() * 1000))
+        try:
+            log_params(self.client, self.run_id, self.params)
+            self.buffer, self.last_values = [], {}
+            for row in history:
+                self.log_epoch_rows(row)
+            self.log_final(final)
+            stored = self.stored_steps({key for key, *_ in self.buffer})
+            log_metrics(self.client, self.run_id, [r for r in self.buffer if r[3] > stored.get(r[0], -1)])
+            self.buffer = []
+            from mlflow.entities import RunTag
+
+            tags = {**self.sent_tags, "gdlab.writer": "died; the record was written by the training process"}
+            self.client.log_batch(self.run_id, tags=[RunTag(key, value) for key, value in tags.items()])
+            if directory is not None:
+                self.client.log_artifacts(self.run_id, str(directory))
+        except Exception as error:  # the store is out of reach too: say so on the run, if it takes that
+            self.outage = f"the metric writer died and its record could not be completed: {error}"
+            status = "FAILED"
+            with contextlib.suppress(Exception):
+                self.client.set_tag(self.run_id, "failure.reason", mask_passwords(self.outage)[:5000])
+        self._call(self.client.set_terminated, self.run_id, status=status, end_time=end_ms)
+
+    def log_epoch_rows(self, row: dict) -> None:
+        """`log_epoch`'s rows, buffered, without handing them to the writer."""
+        step, timestamp = row["epoch"], int(time.time() * 1000)
+        for key, value in row.items():
+            if key in UNLOGGED or (isinstance(value, float) and math.isnan(value)):
+                continue
+            if key in LOGGED_ON_CHANGE:
+                if self.last_values.get(key) == value:
+                    continue
+                self.last_values[key] = value
+            self.buffer.append((key, value, timestamp, step))
+
+    def stored_steps(self, keys: set[str]) -> dict[str, int]:
+        """The last step the store holds of each metric of this run (rows are written in step order)."""
+        logged = self.client.get_run(self.run_id).data.metrics
+        return {key: max(m.step for m in self.client.get_metric_history(self.run_id, key))
+                for key in keys if key in logged}  # fmt: skip
 
 
 @functools.lru_cache(maxsize=64)
