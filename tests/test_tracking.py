@@ -264,3 +264,33 @@ def test_mask_passwords(text, masked):
     from gdlab.masking import mask_passwords
 
     assert mask_passwords(text) == masked
+
+
+SECRET_URLS = [
+    "postgresql://u:s3cr et@h/db",  # a space in the password
+    "postgresql+psycopg://u@h/db?password=p4ss#w0rd",  # SQLAlchemy keeps the "#"
+    "postgresql://h/db?pass%77ord=zz9secret",  # a percent-encoded key
+    "mysql://u:s3cr%40t@h/db",  # an encoded "@"
+    "http://u:pa/ss:w@rd@127.0.0.1:5000",
+]
+
+
+@pytest.mark.parametrize("url", SECRET_URLS)
+@pytest.mark.parametrize("form", ["{url}", "tracking.uri={url}", "++hydra.sweeper.storage={url}"])
+def test_what_sqlalchemy_and_urllib_read_as_a_secret_is_masked(url, form):
+    """The secrets as the libraries that read these URLs parse them, none left in the masked text."""
+    from urllib.parse import urlsplit
+
+    from sqlalchemy.engine import make_url
+
+    from gdlab.masking import mask_passwords
+
+    parsed = make_url(url)
+    secrets = {parsed.password, urlsplit(url).password}
+    secrets |= {value for key, value in parsed.query.items() if "pass" in key or "secret" in key}
+    secrets = {s for s in secrets if s}
+    assert secrets, url
+    masked = mask_passwords(form.format(url=url))
+    for secret in secrets:
+        assert str(secret) not in masked, (secret, masked)
+    assert "***" in masked

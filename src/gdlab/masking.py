@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 from typing import TYPE_CHECKING
+from urllib.parse import unquote
 
 if TYPE_CHECKING:
     from omegaconf import DictConfig
@@ -16,12 +17,17 @@ if TYPE_CHECKING:
 # scheme://user:password@host, also as Hydra prints overrides (scheme\://user\:password@host). The password
 # runs to the last "@" of its whitespace-free token: SQLAlchemy and urllib accept "/", ":" and "@" in it.
 _USERINFO = re.compile(r"(?P<prefix>[A-Za-z][A-Za-z0-9+.\-]*\\?://[^/\s:@]*\\?:)(?P<rest>\S*)")
-# ?password=... (libpq, psycopg, MySQL drivers), also key=value connection strings and tokens; the key may
-# have a prefix (sslpassword, client_secret, access_token). The value runs to "&", "#" or whitespace.
-_SECRET_PARAM = re.compile(
-    r"(?i)(?<![A-Za-z0-9])(?P<key>[A-Za-z0-9_]*(?:password|passwd|secret|token)|pwd|pass|api_?key)"
-    r"(?P<eq>\\?=)(?P<value>[^&#\s]+?)(?=['\"]*(?:[&#\s]|$))"
+# One URL alone (a storage URL, a tracking.uri=... override): its password may hold spaces, as SQLAlchemy's
+# make_url and urllib read it; it runs to the last "@" of the line.
+_WHOLE_URL = re.compile(
+    r"(?P<prefix>^[+~]*(?:[\w.\-/]+=)?[A-Za-z][A-Za-z0-9+.\-]*\\?://[^/\s:@]*\\?:)(?P<rest>[^\n]*)$"
 )
+# ?password=... (libpq, psycopg, MySQL drivers), also key=value connection strings and tokens; the key may
+# have a prefix (sslpassword, client_secret, access_token) and percent-escapes (pass%77ord is password to
+# make_url). The value runs to "&" or whitespace: SQLAlchemy keeps a "#" in it.
+_KEY = re.compile(r"(?<![A-Za-z0-9_%])(?P<key>(?:[A-Za-z0-9_]|%[0-9A-Fa-f]{2})+)\\?=")
+_VALUE = re.compile(r"[^&\s]+?(?=['\"]*(?:[&\s]|$))")
+_SECRET_KEY = re.compile(r"(?i)[a-z0-9_]*(?:password|passwd|secret|token)|pwd|pass|api_?key")
 
 
 def _mask_userinfo(match: re.Match) -> str:
@@ -32,12 +38,28 @@ def _mask_userinfo(match: re.Match) -> str:
     return f"{match['prefix']}***{rest[at:]}"
 
 
+def _mask_params(text: str) -> str:
+    """Each value of a secret key (key=value, in a query string or a connection string), masked."""
+    parts, done = [], 0
+    for key in _KEY.finditer(text):
+        if key.start() < done or not _SECRET_KEY.fullmatch(unquote(key["key"])):
+            continue
+        value = _VALUE.match(text, key.end())
+        if value is not None:
+            parts += [text[done : key.end()], "***"]
+            done = value.end()
+    return "".join(parts) + text[done:]
+
+
 def mask_passwords(text: str) -> str:
-    """Every password a URL can carry, masked anywhere in `text`:
+    """Every password a URL can carry, masked anywhere in `text`, as the libraries that read URLs
+    (SQLAlchemy's make_url, urllib.parse) would take it:
     'postgresql://user:secret@host/db' -> 'postgresql://user:***@host/db',
     'postgresql://host/db?password=secret' -> 'postgresql://host/db?password=***'."""
+    if text.count("://") == 1 and "\n" not in text:  # one URL alone: its password may hold a space
+        text = _WHOLE_URL.sub(_mask_userinfo, text)
     text = _USERINFO.sub(_mask_userinfo, text)
-    return _SECRET_PARAM.sub(r"\g<key>\g<eq>***", text)
+    return _mask_params(text)
 
 
 def masked_config(cfg: DictConfig) -> DictConfig:
