@@ -55,7 +55,7 @@ BAD = [
     (["init=small", "init.std=nan"], "init.std=nan is not allowed"),
     (["trainer.stop_loss=nan"], "trainer.stop_loss=nan is not allowed"),
     (["optimizer=backtracking", "optimizer.growth=inf"], "optimizer.growth=inf is not allowed"),
-    (["dataset.noise=nan"], "dataset.noise=nan is not allowed; allowed: a finite number >= 0"),
+    (["dataset.noise=nan"], "dataset.noise=nan is not allowed; allowed: a finite number in [0, 100.0]"),
     # what numpy, scikit-learn or the allocator would refuse with a traceback
     (["seed=4294967296"], "seed=4294967296 is out of range; allowed: an integer in [0, 4294967295]"),
     (["dataset.random_state=-1"], "dataset.random_state=-1 is out of range"),

@@ -27,6 +27,8 @@ TRAIN_METRICS = ("train/loss", "train/acc")
 VAL_METRICS = ("val/loss", "val/acc")
 TEST_METRICS = ("test/loss", "test/acc")
 MAX_SEED = 2**32 - 1  # numpy's limit (torch takes more)
+MAX_NOISE = 100.0  # the datasets live on a unit scale: past this the points are noise, and 1e308 overflows
+MAX_NAME = 200  # an experiment's name becomes a folder name under mlruns/artifacts/ (255 bytes at most)
 
 
 class ConfigError(ValueError):
@@ -111,7 +113,9 @@ def _check_objective(cfg) -> None:
 def _check_dataset(cfg) -> None:
     check_choice(cfg, "dataset.name", tuple(N_CLASSES))
     check_number(cfg, "dataset.test_size", 0, 1, high_open=True)
-    check_number(cfg, "dataset.noise", 0)
+    check_number(cfg, "dataset.noise", 0, MAX_NOISE)
+    if cfg.dataset.name == "circles":
+        check_number(cfg, "dataset.factor", 0, 1, high_open=True)
     check_number(cfg, "dataset.repeats", 1, integer=True)
     check_number(cfg, "dataset.random_state", 0, MAX_SEED, integer=True)
     check_number(cfg, "dataset.n_samples", 4, integer=True, optional=cfg.dataset.name in ("xor", "digits"))
@@ -150,24 +154,55 @@ def dataset_rows(dataset) -> int:
     return dataset.n_samples
 
 
+def memory_needed(cfg) -> tuple[int, int]:
+    """(bytes of the network: weights, gradients and optimizer state; bytes of the data and activations: Z,
+    A and dZ per layer) of one run, counted without building anything (model.depth may be huge)."""
+    n_in, n_out = N_FEATURES[cfg.dataset.name], N_CLASSES[cfg.dataset.name]
+    if isinstance(cfg.model.width, ListConfig):
+        sizes = [n_in, *cfg.model.width, n_out]
+        parameters = sum((a + 1) * b for a, b in zip(sizes[:-1], sizes[1:], strict=False))
+        units = sum(sizes)
+    elif cfg.model.depth == 0:
+        parameters, units = (n_in + 1) * n_out, n_in + n_out
+    else:
+        width, depth = cfg.model.width, cfg.model.depth
+        parameters = (n_in + 1) * width + (depth - 1) * (width + 1) * width + (width + 1) * n_out
+        units = n_in + depth * width + n_out
+    bytes_per_number = cfg.trainer.precision // 8
+    memory = cfg.optimizer.get("memory") or 0  # the non-monotone search's past losses
+    network = (4 * parameters + memory) * bytes_per_number
+    data = dataset_rows(cfg.dataset) * units * 3 * bytes_per_number
+    return network, data
+
+
+def available_memory() -> int:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def check_fits(cfg, members: int = 1, where: str = "") -> None:
+    """A run (or a population of `members` such runs) this machine can hold; the key to blame, else."""
+    network, data = memory_needed(cfg)
+    needed, available = members * (network + data), available_memory()
+    if needed <= available:
+        return
+    of = f" for {members:,} population members" if members > 1 else ""
+    gib = f"needs about {needed / 2**30:.1f} GiB{of}, more than this machine's {available / 2**30:.1f} GiB"
+    memory = cfg.optimizer.get("memory") or 0
+    if memory * cfg.trainer.precision // 8 > network / 2:  # the non-monotone search's memory dominates
+        raise ConfigError(f"{where}optimizer.memory={memory} {gib}; use a smaller optimizer.memory"
+                          + (" or fewer members" if members > 1 else ""))  # fmt: skip
+    if members * network > available or data <= network:
+        width = cfg.model.width if not isinstance(cfg.model.width, ListConfig) else list(cfg.model.width)
+        raise ConfigError(f"{where}model.width={width} model.depth={cfg.model.depth} {gib}; use a smaller "
+                          "network" + (" or fewer members" if members > 1 else ""))  # fmt: skip
+    key = "dataset.repeats" if cfg.dataset.name == "xor" else "dataset.n_samples"
+    rows = f"({dataset_rows(cfg.dataset):,} rows)"
+    raise ConfigError(f"{where}{key}={OmegaConf.select(cfg, key)} {rows} {gib}; use fewer rows"
+                      + (" or fewer members" if members > 1 else ""))  # fmt: skip
+
+
 def _check_size(cfg) -> None:
-    """A network this machine can hold: weights, gradients, optimizer state and activations, in bytes."""
-    widths = (
-        list(cfg.model.width)
-        if isinstance(cfg.model.width, ListConfig)
-        else [cfg.model.width] * cfg.model.depth
-    )
-    sizes = [N_FEATURES[cfg.dataset.name], *widths, N_CLASSES[cfg.dataset.name]]
-    parameters = sum((a + 1) * b for a, b in zip(sizes[:-1], sizes[1:], strict=False))
-    activations = dataset_rows(cfg.dataset) * sum(sizes) * 3  # Z, A and dZ per layer
-    needed = (4 * parameters + activations) * cfg.trainer.precision // 8
-    available = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    if needed > available:
-        raise ConfigError(
-            f"model.width={cfg.model.width} model.depth={cfg.model.depth} needs about "
-            f"{needed / 2**30:.1f} GiB ({parameters:,} parameters), more than this machine's "
-            f"{available / 2**30:.1f} GiB; use a smaller network"
-        )
+    check_fits(cfg)
 
 
 def _check_model(cfg) -> None:
@@ -214,8 +249,10 @@ def _check_init(cfg) -> None:
 
 def _check_optimizer(cfg) -> None:
     check_choice(cfg, "optimizer.name", OPTIMIZERS)
-    check_number(cfg, "optimizer.lr", 0, low_open=True)
     name = cfg.optimizer.name
+    if name == "polyak":  # its lr follows step_max: name the key the user set
+        check_number(cfg, "optimizer.step_max", 0, low_open=True)
+    check_number(cfg, "optimizer.lr", 0, low_open=True)
     if "batch_size" in cfg.optimizer:
         check_number(cfg, "optimizer.batch_size", 1, integer=True, optional=True)
     if name in ("sgd", "momentum"):
@@ -323,6 +360,14 @@ def _plain(node):
 
 def _check_tracking(cfg) -> None:
     check_choice(cfg, "tracking.backend", TRACKING_BACKENDS)
+    for key in ("tracking.dir", "tracking.experiment"):
+        value = OmegaConf.select(cfg, key)
+        if value is None and key == "tracking.experiment":
+            continue
+        if not isinstance(value, str) or not value.strip() or len(value.encode()) > MAX_NAME:
+            default = " (or null: the dataset's name)" if key == "tracking.experiment" else ""
+            raise ConfigError(f"{key}={value!r} is not allowed; use a non-empty string of at most {MAX_NAME} "
+                              f"bytes{default}")  # fmt: skip
     if cfg.tracking.backend == "server":
         uri = cfg.tracking.get("uri")
         scheme = uri.partition("://")[0].lower() if isinstance(uri, str) and "://" in uri else None

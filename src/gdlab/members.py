@@ -9,7 +9,7 @@ import json
 
 from omegaconf import DictConfig, OmegaConf
 
-from gdlab.config import ConfigError
+from gdlab.config import ConfigError, check_fits
 from gdlab.schedules import SCHEDULE_KEYS
 
 # L-BFGS's two-loop recursion couples all parameters, so it has no per-member form: it trains as P = 1.
@@ -62,6 +62,7 @@ def check_population(cfgs: list[DictConfig]) -> None:
             f"optimizer.name={name!r} cannot train as a population (its update couples all parameters, "
             f"so it runs as one member only); choose one of {'|'.join(POPULATION_OPTIMIZERS)}"
         )
+    check_fits(cfgs[0], members=len(cfgs), where="population: ")  # members share the architecture
     key = architecture_key(cfgs[0])
     for i, cfg in enumerate(cfgs[1:], start=1):
         if architecture_key(cfg) != key:

@@ -39,6 +39,7 @@ from gdlab.sweep.spec import (
     SweepSpec,
     available_sweeps,
     check_pbt_population,
+    check_population_fits,
     load_sweep,
     sampler_for_stream,
 )
@@ -191,6 +192,7 @@ def sweep_main(argv: list[str] | None, interrupts: InterruptHandler) -> int:
             if spec.pbt is not None:  # PBT copies within the population: its size is part of the experiment
                 spec.signature["gdlab_sweep.population"] = json.dumps(args.population)
         check_pbt_population(spec)
+        check_population_fits(spec)
         spec.progress_every = args.progress
         if args.exclusive and not args.worker:
             lock = StudyLock(storage_url, study_name)

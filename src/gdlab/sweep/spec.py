@@ -17,6 +17,7 @@ from functools import partial
 from pathlib import Path
 
 import optuna
+from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException
 from hydra.utils import instantiate
 from hydra_plugins.hydra_optuna_sweeper._impl import OptunaSweeperImpl, create_params_from_overrides
@@ -24,7 +25,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from optuna.distributions import CategoricalDistribution, FloatDistribution
 
 from gdlab.compose import VariantComposer, compose_config, search_path_override
-from gdlab.config import ConfigError, validate
+from gdlab.config import ConfigError, check_fits, check_number, validate
 from gdlab.pbt_rules import PBTSettings, settings_problem
 from gdlab.schedules import SCHEDULABLE, SCHEDULE_SUFFIX
 from gdlab.sweep.selection import check_selection, refit_enabled
@@ -61,6 +62,7 @@ class SweepSpec:
     progress_every: float = 10.0  # seconds between progress lines in a log (gdlab-sweep --progress)
     pbt: PBTSettings | None = None  # gdlab_sweep.pbt: Population Based Training inside each population
     source: str = ""  # the sweep file, as messages name it (sweeps/lr.yaml)
+    edges: list = field(default_factory=list, repr=False)  # validated configs at the search space's edges
 
 
 def available_sweeps(config_dir: Path | None = None) -> list[str]:
@@ -97,7 +99,8 @@ def load_sweep(name: str, overrides: list[str] | None = None, config_dir: Path |
         distributions, fixed_params, _ = create_params_from_overrides(space)
     except Exception as error:
         raise SweepError(f"{source}: hydra.sweeper.params: {error}") from error
-    check_search_space(name, source, overrides, task, full, distributions)
+    edges = check_search_space(name, source, overrides, task, full, distributions)
+    check_sweep_settings(source, full, task.get("gdlab_sweep") or {}, distributions, overrides)
     try:
         check_selection(task)
         refit_enabled(task)
@@ -131,6 +134,7 @@ def load_sweep(name: str, overrides: list[str] | None = None, config_dir: Path |
         signature=experiment_signature(task, sweeper.params, overrides),
         pbt=parse_pbt(source, extra.get("pbt"), task, distributions, pruner, custom),
         source=source,
+        edges=edges,
     )
 
 
@@ -258,21 +262,60 @@ def build_optuna_parts(sweeper: DictConfig, extra: DictConfig, distributions: di
 
 
 def check_search_space(name: str, source: str, overrides: list[str], task: DictConfig, full: DictConfig,
-                       distributions: dict) -> None:  # fmt: skip
-    """Every searched key exists, and the configs at the edges of the space validate."""
+                       distributions: dict) -> list[DictConfig]:  # fmt: skip
+    """Every searched key exists, and the configs at the edges of the space validate; those configs."""
     choices = full.hydra.runtime.choices
     for key in distributions:
         if key not in choices and OmegaConf.select(task, key, default="__missing__") == "__missing__":
             raise SweepError(f"{source}: hydra.sweeper.params: unknown key {key!r}")
     try:
-        validate(task)
+        edges = [validate(task)]
         for key, distribution in distributions.items():
             for value in edge_values(distribution):
-                validate(compose_config([f"+sweep={name}", *overrides, f"{key}={value}"]))
+                edges.append(validate(compose_config([f"+sweep={name}", *overrides, f"{key}={value}"])))
+        return edges
     except ConfigError as error:
         raise SweepError(f"{source}: {error}") from error
     except HydraException as error:
         raise SweepError(f"{source}: {one_line(error)}") from error
+
+
+def check_sweep_settings(
+    source: str, full: DictConfig, extra, distributions: dict, overrides: list[str]
+) -> None:
+    """The sweep file's own numbers, and no fixed override of a searched key (it would be ignored)."""
+    sweeper = full.hydra.sweeper
+    direction = getattr(sweeper.direction, "name", sweeper.direction)
+    if direction not in ("minimize", "maximize"):
+        raise SweepError(f"{source}: hydra.sweeper.direction={direction!r} is not allowed; choose one of "
+                         "minimize|maximize (gdlab-sweep runs single-objective studies)")  # fmt: skip
+    checks = [
+        ("hydra.sweeper.n_trials", sweeper.n_trials, dict(low=1, integer=True)),
+        ("gdlab_sweep.report_every", extra.get("report_every", 10), dict(low=1, integer=True)),
+        ("gdlab_sweep.max_failure_rate", extra.get("max_failure_rate", 0.5), dict(low=0, high=1)),
+    ]
+    for key, value, limits in checks:
+        try:
+            check_number(OmegaConf.create({"value": value}), "value", **limits)
+        except ConfigError as error:
+            raise SweepError(f"{source}: {str(error).replace('value=', f'{key}=', 1)}") from error
+    parsed = OverridesParser.create().parse_overrides([o for o in overrides if not o.startswith("hydra.")])
+    for override in parsed:
+        if override.key_or_group in distributions and not override.is_sweep_override():
+            raise SweepError(
+                f"{override.input_line} is ignored: this sweep searches {override.key_or_group} "
+                f"({source}: hydra.sweeper.params); drop it, or search another range with "
+                f"'hydra.sweeper.params={{{override.key_or_group}:\"...\"}}'"
+            )
+
+
+def check_population_fits(spec: SweepSpec) -> None:
+    """A population batch of the sweep's largest configuration fits in this machine's memory."""
+    try:
+        for cfg in spec.edges:
+            check_fits(cfg, members=spec.population, where="--population/gdlab_sweep.population: ")
+    except ConfigError as error:
+        raise SweepError(f"{spec.source}: {error}") from error
 
 
 def one_line(error: Exception) -> str:
