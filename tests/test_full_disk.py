@@ -107,3 +107,28 @@ def test_a_population_sweep_whose_outputs_fill_up_ends_every_trial_and_run(tmp_p
     assert all(r.data.tags["failure.reason"].startswith("no space left on device writing") for r in trials)
     (parent,) = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
     assert parent.info.status == "FAILED"  # ended, not RUNNING: no trial finished
+
+
+def test_a_read_only_store_is_one_line_from_either_command(tmp_path, small_disk, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    store = small_disk(20 * 1024)
+    quick = ["trainer.max_epochs=3", "tracking.plots=false", f"tracking.dir={store}"]
+    made = subprocess.run([str(BIN / "gdlab-sweep"), "lr", "--budget", "2", "--population", "2", "--no-refit",
+                           f"--storage=sqlite:///{store}/optuna.db", *quick],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert made.returncode == 0, made.stderr[-2000:]
+    subprocess.run(["mount", "-o", "remount,ro", str(store)], check=True)
+    sweep = subprocess.run([str(BIN / "gdlab-sweep"), "lr", "--study", "another", f"--storage=sqlite:///{store}/optuna.db",
+                            *quick], cwd=tmp_path, capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert sweep.returncode == 2 and "Traceback" not in sweep.stderr
+    assert sweep.stderr.strip().splitlines() == [
+        "gdlab-sweep: error: study 'another': the Optuna storage refused it: attempt to write a readonly "
+        "database"
+    ]
+    train = subprocess.run([str(BIN / "gdlab-train"), *quick, f"hydra.run.dir={tmp_path}/run"],
+                           cwd=tmp_path, capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert train.returncode == 3 and "Traceback" not in train.stderr
+    assert train.stderr.strip().splitlines() == [
+        f"gdlab-train: error: cannot reach the MLflow tracking backend at sqlite:///{store}/mlflow.db: "
+        "(sqlite3.OperationalError) attempt to write a readonly database"
+    ]

@@ -106,6 +106,16 @@ def install_log_masking() -> None:
 
 
 def error_line(error: BaseException) -> str:
-    """An exception as one masked line for the user: its first line, or its repr when it has no message."""
-    text = str(error)
-    return mask_passwords(text.splitlines()[0]) if text.strip() else repr(error)
+    """An exception as one masked line for the user: what a store's error says of its cause (SQLAlchemy's
+    original DBAPI error, under Optuna's StorageInternalError and MLflow's notes), else its first line."""
+    seen = error
+    while type(seen).__name__ == "StorageInternalError" and isinstance(seen.__cause__, Exception):
+        seen = seen.__cause__  # Optuna's "An exception is raised during the commit": the commit's error
+    if isinstance(getattr(seen, "orig", None), BaseException):
+        seen = seen.orig  # SQLAlchemy's wrapper: the database's own words
+    lines = [line for line in str(seen).splitlines() if line.strip() and not line.startswith(_NOISE)]
+    return mask_passwords(lines[0]) if lines else repr(seen)
+
+
+# Lines of MLflow's and SQLAlchemy's messages that come before the cause.
+_NOISE = ("(raised as a result of Query-invoked autoflush", "SQLAlchemy database error")

@@ -163,12 +163,12 @@ class RunWriter:
         self.errors: dict[str, str] = {}  # run -> its first error, until its drain reports it
 
     def attempt(self, run_id: str, call, *args, **kwargs) -> None:
-        from gdlab.masking import mask_passwords
+        from gdlab.masking import error_line
 
         try:
             call(*args, **kwargs)
         except Exception as error:  # an outage or a refused run: reported at the run's drain
-            self.errors.setdefault(run_id, mask_passwords(str(error)).splitlines()[0])
+            self.errors.setdefault(run_id, error_line(error))
 
     def write(self, messages: list[dict]) -> None:
         from mlflow.entities import RunTag

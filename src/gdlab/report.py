@@ -23,7 +23,7 @@ import pandas as pd
 from pandas.api.types import is_numeric_dtype
 
 from gdlab.data import SPLIT_METRICS
-from gdlab.masking import mask_passwords
+from gdlab.masking import error_line, mask_passwords
 from gdlab.report_figures import write_figures
 from gdlab.report_pbt import (
     best_member,
@@ -197,7 +197,7 @@ def read_runs(client, uri: str, target: str) -> tuple[list[TrackedRun], str | No
     except ReportError:
         raise
     except Exception as error:  # an unreachable server, a store of another MLflow version, ...
-        first_line = str(error).splitlines()[0] if str(error) else type(error).__name__
+        first_line = error_line(error)
         raise ReportError(f"cannot read the MLflow store at {uri}: {first_line}") from error
 
 
@@ -378,7 +378,7 @@ def log_to_parent(client, parent_run_id: str, out_dir: Path) -> None:
     try:
         client.log_artifacts(parent_run_id, str(out_dir), "report")
     except Exception as error:  # any store or transport error: the report itself is already written
-        first_line = str(error).splitlines()[0] if str(error) else type(error).__name__
+        first_line = error_line(error)
         raise ReportError(
             f"the report is in {out_dir}, but logging it to parent run {parent_run_id} failed: {first_line}",
             status=1,
@@ -431,7 +431,7 @@ def build_report(
             extra = [lineage.path, write_best_schedule(best, objective, out_dir / "pbt_best_schedule.json")]
             report.figures.append(lineage)
         except Exception as error:  # the tables and the other figures are the report; this part is extra
-            print(f"gdlab-report: no PBT lineage: {str(error).splitlines()[0] if str(error) else error!r}",
+            print(f"gdlab-report: no PBT lineage: {error_line(error)}",
                   file=sys.stderr)  # fmt: skip
     markdown = write_markdown(report, target, figures, out_dir / "report.md")
     report.paths = [markdown, *write_tables(report, out_dir), *figures, *extra]

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import functools
+import logging
 import math
 import os
 import re
@@ -25,7 +26,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from gdlab.data import SPLIT_METRICS
-from gdlab.masking import mask_passwords
+from gdlab.masking import error_line, mask_passwords
 from gdlab.metric_store import log_metrics, log_params
 from gdlab.metric_writer import MetricWriter
 from gdlab.repair import process_tags, repair_dead_runs
@@ -44,6 +45,9 @@ os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
+# gdlab says what failed in one line (gdlab.masking.error_line): MLflow's SQL store would log the same
+# error with its traceback first, and its schema set-up lines on a new store.
+logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
 PARENT_ENV = "GDLAB_MLFLOW_PARENT_RUN_ID"
 # A sweep's record (gdlab.sweep.selection, gdlab.sweep.refit), read back by gdlab-report:
 ROLE_TAG, REFIT_ROLE = "gdlab.role", "refit"  # the refit of the chosen trial, a child of the parent run
@@ -312,8 +316,7 @@ class MlflowRun:
             return self.client.create_run(experiment_id, run_name=self.name, tags=tags).info.run_id
         except Exception as error:  # any transport or store error: refuse before training starts
             raise TrackingUnavailable(
-                f"cannot reach the MLflow tracking backend at {mask_passwords(self.uri)}: "
-                f"{mask_passwords(str(error)).splitlines()[0]}"
+                f"cannot reach the MLflow tracking backend at {mask_passwords(self.uri)}: {error_line(error)}"
             ) from error
 
     def _send(self, message: dict) -> None:
@@ -325,7 +328,7 @@ class MlflowRun:
         try:
             method(*args, **kwargs)
         except Exception as error:
-            self.outage = self.outage or mask_passwords(str(error)).splitlines()[0]
+            self.outage = self.outage or error_line(error)
 
     def log_epoch(self, row: dict) -> None:
         self.log_epoch_rows(row)

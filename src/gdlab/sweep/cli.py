@@ -222,9 +222,12 @@ def create_or_load_study(name: str, storage, spec: SweepSpec) -> tuple[optuna.St
     """The study, and whether this process created it (of two processes starting together, one does)."""
     arguments = dict(study_name=name, storage=storage, sampler=spec.sampler, pruner=spec.pruner)
     try:
-        return optuna.create_study(**arguments, direction=spec.direction), True
-    except optuna.exceptions.DuplicatedStudyError:
-        return optuna.load_study(**arguments), False
+        try:
+            return optuna.create_study(**arguments, direction=spec.direction), True
+        except optuna.exceptions.DuplicatedStudyError:
+            return optuna.load_study(**arguments), False
+    except Exception as error:  # a read-only or full store: one line, not Optuna's traceback
+        raise SweepError(f"study {name!r}: the Optuna storage refused it: {error_line(error)}") from error
 
 
 def run_sweep(args, spec: SweepSpec, study: optuna.Study, storage, storage_url: str, budget: int,
@@ -348,7 +351,7 @@ def stop_interrupted(args, spec: SweepSpec, parent_run_id: str | None, workers: 
         try:
             end_parent_run(spec.task, parent_run_id, "KILLED", reason)
         except Exception as error:  # an outage: the next gdlab command repairs the run
-            print(f"gdlab-sweep: could not end the parent run: {mask_passwords(str(error)).splitlines()[0]}",
+            print(f"gdlab-sweep: could not end the parent run: {error_line(error)}",
                   file=sys.stderr)  # fmt: skip
     runs = "their MLflow runs and the sweep's parent run" if has_parent else "their runs"
     print(f"gdlab-sweep: {reason}: the running trial(s) are FAIL in Optuna, {runs} ended KILLED; "

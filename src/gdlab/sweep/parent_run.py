@@ -59,8 +59,7 @@ def start_parent_run(cfg: DictConfig, name: str, tags: dict | None = None) -> st
         run = client.create_run(experiment_id, run_name=name, tags=tags)
     except Exception as error:
         raise TrackingUnavailable(
-            f"cannot reach the MLflow tracking backend at {mask_passwords(uri)}: "
-            f"{mask_passwords(str(error)).splitlines()[0]}"
+            f"cannot reach the MLflow tracking backend at {mask_passwords(uri)}: {error_line(error)}"
         ) from error
     os.environ[PARENT_ENV] = run.info.run_id
     return run.info.run_id
@@ -134,7 +133,7 @@ def attach_report(cfg: DictConfig, parent_run_id: str, report_dir: str | Path | 
                               objective=f"final/{cfg.objective}")  # fmt: skip
         print(f"gdlab: sweep report in {report.paths[0].parent}")
     except (ReportError, Exception) as error:
-        print(f"gdlab: no sweep report: {str(error).splitlines()[0] if str(error) else error!r}")
+        print(f"gdlab: no sweep report: {error_line(error)}")
 
 
 def best_child(children: list, objective: str, direction: str) -> dict:
@@ -312,7 +311,7 @@ def repair_killed_runs(task: DictConfig, study: optuna.Study) -> int:
     try:
         return _repair(client, study)
     except Exception as error:  # repairing is housekeeping: it never stops a sweep
-        print(f"gdlab-sweep: could not repair MLflow runs: {mask_passwords(str(error)).splitlines()[0]}")
+        print(f"gdlab-sweep: could not repair MLflow runs: {error_line(error)}")
         return 0
 
 
@@ -361,7 +360,7 @@ def log_study_plots(task: DictConfig, parent_run_id: str, study: optuna.Study) -
                 plt.gcf().set_size_inches(10, 6)
                 plt.savefig(Path(folder) / f"{name}.png", dpi=80, bbox_inches="tight")
             except Exception as error:  # e.g. importances need two completed trials
-                print(f"gdlab-sweep: no {name} plot: {str(error).splitlines()[0] if str(error) else error!r}")
+                print(f"gdlab-sweep: no {name} plot: {error_line(error)}")
             finally:
                 plt.close("all")
         client = mlflow_client(tracking_uri(task))

@@ -17,7 +17,7 @@ from pathlib import Path
 import optuna
 from optuna.trial import TrialState
 
-from gdlab.masking import mask_passwords
+from gdlab.masking import error_line, mask_passwords
 from gdlab.sweep.spec import SweepError, SweepSpec, search_space_signature
 from gdlab.tracking import store_lock
 
@@ -49,7 +49,7 @@ def make_storage(url: str, heartbeat: int = HEARTBEAT_SECONDS, grace: int = GRAC
         raise
     except Exception as error:
         raise SweepError(f"--storage {mask_passwords(url)} is not a usable Optuna database: "
-                         f"{mask_passwords(str(error)).splitlines()[0]}") from error  # fmt: skip
+                         f"{error_line(error)}") from error  # fmt: skip
 
 
 def check_is_optuna_database(url: str) -> None:
