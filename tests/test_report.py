@@ -140,6 +140,25 @@ def test_unknown_target_is_one_clear_error(store, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_a_corrupt_store_and_an_unwritable_out_are_one_line(store, lab, tmp_path):
+    (tmp_path / "garbage.db").write_text("not a database")
+    corrupt = report_cli("lab", "--tracking-uri", f"sqlite:///{tmp_path / 'garbage.db'}", cwd=tmp_path)
+    assert corrupt.returncode == 2 and "Traceback" not in corrupt.stderr
+    assert corrupt.stderr.strip().splitlines() == [
+        f"gdlab-report: error: cannot open the MLflow store at sqlite:///{tmp_path / 'garbage.db'}: file is "
+        "not a database"
+    ]
+    _, uri = store
+    (tmp_path / "a-file").write_text("")
+    unwritable = report_cli(
+        "lab", "--tracking-uri", uri, "--out", str(tmp_path / "a-file" / "out"), cwd=tmp_path
+    )
+    assert unwritable.returncode == 2 and "Traceback" not in unwritable.stderr
+    assert unwritable.stderr.strip().splitlines() == [
+        f"gdlab-report: error: --out {tmp_path / 'a-file' / 'out'}: not a directory"
+    ]
+
+
 def test_missing_store_is_an_error_and_creates_nothing(tmp_path):
     proc = report_cli("lab", cwd=tmp_path)  # default store ./mlruns/mlflow.db does not exist here
     assert proc.returncode == 2 and "no MLflow store at sqlite:///" in proc.stderr

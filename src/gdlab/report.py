@@ -129,7 +129,11 @@ def make_client(uri: str):
         database = Path(uri.removeprefix("sqlite:///"))
         if not database.is_file():
             raise ReportError(f"no MLflow store at {uri} (the file {database} does not exist)")
-    return mlflow_client(uri)
+    try:
+        return mlflow_client(uri)
+    except Exception as error:  # not an MLflow store, a corrupt file, an unreachable server
+        what = f"cannot open the MLflow store at {mask_passwords(uri)}"
+        raise ReportError(f"{what}: {error_line(error)}") from error
 
 
 def find_runs(client, target: str) -> tuple[list, str | None]:
@@ -420,7 +424,13 @@ def build_report(
         report.selected_on, report.result = tags.get(SELECTED_ON_TAG), tags.get(RESULT_TAG)
 
     out_dir = Path(out) if out is not None else default_out_dir(target)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        probe = out_dir / ".gdlab-report-probe"
+        probe.write_text("")  # writable, before the figures are drawn
+        probe.unlink()
+    except OSError as error:
+        raise ReportError(f"--out {out_dir}: {(error.strerror or str(error)).lower()}") from error
     report.figures = write_figures(runs, out_dir, differing_params(runs), objective, direction,
                                    note=" ".join(report.caveats()).replace("**", ""))  # fmt: skip
     figures = [drawn.path for drawn in report.figures]
