@@ -334,6 +334,23 @@ def test_an_unusable_store_is_one_line_and_exit_3_before_training(tmp_path: Path
         assert "final:" not in out and "trial " not in out
 
 
+def test_a_postgresql_database_that_does_not_exist_is_one_line_at_once(tmp_path: Path):
+    """MLflow's engine retries for about 100 s; gdlab asks once (10 s at most) and says why."""
+    from conftest import postgres_available
+
+    if not postgres_available():
+        pytest.skip("no PostgreSQL at 127.0.0.1:5432")
+    uri = "postgresql+psycopg://postgres@127.0.0.1:5432/gdlab_no_such_database"
+    started = time.monotonic()
+    code, out, err = finish(gdlab("gdlab-train", "trainer.max_epochs=3", cwd=tmp_path,
+                                  env={**os.environ, "MLFLOW_TRACKING_URI": uri}))  # fmt: skip
+    assert code == 3 and "Traceback" not in err
+    assert err.strip().splitlines()[-1].startswith(f"gdlab-train: error: cannot reach the MLflow tracking "
+                                                   f"backend at {uri}: connection failed")  # fmt: skip
+    assert 'database "gdlab_no_such_database" does not exist' in err
+    assert time.monotonic() - started < 60  # not MLflow's ~100 s of retries
+
+
 @pytest.mark.slow
 def test_a_live_run_in_another_pid_namespace_is_not_taken_for_dead(tmp_path: Path):
     """A container with host networking or a pod: the same hostname, its own pids."""

@@ -217,6 +217,8 @@ def mlflow_client(uri: str):
 def open_client(uri: str):
     from mlflow import MlflowClient
 
+    if is_database(uri) and not uri.startswith("sqlite"):
+        probe_database(uri)
     if not uri.startswith("sqlite:///"):
         client = MlflowClient(tracking_uri=uri)
     else:
@@ -226,6 +228,24 @@ def open_client(uri: str):
             client = MlflowClient(tracking_uri=uri)
             client.search_experiments(max_results=1)  # opens the store: creates its tables once
     return client
+
+
+def is_database(uri: str) -> bool:
+    return uri.partition(":")[0].split("+")[0].lower() in ("sqlite", "postgresql", "mysql", "mssql")
+
+
+def probe_database(uri: str, timeout: int = 10) -> None:
+    """One connection to a database store, within `timeout` seconds: MLflow's own engine retries for about
+    100 s before it says that a database does not exist or refuses the login."""
+    import sqlalchemy
+
+    arguments = {"connect_timeout": timeout} if uri.startswith(("postgresql", "mysql")) else {}
+    engine = sqlalchemy.create_engine(uri, connect_args=arguments)
+    try:
+        with engine.connect():
+            pass
+    finally:
+        engine.dispose()
 
 
 @contextlib.contextmanager
