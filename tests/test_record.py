@@ -435,3 +435,52 @@ def test_a_dead_metric_writer_costs_no_metric_and_no_false_finished(tmp_path: Pa
         assert sorted(steps) == list(range(epochs + 1))  # every epoch once, and the final value: none lost
         assert run.data.metrics["final/epochs"] == epochs
         assert run.data.tags["gdlab.writer"].startswith("died")
+
+
+@pytest.mark.slow
+def test_a_worker_suspended_past_the_grace_period_costs_only_its_trial(tmp_path: Path):
+    """SIGSTOP (scontrol suspend, a paused VM) of one worker: the other fails its trial by heartbeat and
+    goes on; the resumed worker ends that trial's run KILLED, says so, and goes on with new trials."""
+    storage = f"sqlite:///{tmp_path / 'mlruns' / 'optuna.db'}"
+    process = gdlab("gdlab-sweep", "lr_depth", "trainer.max_epochs=6000",
+                    "gdlab_sweep.pruner.n_startup_trials=1000", "--workers", "2", "--budget", "4",
+                    "--grace-period", "4", "--heartbeat-interval", "1", "--no-refit", "--progress", "0",
+                    cwd=tmp_path)  # fmt: skip
+    study = wait_for_running_trials(storage, "lr_depth", process, count=2)  # both processes train
+    children = subprocess.run(
+        ["pgrep", "-P", str(process.pid)], capture_output=True, text=True
+    ).stdout.split()
+    (worker,) = [int(pid) for pid in children if b"--worker" in Path(f"/proc/{pid}/cmdline").read_bytes()]
+    os.kill(worker, signal.SIGSTOP)
+    try:  # the other process ends its own trial, then fails the stopped one's by heartbeat and goes on
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and process.poll() is None:
+            if study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.FAIL,)):
+                break
+            time.sleep(0.5)
+        assert study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.FAIL,)), "nobody failed it"
+    finally:
+        os.kill(worker, signal.SIGCONT)
+    code, out, err = finish(process, timeout=600)
+    assert code == 0, err[-3000:]
+    assert "Traceback" not in err and "was failed by heartbeat while its process was stopped" in err
+    finished = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+    assert len(finished) >= 4  # the budget was reached: the lost trial was retried
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("sweep-lr_depth").experiment_id])
+    taken = [r for r in runs if "was failed by heartbeat" in r.data.tags.get("failure.reason", "")]
+    assert len(taken) == 1 and taken[0].info.status == "KILLED"
+    assert not [r for r in runs if r.info.status == "RUNNING"]
+
+
+def wait_for_running_trials(
+    storage: str, name: str, process, count: int, timeout: float = 300
+) -> optuna.Study:
+    # Its header comes once the study exists: opening the store before would race its creation.
+    assert process.stdout.readline().startswith(f"gdlab-sweep: study {name!r}"), process.stderr.read()[-3000:]
+    study, deadline = optuna.load_study(study_name=name, storage=storage), time.monotonic() + timeout
+    while time.monotonic() < deadline and process.poll() is None:
+        if len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))) >= count:
+            return study
+        time.sleep(0.2)
+    raise AssertionError(f"never {count} trials running at once (exit status {process.poll()})")

@@ -52,7 +52,7 @@ from gdlab.sweep.study import (
     check_same_search_space,
     make_storage,
 )
-from gdlab.sweep.trials import TrialLogger, chosen_config, make_objective, run_population_batches
+from gdlab.sweep.trials import TrialLogger, chosen_config, run_population_batches
 from gdlab.tracking import PARENT_ENV, TrackingUnavailable, tracking_uri
 
 STUDY_NAME = re.compile(r"[A-Za-z0-9_\-][A-Za-z0-9_.\-]{0,99}")
@@ -324,16 +324,8 @@ def finish_sweep(spec: SweepSpec, study: optuna.Study, parent_run_id: str,
 
 
 def run_trials(args, spec: SweepSpec, study: optuna.Study, storage, budget: int, logger: TrialLogger) -> None:
-    if spec.population > 1:
-        run_population_batches(spec, study, storage, args, budget, logger)
-    else:
-        study.optimize(
-            make_objective(spec, Path("outputs") / "sweeps" / study.study_name),
-            n_trials=args.n_trials,
-            timeout=args.timeout,
-            callbacks=[optuna.study.MaxTrialsCallback(budget, states=FINISHED), logger],
-            catch=(Exception,),
-        )
+    """One loop for every population size: ask a batch (one trial at a time is a batch of 1), train, tell."""
+    run_population_batches(spec, study, storage, args, budget, logger)
 
 
 def stop_interrupted(args, spec: SweepSpec, parent_run_id: str | None, workers: list,

@@ -1,9 +1,11 @@
 """Trials: draw a trial's config, train it (alone, or with others as one population), tell Optuna.
 
-Two ways to run a study's trials: `make_objective` for study.optimize (one trial at a time), and
-`run_population_batches` (population mode: ask a batch, train those that share an architecture as one
-batched model). Training itself is gdlab.fit's; an epoch callback here reports to Optuna's pruner and
-retires a hopeless trial with gdlab.members.Retire, which this layer turns back into Optuna's PRUNED.
+One way to run a study's trials, `run_population_batches`: ask a batch (one trial at a time is a batch
+of one), train those that share an architecture as one batched model, tell each. Training itself is
+gdlab.fit's; an epoch callback here reports to Optuna's pruner and retires a hopeless trial with
+gdlab.members.Retire, which this layer turns back into Optuna's PRUNED. A trial that another process failed
+by heartbeat while this one was stopped (SIGSTOP, a suspended job) is no longer this process's to tell
+(`taken_from_us`): its run ends KILLED and the sweep goes on.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from optuna.trial import TrialState
 from gdlab.compose import VariantComposer, compose_config
 from gdlab.config import validate
 from gdlab.data import SPLIT_METRICS
-from gdlab.masking import mask_passwords
+from gdlab.masking import error_line, mask_passwords
 from gdlab.members import POPULATION_OPTIMIZERS, Retire, group_by_architecture
 from gdlab.progress import Progress
 from gdlab.sweep.spec import SweepError, SweepSpec
@@ -84,7 +86,10 @@ class PruningReporter:
         value = row.get(self.objective, math.nan)
         if not math.isfinite(value):
             return  # divergence ends the run itself, as FAIL
-        self.trial.report(value, epoch)
+        try:
+            self.trial.report(value, epoch)
+        except optuna.exceptions.UpdateFinishedTrialError:  # failed by heartbeat while this process stopped
+            raise Retire("its trial was failed by heartbeat while its process was stopped") from None
         if self.trial.should_prune():
             raise Retire(f"pruned at epoch {epoch} ({self.objective}={value:.4g})")
 
@@ -127,26 +132,6 @@ def record_result(trial: optuna.Trial, result) -> float:
     return result.final["objective"]
 
 
-def make_objective(spec: SweepSpec, output_root: Path):
-    """study.optimize's objective: one trial, trained alone; a retired run is Optuna's TrialPruned."""
-    from gdlab.fit import fit
-
-    def objective(trial: optuna.Trial) -> float:
-        cfg, overrides = suggest_trial(spec, trial)
-        try:
-            result = fit(cfg, overrides, **trial_run_args(spec, trial, cfg, output_root),
-                         progress=progress_of(spec, [trial], cfg))  # fmt: skip
-        except SystemExit as stop:  # Lightning's exit after SIGTERM/Ctrl-C; Optuna FAILs a trial on these:
-            trial.set_user_attr("failure", "interrupted")
-            raise KeyboardInterrupt("interrupted") from stop
-        value = record_result(trial, result)
-        if result.final["pruned"]:
-            raise optuna.TrialPruned(result.final["pruned"])
-        return value
-
-    return objective
-
-
 def run_population_batches(spec: SweepSpec, study: optuna.Study, storage, args, budget: int,
                            logger: TrialLogger) -> None:  # fmt: skip
     """Population mode: ask up to `spec.population` trials, train those that share an architecture as
@@ -158,12 +143,18 @@ def run_population_batches(spec: SweepSpec, study: optuna.Study, storage, args, 
         if args.timeout is not None and time.monotonic() - started >= args.timeout:
             break
         optuna.storages.fail_stale_trials(study)  # dead workers' trials: FAIL, and retried as WAITING
-        taken = len(study.get_trials(deepcopy=False, states=(*FINISHED, TrialState.RUNNING)))
-        size = min(spec.population, budget - taken)
+        finished = len(study.get_trials(deepcopy=False, states=FINISHED))
+        running = len(study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)))
+        size = min(spec.population, budget - finished - running)
         if args.n_trials:
             size = min(size, args.n_trials - asked)
         if size <= 0:
-            break
+            if finished >= budget or running == 0 or (args.n_trials and asked >= args.n_trials):
+                break
+            # Other processes' trials would fill the budget. Wait for them: a stopped or dead one's trial
+            # goes FAIL after the grace period (fail_stale_trials above) and its retry is this process's.
+            time.sleep(min(args.heartbeat_interval, 5))
+            continue
         trials = []
         try:
             for _ in range(size):
@@ -183,6 +174,9 @@ def run_trial_batch(spec: SweepSpec, study: optuna.Study, trials: list, output_r
     told: list = []
 
     def tell(trial, value=None, state=None, error: Exception | None = None) -> None:
+        if state == TAKEN or not still_ours(trial):  # failed by heartbeat meanwhile: nothing to tell
+            told.append(study._storage.get_trial(trial._trial_id))
+            return
         if error is not None:
             trial.set_user_attr("failure", f"{type(error).__name__}: {mask_passwords(str(error))}"[:500])
             state = TrialState.FAIL
@@ -209,7 +203,7 @@ def run_trial_batch(spec: SweepSpec, study: optuna.Study, trials: list, output_r
     finally:  # an interrupt or an unreachable backend: the batch's other trials end FAIL, not RUNNING
         done = {t.number for t in told}
         for trial in trials:
-            if trial.number not in done:
+            if trial.number not in done and still_ours(trial):
                 trial.set_user_attr("failure", "its batch was interrupted")
                 tell_study(study, trial, None, TrialState.FAIL)
 
@@ -236,9 +230,43 @@ def train_together(spec: SweepSpec, members: list, output_root: Path) -> list[tu
         return [(None, None, error)] * len(members)
     outcomes = []
     for (trial, _, _), result in zip(members, results, strict=True):
+        if taken_from_us(trial, result):
+            outcomes.append((None, TAKEN, None))
+            continue
         value = record_result(trial, result)
         outcomes.append((None, TrialState.PRUNED, None) if result.final["pruned"] else (value, None, None))
     return outcomes
+
+
+TAKEN = "taken"  # an outcome: the trial was failed by heartbeat meanwhile, and retried by another process
+
+
+def still_ours(trial: optuna.Trial) -> bool:
+    """Whether the trial is still RUNNING in the storage (not failed by heartbeat by another process)."""
+    return trial.study._storage.get_trial(trial._trial_id).state == TrialState.RUNNING
+
+
+def taken_from_us(trial: optuna.Trial, result) -> bool:
+    """Whether another process failed this trial by heartbeat while this one was stopped; then its run
+    ends KILLED with the reason, and one line says so (its retry is another trial)."""
+    if still_ours(trial):
+        return False
+    reason = (f"trial #{trial.number} was failed by heartbeat while its process was stopped (it is retried "
+              "as another trial)")  # fmt: skip
+    run_id = result.final.get("mlflow_run_id")
+    if run_id:
+        from gdlab.tracking import mlflow_client, tracking_uri
+
+        try:
+            client = mlflow_client(tracking_uri(result.config))
+            client.set_tag(run_id, "failure.reason", reason)
+            client.set_terminated(run_id, status="KILLED")
+        except Exception as error:  # the store's outage: the line below still says what happened
+            reason += f"; its run could not be ended: {error_line(error)}"
+    print(
+        f"gdlab-sweep: {reason}; its run ended KILLED, going on with new trials", file=sys.stderr, flush=True
+    )
+    return True
 
 
 def population_based_training(spec: SweepSpec, trials: list, cfg: DictConfig):
@@ -268,6 +296,8 @@ def train_alone(spec: SweepSpec, trial, cfg: DictConfig, overrides: list[str], o
         raise
     except Exception as error:
         return None, None, error
+    if taken_from_us(trial, result):
+        return None, TAKEN, None
     value = record_result(trial, result)
     if result.final["pruned"]:
         return None, TrialState.PRUNED, None
