@@ -10,7 +10,6 @@ by heartbeat while this one was stopped (SIGSTOP, a suspended job) is no longer 
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
 import sys
@@ -323,9 +322,6 @@ class TrialLogger:
         self.states: list[TrialState] = []
         self.stopping = False
 
-    def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
-        self.log(study, [trial])  # as an Optuna callback: one trial at a time
-
     def log(self, study: optuna.Study, trials: list[optuna.trial.FrozenTrial]) -> None:
         """Log finished trials in order; a population's batch with one storage query for all of them."""
         numbers = {t.number for t in trials}
@@ -347,9 +343,7 @@ class TrialLogger:
         if len(self.states) >= 5 and self.failure_rate > self.max_failure_rate:
             print(f"gdlab-sweep: failure rate {self.failure_rate:.0%} is over {self.max_failure_rate:.0%}; "
                   "stopping", file=self.out, flush=True)  # fmt: skip
-            self.stopping = True  # population mode checks this; study.optimize needs study.stop()
-            with contextlib.suppress(RuntimeError):  # raised outside study.optimize
-                study.stop()
+            self.stopping = True  # run_population_batches checks this
 
     @staticmethod
     def better(study: optuna.Study, trial, than) -> bool:
