@@ -45,15 +45,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_mlflow_server(backend_store_uri: str, artifacts_destination, timeout: float = 180):
-    """A real `mlflow server` on a free loopback port: (url, process). Stop it with stop_process_group."""
+def start_mlflow_server(backend_store_uri: str, artifacts_destination, timeout: float = 180, port: int = 0):
+    """A real `mlflow server` on a loopback port (a free one unless given): (url, process). Stop it with
+    stop_process_group."""
     import subprocess
     import sys
     import time
     import urllib.request
     from pathlib import Path
 
-    port = free_port()
+    port = port or free_port()
     server = subprocess.Popen(
         [str(Path(sys.executable).with_name("mlflow")), "server", "--host", "127.0.0.1", "--port", str(port),
          "--workers", "2", "--backend-store-uri", backend_store_uri,

@@ -207,8 +207,8 @@ def test_tracking_server_end_to_end_and_an_outage_mid_run(tmp_path, mlflow_serve
     assert len(client.get_metric_history(run.info.run_id, "train/loss")) == 30 + 1  # and the final value
     assert "curves.png" in {a.path for a in client.list_artifacts(run.info.run_id)}
 
-    env = {**os.environ, "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0"}
-    train = subprocess.Popen(
+    env = {**os.environ, "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "GDLAB_TRACKING_RETRY_SECONDS": "3"}
+    train = subprocess.Popen(  # a server gone for good: waited out 3 s here (120 s by default), then given up
         [str(BIN / "gdlab-train"), "dataset=xor", "trainer.max_epochs=6000", "tracking=server",
          f"tracking.uri={url}", "tracking.flush_seconds=0.2", "hydra.run.dir=run"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path, env=env,
@@ -294,3 +294,47 @@ def test_what_sqlalchemy_and_urllib_read_as_a_secret_is_masked(url, form):
     for secret in secrets:
         assert str(secret) not in masked, (secret, masked)
     assert "***" in masked
+
+
+@pytest.mark.slow
+def test_a_tracking_server_restart_mid_run_loses_nothing(tmp_path, monkeypatch):
+    """A server restart (here ~10 s: a new `mlflow server` on the same port and store) is waited out: every
+    run ends FINISHED with every epoch, not RUNNING with what came before the restart."""
+    port = free_port()
+    backend, artifacts = f"sqlite:///{tmp_path / 'server.db'}", tmp_path / "server-artifacts"
+    url, server = start_mlflow_server(backend, artifacts, port=port)
+    script = tmp_path / "population.py"
+    script.write_text(
+        "import sys, gdlab\n"
+        "results = gdlab.run(['dataset=xor', 'trainer.max_epochs=8000', 'tracking=server',\n"
+        "                     'tracking.plots=false', f'tracking.uri={sys.argv[1]}',\n"
+        "                     'tracking.flush_seconds=0.2'],\n"
+        "                    population=[{'optimizer.lr': lr} for lr in (0.05, 0.1)])\n"
+        "print(' '.join(r.final['mlflow_run_id'] for r in results))\n"
+        "print(' '.join(str(len(r.history)) for r in results))\n"
+        "print([r.final['tracking_outage'] for r in results])\n"
+    )
+    env = {**os.environ, "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0"}
+    train = subprocess.Popen([sys.executable, str(script), url], cwd=tmp_path, env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        wait_for_metrics(MlflowClient(tracking_uri=url), "train/loss", 50)
+        stop_process_group(server)  # the restart: down, then up again on the same port and store
+        url, server = start_mlflow_server(backend, artifacts, port=port)
+        stdout, stderr = train.communicate(timeout=600)
+    finally:
+        train.kill()
+        stop_process_group(server)
+    assert train.returncode == 0, stderr[-3000:]
+    run_ids, lengths, outages = stdout.strip().splitlines()[-3:]
+    assert outages == "[None, None]"
+    url, server = start_mlflow_server(backend, artifacts, port=port)
+    try:
+        client = MlflowClient(tracking_uri=url)
+        for run_id, epochs in zip(run_ids.split(), map(int, lengths.split()), strict=True):
+            run = client.get_run(run_id)
+            assert run.info.status == "FINISHED"
+            steps = sorted(m.step for m in client.get_metric_history(run_id, "train/loss"))
+            assert steps == list(range(epochs + 1))  # every epoch once, and the final value
+    finally:
+        stop_process_group(server)

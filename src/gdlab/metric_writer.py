@@ -20,12 +20,53 @@ import atexit
 import json
 import os
 import queue
+import re
 import signal
 import subprocess
 import sys
 import threading
+import time
 
 URI_ENV = "GDLAB_METRIC_WRITER_URI"
+# How long an outage of the tracking backend (a server restart, a database failover) is waited out, retrying
+# with backoff, before a run's record is given up on (its history.csv keeps everything).
+RETRY_ENV, RETRY_SECONDS = "GDLAB_TRACKING_RETRY_SECONDS", 120.0
+_TRANSIENT = re.compile(
+    r"(?i)max retries exceeded|connection (?:refused|reset|aborted)|could not connect|server closed|"
+    r"timed? ?out|temporarily unavailable|database is locked|bad gateway|service unavailable|"
+    r"newconnectionerror|remotedisconnected|\b50[234]\b"
+)
+
+
+def transient(error: BaseException) -> bool:
+    """Whether an error is the backend being away for a while (worth waiting for), not a refusal."""
+    return isinstance(error, ConnectionError | TimeoutError) or bool(_TRANSIENT.search(str(error)))
+
+
+class Outage:
+    """Waits out a backend outage: `call` retried with backoff (0.5 s, doubling to 8 s) while its errors are
+    transient, for at most `seconds` counted from the outage's first failure; a success ends the outage.
+    Past the bound, calls fail at once (no more waiting) until one succeeds."""
+
+    def __init__(self, seconds: float | None = None):
+        self.seconds = float(os.environ.get(RETRY_ENV, RETRY_SECONDS)) if seconds is None else seconds
+        self.since: float | None = None
+
+    def call(self, call, *args, **kwargs):
+        delay = 0.5
+        while True:
+            try:
+                result = call(*args, **kwargs)
+            except Exception as error:
+                now = time.monotonic()
+                self.since = self.since or now
+                if not transient(error) or now + delay > self.since + self.seconds:
+                    raise
+                time.sleep(delay)
+                delay = min(2 * delay, 8.0)
+                continue
+            self.since = None
+            return result
 
 
 class MetricWriter:
@@ -161,14 +202,39 @@ class RunWriter:
     def __init__(self, client, sink):
         self.client, self.sink = client, sink
         self.errors: dict[str, str] = {}  # run -> its first error, until its drain reports it
+        self.outage = Outage()
 
     def attempt(self, run_id: str, call, *args, **kwargs) -> None:
         from gdlab.masking import error_line
 
         try:
-            call(*args, **kwargs)
-        except Exception as error:  # an outage or a refused run: reported at the run's drain
+            self.outage.call(call, *args, **kwargs)
+        except Exception as error:  # a refused run, or an outage past its bound: reported at the run's drain
             self.errors.setdefault(run_id, error_line(error))
+
+    def write_rows(self, rows_by_run: dict[str, list]) -> None:
+        """Every run's metric rows in one go; those of runs that failed for a while (an outage) again."""
+
+        from gdlab.masking import error_line
+
+        pending = dict(rows_by_run)
+
+        def write() -> None:
+            failed = self.sink.write(pending)
+            for run_id in [run for run in pending if run not in failed]:
+                del pending[run_id]  # written: not again
+            for run_id, error in list(failed.items()):
+                if not transient(error):  # a refused run: reported at its drain
+                    self.errors.setdefault(run_id, error_line(error))
+                    del pending[run_id]
+            if pending:  # the backend is away: Outage waits, then the rest is written again
+                raise ConnectionError(str(next(iter(failed.values()))))
+
+        try:
+            self.outage.call(write)
+        except Exception as error:  # the outage outlasted its bound: those runs' writing stops here
+            for run_id in pending:
+                self.errors.setdefault(run_id, error_line(error))
 
     def write(self, messages: list[dict]) -> None:
         from mlflow.entities import RunTag
@@ -183,8 +249,7 @@ class RunWriter:
             # a run whose writing failed is not written again: its history.csv keeps the rest
             elif "metrics" in message and run_id not in self.errors:
                 rows_by_run.setdefault(run_id, []).extend(message["metrics"])
-        for run_id, error in self.sink.write(rows_by_run).items():
-            self.attempt(run_id, _raise, error)
+        self.write_rows(rows_by_run)
         for message in messages:
             run_id = message.get("run")
             if "tags" in message:

@@ -28,7 +28,7 @@ from omegaconf import DictConfig, OmegaConf
 from gdlab.data import SPLIT_METRICS
 from gdlab.masking import error_line, mask_passwords
 from gdlab.metric_store import log_metrics, log_params
-from gdlab.metric_writer import MetricWriter
+from gdlab.metric_writer import MetricWriter, Outage
 from gdlab.repair import process_tags, repair_dead_runs
 from gdlab.version import __version__
 
@@ -305,6 +305,7 @@ class MlflowRun:
             None  # the clock starts at the first epoch: a short run needs no writer
         )
         self.outage: str | None = None
+        self.waits = Outage()
         self.parent_run_id = parent_run_id or os.environ.get(PARENT_ENV)
         tags = run_tags(cfg, overrides, device, extra_tags)
         if self.parent_run_id:
@@ -344,9 +345,10 @@ class MlflowRun:
         self.submitted = True
 
     def _call(self, method, *args, **kwargs) -> None:
-        """A store call whose failure is this run's outage (its local outputs keep everything)."""
+        """A store call, an outage of the backend waited out for a while (gdlab.metric_writer.Outage); a
+        failure then is this run's outage (its local outputs keep everything)."""
         try:
-            method(*args, **kwargs)
+            self.waits.call(method, *args, **kwargs)
         except Exception as error:
             self.outage = self.outage or error_line(error)
 
