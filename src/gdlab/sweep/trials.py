@@ -133,7 +133,7 @@ def record_result(trial: optuna.Trial, result) -> float:
 
 def run_population_batches(spec: SweepSpec, study: optuna.Study, storage, args, budget: int,
                            logger: TrialLogger) -> None:  # fmt: skip
-    """Population mode: ask up to `spec.population` trials, train those that share an architecture as
+    """Ask up to `spec.population` trials (1: one at a time), train those that share an architecture as
     one batched model, tell each trial its own result. Trials whose optimizer has no population form
     (not in gdlab.members.POPULATION_OPTIMIZERS) run one by one within the batch."""
     output_root = Path("outputs") / "sweeps" / study.study_name
