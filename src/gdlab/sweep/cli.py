@@ -298,7 +298,7 @@ def sweep_result(args, spec: SweepSpec, study: optuna.Study, parent_run_id: str 
               "rows", flush=True)  # fmt: skip
         output_dir = Path("outputs") / "sweeps" / study.study_name / f"refit-{time.strftime('%Y%m%d-%H%M%S')}"
         try:
-            return refit(cfg, overrides, output_dir, trial, parent_run_id, best.params)
+            return refit(cfg, overrides, output_dir, trial, parent_run_id)
         except TrackingUnavailable:
             raise
         except Exception as error:  # the trials stand; the result falls back to the best trial's own
@@ -309,7 +309,7 @@ def sweep_result(args, spec: SweepSpec, study: optuna.Study, parent_run_id: str 
     if not metrics:
         return None
     run_id = best.user_attrs.get("mlflow_run_id")
-    return SweepResult(metrics, trial, False, selected_on(spec.task), run_id=run_id, params=best.params)
+    return SweepResult(metrics, trial, False, selected_on(spec.task), run_id=run_id)
 
 
 def finish_sweep(spec: SweepSpec, study: optuna.Study, parent_run_id: str,

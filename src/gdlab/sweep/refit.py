@@ -15,7 +15,7 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
@@ -37,7 +37,6 @@ class SweepResult:
     train_rows: int | None = None  # the rows the measured model trained on
     test_rows: int | None = None
     run_id: str | None = None  # the MLflow run that measured them (the refit, or the best trial)
-    params: dict = field(default_factory=dict)  # the chosen trial's searched values
 
     def line(self) -> str:
         """The sweep's last line: the test metrics and how they were obtained."""
@@ -58,21 +57,26 @@ class SweepResult:
         return f"result: {values} ({self.trial}'s own; selected on {self.selected_on}, not refit)"
 
 
+def train_objective(cfg: DictConfig) -> str:
+    """The refit's objective: the trial's metric on the training rows (it has no validation split)."""
+    return f"train/{cfg.objective.split('/', 1)[1]}"
+
+
 def refit_config(cfg: DictConfig) -> DictConfig:
     """A trial's validated config, to train on train + val: no validation split, a train objective."""
     refit = OmegaConf.create(OmegaConf.to_container(cfg))
     refit.dataset.val_size = 0.0
-    refit.objective = f"train/{cfg.objective.split('/', 1)[1]}"
+    refit.objective = train_objective(cfg)
     return validate(refit)
 
 
 def refit_overrides(overrides: list[str], cfg: DictConfig) -> list[str]:
     """The overrides that reproduce the refit: the trial's, then no validation split and a train objective."""
-    return [*overrides, REFIT_OVERRIDE, f"objective=train/{cfg.objective.split('/', 1)[1]}"]
+    return [*overrides, REFIT_OVERRIDE, f"objective={train_objective(cfg)}"]
 
 
-def refit(cfg: DictConfig, overrides: list[str], output_dir: Path, trial: str, parent_run_id: str | None,
-          params: dict | None = None) -> SweepResult:  # fmt: skip
+def refit(cfg: DictConfig, overrides: list[str], output_dir: Path, trial: str,
+          parent_run_id: str | None) -> SweepResult:  # fmt: skip
     """Train the chosen trial's config (validated) on train + val, as a child of `parent_run_id`."""
     from gdlab.fit import fit
 
@@ -84,7 +88,7 @@ def refit(cfg: DictConfig, overrides: list[str], output_dir: Path, trial: str, p
     metrics = {key: result.final[key] for key in TEST_METRICS if key in result.final}
     return SweepResult(metrics, trial, True, cfg.objective.split("/", 1)[0], len(result.data.train),
                        len(result.data.test) if result.data.test is not None else None,
-                       result.final.get("mlflow_run_id"), dict(params or {}))  # fmt: skip
+                       result.final.get("mlflow_run_id"))  # fmt: skip
 
 
 @contextlib.contextmanager
