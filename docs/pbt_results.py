@@ -136,8 +136,10 @@ def main() -> None:
             if args.lineage:
                 lineage(dataset, cwd, args.lineage)
     seeds = ",".join(map(str, args.seeds))
-    print(f"\nthe refit's test loss (chosen on validation, measured once), median [min, max] over seeds "
-          f"{seeds}:\n")
+    print(
+        f"\nthe refit's test loss (chosen on validation, measured once), median [min, max] over seeds "
+        f"{seeds}:\n"
+    )
     print(table(results))
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))
