@@ -173,7 +173,7 @@ def run_trial_batch(spec: SweepSpec, study: optuna.Study, trials: list, output_r
     told: list = []
 
     def tell(trial, value=None, state=None, error: Exception | None = None) -> None:
-        if state == TAKEN or not still_ours(trial):  # failed by heartbeat meanwhile: nothing to tell
+        if state == TAKEN or (error is not None and not still_ours(trial)):  # failed by heartbeat meanwhile
             told.append(study._storage.get_trial(trial._trial_id))
             return
         if error is not None:
@@ -227,9 +227,9 @@ def train_together(spec: SweepSpec, members: list, output_root: Path) -> list[tu
         raise
     except Exception as error:  # fails this population's trials only
         return [(None, None, error)] * len(members)
-    outcomes = []
+    outcomes, running = [], running_trial_ids(members[0][0].study)  # one storage query for the population
     for (trial, _, _), result in zip(members, results, strict=True):
-        if taken_from_us(trial, result):
+        if taken_from_us(trial, result, running):
             outcomes.append((None, TAKEN, None))
             continue
         value = record_result(trial, result)
@@ -242,13 +242,18 @@ TAKEN = "taken"  # an outcome: the trial was failed by heartbeat meanwhile, and 
 
 def still_ours(trial: optuna.Trial) -> bool:
     """Whether the trial is still RUNNING in the storage (not failed by heartbeat by another process)."""
-    return trial.study._storage.get_trial(trial._trial_id).state == TrialState.RUNNING
+    return trial._trial_id in running_trial_ids(trial.study)
 
 
-def taken_from_us(trial: optuna.Trial, result) -> bool:
-    """Whether another process failed this trial by heartbeat while this one was stopped; then its run
-    ends KILLED with the reason, and one line says so (its retry is another trial)."""
-    if still_ours(trial):
+def running_trial_ids(study: optuna.Study) -> set[int]:
+    return {t._trial_id for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
+
+
+def taken_from_us(trial: optuna.Trial, result, running: set[int] | None = None) -> bool:
+    """Whether another process failed this trial by heartbeat while this one was stopped (`running`: the
+    study's RUNNING trial ids, if known); then its run ends KILLED with the reason, and one line says so
+    (its retry is another trial)."""
+    if trial._trial_id in (running if running is not None else running_trial_ids(trial.study)):
         return False
     reason = (f"trial #{trial.number} was failed by heartbeat while its process was stopped (it is retried "
               "as another trial)")  # fmt: skip
