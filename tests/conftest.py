@@ -14,6 +14,13 @@ def _single_thread():
 
 
 @pytest.fixture
+def clean_tracking_env(monkeypatch):
+    """No MLflow store or sweep parent run from the environment: each test's runs go where it says."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("GDLAB_MLFLOW_PARENT_RUN_ID", raising=False)
+
+
+@pytest.fixture
 def refused(tmp_path, monkeypatch, capsys):
     """gdlab-sweep's main in this process, for input it refuses before any work (no process to start):
     (exit status, stderr). A traceback would surface here as the exception itself."""

@@ -17,6 +17,7 @@ from optuna.trial import TrialState
 import gdlab
 
 BIN = Path(sys.executable).parent
+pytestmark = pytest.mark.usefixtures("clean_tracking_env")
 EPOCHS = 1000
 
 
@@ -45,9 +46,7 @@ def rows(path: Path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
-def test_a_full_disk_at_the_end_keeps_the_appended_history_whole_and_fails_the_run(tmp_path, small_disk,
-                                                                                   monkeypatch):  # fmt: skip
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+def test_a_full_disk_at_the_end_keeps_the_appended_history_whole_and_fails_the_run(tmp_path, small_disk):
     overrides = [f"trainer.max_epochs={EPOCHS}", "tracking.plots=false"]
     reference = tmp_path / "reference"
     gdlab.run([*overrides, "tracking=none"], output_dir=reference)
@@ -67,9 +66,7 @@ def test_a_full_disk_at_the_end_keeps_the_appended_history_whole_and_fails_the_r
     assert run.data.tags["failure.reason"] == r.final["record_error"]
 
 
-def test_gdlab_train_on_a_disk_that_fills_during_training_ends_failed_in_one_line(tmp_path, small_disk,
-                                                                                  monkeypatch):  # fmt: skip
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+def test_gdlab_train_on_a_disk_that_fills_during_training_ends_failed_in_one_line(tmp_path, small_disk):
     disk = small_disk(64)  # Hydra's .hydra/ files and a few hundred history rows
     done = subprocess.run([str(BIN / "gdlab-train"), "trainer.max_epochs=20000", f"hydra.run.dir={disk}/run",
                            f"tracking.dir={tmp_path / 'mlruns'}", "tracking.plots=false"],
@@ -86,8 +83,7 @@ def test_gdlab_train_on_a_disk_that_fills_during_training_ends_failed_in_one_lin
     assert run.data.tags["failure.reason"].startswith("no space left on device writing")
 
 
-def test_a_population_sweep_whose_outputs_fill_up_ends_every_trial_and_run(tmp_path, small_disk, monkeypatch):
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+def test_a_population_sweep_whose_outputs_fill_up_ends_every_trial_and_run(tmp_path, small_disk):
     outputs = small_disk(48)
     (tmp_path / "outputs").rmdir() if (tmp_path / "outputs").exists() else None
     (tmp_path / "outputs").symlink_to(outputs)  # the trials' folders fill up; the stores stay where they are
@@ -109,8 +105,7 @@ def test_a_population_sweep_whose_outputs_fill_up_ends_every_trial_and_run(tmp_p
     assert parent.info.status == "FAILED"  # ended, not RUNNING: no trial finished
 
 
-def test_a_read_only_store_is_one_line_from_either_command(tmp_path, small_disk, monkeypatch):
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+def test_a_read_only_store_is_one_line_from_either_command(tmp_path, small_disk):
     store = small_disk(20 * 1024)
     quick = ["trainer.max_epochs=3", "tracking.plots=false", f"tracking.dir={store}"]
     made = subprocess.run([str(BIN / "gdlab-sweep"), "lr", "--budget", "2", "--population", "2", "--no-refit",

@@ -19,10 +19,7 @@ BIN = Path(sys.executable).parent
 QUICK = ["tracking=none", "trainer.max_epochs=3"]
 
 
-@pytest.fixture(autouse=True)
-def _clean_env(monkeypatch):
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    monkeypatch.delenv("GDLAB_MLFLOW_PARENT_RUN_ID", raising=False)
+pytestmark = pytest.mark.usefixtures("clean_tracking_env")
 
 
 def gdlab(command: str, *args, cwd: Path, **kwargs):

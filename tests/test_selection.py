@@ -15,10 +15,7 @@ GENERALIZATION_SWEEPS = ("lr", "lr_depth", "lr_pbt", "digits_lr_pbt", "digits_de
                          "step_rules")  # fmt: skip
 
 
-@pytest.fixture(autouse=True)
-def _clean_env(monkeypatch):
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    monkeypatch.delenv("GDLAB_MLFLOW_PARENT_RUN_ID", raising=False)
+pytestmark = pytest.mark.usefixtures("clean_tracking_env")
 
 
 def client_of(cwd: Path) -> MlflowClient:

@@ -18,10 +18,7 @@ BIN = Path(sys.executable).parent
 SHORT = ["trainer.max_epochs=20"]
 
 
-@pytest.fixture(autouse=True)
-def _clean_env(monkeypatch):
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    monkeypatch.delenv("GDLAB_MLFLOW_PARENT_RUN_ID", raising=False)
+pytestmark = pytest.mark.usefixtures("clean_tracking_env")
 
 
 def sweep(*args, cwd, timeout=600):

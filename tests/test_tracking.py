@@ -18,10 +18,7 @@ BIN = Path(sys.executable).parent
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
-@pytest.fixture(autouse=True)
-def _no_ambient_tracking_uri(monkeypatch):
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    monkeypatch.delenv("GDLAB_MLFLOW_PARENT_RUN_ID", raising=False)
+pytestmark = pytest.mark.usefixtures("clean_tracking_env")
 
 
 def sqlite_client(store: Path) -> MlflowClient:
