@@ -71,7 +71,7 @@ def test_a_retired_member_stops_moving_and_the_others_go_on():
     optimizer.step(closure_for(stacked))
     frozen = [w.detach()[1].clone() for w in stacked]
     moving = [w.detach()[0].clone() for w in stacked]
-    optimizer.retire(1)
+    optimizer.retire(torch.tensor([False, True, False]))
     record = optimizer.step(closure_for(stacked))
     assert record.step.tolist() == [LRS[0], 0.0, LRS[2]] and record.evals_fwdbwd.tolist() == [1.0, 0.0, 1.0]
     for w, before in zip(stacked, frozen, strict=True):

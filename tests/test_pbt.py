@@ -140,9 +140,8 @@ class CloneProbe(PopulationBasedTraining):
                 assert param.grad is None or torch.equal(param.grad[target], param.grad[source])
             for tensor, axis in optimizer.member_tensors():
                 assert torch.equal(tensor.select(axis, target), tensor.select(axis, source))
-            assert module.evals_fwd[target] == module.evals_fwd[source]
-            assert module.evals_fwdbwd[target] == module.evals_fwdbwd[source]
-            assert module.ls_failures[target] == module.ls_failures[source]
+            for counts in module.counts.values():  # evals_fwd, evals_fwdbwd, ls_failures
+                assert counts[target] == counts[source]
             CloneProbe.checked += 1
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import io
 import os
 from collections.abc import Callable
@@ -18,29 +17,53 @@ from gdlab.data import Dataset
 from gdlab.model import MLP
 from gdlab.tracking import run_name
 
+MAX_OPEN_FILES = 256  # a population of thousands stays well inside the usual limit of 1024 open files
 
-class HistoryAppender:
-    """An epoch callback: each history row goes to <directory>/history.csv as soon as it is made, flushed,
-    so a kill -9 leaves every finished epoch on disk. `write_history` rewrites the file whole at the end."""
 
-    def __init__(self, directory: Path):
-        self.directory, self.file, self.writer = directory, None, None
+class HistoryFiles:
+    """An epoch sink (gdlab.module.EpochSink): each member's history row goes to <its directory>/history.csv
+    as soon as the epoch ends, flushed, so a kill -9 leaves every finished epoch on disk. `write_history`
+    rewrites each file whole at the end. A member without a directory (None) keeps no file."""
 
-    def __call__(self, row: dict) -> None:
-        if self.writer is None:
-            self.directory.mkdir(parents=True, exist_ok=True)
-            self.file = open(self.directory / "history.csv", "w", newline="")  # noqa: SIM115 (closed in close)
-            self.writer = csv.writer(self.file)
-            self.writer.writerow(row)
-        self.writer.writerow(row.values())
-        self.file.flush()
+    def __init__(self, directories: list[Path | None]):
+        self.directories = directories
+        self.files: dict[int, object] = {}  # kept open, up to MAX_OPEN_FILES
+        self.started: set[int] = set()
+
+    def __call__(self, table, members) -> None:
+        if not any(d is not None for d in self.directories):
+            return
+        block = table.blocks[-1]
+        for p in members:
+            directory = self.directories[p]
+            if directory is None:
+                continue
+            line = table.format_row(block, p) + "\n"
+            file = self.files.get(p)
+            if file is not None:
+                file.write(line)
+                file.flush()
+            elif p in self.started:  # past MAX_OPEN_FILES members: open, append, close
+                with open(directory / "history.csv", "a", newline="") as appended:
+                    appended.write(line)
+            else:
+                directory.mkdir(parents=True, exist_ok=True)
+                file = open(directory / "history.csv", "w", newline="")  # noqa: SIM115 (closed in close)
+                file.write(",".join(table.names) + "\n" + line)
+                file.flush()
+                self.started.add(p)
+                if len(self.files) < MAX_OPEN_FILES:
+                    self.files[p] = file
+                else:
+                    file.close()
 
     def close(self) -> None:
-        if self.file is not None:
+        for file in self.files.values():
             try:
-                self.file.close()
+                file.close()
             except OSError:  # a full disk: what was flushed stays; write_history says what failed
                 pass
+        self.files = {}
 
 
 def write_history(directory: Path, history: pd.DataFrame) -> Path:

@@ -39,15 +39,42 @@ def _allowed(values) -> str:
     return "|".join(str(v) for v in values)
 
 
+class Sections(dict):
+    """Plain config sections (nested dicts) read as a DictConfig is: `view.optimizer.lr`, `view.get(k)`;
+    what `check_member` checks a population member's own values on, without making a DictConfig."""
+
+    def __getattr__(self, name):
+        try:
+            value = self[name]
+        except KeyError:
+            raise AttributeError(name) from None
+        return Sections(value) if isinstance(value, dict) else value
+
+
+def select(cfg, key: str):
+    """OmegaConf.select for a DictConfig, and the same walk through plain `Sections`."""
+    if not isinstance(cfg, Sections):
+        return OmegaConf.select(cfg, key)
+    node = cfg
+    for part in key.split("."):
+        if isinstance(node, dict):
+            node = node.get(part)
+        elif isinstance(node, list | tuple) and part.isdigit() and int(part) < len(node):
+            node = node[int(part)]
+        else:
+            return None
+    return node
+
+
 def check_choice(cfg, key: str, allowed) -> None:
-    value = OmegaConf.select(cfg, key)
+    value = select(cfg, key)
     if value not in allowed:
         raise ConfigError(f"{key}={value!r} is not allowed; choose one of {_allowed(allowed)}")
 
 
 def check_number(cfg, key: str, low=None, high=None, *, low_open=False, high_open=False,
                  integer=False, optional=False) -> None:  # fmt: skip
-    value = OmegaConf.select(cfg, key)
+    value = select(cfg, key)
     if value is None and optional:
         return
     kind = "an integer" if integer else "a number"
@@ -88,6 +115,17 @@ def validate(cfg: DictConfig) -> DictConfig:
     check_choice(cfg, "direction", DIRECTIONS)
     _check_objective(cfg)
     return cfg
+
+
+def check_member(sections: dict) -> None:
+    """A population member's own values (`sections`: its seed, init, optimizer and trainer as plain dicts),
+    checked with the rules `validate` applies to them."""
+    view = Sections(sections)
+    _check_init(view)
+    _check_optimizer(view)
+    check_number(view, "trainer.stop_loss", 0, optional=True)
+    check_number(view, "trainer.max_evals", 1, integer=True, optional=True)
+    check_number(view, "seed", 0, MAX_SEED, integer=True)
 
 
 def objective_metrics(dataset) -> tuple[str, ...]:
@@ -329,11 +367,11 @@ def _check_schedules(cfg) -> None:
             options = "|".join(f"{n}{SCHEDULE_SUFFIX}" for n in allowed) or "none"
             raise ConfigError(f"{full} is not allowed with optimizer.name={name}; its schedules: {options}")
         shape = "[[epoch, value], ...] with integer epochs >= 0, rising"
-        if not isinstance(entries, ListConfig) or not entries:
+        if not isinstance(entries, ListConfig | list) or not entries:
             raise ConfigError(f"{full}={_plain(entries)!r} must be a non-empty list {shape}")
         previous = -1
         for i, entry in enumerate(entries):
-            if not isinstance(entry, ListConfig) or len(entry) != 2:
+            if not isinstance(entry, ListConfig | list) or len(entry) != 2:
                 raise ConfigError(
                     f"{full}.{i}={_plain(entry)!r} must be a pair [epoch, value]; the schedule is {shape}"
                 )

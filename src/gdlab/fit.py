@@ -9,13 +9,13 @@ pruner) is FINISHED with tag optuna.state=PRUNED.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
 import time
 import warnings
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
@@ -24,19 +24,19 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from gdlab.artifacts import HistoryAppender, write_history, write_run_outputs
+from gdlab.artifacts import HistoryFiles, write_history, write_run_outputs
 from gdlab.data import N_CLASSES, Dataset, load_dataset, make_loader
 from gdlab.interrupts import interruption_reason
 from gdlab.masking import mask_passwords, masked_config
-from gdlab.members import check_population
-from gdlab.model import MLP, encode_targets, initialize, layer_sizes
-from gdlab.module import RunOutcome, Stops, TrainingModule
-from gdlab.optimizers import GD, Adam, Backtracking, LBFGSStep, member_tensor
+from gdlab.model import MLP, draw_layer, encode_targets, initialize, layer_sizes
+from gdlab.module import EpochTable, PopulationOutcome, Stops, TrainingModule
+from gdlab.optimizers import GD, Adam, Backtracking, LBFGSStep, MemberOptimizer, member_tensor
 from gdlab.pbt import PopulationBasedTraining
+from gdlab.population import Population, check_population
 from gdlab.progress import Progress
 from gdlab.schedules import schedules_of
 from gdlab.step_rules import BarzilaiBorwein, NonMonotone, Polyak
-from gdlab.tracking import MlflowRun, run_name, tracking_uri
+from gdlab.tracking import MlflowRun, RunEpochs, run_name, tracking_uri
 
 log = logging.getLogger("gdlab")
 DTYPES = {32: torch.float32, 64: torch.float64}
@@ -44,14 +44,39 @@ LIGHTNING_PRECISION = {32: "32-true", 64: "64-true"}
 BACKTRACKING_NUMBERS = ("lr", "c", "beta", "growth", "lr_max", "lr_min", "max_backtracks", "tiny_step")
 
 
-@dataclass
 class RunResult:
-    history: pd.DataFrame  # one row per epoch, one column per logged value
-    final: dict  # final metrics (at the trained weights), evaluation counts, wall time, objective
-    model: MLP
-    config: DictConfig
-    data: Dataset = field(repr=False)
-    ended_at: float = 0.0  # wall-clock time its training ended (a population member's own end)
+    """One run's (or population member's) result.
+
+    history: one row per epoch, one column per logged value; final: final metrics (at the trained
+    weights), evaluation counts, wall time, objective; model: the trained network; config: its config;
+    ended_at: wall-clock time its training ended (a population member's own end). A population member's
+    `model` and `config` are made when first read: thousands of members cost nothing until then.
+    """
+
+    def __init__(
+        self, history: pd.DataFrame, final: dict, model, config, data: Dataset, ended_at: float = 0.0
+    ):
+        self.history, self.final, self.data, self.ended_at = history, final, data, ended_at
+        self._model, self._config = model, config
+
+    @property
+    def model(self) -> MLP:
+        if isinstance(self._model, Later):
+            self._model = self._model()
+        return self._model
+
+    @property
+    def config(self) -> DictConfig:
+        if isinstance(self._config, Later):
+            self._config = self._config()
+        return self._config
+
+    def __repr__(self) -> str:
+        return f"RunResult(final={self.final!r})"
+
+
+class Later(functools.partial):
+    """A value made on first use (see RunResult)."""
 
 
 def load_data(cfg: DictConfig) -> Dataset:
@@ -60,14 +85,39 @@ def load_data(cfg: DictConfig) -> Dataset:
     return load_dataset(cfg.dataset, encode, DTYPES[cfg.trainer.precision])
 
 
+def model_sizes(cfg: DictConfig, data: Dataset) -> list[int]:
+    n_outputs = 1 if cfg.model.head == "sigmoid" else data.n_classes
+    return layer_sizes(data.n_features, cfg.model.depth, cfg.model.width, n_outputs)
+
+
 def init_model(cfg: DictConfig, data: Dataset) -> MLP:
     """The model drawn from cfg.seed: the same weights whether it trains alone or in a population."""
     pl.seed_everything(cfg.seed, verbose=False)
-    n_outputs = 1 if cfg.model.head == "sigmoid" else data.n_classes
-    sizes = layer_sizes(data.n_features, cfg.model.depth, cfg.model.width, n_outputs)
-    model = MLP(sizes, cfg.model.activation, cfg.model.head, cfg.loss)
+    model = MLP(model_sizes(cfg, data), cfg.model.activation, cfg.model.head, cfg.loss)
     initialize(model, cfg.init.name, cfg.init.get("std"))
     return model.to(DTYPES[cfg.trainer.precision])
+
+
+def init_population(population: Population, data: Dataset) -> MLP:
+    """The stacked model, member p drawn from its own seed exactly as `init_model` draws it alone (torch's
+    generator seeded, then the layers in order), straight into the stacked weights."""
+    if len(population) == 1:
+        return MLP.stack([init_model(population.view(0), data)])
+    cfg = population.shared
+    model = MLP(
+        model_sizes(cfg, data), cfg.model.activation, cfg.model.head, cfg.loss, population=len(population)
+    )
+    model.to(DTYPES[cfg.trainer.precision])
+    with torch.no_grad():
+        for p, (seed, init) in enumerate(
+            zip(population.values("seed"), population.values("init"), strict=True)
+        ):
+            torch.manual_seed(seed)  # what pl.seed_everything does for torch
+            for W, b in model.layers:
+                W_p, b_p = draw_layer(W.shape[1], W.shape[2], init["name"], init.get("std"))
+                W[p] = W_p
+                b[p, 0] = b_p
+    return model
 
 
 def build(cfg: DictConfig) -> tuple[Dataset, MLP]:
@@ -75,29 +125,40 @@ def build(cfg: DictConfig) -> tuple[Dataset, MLP]:
     return data, init_model(cfg, data)
 
 
-def optimizer_factory(cfgs: list[DictConfig]):
-    """params -> the members' optimizer, with each member's numbers from its own config."""
-    first = cfgs[0].optimizer
-    numbers = lambda key, default=None: member_tensor([c.optimizer.get(key, default) for c in cfgs])  # noqa: E731
+def optimizer_factory(population: Population):
+    """params -> the members' optimizer, with each member's numbers from its own config, on the params'
+    device."""
+    first = population.shared.optimizer
+
+    def make(params):
+        device = params[0].device
+
+        def numbers(key: str, default=None) -> torch.Tensor:
+            return member_tensor(population.values(f"optimizer.{key}", default), device)
+
+        return build_optimizer(params, first, numbers)
+
+    return make
+
+
+def build_optimizer(params, first, numbers) -> MemberOptimizer:
     name = first.name
     if name == "lbfgs":
-        return lambda params: LBFGSStep(params, first.lr, first.max_iter, first.history_size)
+        return LBFGSStep(params, first.lr, first.max_iter, first.history_size)
     if name == "adam":
-        return lambda params: Adam(params, numbers("lr"))
+        return Adam(params, numbers("lr"))
     if name == "polyak":
-        return lambda params: Polyak(params, numbers("f_star"), numbers("c"), numbers("step_max"))
+        return Polyak(params, numbers("f_star"), numbers("c"), numbers("step_max"))
     if name == "bb":
-        return lambda params: BarzilaiBorwein(params, numbers("lr"), numbers("step_min"), numbers("step_max"),
-                                              first.variant)  # fmt: skip
+        return BarzilaiBorwein(params, numbers("lr"), numbers("step_min"), numbers("step_max"), first.variant)
     if name in ("backtracking", "nonmonotone"):
         kwargs = {key: numbers(key) for key in BACKTRACKING_NUMBERS}
         kwargs.update(reset=first.reset, on_failure=first.on_failure, trial_eval=first.trial_eval)
         if name == "nonmonotone":
-            return lambda params: NonMonotone(params, first.memory, first.first_trial, numbers("f_star"),
-                                              numbers("c_step"), **kwargs)  # fmt: skip
-        return lambda params: Backtracking(params, **kwargs)
-    momentum = numbers("momentum", 0.0)
-    return lambda params: GD(params, numbers("lr"), momentum, bool(first.get("nesterov", False)))
+            return NonMonotone(params, first.memory, first.first_trial, numbers("f_star"), numbers("c_step"),
+                               **kwargs)  # fmt: skip
+        return Backtracking(params, **kwargs)
+    return GD(params, numbers("lr"), numbers("momentum", 0.0), bool(first.get("nesterov", False)))
 
 
 def make_trainer(cfg: DictConfig, callbacks: list) -> pl.Trainer:
@@ -144,32 +205,29 @@ def fit_population(
     `progress` shows the population's epochs as they go; `pbt` exploits and explores between epochs
     (gdlab.pbt), and each member's run then keeps pbt.json and its replay. `wall_time` is the population's.
     """
-    check_population(cfgs)
-    n, first = len(cfgs), cfgs[0]
-    overrides = overrides or [[] for _ in cfgs]
-    callbacks = [list(c) for c in epoch_callbacks] if epoch_callbacks else [[] for _ in cfgs]
+    population = cfgs if isinstance(cfgs, Population) else Population.from_configs(cfgs, overrides)
+    check_population(population)
+    n, first = len(population), population.shared
+    overrides = population.overrides
+    callbacks = [list(c) for c in epoch_callbacks] if epoch_callbacks else [[] for _ in range(n)]
     data = load_data(first)
-    model = MLP.stack([init_model(cfg, data) for cfg in cfgs])
+    model = init_population(population, data)
     stops = Stops(
-        loss=[-math.inf if c.trainer.stop_loss is None else c.trainer.stop_loss for c in cfgs],
-        evals=[math.inf if c.trainer.get("max_evals") is None else c.trainer.max_evals for c in cfgs],
+        loss=[-math.inf if v is None else v for v in population.values("trainer.stop_loss")],
+        evals=[math.inf if v is None else v for v in population.values("trainer.max_evals")],
     )
-    schedules = member_schedules(cfgs)
+    schedules = member_schedules(population)
     logged_numbers = sorted({*schedules, *(pbt.settings.numbers if pbt else ())})
-    module = TrainingModule(model, optimizer_factory(cfgs), first.backprop, data.evaluation_splits(), stops,
-                            callbacks, schedules, logged_numbers)  # fmt: skip
-    loader = make_loader(data.train, first.optimizer.get("batch_size"), first.seed)
     with quiet_lightning():
         trainer = make_trainer(first, [c for c in (pbt, progress) if c is not None])
-    runs = start_runs(cfgs, overrides, tags or [None] * n, str(trainer.strategy.root_device))
-    directories = [Path(output_dirs[p]) if output_dirs else default_output_dir(cfg, runs[p])
-                   for p, cfg in enumerate(cfgs)]  # fmt: skip
-    appenders = [None if d is None else HistoryAppender(d) for d in directories]
-    for p, (run, appender) in enumerate(zip(runs, appenders, strict=True)):
-        if run is not None:
-            callbacks[p].insert(0, run.log_epoch)
-        if appender is not None:
-            callbacks[p].insert(0, appender)
+    runs = start_runs(population, tags or [None] * n, str(trainer.strategy.root_device))
+    directories = [Path(output_dirs[p]) if output_dirs else default_output_dir(population.view(p), runs[p])
+                   for p in range(n)]  # fmt: skip
+    history_files = HistoryFiles(directories)
+    sinks = [history_files, *([RunEpochs(runs)] if any(runs) else [])]
+    module = TrainingModule(model, optimizer_factory(population), first.backprop, data.evaluation_splits(),
+                            stops, callbacks, schedules, logged_numbers, sinks)  # fmt: skip
+    loader = make_loader(data.train, first.optimizer.get("batch_size"), first.seed)
     ending, reason, started = "FAILED", None, time.perf_counter()
     try:
         with quiet_lightning(), torch_threads(first.trainer.get("threads")):
@@ -180,15 +238,15 @@ def fit_population(
         raise
     finally:
         wall_time = time.perf_counter() - started
-        results = [record(cfg, module.outcome(p), data, wall_time) for p, cfg in enumerate(cfgs)]
+        history_files.close()
+        results = record(population, module.outcomes(), data, wall_time)
         if pbt is not None:
             try:
-                record_pbt(pbt, module.histories, results, overrides, directories, runs)
+                record_pbt(pbt, module.table, results, overrides, directories, runs)
             except Exception as error:  # never at the cost of the members' histories and statuses
                 log.warning("gdlab: could not write the PBT record: %s", error)
         for p, result in enumerate(results):
             if directories[p] is not None:
-                appenders[p].close()
                 save_outputs(result, overrides[p], directories[p], runs[p], ending or status(result), reason)
         for result, run in zip(results, runs, strict=True):  # the writer has worked meanwhile
             if run is not None:
@@ -196,18 +254,19 @@ def fit_population(
     return results
 
 
-def member_schedules(cfgs: list[DictConfig]) -> dict[str, list[list[tuple[int, float]]]]:
+def member_schedules(population: Population) -> dict[str, list[list[tuple[int, float]]]]:
     """number -> each member's schedule ([] where it has none), for the numbers any member schedules."""
-    per_member = [schedules_of(cfg.optimizer) for cfg in cfgs]
+    per_member = [schedules_of(m["optimizer"]) for m in population.members]
     numbers = sorted({number for schedules in per_member for number in schedules})
     return {number: [schedules.get(number, []) for schedules in per_member] for number in numbers}
 
 
-def record_pbt(pbt: PopulationBasedTraining, histories: list[list[dict]], results: list[RunResult],
+def record_pbt(pbt: PopulationBasedTraining, table: EpochTable, results: list[RunResult],
                overrides: list[list[str]], directories: list, runs: list) -> None:  # fmt: skip
     """Each member's PBT record: pbt.json in its output directory (an artifact of its run), its replay
     and exploit count in its final numbers and as tags."""
     run_ids = [run.run_id if run is not None else None for run in runs]
+    histories = [result.history.to_dict("records") for result in results]
     for p, result in enumerate(results):
         member = pbt.member_record(p, histories, overrides[p], run_ids)
         result.final.update(pbt_exploits=len(member["exploits"]), pbt_replay=" ".join(member["replay"]))
@@ -219,13 +278,19 @@ def record_pbt(pbt: PopulationBasedTraining, histories: list[list[dict]], result
                               "pbt.member": p, "pbt.replay": result.final["pbt_replay"][:5000]})  # fmt: skip
 
 
-def start_runs(cfgs, overrides, tags, device: str) -> list[MlflowRun | None]:
-    if tracking_uri(cfgs[0]) is None:
-        return [None] * len(cfgs)
-    background = len(cfgs) > 1  # a population's runs are recorded by the writer: training never waits
+def start_runs(population: Population, tags, device: str) -> list[MlflowRun | None]:
+    if tracking_uri(population.shared) is None:
+        return [None] * len(population)
+    background = len(population) > 1  # a population's runs are recorded by the writer: training never waits
     return [
-        MlflowRun(cfg, o, device=device, extra_tags=t, background=background)
-        for cfg, o, t in zip(cfgs, overrides, tags, strict=True)
+        MlflowRun(
+            population.view(p),
+            population.overrides[p],
+            device=device,
+            extra_tags=tags[p],
+            background=background,
+        )  # fmt: skip
+        for p in range(len(population))
     ]
 
 
@@ -236,34 +301,54 @@ def status(result: RunResult) -> str:
     return "FAILED" if result.final["diverged_at"] is not None and not result.final["pruned"] else "FINISHED"
 
 
-def record(cfg: DictConfig, outcome: RunOutcome, data: Dataset, wall_time: float) -> RunResult:
-    """A member's RunResult: its history, and final metrics measured once more at its trained weights."""
-    final = final_metrics(outcome.model, data)
-    epochs = outcome.history[-1]["epoch"] + 1 if outcome.history else 0  # a PBT-revived member has a gap
-    final.update(
-        epochs=epochs,
-        evals_fwd=outcome.evals_fwd,
-        evals_fwdbwd=outcome.evals_fwdbwd,
-        evals=outcome.evals_fwd + outcome.evals_fwdbwd,
-        ls_failures=outcome.ls_failures,
-        ls_all_failed=0 < outcome.ls_failures == epochs,  # the search never found a step
-        wall_time=wall_time,
-        diverged_at=outcome.diverged_at,
-        pruned=outcome.pruned,
-    )
-    final["objective"] = math.nan if outcome.diverged_at is not None else final[cfg.objective]
-    ended_at = outcome.ended_at or time.time()  # None: the loop stopped on an exception, just now
-    return RunResult(pd.DataFrame(outcome.history), final, outcome.model, cfg, data, ended_at)
+def record(
+    population: Population, outcome: PopulationOutcome, data: Dataset, wall_time: float
+) -> list[RunResult]:
+    """Each member's RunResult: its history, and final metrics measured once more at its trained weights
+    (all members in one batched evaluation)."""
+    measured = final_metrics(outcome.model, data)
+    histories = outcome.table.histories()
+    objective = population.shared.objective
+    now, results = time.time(), []
+    for p, history in enumerate(histories):
+        final = {key: values[p] for key, values in measured.items()}
+        epochs = int(history["epoch"].iat[-1]) + 1 if len(history) else 0  # a PBT-revived member has a gap
+        diverged_at = int(outcome.diverged_at[p]) if outcome.diverged_at[p] >= 0 else None
+        final.update(
+            epochs=epochs,
+            evals_fwd=int(outcome.evals_fwd[p]),
+            evals_fwdbwd=int(outcome.evals_fwdbwd[p]),
+            evals=int(outcome.evals_fwd[p] + outcome.evals_fwdbwd[p]),
+            ls_failures=int(outcome.ls_failures[p]),
+            wall_time=wall_time,
+            diverged_at=diverged_at,
+            pruned=outcome.pruned[p],
+        )
+        final["ls_all_failed"] = 0 < final["ls_failures"] == epochs  # the search never found a step
+        final["objective"] = math.nan if diverged_at is not None else final[objective]
+        ended_at = outcome.ended_at[p]
+        ended_at = now if math.isnan(ended_at) else float(ended_at)  # NaN: the loop stopped on an exception
+        results.append(RunResult(history, final, Later(outcome.model.member, p), Later(population.config, p),
+                                 data, ended_at))  # fmt: skip
+    return results
 
 
 @torch.no_grad()
-def final_metrics(model: MLP, data: Dataset) -> dict:
-    final = {}
+def final_metrics(model: MLP, data: Dataset) -> dict[str, list]:
+    """Every member's final loss and accuracy on each split, and the splits' row counts: name -> P values."""
+    n = model.layers[0][0].shape[0] if model.layers[0][0].dim() == 3 else 1
+    measured, names = [], []
     for name, split in {"train": data.train, **data.evaluation_splits()}.items():
-        final[f"rows/{name}"] = len(split)
-        Z = model(split.X)
-        final[f"{name}/loss"] = float(model.loss(Z, split.T))
-        final[f"{name}/acc"] = float(model.accuracy(Z, split.T))
+        device = model.layers[0][0].device
+        Z = model(split.X.to(device))
+        T = split.T.to(device)
+        measured += [model.loss(Z, T).double().reshape(n), model.accuracy(Z, T).double().reshape(n)]
+        names += [(name, len(split))]
+    values = torch.stack(measured).cpu().tolist()
+    final: dict[str, list] = {}
+    for i, (name, rows) in enumerate(names):
+        final[f"rows/{name}"] = [rows] * n
+        final[f"{name}/loss"], final[f"{name}/acc"] = values[2 * i], values[2 * i + 1]
     return final
 
 

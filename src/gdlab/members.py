@@ -9,7 +9,6 @@ import json
 
 from omegaconf import DictConfig, OmegaConf
 
-from gdlab.config import ConfigError, check_fits
 from gdlab.schedules import SCHEDULE_KEYS
 
 # L-BFGS's two-loop recursion couples all parameters, so it has no per-member form: it trains as P = 1.
@@ -51,22 +50,3 @@ def group_by_architecture(cfgs: list[DictConfig]) -> list[list[int]]:
     for i, cfg in enumerate(cfgs):
         groups.setdefault(architecture_key(cfg), []).append(i)
     return list(groups.values())
-
-
-def check_population(cfgs: list[DictConfig]) -> None:
-    if not cfgs:
-        raise ConfigError("population: no members given")
-    name = cfgs[0].optimizer.name
-    if len(cfgs) > 1 and name not in POPULATION_OPTIMIZERS:
-        raise ConfigError(
-            f"optimizer.name={name!r} cannot train as a population (its update couples all parameters, "
-            f"so it runs as one member only); choose one of {'|'.join(POPULATION_OPTIMIZERS)}"
-        )
-    check_fits(cfgs[0], members=len(cfgs), where="population: ")  # members share the architecture
-    key = architecture_key(cfgs[0])
-    for i, cfg in enumerate(cfgs[1:], start=1):
-        if architecture_key(cfg) != key:
-            raise ConfigError(
-                f"population member {i} differs from member 0 outside {', '.join(MEMBER_KEYS)}; "
-                "members must share dataset, model, loss, backprop, optimizer kind and trainer"
-            )

@@ -219,18 +219,26 @@ def initialize(model: MLP, scheme: str, std: float | None = None) -> None:
     """Draw W in float32 and in layer order (W1, [b1], W2, ...), so a seed gives the labs' numbers."""
     for W, b in model.layers:
         fan_in, fan_out = W.shape
-        b.zero_()
-        if scheme in ("small", "normal"):
-            W.copy_(torch.randn(fan_in, fan_out) * std)
-        elif scheme == "xavier":
-            W.copy_(torch.randn(fan_in, fan_out) * math.sqrt(2.0 / (fan_in + fan_out)))
-        elif scheme == "he":
-            W.copy_(torch.randn(fan_in, fan_out) * math.sqrt(2.0 / fan_in))
-        elif scheme == "torch_default":
-            linear = nn.Linear(fan_in, fan_out)  # draws weight then bias, as nn.Linear does in the labs
-            W.copy_(linear.weight.T)
-            b.copy_(linear.bias)
-        elif scheme == "zeros":
-            W.zero_()
-        else:
-            raise ValueError(f"unknown init scheme {scheme!r}")
+        W_drawn, b_drawn = draw_layer(fan_in, fan_out, scheme, std)
+        W.copy_(W_drawn)
+        b.copy_(b_drawn)
+
+
+def draw_layer(fan_in: int, fan_out: int, scheme: str, std: float | None = None) -> tuple[Tensor, Tensor]:
+    """One layer's (W, b) from torch's generator, in float32, as `initialize` draws them."""
+    b = torch.zeros(fan_out)
+    if scheme in ("small", "normal"):
+        return torch.randn(fan_in, fan_out) * std, b
+    if scheme == "xavier":
+        return torch.randn(fan_in, fan_out) * math.sqrt(2.0 / (fan_in + fan_out)), b
+    if scheme == "he":
+        return torch.randn(fan_in, fan_out) * math.sqrt(2.0 / fan_in), b
+    if scheme == "torch_default":  # nn.Linear's own reset_parameters, in its order: weight, then bias
+        weight, bias = torch.empty(fan_out, fan_in), torch.empty(fan_out)
+        nn.init.kaiming_uniform_(weight, a=math.sqrt(5))
+        bound = 1 / math.sqrt(fan_in) if fan_in > 0 else 0
+        nn.init.uniform_(bias, -bound, bound)
+        return weight.T, bias
+    if scheme == "zeros":
+        return torch.zeros(fan_in, fan_out), b
+    raise ValueError(f"unknown init scheme {scheme!r}")

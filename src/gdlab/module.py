@@ -3,23 +3,30 @@
 The module receives built things: the stacked model, an optimizer factory, the held-out splits (val,
 test) and each member's stop numbers. It keeps one history row per member and epoch, measured at the
 weights the epoch starts from (the step record's start evaluation; val and test loss/acc from a forward
-pass), and
-retires a member that diverges, reaches its stop condition, or whose epoch callback raises
-`gdlab.members.Retire`: its weights and history are kept, its slot is zeroed and no longer moves, and
-the others go on. Training ends when every member has retired or at max_epochs.
+pass), as columns: the epoch's rows are (P,) tensors stacked on the model's device and brought to the
+host in one transfer per epoch, whatever P is (`EpochTable`); sinks (history files, MLflow) take them in
+bulk, and only members with epoch callbacks of their own (a sweep's pruner) get a row as a dict.
+
+A member that diverges, reaches its stop condition, or whose epoch callback raises
+`gdlab.members.Retire` retires: a mask, not a branch. Its weights are kept as they were, its slot is
+zeroed and no longer moves, and the others go on. Training ends when every member has retired or at
+max_epochs.
 
 Numbers that change between epochs (gdlab.schedules) are set at each epoch's start from `schedules`, and
 every row then carries them as `hp/optimizer.<number>`. Population Based Training (gdlab.pbt, a Lightning
-callback) moves members with `copy_member` at its interval boundaries.
+callback) moves members with `copy_members` at its interval boundaries.
 """
 
 from __future__ import annotations
 
-import math
+import copy
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
+import numpy as np
+import pandas as pd
 import pytorch_lightning as pl
 import torch
 from torch import Tensor
@@ -27,7 +34,7 @@ from torch import Tensor
 from gdlab.data import Split
 from gdlab.interrupts import PENDING
 from gdlab.members import Retire
-from gdlab.model import MLP
+from gdlab.model import MLP, per_member
 from gdlab.optimizers import Evaluation, MemberOptimizer, StepRecord
 
 _PLAIN_TYPES = (str, bool, int, float, type(None), tuple)
@@ -43,18 +50,11 @@ class Stops:
     evals: Sequence[float]
 
 
-@dataclass
-class RunOutcome:
-    """What the loop hands back for one member."""
+class EpochSink(Protocol):
+    """Takes a population's epoch in bulk: `table`'s newest epoch, for the members in `members` (an index
+    array: those that trained in it). The history files and the MLflow runs are fed this way."""
 
-    model: MLP  # standalone, on the CPU
-    history: list[dict] = field(repr=False)  # one row per epoch
-    evals_fwd: int
-    evals_fwdbwd: int
-    ls_failures: int
-    diverged_at: int | None  # the epoch whose loss was NaN/inf
-    pruned: str | None  # why an epoch callback retired it
-    ended_at: float | None  # wall-clock time (time.time()) its training ended: retired, or the loop's end
+    def __call__(self, table: EpochTable, members: np.ndarray) -> None: ...
 
 
 class EpochState:
@@ -70,15 +70,15 @@ class EpochState:
         self.records.append(record)
         self.sizes.append(rows)
 
-    def step_numbers(self) -> list[list[float]]:
+    def step_numbers(self) -> list[Tensor]:
         """Per member, from the epoch's last step: loss_after, trial_step, step, backtracks, failed; and
-        summed over its steps: evals_fwd, evals_fwdbwd. One list per number, one entry per member."""
+        summed over its steps: evals_fwd, evals_fwdbwd. (P,) tensors."""
         last = self.records[-1]
         fwd, fwdbwd = last.evals_fwd, last.evals_fwdbwd
         if len(self.records) > 1:
             fwd = torch.stack([r.evals_fwd for r in self.records]).sum(0)
             fwdbwd = torch.stack([r.evals_fwdbwd for r in self.records]).sum(0)
-        numbers = [
+        return [
             last.loss_after,
             last.trial_step,
             last.step,
@@ -87,7 +87,6 @@ class EpochState:
             fwd,
             fwdbwd,
         ]
-        return torch.stack(numbers).tolist()
 
     def train_metrics(self) -> list[Tensor]:
         """[loss, accuracy] per member: the one step's, or the mean over mini-batches weighted by size."""
@@ -104,7 +103,8 @@ class EpochState:
 class TrainingModule(pl.LightningModule):
     def __init__(self, model: MLP, make_optimizer: Callable[[list], MemberOptimizer], backprop: str,
                  held_out: dict[str, Split], stops: Stops, epoch_callbacks: list[list[EpochCallback]],
-                 schedules: Schedules | None = None, logged_numbers: Sequence[str] = ()):  # fmt: skip
+                 schedules: Schedules | None = None, logged_numbers: Sequence[str] = (),
+                 sinks: Sequence[EpochSink] = ()):  # fmt: skip
         super().__init__()
         self.automatic_optimization = False
         self.model = model
@@ -113,19 +113,22 @@ class TrainingModule(pl.LightningModule):
         self.held_out = dict(held_out)  # name (val, test) -> split
         self.stops = stops
         self.epoch_callbacks = epoch_callbacks
-        n = len(epoch_callbacks)
-        self.histories: list[list[dict]] = [[] for _ in range(n)]
-        self.evals_fwd, self.evals_fwdbwd, self.ls_failures = [0] * n, [0] * n, [0] * n
-        self.diverged: list[int | None] = [None] * n
+        self.sinks = list(sinks)
+        n = self.n_members = len(epoch_callbacks)
+        self.with_callbacks = np.array([p for p, c in enumerate(epoch_callbacks) if c], dtype=np.int64)
+        self.logged_numbers = tuple(logged_numbers)  # each row's hp/optimizer.<number>
+        self.table = EpochTable(self.column_names(), n)
+        # Per member, on the host (each epoch's one transfer brings what they are made of):
+        self.diverged_at = np.full(n, -1, dtype=np.int64)  # -1: never
+        self.ended_at = np.full(n, np.nan)  # time.time() of its retirement
         self.pruned: list[str | None] = [None] * n
-        self.retired: list[MLP | None] = [None] * n
-        self.ended_at: list[float | None] = [None] * n
-        self.alive = list(range(n))
+        self.alive = np.ones(n, dtype=bool)
+        self.kept: list[Tensor] | None = None  # the retired members' weights, as they were (stacked)
+        self.retired_mask: Tensor | None = None
         self.held_out_on_device: dict[str, tuple[Tensor, Tensor]] = {}
         self.epoch = EpochState()
         self.started = 0.0
-        self.schedules = schedules or {}
-        self.logged_numbers = tuple(logged_numbers)  # each row's hp/optimizer.<number>
+        self.schedule_changes = schedule_changes(schedules or {})
 
     def __setattr__(self, name, value):
         # Lightning sets bookkeeping attributes (e.g. _current_fx_name) on every hook call, and
@@ -137,12 +140,23 @@ class TrainingModule(pl.LightningModule):
         else:
             super().__setattr__(name, value)
 
+    def column_names(self) -> list[str]:
+        """The history's columns, in a row's order."""
+        splits = [f"{name}/{metric}" for name in self.held_out for metric in ("loss", "acc")]
+        layers = [f"grad_norm/layer{l + 1}" for l in range(self.model.n_layers)]
+        return ["epoch", "train/loss", "train/acc", *splits, "grad_norm", *layers, *STEP_COLUMNS,
+                *(f"hp/optimizer.{number}" for number in self.logged_numbers)]  # fmt: skip
+
     def configure_optimizers(self):
         return self.make_optimizer(list(self.model.parameters()))
 
     def on_fit_start(self) -> None:
         self.held_out_on_device = {name: (split.X.to(self.device), split.T.to(self.device))
                                    for name, split in self.held_out.items()}  # fmt: skip
+        zeros = torch.zeros(self.n_members, dtype=torch.float64, device=self.device)
+        self.counts = {"evals_fwd": zeros, "evals_fwdbwd": zeros.clone(), "ls_failures": zeros.clone()}
+        self.stop_loss = torch.tensor(self.stops.loss, dtype=torch.float64, device=self.device)
+        self.stop_evals = torch.tensor(self.stops.evals, dtype=torch.float64, device=self.device)
         self.started = time.perf_counter()
 
     def on_train_start(self) -> None:
@@ -150,7 +164,7 @@ class TrainingModule(pl.LightningModule):
 
     def on_train_epoch_start(self) -> None:
         self.epoch.__init__()
-        if self.schedules:
+        if self.current_epoch in self.schedule_changes:
             self.apply_schedules(self.current_epoch)
         with torch.no_grad():
             for X, T in self.held_out_on_device.values():
@@ -177,116 +191,239 @@ class TrainingModule(pl.LightningModule):
         self.epoch.add_step(opt.step(closure=closure), X.shape[0])
 
     def on_train_epoch_end(self) -> None:
-        for p, row in self.epoch_rows():
-            self.histories[p].append(row)
+        """The epoch's rows for every member in one transfer; then whoever diverged, stopped or was retired
+        by its epoch callback retires, all at once."""
+        columns, diverged, stopped = self.epoch_columns()
+        block = torch.cat([columns, diverged.double().unsqueeze(0), stopped.double().unsqueeze(0)])
+        block = block.cpu().numpy()
+        members = np.flatnonzero(self.alive)
+        self.table.append(block[:-2], self.alive)
+        for sink in self.sinks:
+            sink(self.table, members)
+        retiring = (block[-2] > 0) | (block[-1] > 0)
+        pruned = self.run_callbacks()
+        diverged_now = (block[-2] > 0) & ~pruned
+        self.diverged_at[diverged_now] = self.current_epoch
+        retiring |= pruned
+        if retiring.any():
+            self.retire(retiring)
+        if not self.alive.any():
+            self.trainer.should_stop = True
+
+    def epoch_columns(self) -> tuple[Tensor, Tensor, Tensor]:
+        """The epoch's history columns (n_columns, P) float64, and who diverged or met a stop, on device."""
+        e = self.epoch
+        loss_after, trial_step, step, backtracks, failed, fwd, fwdbwd = e.step_numbers()
+        counts = self.counts
+        counts["evals_fwd"] += fwd
+        counts["evals_fwdbwd"] += fwdbwd
+        counts["ls_failures"] += failed
+        total = counts["evals_fwd"] + counts["evals_fwdbwd"]
+        train_loss, train_acc = (t.double() for t in e.train_metrics())
+        norms = e.records[-1].start.grad_norms.double()  # (2 * layers, P): |dW1|, |db1|, ...
+        layer_norms = norms.view(-1, 2, norms.shape[-1]).square().sum(1).sqrt()
+        optimizer = self.optimizers().optimizer if self.logged_numbers else None
+        numbers = [optimizer.number(number) for number in self.logged_numbers]
+        now = time.perf_counter() - self.started
+        full = torch.full_like(train_loss, 0.0)
+        columns = torch.stack([
+            full + self.current_epoch, train_loss, train_acc, *(t.double() for t in e.held_out_metrics),
+            norms.square().sum(0).sqrt(), *layer_norms, train_loss, loss_after, trial_step, step, backtracks,
+            failed, counts["ls_failures"], fwd, fwdbwd, total, full + now, *numbers,
+        ])  # fmt: skip
+        diverged = ~train_loss.isfinite()
+        stopped = (train_loss < self.stop_loss) | (total >= self.stop_evals)
+        active = self.optimizers().optimizer.active
+        return columns, diverged & active, stopped & active
+
+    def run_callbacks(self) -> np.ndarray:
+        """Each member's own epoch callbacks (a sweep's pruner) with its row; who asked to retire."""
+        pruned = np.zeros(self.n_members, dtype=bool)
+        for p in self.with_callbacks[self.alive[self.with_callbacks]]:
+            row = self.table.row(p)
             try:
                 for callback in self.epoch_callbacks[p]:
                     callback(row)
             except Retire as signal:
                 self.pruned[p] = str(signal) or "retired by an epoch callback"
-                self.retire(p)
-                continue
-            if not math.isfinite(row["train/loss"]):
-                self.diverged[p] = row["epoch"]
-                self.retire(p)
-            elif row["train/loss"] < self.stops.loss[p] or row["evals/total"] >= self.stops.evals[p]:
-                self.retire(p)
-        if not self.alive:
-            self.trainer.should_stop = True
+                pruned[p] = True
+        return pruned
 
     def apply_schedules(self, epoch: int) -> None:
         """Set the numbers whose schedules change at `epoch` (for every member with an entry there)."""
         optimizer = self.optimizers().optimizer
-        for number, members in self.schedules.items():
-            changes = {p: value for p, entries in enumerate(members) for e, value in entries if e == epoch}
-            if changes:
-                values = optimizer.number(number).clone()
-                for p, value in changes.items():
-                    values[p] = value
-                optimizer.set_numbers(number, values)
+        for number, (members, values) in self.schedule_changes[epoch].items():
+            current = optimizer.number(number).clone()
+            current[members.to(current.device)] = values.to(current.device)
+            optimizer.set_numbers(number, current)
 
     @torch.no_grad()
-    def copy_member(self, source: int, target: int) -> None:
-        """PBT's exploit: member `target` goes on from member `source`'s weights, gradients, optimizer state
-        and evaluation counts, exactly; a retired `target` trains again."""
-        if target not in self.alive:
-            self.revive(target)
+    def copy_members(self, sources: np.ndarray, targets: np.ndarray) -> None:
+        """PBT's exploit: members `targets` go on from members `sources`' weights, gradients, optimizer state
+        and evaluation counts, exactly; a retired target trains again."""
+        reviving = np.zeros(self.n_members, dtype=bool)
+        reviving[targets] = ~self.alive[targets]
+        if reviving.any():
+            self.revive(reviving)
+        source, target = (torch.as_tensor(a, device=self.device) for a in (sources, targets))
         for param in self.model.parameters():
-            param[target] = param[source]
+            param.index_copy_(0, target, param.index_select(0, source))
             if param.grad is not None:
-                param.grad[target] = param.grad[source]
-        self.optimizers().optimizer.copy_member(source, target)
-        for counts in (self.evals_fwd, self.evals_fwdbwd, self.ls_failures):
-            counts[target] = counts[source]
+                param.grad.index_copy_(0, target, param.grad.index_select(0, source))
+        self.optimizers().optimizer.copy_members(source, target)
+        for counts in self.counts.values():
+            counts.index_copy_(0, target, counts.index_select(0, source))
 
-    def revive(self, p: int) -> None:
-        self.retired[p] = self.diverged[p] = self.ended_at[p] = None
-        self.alive = sorted([*self.alive, p])
-        self.optimizers().optimizer.revive(p)
+    def revive(self, members: np.ndarray) -> None:
+        self.diverged_at[members] = -1
+        self.ended_at[members] = np.nan
+        self.alive |= members
+        mask = torch.as_tensor(members, device=self.device)
+        self.retired_mask &= ~mask
+        self.optimizers().optimizer.revive(mask)
 
     def on_train_end(self) -> None:
-        now = time.time()
-        for p in self.alive:
-            self.ended_at[p] = now
+        self.ended_at[self.alive] = time.time()
 
     @torch.no_grad()
-    def retire(self, p: int) -> None:
-        """Keep member p as it is now and stop moving it; zeros keep a diverged member's arithmetic finite."""
-        self.retired[p] = self.model.member(p)
-        self.ended_at[p] = time.time()
-        self.alive.remove(p)
-        self.optimizers().optimizer.retire(p)
-        for W, b in self.model.layers:
-            W[p].zero_()
-            b[p].zero_()
+    def retire(self, members: np.ndarray) -> None:
+        """Keep the members of the mask `members` as they are now and stop moving them; zeros keep a
+        diverged member's arithmetic finite."""
+        self.ended_at[members] = time.time()
+        self.alive &= ~members
+        mask = torch.as_tensor(members, device=self.device)
+        params = list(self.model.parameters())
+        if self.kept is None:
+            self.kept = [p.detach().clone() for p in params]
+            self.retired_mask = torch.zeros_like(mask)
+        self.retired_mask |= mask
+        self.optimizers().optimizer.retire(mask)
+        for param, kept in zip(params, self.kept, strict=True):
+            view = per_member(mask, param)
+            kept.copy_(torch.where(view, param, kept))
+            param.masked_fill_(view, 0.0)
 
-    def epoch_rows(self) -> list[tuple[int, dict]]:
-        """(member, history row) for every member still training, from one device-to-host transfer."""
-        e = self.epoch
-        measured = [*e.train_metrics(), *e.held_out_metrics, e.records[-1].start.grad_norms]
-        measured = torch.cat([torch.stack(measured[:-1]), measured[-1]]).tolist()
-        n_metrics = 2 + len(e.held_out_metrics)
-        metrics, norms = measured[:n_metrics], measured[n_metrics:]
-        loss_after, trial_step, step, backtracks, failed, fwd, fwdbwd = e.step_numbers()
-        now, rows = time.perf_counter() - self.started, []
-        optimizer = self.optimizers().optimizer if self.logged_numbers else None
-        numbers = {number: optimizer.number(number).tolist() for number in self.logged_numbers}
-        for p in self.alive:
-            self.evals_fwd[p] += int(fwd[p])
-            self.evals_fwdbwd[p] += int(fwdbwd[p])
-            self.ls_failures[p] += int(failed[p])
-            row = {"epoch": self.current_epoch, "train/loss": metrics[0][p], "train/acc": metrics[1][p]}
-            for i, name in enumerate(self.held_out_on_device):
-                row[f"{name}/loss"], row[f"{name}/acc"] = metrics[2 + 2 * i][p], metrics[3 + 2 * i][p]
-            member_norms = [n[p] for n in norms]
-            row["grad_norm"] = math.sqrt(sum(n * n for n in member_norms))
-            for l in range(len(member_norms) // 2):
-                row[f"grad_norm/layer{l + 1}"] = math.hypot(member_norms[2 * l], member_norms[2 * l + 1])
-            row.update(
-                loss_before=metrics[0][p],
-                loss_after=loss_after[p],
-                trial_step=trial_step[p],
-                step=step[p],
-                backtracks=int(backtracks[p]),
-                ls_failed=int(failed[p]),
-                ls_failures=self.ls_failures[p],
-                **{"evals/fwd": int(fwd[p]), "evals/fwdbwd": int(fwdbwd[p]),
-                   "evals/total": self.evals_fwd[p] + self.evals_fwdbwd[p], "time": now},
-            )  # fmt: skip
-            for number, values in numbers.items():
-                row[f"hp/optimizer.{number}"] = values[p]
-            rows.append((p, row))
-        return rows
+    @torch.no_grad()
+    def final_model(self) -> MLP:
+        """The stacked model at each member's final weights: a retired member's as it retired."""
+        if self.kept is None:
+            return self.model
+        final = copy.deepcopy(self.model)
+        for param, kept in zip(final.parameters(), self.kept, strict=True):
+            param.copy_(torch.where(per_member(self.retired_mask, param), kept, param))
+        return final
 
-    def outcome(self, p: int) -> RunOutcome:
-        model = self.retired[p] if self.retired[p] is not None else self.model.member(p)
-        return RunOutcome(
-            model=model,
-            history=self.histories[p],
-            evals_fwd=self.evals_fwd[p],
-            evals_fwdbwd=self.evals_fwdbwd[p],
-            ls_failures=self.ls_failures[p],
-            diverged_at=self.diverged[p],
-            pruned=self.pruned[p],
-            ended_at=self.ended_at[p],
+    def outcomes(self) -> PopulationOutcome:
+        return PopulationOutcome(
+            model=self.final_model(),
+            table=self.table,
+            evals_fwd=self.counts_on_host("evals_fwd"),
+            evals_fwdbwd=self.counts_on_host("evals_fwdbwd"),
+            ls_failures=self.counts_on_host("ls_failures"),
+            diverged_at=self.diverged_at,
+            pruned=self.pruned,
+            ended_at=self.ended_at,
         )
+
+    def counts_on_host(self, name: str) -> np.ndarray:
+        counts = getattr(self, "counts", None)
+        if counts is None:  # training never started
+            return np.zeros(self.n_members, dtype=np.int64)
+        return counts[name].cpu().numpy().astype(np.int64)
+
+
+STEP_COLUMNS = ("loss_before", "loss_after", "trial_step", "step", "backtracks", "ls_failed", "ls_failures",
+                "evals/fwd", "evals/fwdbwd", "evals/total", "time")  # fmt: skip
+INTEGER_COLUMNS = frozenset(("epoch", "backtracks", "ls_failed", "ls_failures", "evals/fwd", "evals/fwdbwd",
+                             "evals/total"))  # fmt: skip
+
+
+class EpochTable:
+    """A population's history as columns: per epoch, an (n_columns, P) array of every member's row and
+    which members have a row in it (those still training; a PBT-revived member has a gap)."""
+
+    def __init__(self, names: list[str], n_members: int):
+        self.names, self.n_members = names, n_members
+        self.index = {name: i for i, name in enumerate(names)}
+        self.blocks: list[np.ndarray] = []
+        self.recorded: list[np.ndarray] = []
+
+    def append(self, values: np.ndarray, recorded: np.ndarray) -> None:
+        self.blocks.append(values)
+        self.recorded.append(recorded.copy())
+
+    def __len__(self) -> int:
+        return len(self.blocks)
+
+    def row(self, p: int, epoch: int = -1) -> dict:
+        """Member p's row of an epoch (the newest by default) as a dict, as a history row reads."""
+        values = self.blocks[epoch][:, p].tolist()
+        return {
+            name: int(v) if name in INTEGER_COLUMNS else v for name, v in zip(self.names, values, strict=True)
+        }
+
+    def format_row(self, block: np.ndarray, p: int) -> str:
+        """Member p's row of `block` as a line of history.csv (what the csv module writes for its dict)."""
+        values = block[:, p].tolist()
+        return ",".join(str(int(v)) if name in INTEGER_COLUMNS else repr(v)
+                        for name, v in zip(self.names, values, strict=True))  # fmt: skip
+
+    def latest(self, name: str) -> np.ndarray:
+        """Every member's `name` in its newest row (NaN for a member without a row yet)."""
+        values = np.full(self.n_members, np.nan)
+        seen = np.zeros(self.n_members, dtype=bool)
+        column = self.index[name]
+        for block, recorded in zip(reversed(self.blocks), reversed(self.recorded), strict=True):
+            new = recorded & ~seen
+            values[new] = block[column, new]
+            seen |= new
+            if seen.all():
+                break
+        return values
+
+    def member_rows(self) -> tuple[np.ndarray, np.ndarray]:
+        """(values (epochs, n_columns, P), recorded (epochs, P)) of the whole table."""
+        if not self.blocks:
+            return np.empty((0, len(self.names), self.n_members)), np.empty((0, self.n_members), dtype=bool)
+        return np.stack(self.blocks), np.stack(self.recorded)
+
+    def histories(self) -> list[pd.DataFrame]:
+        """Each member's history as a DataFrame (one row per epoch it trained in), as `RunResult.history`."""
+        values, recorded = self.member_rows()
+        integer = [name in INTEGER_COLUMNS for name in self.names]
+        frames = []
+        for p in range(self.n_members):
+            rows = values[recorded[:, p], :, p]
+            columns = {name: rows[:, i].astype(np.int64) if integer[i] else rows[:, i]
+                       for i, name in enumerate(self.names)}  # fmt: skip
+            frames.append(pd.DataFrame(columns))
+        return frames
+
+
+@dataclass
+class PopulationOutcome:
+    """What the loop hands back for the population: per-member numbers as (P,) arrays."""
+
+    model: MLP  # stacked, at each member's final weights
+    table: EpochTable = field(repr=False)
+    evals_fwd: np.ndarray
+    evals_fwdbwd: np.ndarray
+    ls_failures: np.ndarray
+    diverged_at: np.ndarray  # the epoch whose loss was NaN/inf, -1: none
+    pruned: list[str | None]  # why an epoch callback retired it
+    ended_at: np.ndarray  # wall-clock time (time.time()) its training ended; NaN: the loop did not end
+
+
+def schedule_changes(schedules: Schedules) -> dict[int, dict[str, tuple[Tensor, Tensor]]]:
+    """epoch -> number -> (members, values) that change at that epoch, as tensors (set in one step)."""
+    changes: dict[int, dict[str, tuple[list, list]]] = {}
+    for number, members in schedules.items():
+        for p, entries in enumerate(members):
+            for epoch, value in entries:
+                members_values = changes.setdefault(epoch, {}).setdefault(number, ([], []))
+                members_values[0].append(p)
+                members_values[1].append(value)
+    return {
+        epoch: {n: (torch.tensor(m), torch.tensor(v, dtype=torch.float64)) for n, (m, v) in numbers.items()}
+        for epoch, numbers in changes.items()
+    }

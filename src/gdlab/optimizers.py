@@ -75,28 +75,30 @@ class StepRecord:
     def fixed(lr: Tensor, active: Tensor) -> tuple:
         """A rule without a search (one forward+backward evaluation, the step is the lr): every field
         but `start`, to be made once and shared by the steps."""
-        zeros = torch.zeros(len(lr), dtype=torch.float64)
+        zeros = torch.zeros(len(lr), dtype=torch.float64, device=lr.device)
         lr = torch.where(active, lr, 0.0)  # a retired member takes no step
         return lr, lr, zeros, torch.full_like(zeros, math.nan), zeros.bool(), zeros, active.double()
 
 
-def member_tensor(values: Sequence[float]) -> Tensor:
-    """Per-member numbers as a float64 (P,) tensor on the CPU, where the rules keep them."""
-    return torch.tensor([float(v) for v in values], dtype=torch.float64)
+def member_tensor(values: Sequence[float], device: torch.device | str = "cpu") -> Tensor:
+    """Per-member numbers as a float64 (P,) tensor on the model's device, where the rules keep them."""
+    return torch.tensor([float(v) for v in values], dtype=torch.float64, device=device)
 
 
 class MemberOptimizer(Optimizer):
-    """Base of the per-member rules: the set of members still training (`active`, (P,) bool)."""
+    """Base of the per-member rules: the set of members still training (`active`, (P,) bool), and every
+    per-member number, on the parameters' device."""
 
     def __init__(self, params, n_members: int):
         super().__init__(params, {})
         self.params = [p for p in self.param_groups[0]["params"]]
-        self.active = torch.ones(n_members, dtype=torch.bool)
+        self.device = self.params[0].device
+        self.active = torch.ones(n_members, dtype=torch.bool, device=self.device)
         self.all_active = True
 
-    def retire(self, p: int) -> None:
-        """Member p stops moving (its weights are kept by the caller)."""
-        self.active[p] = False
+    def retire(self, members: Tensor) -> None:
+        """The members of the (P,) bool mask `members` stop moving (their weights are kept by the caller)."""
+        self.active &= ~members.to(self.device)
         self.all_active = False
         self.moving_changed()
 
@@ -107,16 +109,18 @@ class MemberOptimizer(Optimizer):
         """`values` (P,) with zeros for retired members."""
         return values if self.all_active else torch.where(self.active, values, 0.0)
 
-    def revive(self, p: int) -> None:
-        """Member p moves again (PBT gave a retired slot a donor's weights)."""
-        self.active[p] = True
-        self.all_active = bool(self.active.all())
+    def revive(self, members: Tensor) -> None:
+        """The members of the (P,) bool mask `members` move again (PBT gave their slots a donor's weights)."""
+        self.active |= members.to(self.device)
+        self.all_active = False  # `mask` stays exact either way; it only skips a where() when all move
         self.moving_changed()
 
     def number(self, name: str) -> Tensor:
         """Every member's `name` (one of gdlab.schedules.SCHEDULABLE) as a (P,) tensor."""
         values = getattr(self, name)
-        return torch.zeros(len(self.active), dtype=torch.float64) if values is None else values
+        if values is None:
+            return torch.zeros(len(self.active), dtype=torch.float64, device=self.device)
+        return values
 
     def set_numbers(self, name: str, values: Tensor) -> None:
         """Every member's `name` (one of gdlab.schedules.SCHEDULABLE, a (P,) tensor) from the next step on."""
@@ -139,10 +143,12 @@ class MemberOptimizer(Optimizer):
         ]
 
     @torch.no_grad()
-    def copy_member(self, source: int, target: int) -> None:
-        """Member `target` takes member `source`'s optimizer state (PBT's exploit)."""
+    def copy_members(self, sources: Tensor, targets: Tensor) -> None:
+        """Members `targets` take members `sources`' optimizer state (PBT's exploit; index tensors)."""
         for tensor, axis in self.member_tensors():
-            tensor.select(axis, target).copy_(tensor.select(axis, source))
+            tensor.index_copy_(
+                axis, targets.to(tensor.device), tensor.index_select(axis, sources.to(tensor.device))
+            )
 
 
 class GD(MemberOptimizer):
@@ -267,7 +273,7 @@ class Backtracking(MemberOptimizer):
         neg_g = [-p.grad for p in self.params]
         if self.reuse:  # what the next step starts from, member by member as they accept
             self.next_grads, self.next_start = [p.grad.clone() for p in self.params], record.start
-        grad_sq = sum((d * d).flatten(1).sum(dim=1) for d in neg_g).cpu().double()
+        grad_sq = sum((d * d).flatten(1).sum(dim=1) for d in neg_g).double()
         step = record.trial_step = self.first_trial_step(f0, grad_sq)
         f_ref = self.reference(f0)
         searching, accepted = self.active.clone(), torch.zeros_like(self.active)
@@ -308,7 +314,7 @@ class Backtracking(MemberOptimizer):
     def start_record(self, closure) -> StepRecord:
         """The step's record, begun with f and g at w: carried over from the last accepted trial
         (trial_eval=forward_backward), or evaluated (every member; a carried one gets the same again)."""
-        zeros = torch.zeros(len(self.lr), dtype=torch.float64)
+        zeros = torch.zeros(len(self.lr), dtype=torch.float64, device=self.device)
         fresh = self.active if self.carried is None else self.active & losses(self.carried).isnan()
         start = self.carried
         if fresh.any():
@@ -340,8 +346,8 @@ class Backtracking(MemberOptimizer):
 
 
 def losses(evaluation: Evaluation) -> Tensor:
-    """The members' losses as float64 on the CPU, where the line search keeps its numbers."""
-    return evaluation.loss.detach().to("cpu", torch.float64)
+    """The members' losses as float64, on the model's device, where the line search keeps its numbers."""
+    return evaluation.loss.detach().to(torch.float64)
 
 
 class LBFGSStep(MemberOptimizer):
@@ -350,7 +356,7 @@ class LBFGSStep(MemberOptimizer):
 
     def __init__(self, params, lr: float, max_iter: int, history_size: int):
         super().__init__(params, 1)
-        self.lr = member_tensor([lr])
+        self.lr = member_tensor([lr], self.device)
         self.lbfgs = LBFGS(self.params, lr=lr, max_iter=max_iter, history_size=history_size,
                            line_search_fn="strong_wolfe")  # fmt: skip
 
@@ -364,5 +370,5 @@ class LBFGSStep(MemberOptimizer):
 
         self.lbfgs.step(scalar_closure)
         record = StepRecord(evaluations[0], *StepRecord.fixed(self.lr, self.active))
-        record.evals_fwdbwd = torch.tensor([float(len(evaluations))], dtype=torch.float64)
+        record.evals_fwdbwd = member_tensor([len(evaluations)], self.device)
         return record

@@ -20,7 +20,9 @@ import math
 import random
 from dataclasses import asdict, dataclass
 
+import numpy as np
 import pytorch_lightning as pl
+import torch
 
 from gdlab.pbt_rules import PBTSettings, explore, quantile_size, ranked
 from gdlab.schedules import SCHEDULE_SUFFIX
@@ -64,34 +66,43 @@ class PopulationBasedTraining(pl.Callback):
             self.exploit_and_explore(module, epoch)
 
     def exploit_and_explore(self, module, epoch: int) -> None:
+        """One round: every copy at once (module.copy_members), the numbers explored on the host from one
+        transfer per number, whatever the population's size."""
         optimizer = module.optimizers().optimizer
-        values = {number: optimizer.number(number).clone() for number in self.settings.numbers}
+        numbers = {number: optimizer.number(number) for number in self.settings.numbers}
+        values = {number: v.cpu().tolist() for number, v in numbers.items()}
+        sources, targets = [], []
         for member, donor, reason in self.copies(module, epoch):
-            old = {key: float(values[number][member]) for key, number in self.keys()}
-            module.copy_member(donor, member)
+            old = {key: values[number][member] for key, number in self.keys()}
             new, how = {}, {}
             for key, number in self.keys():
                 space = self.settings.hyperparameters[key]
-                new[key], how[key] = explore(float(values[number][donor]), space, self.settings, self.rng)
+                new[key], how[key] = explore(values[number][donor], space, self.settings, self.rng)
+            for key, number in self.keys():
                 values[number][member] = new[key]
+            sources.append(donor)
+            targets.append(member)
             self.lineages[member] = [*self.lineages[donor], Segment(epoch, member)]
             self.events.append(ExploitEvent(epoch, member, donor, old, new, how, reason))
+        if not targets:
+            return
+        module.copy_members(np.array(sources), np.array(targets))
         for number, member_values in values.items():
-            optimizer.set_numbers(number, member_values)
+            optimizer.set_numbers(number, torch.tensor(member_values, dtype=torch.float64,
+                                                       device=numbers[number].device))  # fmt: skip
 
     def copies(self, module, epoch: int):
         """(member, donor, why) of this round, each donor drawn from the top as its member comes: every
         member that diverged since, then the bottom of the ranking by each member's last objective."""
-        last = {p: module.histories[p][-1].get(self.objective, math.nan)
-                for p in module.alive if module.histories[p]}  # fmt: skip
+        latest = module.table.latest(self.objective)
+        last = {int(p): float(latest[p]) for p in np.flatnonzero(module.alive)}
         order = ranked(last, self.direction)
         n = quantile_size(len(order), self.settings.fraction)
         if n == 0:
             return
         top = order[:n]
-        for member, at in enumerate(module.diverged):
-            if at is not None:
-                yield member, self.rng.choice(top), f"diverged at epoch {at}"
+        for member in np.flatnonzero(module.diverged_at >= 0):
+            yield int(member), self.rng.choice(top), f"diverged at epoch {module.diverged_at[member]}"
         for member in order[-n:]:
             donor = self.rng.choice(top)
             yield member, donor, (f"bottom {self.settings.fraction:g} at epoch {epoch - 1}: {self.objective} "

@@ -9,11 +9,11 @@ A line reads:
 
 from __future__ import annotations
 
-import math
 import sys
 import time
 from typing import TextIO
 
+import numpy as np
 import pytorch_lightning as pl
 
 BAR, LINES, OFF = "bar", "lines", "off"
@@ -81,7 +81,7 @@ class Progress(pl.Callback):
             self.bar = None
 
     def report(self, module, last: bool = False) -> None:
-        done = max(len(history) for history in module.histories)
+        done = len(module.table)
         if self.bar is not None:
             self.bar.update(done - self.bar.n)
             self.bar.set_postfix_str(self.status(module, short=True), refresh=False)
@@ -96,9 +96,10 @@ class Progress(pl.Callback):
 
     def status(self, module, short: bool = False) -> str:
         """Members training / retired (stopped or diverged) / pruned, and the best current objective."""
-        n = len(module.histories)
+        n = module.n_members
         pruned = sum(reason is not None for reason in module.pruned)
-        retired, alive = n - len(module.alive) - pruned, len(module.alive)
+        alive = int(module.alive.sum())
+        retired = n - alive - pruned
         parts = []
         if n > 1:
             parts.append(f"{alive}/{n} live, {pruned} pruned" if short else
@@ -112,7 +113,11 @@ class Progress(pl.Callback):
 
     def best(self, module) -> tuple[float, int] | None:
         """(value, member) of the best current objective among the members' latest rows."""
-        histories = enumerate(module.histories)
-        current = [(history[-1].get(self.objective, math.nan), p) for p, history in histories if history]
-        finite = [(value, p) for value, p in current if math.isfinite(value)]
-        return min(finite, key=lambda item: self.sign * item[0]) if finite else None
+        if self.objective not in module.table.index or not len(module.table):
+            return None
+        signed = self.sign * module.table.latest(self.objective)
+        finite = np.isfinite(signed)
+        if not finite.any():
+            return None
+        p = int(np.flatnonzero(finite)[np.argmin(signed[finite])])
+        return self.sign * signed[p], p

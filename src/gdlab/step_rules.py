@@ -34,8 +34,8 @@ def bb_step(s_dot_s: Tensor, s_dot_y: Tensor, y_dot_y: Tensor, variant: str, pre
 
 
 def member_dot(a: list[Tensor], b: list[Tensor]) -> Tensor:
-    """Σ over every parameter of a·b, per member: (P,) float64 on the CPU."""
-    return sum((x * y).flatten(1).sum(dim=1) for x, y in zip(a, b, strict=True)).cpu().double()
+    """Σ over every parameter of a·b, per member: (P,) float64 on the parameters' device."""
+    return sum((x * y).flatten(1).sum(dim=1) for x, y in zip(a, b, strict=True)).double()
 
 
 class GradientStep(MemberOptimizer):
@@ -101,7 +101,9 @@ class NonMonotone(Backtracking):
     def __init__(self, params, memory: int, first_trial: str, f_star: Tensor, c_step: Tensor, **backtracking):
         super().__init__(params, **backtracking)
         self.first_trial, self.f_star, self.c_step = first_trial, f_star, c_step
-        self.recent = torch.full((memory, len(self.lr)), -torch.inf, dtype=torch.float64)  # the last losses
+        self.recent = torch.full(
+            (memory, len(self.lr)), -torch.inf, dtype=torch.float64, device=self.device
+        )  # the last losses
 
     def member_tensors(self) -> list[tuple[Tensor, int]]:
         return [*super().member_tensors(), (self.recent, -1)]

@@ -150,7 +150,7 @@ def flatten(cfg: DictConfig) -> dict[str, str]:
                 text if len(text) <= MAX_PARAM_VAL_LENGTH else text[: MAX_PARAM_VAL_LENGTH - 3] + "..."
             )
 
-    container = OmegaConf.to_container(cfg, resolve=True)
+    container = dict(cfg) if isinstance(cfg, dict) else OmegaConf.to_container(cfg, resolve=True)
     container.pop("hydra", None)
     walk(container, "")
     return flat
@@ -463,6 +463,19 @@ class MlflowRun:
         logged = self.client.get_run(self.run_id).data.metrics
         return {key: max(m.step for m in self.client.get_metric_history(self.run_id, key))
                 for key in keys if key in logged}  # fmt: skip
+
+
+class RunEpochs:
+    """An epoch sink (gdlab.module.EpochSink): each member's row to its MLflow run (None: untracked)."""
+
+    def __init__(self, runs: list[MlflowRun | None]):
+        self.runs = runs
+
+    def __call__(self, table, members) -> None:
+        for p in members:
+            run = self.runs[p]
+            if run is not None:
+                run.log_epoch(table.row(p))
 
 
 @functools.lru_cache(maxsize=64)

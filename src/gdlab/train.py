@@ -17,12 +17,12 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from gdlab.compose import VariantComposer, compose_config
+from gdlab.compose import compose_config
 from gdlab.config import ConfigError, validate
 from gdlab.data import SPLIT_METRICS
 from gdlab.interrupts import InterruptHandler
 from gdlab.masking import mask_saved_hydra_configs
-from gdlab.members import check_population, group_by_architecture
+from gdlab.population import PopulationComposer, check_population
 from gdlab.schedules import SCHEDULABLE, SCHEDULE_SUFFIX, schedules_of
 from gdlab.tracking import (
     OUTPUT_DIR_TAG,
@@ -71,23 +71,22 @@ def run(overrides: list[str] | None = None, output_dir: str | Path | None = None
     if population is None:
         cfg = validate(compose_config(overrides))
         return warn_incomplete([fit(cfg, overrides, output_dir, progress=progress_of([cfg]))])[0]
-    members = [[*overrides, *member_overrides(m)] for m in population]
-    compose = VariantComposer(overrides)
-    cfgs = [compose(member_overrides(m)) for m in population]
-    output_dirs = [Path(output_dir) / f"member-{i}" for i in range(len(cfgs))] if output_dir else None
-    results: list = [None] * len(cfgs)
-    groups = group_by_architecture(cfgs)
+    members = PopulationComposer(overrides)(population)
+    n = len(members)
+    output_dirs = [Path(output_dir) / f"member-{i}" for i in range(n)] if output_dir else None
+    results: list = [None] * n
+    groups = members.architecture_groups()
     for group in groups:  # every population is checked before any trains
-        check_population([cfgs[i] for i in group])
+        check_population(members.subset(group))
     if pbt is not None:
-        check_pbt(pbt, cfgs, groups)
+        check_pbt(pbt, [members.config(p) for p in range(n)], groups)
     for group in groups:
+        part = members.subset(group)
         trained = fit_population(
-            [cfgs[i] for i in group],
-            [members[i] for i in group],
-            [output_dirs[i] for i in group] if output_dirs else None,
-            progress=progress_of([cfgs[i] for i in group], [f"member {i}" for i in group]),
-            pbt=population_based_training(pbt, cfgs[0], len(group)),
+            part,
+            output_dirs=[output_dirs[i] for i in group] if output_dirs else None,
+            progress=progress_of([part.shared], [f"member {i}" for i in group]),
+            pbt=population_based_training(pbt, part.shared, len(group)),
         )
         for i, result in zip(group, trained, strict=True):
             results[i] = result
@@ -161,14 +160,9 @@ def progress_of(cfgs: list[DictConfig], names: list[str] | None = None) -> Progr
     """A run's (or a population's) live progress, as this process's output suits it (gdlab.progress)."""
     from gdlab.progress import Progress
 
-    label = run_name(cfgs[0]) if len(cfgs) == 1 else f"population of {len(cfgs)}"
+    count = len(names or cfgs)
+    label = run_name(cfgs[0]) if count == 1 else f"population of {count}"
     return Progress.auto(label, names or [label], cfgs[0].objective, cfgs[0].direction)
-
-
-def member_overrides(member: dict | list | tuple) -> list[str]:
-    if isinstance(member, dict):
-        return [f"{key}={value}" for key, value in member.items()]
-    return list(member)
 
 
 def scheduled(cfg: DictConfig) -> str:
