@@ -2,8 +2,8 @@
 number stays a (P,) tensor on the model's device, and an epoch's rows come over in one transfer.
 
 Counted on the CPU: every call that would move a tensor's data to the host on a GPU (`.item()`, `.cpu()`,
-`.tolist()`, `.numpy()`, and `bool`, `float` or `int` of a tensor), during whole trainings of P = 4 and
-P = 512 members. The 512 members are the 4 repeated, so every line search takes as many trials in both.
+`.tolist()`, `.numpy()`, `.to("cpu")`, and `bool`, `float` or `int` of a tensor), during whole trainings
+of P = 4 and P = 512 members. The 512 members are the 4 repeated, so every line search takes as many trials in both.
 """
 
 from __future__ import annotations
@@ -41,13 +41,21 @@ class TransferCount:
         for name in COUNTED:
             original = getattr(torch.Tensor, name)
             monkeypatch.setattr(torch.Tensor, name, self.counting(original))
+        monkeypatch.setattr(torch.Tensor, "to", self.counting(torch.Tensor.to, only=to_the_host))
 
-    def counting(self, original):
+    def counting(self, original, only=lambda *args, **kwargs: True):
         def counted(tensor, *args, **kwargs):
-            self.count += 1
+            if only(*args, **kwargs):
+                self.count += 1
             return original(tensor, *args, **kwargs)
 
         return counted
+
+
+def to_the_host(*args, **kwargs) -> bool:
+    """Whether a Tensor.to call names the CPU as its device."""
+    targets = [*args, kwargs.get("device")]
+    return any(str(t) == "cpu" for t in targets if isinstance(t, str | torch.device))
 
 
 def transfers(monkeypatch, rule: list[str], members: int, epochs: int, pbt: PBTSettings | None = None) -> int:
@@ -67,7 +75,7 @@ def test_an_epochs_host_transfers_do_not_grow_with_the_population(monkeypatch, r
     per_epoch = {members: (counts[members, 6] - counts[members, 3]) / 3 for members in (4, 512)}
     assert per_epoch[4] == per_epoch[512], (rule, counts)
     assert counts[4, 6] == counts[512, 6], (rule, counts)
-    assert per_epoch[4] <= 40, counts  # a handful a step, not one per member and number
+    assert 1 <= per_epoch[4] <= 40, counts  # a handful a step (the rows, the searches' loops)
 
 
 def test_pbt_rounds_host_transfers_do_not_grow_with_the_population(monkeypatch):
