@@ -105,9 +105,7 @@ def main() -> None:
     whole_run(4, 2)  # imports and first-call costs outside the timings
     results = {}
     print(f"moons 2-16-1, GD, {args.epochs} epochs, untracked; best of {args.repeats}; ms per epoch")
-    print(
-        "| P | bare | gdlab training | whole gdlab.run | whole / bare | target | outside training, per member |"
-    )
+    print("| P | bare | gdlab training | whole gdlab.run | whole / bare | target | outside, a member |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
     for members in sizes:
         bare, whole, train = math.inf, math.inf, math.inf
