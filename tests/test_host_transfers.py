@@ -3,7 +3,8 @@ number stays a (P,) tensor on the model's device, and an epoch's rows come over 
 
 Counted on the CPU: every call that would move a tensor's data to the host on a GPU (`.item()`, `.cpu()`,
 `.tolist()`, `.numpy()`, `.to("cpu")`, and `bool`, `float` or `int` of a tensor), during whole trainings
-of P = 4 and P = 512 members. The 512 members are the 4 repeated, so every line search takes as many trials in both.
+of P = 4 and P = 512 members. The 512 members are the 4 repeated, so every line search takes as many
+trials in both.
 """
 
 from __future__ import annotations
