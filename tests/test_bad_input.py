@@ -1,10 +1,11 @@
 """Bad input an adversarial pass let through or answered with a traceback: one line naming the key, exit 2."""
 
 import pytest
+from omegaconf import OmegaConf
 
 from gdlab.compose import compose_config
-from gdlab.config import ConfigError, validate
-from gdlab.members import check_population
+from gdlab.config import ConfigError, member_bytes, validate
+from gdlab.population import Population, check_population, member_sections
 
 CONFIG = [
     (
@@ -34,8 +35,28 @@ def test_a_bad_key_is_named_before_any_work(overrides, message):
 def test_a_population_is_sized_as_a_whole():
     cfg = validate(compose_config(["model.width=100000", "tracking=none"]))  # one member fits
     with pytest.raises(ConfigError, match=r"^population: model.width=100000 model.depth=1 needs about .* for "
-                                          r"5,000 population members"):  # fmt: skip
-        check_population([cfg] * 5000)
+                                          r"5,000 population members, .* MiB a member \(parameters .* MiB, "
+                                          r"optimizer state .* MiB, activations .* MiB\)"):  # fmt: skip
+        check_population(Population([cfg] * 5000, [member_sections(OmegaConf.to_container(cfg))] * 5000,
+                                    [[]] * 5000))  # fmt: skip
+
+
+def test_bytes_per_member_add_up_to_what_one_member_allocates():
+    """member_bytes counts what training holds: the parameters of the built network, and activations for
+    every row of every layer."""
+    import torch
+
+    from gdlab.fit import build
+
+    cfg = validate(compose_config(["model.depth=2", "model.width=8", "optimizer=adam", "tracking=none"]))
+    data, model = build(cfg)
+    parameters = sum(p.numel() for p in model.parameters())
+    parts = member_bytes(cfg)
+    number = torch.finfo(model.layers[0][0].dtype).bits // 8
+    assert parts["parameters"] == 3 * parameters * number
+    assert parts["optimizer state"] == 2 * parameters * number  # Adam's two moments
+    rows = len(data.train) + len(data.test)
+    assert parts["activations"] == rows * sum(model.sizes) * 3 * number
 
 
 SWEEP = [

@@ -192,25 +192,57 @@ def dataset_rows(dataset) -> int:
     return dataset.n_samples
 
 
-def memory_needed(cfg) -> tuple[int, int]:
-    """(bytes of the network: weights, gradients and optimizer state; bytes of the data and activations: Z,
-    A and dZ per layer) of one run, counted without building anything (model.depth may be huge)."""
+# Copies of the parameters an optimizer keeps besides the weights and their gradients (gdlab.optimizers,
+# gdlab.step_rules): momentum's buffer, Adam's two moments, a line search's start point and direction (and
+# with trial_eval=forward_backward the accepted trial's gradient), BB's last weights and gradients.
+STATE_COPIES = {"gd": 0, "sgd": 1, "momentum": 1, "adam": 2, "polyak": 0, "bb": 2, "backtracking": 2,
+                "nonmonotone": 2, "lbfgs": 4}  # fmt: skip
+
+
+def parameter_count(cfg) -> tuple[int, int]:
+    """(parameters, units) of the network a config describes, counted without building it."""
     n_in, n_out = N_FEATURES[cfg.dataset.name], N_CLASSES[cfg.dataset.name]
-    if isinstance(cfg.model.width, ListConfig):
+    if cfg.model.head == "sigmoid":  # one logit for two classes
+        n_out = 1
+    if isinstance(cfg.model.width, ListConfig | list):
         sizes = [n_in, *cfg.model.width, n_out]
-        parameters = sum((a + 1) * b for a, b in zip(sizes[:-1], sizes[1:], strict=False))
-        units = sum(sizes)
-    elif cfg.model.depth == 0:
-        parameters, units = (n_in + 1) * n_out, n_in + n_out
-    else:
-        width, depth = cfg.model.width, cfg.model.depth
-        parameters = (n_in + 1) * width + (depth - 1) * (width + 1) * width + (width + 1) * n_out
-        units = n_in + depth * width + n_out
-    bytes_per_number = cfg.trainer.precision // 8
+        return sum((a + 1) * b for a, b in zip(sizes[:-1], sizes[1:], strict=False)), sum(sizes)
+    if cfg.model.depth == 0:
+        return (n_in + 1) * n_out, n_in + n_out
+    width, depth = cfg.model.width, cfg.model.depth
+    parameters = (n_in + 1) * width + (depth - 1) * (width + 1) * width + (width + 1) * n_out
+    return parameters, n_in + depth * width + n_out
+
+
+def member_bytes(cfg) -> dict[str, int]:
+    """Bytes one run (one population member) needs, by part: its parameters (weights, gradients, and a copy
+    kept when it retires), its optimizer's state, and the activations of its data (Z, A and dZ of every
+    layer for every row: the training rows' forward and backward, the held-out rows' forward)."""
+    parameters, units = parameter_count(cfg)
+    number = cfg.trainer.precision // 8
+    copies = STATE_COPIES.get(cfg.optimizer.name, 2)
+    if cfg.optimizer.get("trial_eval") == "forward_backward":
+        copies += 1
     memory = cfg.optimizer.get("memory") or 0  # the non-monotone search's past losses
-    network = (4 * parameters + memory) * bytes_per_number
-    data = dataset_rows(cfg.dataset) * units * 3 * bytes_per_number
-    return network, data
+    return {
+        "parameters": 3 * parameters * number,
+        "optimizer state": copies * parameters * number + memory * number,
+        "activations": dataset_rows(cfg.dataset) * units * 3 * number,
+    }
+
+
+def memory_needed(cfg) -> tuple[int, int]:
+    """(bytes of the network: parameters and optimizer state; bytes of the data and activations) of one run
+    (see `member_bytes`)."""
+    parts = member_bytes(cfg)
+    return parts["parameters"] + parts["optimizer state"], parts["activations"]
+
+
+def describe_bytes(cfg) -> str:
+    """ "3.2 MiB a member (parameters 0.1 MiB, optimizer state 0.1 MiB, activations 3.0 MiB)"."""
+    parts = member_bytes(cfg)
+    mib = lambda n: f"{n / 2**20:.3g} MiB"  # noqa: E731
+    return f"{mib(sum(parts.values()))} a member ({', '.join(f'{k} {mib(v)}' for k, v in parts.items())})"
 
 
 def available_memory() -> int:
@@ -223,7 +255,7 @@ def check_fits(cfg, members: int = 1, where: str = "") -> None:
     needed, available = members * (network + data), available_memory()
     if needed <= available:
         return
-    of = f" for {members:,} population members" if members > 1 else ""
+    of = f" for {members:,} population members, {describe_bytes(cfg)}" if members > 1 else ""
     gib = f"needs about {needed / 2**30:.1f} GiB{of}, more than this machine's {available / 2**30:.1f} GiB"
     memory = cfg.optimizer.get("memory") or 0
     if memory * cfg.trainer.precision // 8 > network / 2:  # the non-monotone search's memory dominates
