@@ -83,25 +83,33 @@ class LogBatchSink:
         return {run_id: error for run_id, error in outcomes.items() if error is not None}
 
 
+DIALECTS = ("sqlite", "postgresql")
+
+
+def verified_sql_store(client):
+    """This client's MLflow SqlAlchemyStore where gdlab's bulk paths are verified on its dialect and schema
+    revision; else None (a tracking server, another database, another MLflow schema)."""
+    from mlflow.store.db.utils import _get_schema_version
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+    store = getattr(getattr(client, "_tracking_client", None), "store", None)
+    if not isinstance(store, SqlAlchemyStore) or store.engine.dialect.name not in DIALECTS:
+        return None
+    try:
+        revision = _get_schema_version(store.engine)
+    except Exception:
+        return None
+    return store if revision in VERIFIED_REVISIONS else None
+
+
 class BulkMetricStore:
     """Rows of many runs in one transaction, straight into MLflow's `metrics` and `latest_metrics`."""
-
-    DIALECTS = ("sqlite", "postgresql")
 
     @classmethod
     def open(cls, client) -> BulkMetricStore | None:
         """The bulk path for this client's store, or None (not SQL, another dialect, another revision)."""
-        from mlflow.store.db.utils import _get_schema_version
-        from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
-
-        store = getattr(getattr(client, "_tracking_client", None), "store", None)
-        if not isinstance(store, SqlAlchemyStore) or store.engine.dialect.name not in cls.DIALECTS:
-            return None
-        try:
-            revision = _get_schema_version(store.engine)
-        except Exception:
-            return None
-        return cls(store.engine) if revision in VERIFIED_REVISIONS else None
+        store = verified_sql_store(client)
+        return None if store is None else cls(store.engine)
 
     METRIC_COLUMNS = ("key", "value", "timestamp", "step", "is_nan", "run_uuid")  # the table's order
 

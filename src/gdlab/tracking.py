@@ -195,6 +195,14 @@ def run_tags(cfg: DictConfig, overrides: list[str], device: str, extra: dict | N
     return tags
 
 
+def tags_of(cfg, overrides: list[str], device: str, extra: dict | None, parent_run_id: str | None) -> dict:
+    """A run's tags (`run_tags`), and its parent's id where it has one."""
+    tags = run_tags(cfg, overrides, device, extra)
+    if parent_run_id:
+        tags["mlflow.parentRunId"] = parent_run_id
+    return tags
+
+
 class TrackingUnavailable(RuntimeError):
     """The tracking backend cannot be reached when a run starts."""
 
@@ -295,7 +303,8 @@ class MlflowRun:
 
     def __init__(self, cfg: DictConfig, overrides: list[str], device: str = "cpu",
                  parent_run_id: str | None = None, extra_tags: dict | None = None,
-                 background: bool = False):  # fmt: skip
+                 background: bool = False, created: tuple[object, str, str] | None = None):  # fmt: skip
+        """`created`: (client, run id, name) of a run made already (`create_many`); else one is created."""
         self.cfg = cfg
         self.uri = tracking_uri(cfg)
         self.flush_seconds = float(cfg.tracking.get("flush_seconds", 1.0))
@@ -307,10 +316,10 @@ class MlflowRun:
         self.outage: str | None = None
         self.waits = Outage()
         self.parent_run_id = parent_run_id or os.environ.get(PARENT_ENV)
-        tags = run_tags(cfg, overrides, device, extra_tags)
-        if self.parent_run_id:
-            tags["mlflow.parentRunId"] = self.parent_run_id
-        self.run_id = self._create_run(tags)
+        if created is None:
+            self.run_id = self._create_run(tags_of(cfg, overrides, device, extra_tags, self.parent_run_id))
+        else:
+            self.client, self.run_id, self.name = created
         # Started now, so its imports overlap Lightning's start-up; kept for the next runs (sweeps).
         self.writer = MetricWriter.for_uri(self.uri)
         self.submitted = False  # whether the writer holds anything of this run: then `wait` drains it
@@ -323,6 +332,33 @@ class MlflowRun:
             self._send({"params": self.params})
         else:
             self._call(log_params, self.client, self.run_id, self.params)
+
+    @classmethod
+    def create_many(cls, cfgs: list, overrides: list[list[str]], device: str,
+                    extra_tags: list[dict | None]) -> list[MlflowRun]:  # fmt: skip
+        """A population's runs, each recorded by the writer (`background`). The first is created alone, so
+        an unreachable store stops the batch before anything else; the rest in one transaction where the
+        store has a verified bulk path (gdlab.run_store), else one by one."""
+        from gdlab.run_store import create_runs
+
+        first = cls(cfgs[0], overrides[0], device, extra_tags=extra_tags[0], background=True)
+        rest = [(cfg, o, t) for cfg, o, t in zip(cfgs[1:], overrides[1:], extra_tags[1:], strict=True)]
+        specs = []
+        for cfg, o, t in rest:
+            tags = tags_of(cfg, o, device, t, first.parent_run_id)
+            specs.append((tags.get("mlflow.runName") or run_name(cfg), tags))
+        experiment_id = experiment_of_run(first.client, first.run_id)
+        try:
+            run_ids = create_runs(first.client, experiment_id, specs) if specs else []
+        except Exception as error:  # the store refused the batch: say so before any training
+            raise TrackingUnavailable(
+                f"cannot create the population's runs at {mask_passwords(first.uri)}: {error_line(error)}"
+            ) from error
+        if run_ids is None:
+            return [first, *(cls(cfg, o, device, extra_tags=t, background=True) for cfg, o, t in rest)]
+        made = zip(rest, run_ids, specs, strict=True)
+        return [first, *(cls(cfg, o, device, background=True, created=(first.client, run_id, name))
+                         for (cfg, o, _), run_id, (name, _) in made)]  # fmt: skip
 
     def _create_run(self, tags: dict) -> str:
         try:
