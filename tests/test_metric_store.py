@@ -126,3 +126,27 @@ def test_the_writer_process_writes_many_runs_through_the_bulk_path(tmp_path):
         ]
         assert values == [1.0 / (epoch + 1 + p) for epoch in range(300)]
         assert client.get_run(run_id).data.metrics["train/loss"] == 1.0 / (300 + p)
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_histories_read_in_bulk_equal_get_metric_history(tmp_path, make_database, backend):
+    """The report's one-query read of many runs' curves gives what get_metric_history gives, NaN and all."""
+    from gdlab.metric_store import read_metric_histories
+
+    if backend == "postgresql" and not postgres_available():
+        pytest.skip("no PostgreSQL at :5432")
+    uri = (f"sqlite:///{tmp_path / 'mlflow.db'}" if backend == "sqlite"
+           else f"postgresql+psycopg://postgres@127.0.0.1:5432/{make_database()}")  # fmt: skip
+    client = MlflowClient(uri)
+    runs = [new_run(client, f"run-{i}") for i in range(3)]
+    for seed, run_id in enumerate(runs):
+        LogBatchSink(client).write({run_id: history(seed, epochs=50)})
+    keys = [*KEYS, "nan_only", "big_step"]
+    bulk = read_metric_histories(client, runs, keys, chunk=2)  # two queries: chunks of two runs
+    for run_id in runs:
+        for key in keys:
+            expected = sorted((m.step, m.timestamp, m.value) for m in client.get_metric_history(run_id, key))
+            got = sorted(bulk[run_id, key])
+            assert len(got) == len(expected) and all(
+                g[:2] == e[:2] and same(g[2], e[2]) for g, e in zip(got, expected, strict=True)
+            ), (run_id, key)

@@ -102,6 +102,30 @@ def verified_sql_store(client):
     return store if revision in VERIFIED_REVISIONS else None
 
 
+def read_metric_histories(client, run_ids: list[str], keys: list[str], chunk: int = 500) -> dict | None:
+    """{(run id, key): [(step, timestamp, value), ...]} of the runs' metrics in a few queries of MLflow's
+    `metrics` table, values as `get_metric_history` gives them (NaN where is_nan); None where this store
+    has no verified bulk path."""
+    store = verified_sql_store(client)
+    if store is None:
+        return None
+    from mlflow.store.tracking.dbmodels.models import SqlMetric
+    from sqlalchemy import select
+
+    table = SqlMetric.__table__
+    histories: dict[tuple[str, str], list] = {}
+    with store.engine.connect() as connection:
+        for start in range(0, len(run_ids), chunk):
+            query = select(table.c.run_uuid, table.c.key, table.c.step, table.c.timestamp, table.c.value,
+                           table.c.is_nan).where(table.c.run_uuid.in_(run_ids[start : start + chunk]),
+                                                 table.c.key.in_(keys))  # fmt: skip
+            for run_id, key, step, timestamp, value, is_nan in connection.execute(query):
+                histories.setdefault((run_id, key), []).append(
+                    (step, timestamp, math.nan if is_nan else value)
+                )
+    return histories
+
+
 class BulkMetricStore:
     """Rows of many runs in one transaction, straight into MLflow's `metrics` and `latest_metrics`."""
 

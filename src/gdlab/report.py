@@ -168,15 +168,25 @@ def search_all_runs(client, experiment_id: str, filter_string: str = "") -> list
             return runs
 
 
-def load_run(client, run) -> TrackedRun:
-    curves = {}
+def curve_metrics(run) -> list[str]:
+    """The metrics of a run the report draws as curves: the CURVE_METRICS it has, and its hp/ numbers."""
     hyperparameters = sorted(m for m in run.data.metrics if m.startswith("hp/"))  # scheduled or PBT's
-    for metric in (*CURVE_METRICS, *hyperparameters):
-        if metric in run.data.metrics:
-            history = sorted(client.get_metric_history(run.info.run_id, metric),
-                             key=lambda m: (m.step, m.timestamp))  # fmt: skip
-            # A step logged twice (a retried batch) keeps its latest value.
-            curves[metric] = pd.Series({m.step: m.value for m in history}, dtype=float)
+    return [metric for metric in (*CURVE_METRICS, *hyperparameters) if metric in run.data.metrics]
+
+
+def load_run(client, run, histories: dict | None = None) -> TrackedRun:
+    """A run and its curves: from `histories` (read_histories) where given, else from get_metric_history."""
+    curves = {}
+    for metric in curve_metrics(run):
+        if histories is not None:
+            history = histories.get((run.info.run_id, metric), [])
+        else:
+            history = [
+                (m.step, m.timestamp, m.value) for m in client.get_metric_history(run.info.run_id, metric)
+            ]
+        # A step logged twice (a retried batch) keeps its latest value.
+        ordered = sorted(history, key=lambda point: point[:2])  # by (step, timestamp)
+        curves[metric] = pd.Series({step: value for step, _, value in ordered}, dtype=float)
     frame = pd.DataFrame(curves).sort_index()
     frame.index.name = "epoch"
     name = run.data.tags.get("mlflow.runName") or run.info.run_name or run.info.run_id
@@ -185,10 +195,22 @@ def load_run(client, run) -> TrackedRun:
                       tags=dict(run.data.tags))  # fmt: skip
 
 
+def read_histories(client, runs: list) -> dict | None:
+    """{(run id, metric): [(step, timestamp, value), ...]} of every run's curves in one query of MLflow's SQL
+    store where gdlab's bulk paths are verified (gdlab.metric_store); None elsewhere (get_metric_history
+    then reads each curve)."""
+    from gdlab.metric_store import read_metric_histories
+
+    keys = sorted({metric for run in runs for metric in curve_metrics(run)})
+    return read_metric_histories(client, [run.info.run_id for run in runs], keys)
+
+
 def load_runs(client, target: str) -> tuple[list[TrackedRun], str | None]:
     runs, parent_id = find_runs(client, target)
     # Only training runs log train/loss: a sweep's parent run, in the same experiment, is left out.
-    runs = [load_run(client, run) for run in runs if "train/loss" in run.data.metrics]
+    runs = [run for run in runs if "train/loss" in run.data.metrics]
+    histories = read_histories(client, runs)
+    runs = [load_run(client, run, histories) for run in runs]
     if not runs:
         what = f"run {parent_id} has no child runs" if parent_id else f"experiment '{target}' has no runs"
         raise ReportError(f"{what} with a train/loss metric")
