@@ -1,8 +1,11 @@
 """Runs created in one transaction (gdlab.run_store) are what MlflowClient.create_run makes, read back through
 MLflow's client, on SQLite and PostgreSQL; a population's tracked runs are created that way."""
 
+from pathlib import Path
+
 import pytest
 from mlflow import MlflowClient
+from omegaconf import OmegaConf
 
 import gdlab
 from conftest import postgres_available
@@ -60,3 +63,6 @@ def test_a_tracked_population_creates_its_runs_together_and_records_each(tmp_pat
         assert run.data.params["optimizer.lr"] == str(result.config.optimizer.lr)
         assert run.data.metrics["final/train/loss"] == pytest.approx(result.final["train/loss"])
         assert len(client.get_metric_history(run.info.run_id, "train/loss")) == 5 + 1  # epochs, then final
+        # the member's saved config, dumped from its plain sections, is the text of its full config
+        saved = (Path(result.final["output_dir"]) / "config.yaml").read_text()
+        assert saved == OmegaConf.to_yaml(result.config) and "lr: " + str(result.config.optimizer.lr) in saved

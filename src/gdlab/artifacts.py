@@ -11,11 +11,9 @@ import numpy as np
 import pandas as pd
 import torch
 from matplotlib.figure import Figure  # not pyplot: a notebook's own backend and figures stay untouched
-from omegaconf import DictConfig, OmegaConf
 
 from gdlab.data import Dataset
 from gdlab.model import MLP
-from gdlab.tracking import run_name
 
 MAX_OPEN_FILES = 256  # a population of thousands stays well inside the usual limit of 1024 open files
 
@@ -86,12 +84,20 @@ def replace_atomically(path: Path, write: Callable[[Path], object]) -> Path:
     return path
 
 
-def write_run_outputs(directory: Path, cfg: DictConfig, overrides: list[str], history: pd.DataFrame,
-                      model: MLP, data: Dataset, plots: bool = True) -> list[Path]:  # fmt: skip
-    """Config (passwords already masked by the caller), overrides, plots and weights, next to the
-    history.csv the caller wrote first (`write_history`)."""
+def write_run_outputs(
+    directory: Path,
+    config_yaml: str,
+    name: str,
+    overrides: list[str],
+    history: pd.DataFrame,
+    model: MLP,
+    data: Dataset,
+    plots: bool = True,
+) -> list[Path]:
+    """Config (as YAML, passwords already masked by the caller), overrides, plots (titled `name`) and
+    weights, next to the history.csv the caller wrote first (`write_history`)."""
     directory.mkdir(parents=True, exist_ok=True)
-    (directory / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
+    (directory / "config.yaml").write_text(config_yaml)
     (directory / "overrides.txt").write_text("\n".join(overrides) + "\n")
     paths = [directory / "config.yaml", directory / "overrides.txt", directory / "history.csv"]
     weights = io.BytesIO()  # torch.save to a full disk raises a RuntimeError; a file write, an OSError
@@ -101,7 +107,7 @@ def write_run_outputs(directory: Path, cfg: DictConfig, overrides: list[str], hi
     if not plots:
         return paths
     if len(history):
-        paths.append(plot_curves(history, directory / "curves.png", title=run_name(cfg)))
+        paths.append(plot_curves(history, directory / "curves.png", title=name))
     if data.n_features == 2:
         paths.append(plot_decision_boundary(model, data, directory / "decision_boundary.png"))
     elif data.test is not None or data.n_classes > 2:

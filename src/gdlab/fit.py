@@ -27,7 +27,7 @@ from omegaconf import DictConfig
 from gdlab.artifacts import HistoryFiles, write_history, write_run_outputs
 from gdlab.data import N_CLASSES, Dataset, load_dataset, make_loader
 from gdlab.interrupts import interruption_reason
-from gdlab.masking import mask_passwords, masked_config
+from gdlab.masking import mask_passwords, masked_config_yaml
 from gdlab.model import MLP, draw_layer, encode_targets, initialize, layer_sizes
 from gdlab.module import EpochTable, PopulationOutcome, Stops, TrainingModule
 from gdlab.optimizers import GD, Adam, Backtracking, LBFGSStep, MemberOptimizer, member_tensor
@@ -247,7 +247,8 @@ def fit_population(
                 log.warning("gdlab: could not write the PBT record: %s", error)
         for p, result in enumerate(results):
             if directories[p] is not None:
-                save_outputs(result, overrides[p], directories[p], runs[p], ending or status(result), reason)
+                save_outputs(result, overrides[p], directories[p], runs[p], ending or status(result), reason,
+                             config=population.view(p))  # fmt: skip
         for result, run in zip(results, runs, strict=True):  # the writer has worked meanwhile
             if run is not None:
                 finish_tracking(result, run)
@@ -281,17 +282,11 @@ def record_pbt(pbt: PopulationBasedTraining, table: EpochTable, results: list[Ru
 def start_runs(population: Population, tags, device: str) -> list[MlflowRun | None]:
     if tracking_uri(population.shared) is None:
         return [None] * len(population)
-    background = len(population) > 1  # a population's runs are recorded by the writer: training never waits
-    return [
-        MlflowRun(
-            population.view(p),
-            population.overrides[p],
-            device=device,
-            extra_tags=tags[p],
-            background=background,
-        )  # fmt: skip
-        for p in range(len(population))
-    ]
+    if len(population) == 1:
+        return [MlflowRun(population.view(0), population.overrides[0], device=device, extra_tags=tags[0])]
+    # a population's runs are created together and recorded by the writer: training never waits
+    views = [population.view(p) for p in range(len(population))]
+    return MlflowRun.create_many(views, population.overrides, device, tags)
 
 
 def status(result: RunResult) -> str:
@@ -365,11 +360,12 @@ def default_output_dir(cfg: DictConfig, run: MlflowRun | None) -> Path | None:
 
 
 def save_outputs(result: RunResult, overrides: list[str], output_dir: Path, run: MlflowRun | None,
-                 status: str, reason: str | None = None) -> None:  # fmt: skip
+                 status: str, reason: str | None = None, config=None) -> None:  # fmt: skip
     """History first (it is what an outage or a crash must not lose), then plots, then MLflow. A record that
-    cannot be written (a full disk, a read-only folder) ends the run FAILED with the reason."""
+    cannot be written (a full disk, a read-only folder) ends the run FAILED with the reason. `config`: what
+    to save as the run's config (a population member's view of it; default result.config)."""
     result.final["output_dir"] = str(output_dir)
-    problem = write_outputs(result, overrides, output_dir)
+    problem = write_outputs(result, overrides, output_dir, result.config if config is None else config)
     if problem:  # the caller says so (gdlab-train's last line, gdlab.run's warning, the trial's failure)
         result.final["record_error"], status = problem, "FAILED"
     if run is None:
@@ -387,14 +383,21 @@ def save_outputs(result: RunResult, overrides: list[str], output_dir: Path, run:
     run.close(status, output_dir, end_time=result.ended_at)
 
 
-def write_outputs(result: RunResult, overrides: list[str], output_dir: Path) -> str | None:
+def write_outputs(result: RunResult, overrides: list[str], output_dir: Path, cfg) -> str | None:
     """Write the run's files; what kept the record from being written (None: nothing)."""
     try:
         write_history(output_dir, result.history)
-        cfg = masked_config(result.config)
         masked_overrides = [mask_passwords(o) for o in overrides]
-        write_run_outputs(output_dir, cfg, masked_overrides, result.history, result.model, result.data,
-                          plots=cfg.tracking.get("plots", True))  # fmt: skip
+        write_run_outputs(
+            output_dir,
+            masked_config_yaml(cfg),
+            run_name(cfg),
+            masked_overrides,
+            result.history,
+            result.model,
+            result.data,
+            plots=cfg.tracking.get("plots", True),
+        )
     except OSError as error:
         return record_error(error, output_dir)
     except Exception as error:  # a plot must never cost the run its history or its MLflow status

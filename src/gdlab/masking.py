@@ -1,7 +1,7 @@
 """Mask passwords in URLs before anything is logged, tagged or saved.
 
-Light on purpose (the standard library; OmegaConf only inside `masked_config`): the metric writer
-process imports it.
+Light on purpose (the standard library; OmegaConf and yaml only inside `masked_config_yaml`): the metric
+writer process imports it.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 from urllib.parse import unquote
 
 if TYPE_CHECKING:
-    from omegaconf import DictConfig
+    pass
 
 # scheme://user:password@host, also as Hydra prints overrides (scheme\://user\:password@host). The password
 # runs to the last "@" of its whitespace-free token: SQLAlchemy and urllib accept "/", ":" and "@" in it.
@@ -62,13 +62,20 @@ def mask_passwords(text: str) -> str:
     return _mask_params(text)
 
 
-def masked_config(cfg: DictConfig) -> DictConfig:
-    """`cfg` with every password in every URL masked (a copy where there was one): what gdlab saves."""
+def masked_config_yaml(cfg) -> str:
+    """A config as gdlab saves it: OmegaConf.to_yaml's text with every password in every URL masked. A
+    population member's plain sections (gdlab.population) are dumped as OmegaConf dumps a DictConfig, so
+    the text is the same without building one."""
+    import yaml
     from omegaconf import OmegaConf
+    from omegaconf._utils import get_omega_conf_dumper
 
-    text = OmegaConf.to_yaml(cfg)
-    masked = mask_passwords(text)
-    return cfg if masked == text else OmegaConf.create(masked)
+    if isinstance(cfg, dict):
+        text = yaml.dump(dict(cfg), default_flow_style=False, allow_unicode=True, sort_keys=False,
+                         Dumper=get_omega_conf_dumper())  # fmt: skip
+    else:
+        text = OmegaConf.to_yaml(cfg)
+    return mask_passwords(text)
 
 
 def mask_saved_hydra_configs(hydra_dir: Path) -> None:

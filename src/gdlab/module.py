@@ -390,11 +390,14 @@ class EpochTable:
     def histories(self) -> list[pd.DataFrame]:
         """Each member's history as a DataFrame (one row per epoch it trained in), as `RunResult.history`."""
         values, recorded = self.member_rows()
+        by_member = np.ascontiguousarray(
+            values.transpose(2, 1, 0)
+        )  # (P, columns, epochs): columns contiguous
         integer = [name in INTEGER_COLUMNS for name in self.names]
         frames = []
         for p in range(self.n_members):
-            rows = values[recorded[:, p], :, p]
-            columns = {name: rows[:, i].astype(np.int64) if integer[i] else rows[:, i]
+            member = by_member[p] if recorded[:, p].all() else by_member[p][:, recorded[:, p]]
+            columns = {name: member[i].astype(np.int64) if integer[i] else member[i]
                        for i, name in enumerate(self.names)}  # fmt: skip
             frames.append(pd.DataFrame(columns))
         return frames
