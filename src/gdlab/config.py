@@ -239,10 +239,17 @@ def memory_needed(cfg) -> tuple[int, int]:
 
 
 def describe_bytes(cfg) -> str:
-    """ "3.2 MiB a member (parameters 0.1 MiB, optimizer state 0.1 MiB, activations 3.0 MiB)"."""
+    """ "3.2 MiB a member (parameters 96.0 KiB, optimizer state 64.0 KiB, activations 3.0 MiB)"."""
     parts = member_bytes(cfg)
-    mib = lambda n: f"{n / 2**20:.3g} MiB"  # noqa: E731
-    return f"{mib(sum(parts.values()))} a member ({', '.join(f'{k} {mib(v)}' for k, v in parts.items())})"
+    return f"{size(sum(parts.values()))} a member ({', '.join(f'{k} {size(v)}' for k, v in parts.items())})"
+
+
+def size(n: float) -> str:
+    """Bytes as people read them: 512 B, 3.2 KiB, 9.2 MiB, 1.1 GiB."""
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n:.0f} B"
 
 
 def available_memory() -> int:
