@@ -9,7 +9,8 @@ float64), full-batch GD, each member with its own lr drawn log-uniform over [1e-
           compose, validate, build, train, record (histories, final metrics, RunResults);
   (outside) what one more member costs outside training: the slope of (whole - train) between two sizes;
   (tracked) with --tracked P, the same population with tracking=local, against (whole).
-Seconds are best of --repeats, interleaved. Targets: (whole) <= 1.5x (bare) at P >= 256, <= 2x at P = 64;
+Both train on --threads torch threads (gdlab's trainer.threads, 1 by default). Seconds are best of
+--repeats, interleaved. Targets: (whole) <= 1.5x (bare) at P >= 256, <= 2x at P = 64;
 (outside) <= 1 ms a member; (tracked) <= 1.25x (whole) at P = 1024.
 Usage: python benchmarks/bench_population.py [--sizes 64,256,1024,4096] [--epochs 300] [--repeats 2]
        [--tracked 1024] [--json out.json] [--plot out.png]
@@ -31,7 +32,7 @@ import torch.nn.functional as F
 import gdlab
 from gdlab.compose import compose_config
 from gdlab.config import validate
-from gdlab.fit import load_data
+from gdlab.fit import load_data, torch_threads
 
 BASE = ["+experiment=lab_moons_fixed_lr", "tracking=none"]
 TARGETS = {64: 2.0}  # whole / bare; 1.5 elsewhere
@@ -43,8 +44,14 @@ def learning_rates(members: int) -> list[float]:
     return [math.exp(rng.uniform(math.log(1e-3), math.log(10.0))) for _ in range(members)]
 
 
-def bare_loop(members: int, epochs: int) -> float:
-    """Seconds for `epochs` of the bare batched loop (see the module's docstring)."""
+def bare_loop(members: int, epochs: int, threads: int | None) -> float:
+    """Seconds for `epochs` of the bare batched loop (see the module's docstring), on as many torch threads
+    as gdlab trains with (trainer.threads)."""
+    with torch_threads(threads):
+        return bare_epochs(members, epochs)
+
+
+def bare_epochs(members: int, epochs: int) -> float:
     cfg = validate(compose_config(BASE))
     data = load_data(cfg)
     X, T, Xt, Tt = data.train.X, data.train.T, data.test.X, data.test.T
@@ -81,9 +88,15 @@ def bare_loop(members: int, epochs: int) -> float:
     return time.perf_counter() - started
 
 
-def whole_run(members: int, epochs: int, tracking: str = "none", folder: Path | None = None):
+def whole_run(
+    members: int, epochs: int, threads: int | None, tracking: str = "none", folder: Path | None = None
+):
     """(seconds of the whole gdlab.run call, seconds of its training)."""
-    base = [*BASE, f"trainer.max_epochs={epochs}"]
+    base = [
+        *BASE,
+        f"trainer.max_epochs={epochs}",
+        f"trainer.threads={'null' if threads is None else threads}",
+    ]
     if tracking != "none":
         base += [f"tracking={tracking}", f"tracking.dir={folder}"]
     population = [{"optimizer.lr": lr} for lr in learning_rates(members)]
@@ -98,20 +111,22 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=300)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--tracked", type=int, nargs="?", const=1024, default=None)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads for both (gdlab's default: 1)")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--plot", type=Path)
     args = parser.parse_args()
     sizes = [int(s) for s in args.sizes.split(",")]
-    whole_run(4, 2)  # imports and first-call costs outside the timings
+    whole_run(4, 2, args.threads)  # imports and first-call costs outside the timings
     results = {}
-    print(f"moons 2-16-1, GD, {args.epochs} epochs, untracked; best of {args.repeats}; ms per epoch")
+    print(f"moons 2-16-1, GD, {args.epochs} epochs, untracked, {args.threads} torch thread(s) for both; "
+          f"best of {args.repeats}; ms per epoch")  # fmt: skip
     print("| P | bare | gdlab training | whole gdlab.run | whole / bare | target | outside training |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
     for members in sizes:
         bare, whole, train = math.inf, math.inf, math.inf
         for _ in range(args.repeats):
-            bare = min(bare, bare_loop(members, args.epochs))
-            w, t = whole_run(members, args.epochs)
+            bare = min(bare, bare_loop(members, args.epochs, args.threads))
+            w, t = whole_run(members, args.epochs, args.threads)
             whole, train = min(whole, w), min(train, t)
         target, ratio = TARGETS.get(members, TARGET), whole / bare
         results[members] = dict(bare=bare, train=train, whole=whole, ratio=ratio, target=target)
@@ -125,8 +140,10 @@ def main() -> None:
         members, tracked, untracked = args.tracked, math.inf, math.inf
         with tempfile.TemporaryDirectory() as folder:
             for i in range(args.repeats):
-                tracked = min(tracked, whole_run(members, args.epochs, "local", Path(folder) / str(i))[0])
-                untracked = min(untracked, whole_run(members, args.epochs)[0])
+                tracked = min(
+                    tracked, whole_run(members, args.epochs, args.threads, "local", Path(folder) / str(i))[0]
+                )
+                untracked = min(untracked, whole_run(members, args.epochs, args.threads)[0])
         ratio = tracked / untracked
         results["tracked"] = dict(members=members, tracked=tracked, untracked=untracked, ratio=ratio)
         print(f"tracked against untracked, P = {members}: {tracked:.2f} s / {untracked:.2f} s = {ratio:.2f}x "
