@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.gdlab-installed
 
-.PHONY: install demo test lint format bench bench-sweeps bench-writer bench-pbt clean
+.PHONY: install demo test lint format bench bench-sweeps bench-writer bench-pbt bench-population clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -39,6 +39,10 @@ bench-writer: install
 
 bench-pbt: install
 	$(BIN)/python benchmarks/bench_pbt.py
+
+bench-population: install
+	$(BIN)/python benchmarks/bench_population.py --tracked 1024 --plot docs/population_scaling.png
+	$(BIN)/python benchmarks/bench_ask.py
 
 clean:
 	rm -rf $(VENV) outputs multirun .pytest_cache

@@ -50,7 +50,7 @@ class RunResult:
     history: one row per epoch, one column per logged value; final: final metrics (at the trained
     weights), evaluation counts, wall time, objective; model: the trained network; config: its config;
     ended_at: wall-clock time its training ended (a population member's own end). A population member's
-    `model` and `config` are made when first read: thousands of members cost nothing until then.
+    `history`, `model` and `config` are made when first read: thousands of members cost nothing until then.
     """
 
     def __init__(
@@ -302,12 +302,13 @@ def record(
     """Each member's RunResult: its history, and final metrics measured once more at its trained weights
     (all members in one batched evaluation)."""
     measured = final_metrics(outcome.model, data)
-    histories = outcome.table.histories()
+    table = outcome.table
+    table.freeze()
+    member_epochs = table.epochs().tolist()
     objective = population.shared.objective
     now, results = time.time(), []
-    for p, history in enumerate(histories):
+    for p, epochs in enumerate(member_epochs):
         final = {key: values[p] for key, values in measured.items()}
-        epochs = int(history["epoch"].iat[-1]) + 1 if len(history) else 0  # a PBT-revived member has a gap
         diverged_at = int(outcome.diverged_at[p]) if outcome.diverged_at[p] >= 0 else None
         final.update(
             epochs=epochs,
@@ -323,8 +324,8 @@ def record(
         final["objective"] = math.nan if diverged_at is not None else final[objective]
         ended_at = outcome.ended_at[p]
         ended_at = now if math.isnan(ended_at) else float(ended_at)  # NaN: the loop stopped on an exception
-        results.append(RunResult(history, final, Later(outcome.model.member, p), Later(population.config, p),
-                                 data, ended_at))  # fmt: skip
+        results.append(RunResult(Later(table.history, p), final, Later(outcome.model.member, p),
+                                 Later(population.config, p), data, ended_at))  # fmt: skip
     return results
 
 

@@ -387,20 +387,27 @@ class EpochTable:
             return np.empty((0, len(self.names), self.n_members)), np.empty((0, self.n_members), dtype=bool)
         return np.stack(self.blocks), np.stack(self.recorded)
 
-    def histories(self) -> list[pd.DataFrame]:
-        """Each member's history as a DataFrame (one row per epoch it trained in), as `RunResult.history`."""
-        values, recorded = self.member_rows()
-        by_member = np.ascontiguousarray(
-            values.transpose(2, 1, 0)
-        )  # (P, columns, epochs): columns contiguous
-        integer = [name in INTEGER_COLUMNS for name in self.names]
-        frames = []
-        for p in range(self.n_members):
-            member = by_member[p] if recorded[:, p].all() else by_member[p][:, recorded[:, p]]
-            columns = {name: member[i].astype(np.int64) if integer[i] else member[i]
-                       for i, name in enumerate(self.names)}  # fmt: skip
-            frames.append(pd.DataFrame(columns))
-        return frames
+    def freeze(self) -> None:
+        """The table as it ended, laid out per member (P, columns, epochs), for `history` and `epochs`."""
+        values, self.final_recorded = self.member_rows()
+        self.by_member = np.ascontiguousarray(values.transpose(2, 1, 0))
+
+    def epochs(self) -> np.ndarray:
+        """Each member's epoch count: one more than its last recorded epoch (0: none; a PBT-revived member's
+        history has a gap, so this is not its row count)."""
+        recorded = self.final_recorded
+        if not len(recorded):
+            return np.zeros(self.n_members, dtype=np.int64)
+        last = len(recorded) - 1 - np.argmax(recorded[::-1], axis=0)
+        epoch = self.by_member[np.arange(self.n_members), self.index["epoch"], last]
+        return np.where(recorded.any(axis=0), epoch + 1, 0).astype(np.int64)
+
+    def history(self, p: int) -> pd.DataFrame:
+        """Member p's history as a DataFrame (one row per epoch it trained in), as `RunResult.history`."""
+        recorded = self.final_recorded[:, p]
+        member = self.by_member[p] if recorded.all() else self.by_member[p][:, recorded]
+        return pd.DataFrame({name: member[i].astype(np.int64) if name in INTEGER_COLUMNS else member[i]
+                             for i, name in enumerate(self.names)})  # fmt: skip
 
 
 @dataclass
