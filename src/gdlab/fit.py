@@ -56,8 +56,14 @@ class RunResult:
     def __init__(
         self, history: pd.DataFrame, final: dict, model, config, data: Dataset, ended_at: float = 0.0
     ):
-        self.history, self.final, self.data, self.ended_at = history, final, data, ended_at
-        self._model, self._config = model, config
+        self.final, self.data, self.ended_at = final, data, ended_at
+        self._history, self._model, self._config = history, model, config
+
+    @property
+    def history(self) -> pd.DataFrame:
+        if isinstance(self._history, Later):
+            self._history = self._history()
+        return self._history
 
     @property
     def model(self) -> MLP:
