@@ -150,3 +150,30 @@ def test_histories_read_in_bulk_equal_get_metric_history(tmp_path, make_database
             assert len(got) == len(expected) and all(
                 g[:2] == e[:2] and same(g[2], e[2]) for g, e in zip(got, expected, strict=True)
             ), (run_id, key)
+
+
+def test_the_writer_ends_many_runs_together_and_a_refused_one_alone(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri)
+    runs = [new_run(client, f"member-{p}") for p in range(6)]
+    client.delete_run(runs[2])
+    writer = MetricWriter(uri)
+    statuses = ["FINISHED", "FAILED", "FINISHED", "KILLED", "FINISHED", "FINISHED"]
+    for p, (run_id, status) in enumerate(zip(runs, statuses, strict=True)):
+        writer.send({"run": run_id, "end": status, "end_time": 1_700_000_000_000 + p})
+    errors = [writer.drain(run_id, timeout=120) for run_id in runs]
+    writer.close()
+    assert [error is not None for error in errors] == [False, False, True, False, False, False]
+    assert "active" in errors[2]
+    ended = [client.get_run(run_id).info for run_id in runs]
+    assert [info.status for info in ended] == [
+        "FINISHED",
+        "FAILED",
+        "RUNNING",
+        "KILLED",
+        "FINISHED",
+        "FINISHED",
+    ]
+    assert [info.end_time for info in ended if info.status != "RUNNING"] == [
+        1_700_000_000_000 + p for p in (0, 1, 3, 4, 5)
+    ]

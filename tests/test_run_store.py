@@ -5,14 +5,19 @@ from pathlib import Path
 
 import pytest
 from mlflow import MlflowClient
+from mlflow.entities import Param
+from mlflow.exceptions import MlflowException
 from omegaconf import OmegaConf
 
 import gdlab
 from conftest import postgres_available
-from gdlab.run_store import create_runs
+from gdlab.run_store import NewRun, create_runs, end_runs
 
 TAGS = [{"dataset": "moons", "seed": str(i), "mlflow.user": "alice" if i % 2 else "bob",
          "mlflow.parentRunId": "p" * 32, "long": "x" * 5000} for i in range(5)]  # fmt: skip
+
+
+PARAMS = [[("optimizer.lr", str(0.1 * i)), ("model.depth", "2"), ("long", "y" * 7000)] for i in range(5)]
 
 
 def described(client: MlflowClient, run_id: str) -> dict:
@@ -30,7 +35,11 @@ def check_store(uri: str) -> None:
     names = [f"member-{i}" for i in range(len(TAGS))]
     one_by_one = [client.create_run(experiment_id, run_name=n, tags=t).info.run_id
                   for n, t in zip(names, TAGS, strict=True)]  # fmt: skip
-    together = create_runs(client, experiment_id, list(zip(names, TAGS, strict=True)))
+    for run_id, params in zip(one_by_one, PARAMS, strict=True):
+        client.log_batch(run_id, params=[Param(key, value) for key, value in params])
+    together = create_runs(
+        client, experiment_id, [NewRun(*run) for run in zip(names, TAGS, PARAMS, strict=True)]
+    )
     assert together is not None and len(set(together)) == len(TAGS)
     for a, b in zip(one_by_one, together, strict=True):
         assert described(client, a) == described(client, b)
@@ -38,9 +47,24 @@ def check_store(uri: str) -> None:
     found = client.search_runs([experiment_id], filter_string="tags.dataset = 'moons'", max_results=100)
     assert {r.info.run_id for r in found} == {*one_by_one, *together}
     client.log_metric(together[0], "loss", 0.5, step=1)  # a bulk-created run takes MLflow's own calls
-    client.set_terminated(together[0], "FINISHED")
-    assert client.get_run(together[0]).info.status == "FINISHED"
+    client.log_metric(one_by_one[0], "loss", 0.5, step=1)
     assert client.get_metric_history(together[0], "loss")[0].value == 0.5
+    ends = [("FINISHED", 1_700_000_000_123), ("FAILED", 1_700_000_000_456), ("KILLED", 1_700_000_001_000)] * 2
+    for run_id, (status, end_time) in zip(one_by_one, ends, strict=False):
+        client.set_terminated(run_id, status, end_time=end_time)
+    assert end_runs(client, [(run_id, *end) for run_id, end in zip(together, ends, strict=False)])
+    for a, b in zip(one_by_one, together, strict=True):
+        assert described(client, a) == described(client, b)
+    assert [client.get_run(b).info.status for b in together] == ["FINISHED", "FAILED", "KILLED", "FINISHED",
+                                                                 "FAILED"]  # fmt: skip
+    with pytest.raises(MlflowException):  # an unknown run: MLflow's error, and nothing is ended
+        end_runs(client, [(one_by_one[0], "FAILED", 1), ("f" * 32, "FAILED", 1)])
+    client.delete_run(together[1])
+    with pytest.raises(MlflowException, match="must be in the 'active' state"):  # as set_terminated refuses
+        end_runs(client, [(together[1], "FINISHED", 1)])
+    with pytest.raises(MlflowException, match="must be in the 'active' state"):
+        client.set_terminated(together[1], "FINISHED")
+    assert client.get_run(one_by_one[0]).info.status == "FINISHED"
 
 
 def test_bulk_created_runs_equal_create_run_on_sqlite(tmp_path):

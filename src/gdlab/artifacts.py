@@ -20,17 +20,35 @@ MAX_OPEN_FILES = 256  # a population of thousands stays well inside the usual li
 
 class HistoryFiles:
     """An epoch sink (gdlab.module.EpochSink): each member's history row goes to <its directory>/history.csv
-    as soon as the epoch ends, flushed, so a kill -9 leaves every finished epoch on disk. `write_history`
-    rewrites each file whole at the end. A member without a directory (None) keeps no file."""
+    as soon as the epoch ends, flushed, so a kill -9 leaves every finished epoch on disk. A file that holds
+    all of its member's rows at the end is complete (`complete`); any other is rewritten (`write_history`).
+    A member without a directory (None) keeps no file."""
 
     def __init__(self, directories: list[Path | None]):
         self.directories = directories
+        self.has_directory = np.array([d is not None for d in directories])
         self.files: dict[int, object] = {}  # kept open, up to MAX_OPEN_FILES
         self.started: set[int] = set()
+        self.rows = np.zeros(len(directories), dtype=np.int64)  # rows appended to each file
+        self.failed = False  # a write failed (a full disk): no file is taken as complete
 
     def __call__(self, table, members) -> None:
-        if not any(d is not None for d in self.directories):
+        if not self.has_directory.any():
             return
+        try:
+            self.append(table, members)
+        except BaseException:
+            self.failed = True
+            raise
+        self.rows[members[self.has_directory[members]]] += 1
+
+    def complete(self, recorded: np.ndarray) -> np.ndarray:
+        """Which members' files hold exactly their histories' rows (`recorded`: (epochs, P), as
+        EpochTable.final_recorded)."""
+        counts = recorded.sum(axis=0) if len(recorded) else np.zeros(len(self.rows), dtype=np.int64)
+        return self.has_directory & (self.rows == counts) & (counts > 0) & (not self.failed)
+
+    def append(self, table, members) -> None:
         block = table.blocks[-1]
         for p in members:
             directory = self.directories[p]
@@ -89,13 +107,13 @@ def write_run_outputs(
     config_yaml: str,
     name: str,
     overrides: list[str],
-    history: pd.DataFrame,
+    history: pd.DataFrame | None,
     model: MLP,
     data: Dataset,
     plots: bool = True,
 ) -> list[Path]:
-    """Config (as YAML, passwords already masked by the caller), overrides, plots (titled `name`) and
-    weights, next to the history.csv the caller wrote first (`write_history`)."""
+    """Config (as YAML, passwords already masked by the caller), overrides, plots (titled `name`; `history`
+    for the curves) and weights, next to the history.csv written first (`HistoryFiles`, `write_history`)."""
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "config.yaml").write_text(config_yaml)
     (directory / "overrides.txt").write_text("\n".join(overrides) + "\n")
@@ -106,7 +124,7 @@ def write_run_outputs(
     paths.append(directory / "weights.pt")
     if not plots:
         return paths
-    if len(history):
+    if history is not None and len(history):
         paths.append(plot_curves(history, directory / "curves.png", title=name))
     if data.n_features == 2:
         paths.append(plot_decision_boundary(model, data, directory / "decision_boundary.png"))

@@ -34,9 +34,10 @@ from gdlab.optimizers import GD, Adam, Backtracking, LBFGSStep, MemberOptimizer,
 from gdlab.pbt import PopulationBasedTraining
 from gdlab.population import Population, check_population
 from gdlab.progress import Progress
+from gdlab.run_epochs import RunEpochs
 from gdlab.schedules import schedules_of
 from gdlab.step_rules import BarzilaiBorwein, NonMonotone, Polyak
-from gdlab.tracking import MlflowRun, RunEpochs, run_name, tracking_uri
+from gdlab.tracking import MlflowRun, run_name, tracking_uri
 
 log = logging.getLogger("gdlab")
 DTYPES = {32: torch.float32, 64: torch.float64}
@@ -229,8 +230,8 @@ def fit_population(
     runs = start_runs(population, tags or [None] * n, str(trainer.strategy.root_device))
     directories = [Path(output_dirs[p]) if output_dirs else default_output_dir(population.view(p), runs[p])
                    for p in range(n)]  # fmt: skip
-    history_files = HistoryFiles(directories)
-    sinks = [history_files, *([RunEpochs(runs)] if any(runs) else [])]
+    history_files, run_epochs = HistoryFiles(directories), RunEpochs(runs)
+    sinks = [history_files, run_epochs]
     module = TrainingModule(model, optimizer_factory(population), first.backprop, data.evaluation_splits(),
                             stops, callbacks, schedules, logged_numbers, sinks)  # fmt: skip
     loader = make_loader(data.train, first.optimizer.get("batch_size"), first.seed)
@@ -245,16 +246,18 @@ def fit_population(
     finally:
         wall_time = time.perf_counter() - started
         history_files.close()
+        run_epochs.close()
         results = record(population, module.outcomes(), data, wall_time)
         if pbt is not None:
             try:
                 record_pbt(pbt, module.table, results, overrides, directories, runs)
             except Exception as error:  # never at the cost of the members' histories and statuses
                 log.warning("gdlab: could not write the PBT record: %s", error)
+        complete = history_files.complete(module.table.final_recorded)
         for p, result in enumerate(results):
             if directories[p] is not None:
                 save_outputs(result, overrides[p], directories[p], runs[p], ending or status(result), reason,
-                             config=population.view(p))  # fmt: skip
+                             config=population.view(p), history_written=bool(complete[p]))  # fmt: skip
         for result, run in zip(results, runs, strict=True):  # the writer has worked meanwhile
             if run is not None:
                 finish_tracking(result, run)
@@ -367,12 +370,15 @@ def default_output_dir(cfg: DictConfig, run: MlflowRun | None) -> Path | None:
 
 
 def save_outputs(result: RunResult, overrides: list[str], output_dir: Path, run: MlflowRun | None,
-                 status: str, reason: str | None = None, config=None) -> None:  # fmt: skip
+                 status: str, reason: str | None = None, config=None, history_written: bool = False
+                 ) -> None:  # fmt: skip
     """History first (it is what an outage or a crash must not lose), then plots, then MLflow. A record that
     cannot be written (a full disk, a read-only folder) ends the run FAILED with the reason. `config`: what
-    to save as the run's config (a population member's view of it; default result.config)."""
+    to save as the run's config (a population member's view of it; default result.config);
+    `history_written`: its history.csv holds every row already (gdlab.artifacts.HistoryFiles)."""
     result.final["output_dir"] = str(output_dir)
-    problem = write_outputs(result, overrides, output_dir, result.config if config is None else config)
+    config = result.config if config is None else config
+    problem = write_outputs(result, overrides, output_dir, config, history_written)
     if problem:  # the caller says so (gdlab-train's last line, gdlab.run's warning, the trial's failure)
         result.final["record_error"], status = problem, "FAILED"
     if run is None:
@@ -390,20 +396,24 @@ def save_outputs(result: RunResult, overrides: list[str], output_dir: Path, run:
     run.close(status, output_dir, end_time=result.ended_at)
 
 
-def write_outputs(result: RunResult, overrides: list[str], output_dir: Path, cfg) -> str | None:
-    """Write the run's files; what kept the record from being written (None: nothing)."""
+def write_outputs(result: RunResult, overrides: list[str], output_dir: Path, cfg,
+                  history_written: bool = False) -> str | None:  # fmt: skip
+    """Write the run's files (history.csv unless `history_written`); what kept the record from being written
+    (None: nothing)."""
     try:
-        write_history(output_dir, result.history)
+        if not history_written:
+            write_history(output_dir, result.history)
         masked_overrides = [mask_passwords(o) for o in overrides]
+        plots = cfg.tracking.get("plots", True)
         write_run_outputs(
             output_dir,
             masked_config_yaml(cfg),
             run_name(cfg),
             masked_overrides,
-            result.history,
+            result.history if plots else None,
             result.model,
             result.data,
-            plots=cfg.tracking.get("plots", True),
+            plots=plots,
         )
     except OSError as error:
         return record_error(error, output_dir)

@@ -5,6 +5,9 @@ The writer process is `python -m gdlab.metric_writer`, with the tracking URI in 
   {"run": ID, "metrics": [[key, value, timestamp, step], ...]}, {"run": ID, "params": [[key, value], ...]},
   {"run": ID, "tags": [[key, value], ...]}, {"run": ID, "artifacts": FOLDER},
   {"run": ID, "end": STATUS, "end_time": MS};
+  {"columns": {"runs": [ID, ...], "keys": [KEY, ...], "timestamps": [MS per epoch],
+  "steps": ARRAY (epochs, runs), "values": ARRAY (epochs, keys, runs)}}: a population's epochs in bulk
+  (gdlab.run_epochs), one row per value that is not NaN, ARRAY being {"dtype", "shape", "data": base64};
 and {"drain": ID}, answered with {"run": ID, "error": TEXT|null, "path": "bulk"|"log_batch"} on stdout
 once everything before it is written. Whatever has arrived is written in one go (gdlab.metric_store:
 one transaction for every run on MLflow's SQL stores). It exits at end of input, so it never outlives
@@ -249,21 +252,97 @@ class RunWriter:
             # a run whose writing failed is not written again: its history.csv keeps the rest
             elif "metrics" in message and run_id not in self.errors:
                 rows_by_run.setdefault(run_id, []).extend(message["metrics"])
+            elif "columns" in message:
+                for run_id, rows in column_rows(message["columns"]).items():
+                    if run_id not in self.errors:
+                        rows_by_run.setdefault(run_id, []).extend(rows)
         self.write_rows(rows_by_run)
+        ends: list[tuple[str, str, int]] = []
+        artifact_uris = self.artifact_uris([m["run"] for m in messages if "artifacts" in m])
         for message in messages:
             run_id = message.get("run")
             if "tags" in message:
                 tags = [RunTag(key, value) for key, value in message["tags"]]
                 self.attempt(run_id, self.client.log_batch, run_id, tags=tags)
+            elif "artifacts" in message and run_id in artifact_uris:
+                self.attempt(
+                    run_id, log_artifacts_at, artifact_uris[run_id], self.client, message["artifacts"]
+                )
             elif "artifacts" in message:
                 self.attempt(run_id, self.client.log_artifacts, run_id, message["artifacts"])
-            elif "end" in message:  # tried even after an error: a run must not stay RUNNING
-                self.attempt(run_id, self.client.set_terminated, run_id, status=message["end"],
-                             end_time=message["end_time"])  # fmt: skip
+            elif "end" in message:
+                ends.append((run_id, message["end"], message["end_time"]))
             elif "drain" in message:
+                self.end(ends)
+                ends = []
                 run_id = message["drain"]
                 reply = {"run": run_id, "error": self.errors.pop(run_id, None), "path": self.sink.path}
                 print(json.dumps(reply), flush=True)
+        self.end(ends)
+
+    def artifact_uris(self, run_ids: list[str]) -> dict[str, str]:
+        """Where these runs' artifacts go, read in one query where the store allows (gdlab.run_store); {}
+        otherwise, or on any error: then `client.log_artifacts` asks the store run by run."""
+        from gdlab.run_store import artifact_uris
+
+        if len(run_ids) < 2:
+            return {}
+        try:
+            return artifact_uris(self.client, run_ids) or {}
+        except Exception:
+            return {}
+
+    def end(self, ends: list[tuple[str, str, int]]) -> None:
+        """End runs (run id, status, end time): all in one transaction where the store allows
+        (gdlab.run_store.end_runs), else, or if that fails, each by `set_terminated`. Tried even after a run's
+        error: a run must not stay RUNNING."""
+        from gdlab.run_store import end_runs
+
+        try:
+            if ends and self.outage.call(end_runs, self.client, ends):
+                return
+        except Exception:
+            pass  # each run below gets MLflow's own error, and the others are ended
+        for run_id, status, end_time in ends:
+            self.attempt(run_id, self.client.set_terminated, run_id, status=status, end_time=end_time)
+
+
+def log_artifacts_at(artifact_uri: str, client, folder: str) -> None:
+    """`client.log_artifacts(run_id, folder)` for a run whose artifact URI is known: the repository MLflow's
+    client would resolve for it (`TrackingServiceClient._get_artifact_repo`), without asking the store."""
+    from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+    from mlflow.utils.uri import add_databricks_profile_info_to_artifact_uri
+
+    uri = add_databricks_profile_info_to_artifact_uri(artifact_uri, client.tracking_uri)
+    get_artifact_repository(uri, tracking_uri=client.tracking_uri).log_artifacts(folder)
+
+
+def decode(array: dict):
+    """An array sent by gdlab.run_epochs.encode."""
+    import base64
+
+    import numpy as np
+
+    data = base64.b64decode(array["data"])
+    return np.frombuffer(data, dtype=np.dtype(array["dtype"])).reshape(array["shape"])
+
+
+def column_rows(columns: dict) -> dict[str, list[tuple]]:
+    """A "columns" message as each run's rows (key, value, timestamp, step), in step order."""
+    import numpy as np
+
+    steps, values = decode(columns["steps"]), decode(columns["values"])
+    keys, timestamps = (
+        np.array(columns["keys"], dtype=object),
+        np.array(columns["timestamps"], dtype=np.int64),
+    )
+    rows: dict[str, list[tuple]] = {}
+    for j, run_id in enumerate(columns["runs"]):
+        epoch, key = np.nonzero(~np.isnan(values[:, :, j]))
+        if len(epoch):
+            columns = (keys[key], values[epoch, key, j], timestamps[epoch], steps[epoch, j])
+            rows[run_id] = list(zip(*(column.tolist() for column in columns), strict=True))
+    return rows
 
 
 def _raise(error: Exception) -> None:

@@ -304,7 +304,8 @@ class MlflowRun:
     def __init__(self, cfg: DictConfig, overrides: list[str], device: str = "cpu",
                  parent_run_id: str | None = None, extra_tags: dict | None = None,
                  background: bool = False, created: tuple[object, str, str] | None = None):  # fmt: skip
-        """`created`: (client, run id, name) of a run made already (`create_many`); else one is created."""
+        """`created`: (client, run id, name) of a run made already with its params (`create_many`); else one
+        is created."""
         self.cfg = cfg
         self.uri = tracking_uri(cfg)
         self.flush_seconds = float(cfg.tracking.get("flush_seconds", 1.0))
@@ -316,6 +317,7 @@ class MlflowRun:
         self.outage: str | None = None
         self.waits = Outage()
         self.parent_run_id = parent_run_id or os.environ.get(PARENT_ENV)
+        self.background = background
         if created is None:
             self.run_id = self._create_run(tags_of(cfg, overrides, device, extra_tags, self.parent_run_id))
         else:
@@ -328,10 +330,10 @@ class MlflowRun:
         self.sent_tags: dict = {}  # tags handed to the writer: written again should it die
         self.writer_died = False  # the writer exited with some of this run's record in hand (see `rewrite`)
         self.params = list(flatten(cfg).items())
-        if background:
-            self._send({"params": self.params})
-        else:
+        if not background:
             self._call(log_params, self.client, self.run_id, self.params)
+        elif created is None:  # a run made by `create_many` got its params with it
+            self._send({"params": self.params})
 
     @classmethod
     def create_many(cls, cfgs: list, overrides: list[list[str]], device: str,
@@ -339,26 +341,28 @@ class MlflowRun:
         """A population's runs, each recorded by the writer (`background`). The first is created alone, so
         an unreachable store stops the batch before anything else; the rest in one transaction where the
         store has a verified bulk path (gdlab.run_store), else one by one."""
-        from gdlab.run_store import create_runs
+        from gdlab.run_store import NewRun, create_runs
 
         first = cls(cfgs[0], overrides[0], device, extra_tags=extra_tags[0], background=True)
         rest = [(cfg, o, t) for cfg, o, t in zip(cfgs[1:], overrides[1:], extra_tags[1:], strict=True)]
-        specs = []
+        new_runs = []
         for cfg, o, t in rest:
             tags = tags_of(cfg, o, device, t, first.parent_run_id)
-            specs.append((tags.get("mlflow.runName") or run_name(cfg), tags))
+            new_runs.append(
+                NewRun(tags.get("mlflow.runName") or run_name(cfg), tags, list(flatten(cfg).items()))
+            )
         experiment_id = experiment_of_run(first.client, first.run_id)
         try:
-            run_ids = create_runs(first.client, experiment_id, specs) if specs else []
+            run_ids = create_runs(first.client, experiment_id, new_runs) if new_runs else []
         except Exception as error:  # the store refused the batch: say so before any training
             raise TrackingUnavailable(
                 f"cannot create the population's runs at {mask_passwords(first.uri)}: {error_line(error)}"
             ) from error
         if run_ids is None:
             return [first, *(cls(cfg, o, device, extra_tags=t, background=True) for cfg, o, t in rest)]
-        made = zip(rest, run_ids, specs, strict=True)
-        return [first, *(cls(cfg, o, device, background=True, created=(first.client, run_id, name))
-                         for (cfg, o, _), run_id, (name, _) in made)]  # fmt: skip
+        made = zip(rest, run_ids, new_runs, strict=True)
+        return [first, *(cls(cfg, o, device, background=True, created=(first.client, run_id, new.name))
+                         for (cfg, o, _), run_id, new in made)]  # fmt: skip
 
     def _create_run(self, tags: dict) -> str:
         try:
@@ -499,19 +503,6 @@ class MlflowRun:
         logged = self.client.get_run(self.run_id).data.metrics
         return {key: max(m.step for m in self.client.get_metric_history(self.run_id, key))
                 for key in keys if key in logged}  # fmt: skip
-
-
-class RunEpochs:
-    """An epoch sink (gdlab.module.EpochSink): each member's row to its MLflow run (None: untracked)."""
-
-    def __init__(self, runs: list[MlflowRun | None]):
-        self.runs = runs
-
-    def __call__(self, table, members) -> None:
-        for p in members:
-            run = self.runs[p]
-            if run is not None:
-                run.log_epoch(table.row(p))
 
 
 @functools.lru_cache(maxsize=64)
