@@ -16,6 +16,10 @@ CONFIG = [
     (["dataset.noise=1e308"], "dataset.noise=1e+308 is out of range; allowed: a number in [0, 100.0]"),
     (["tracking.dir=5"], "tracking.dir=5 is not allowed; use a non-empty string of at most 200 bytes"),
     (["tracking.experiment=5"], "tracking.experiment=5 is not allowed"),
+    (
+        ["tracking.plots=sometimes"],
+        "tracking.plots='sometimes' is not allowed; choose one of true, false, auto",
+    ),
     ([f"tracking.experiment={'x' * 300}"], "tracking.experiment='xxxxxxxx"),
     (["model.depth=1000000000000"], "model.width=16 model.depth=1000000000000 needs about"),  # no allocation
     (["dataset.n_samples=100000000000000000000"], "dataset.n_samples=100000000000000000000 (100,000,"),

@@ -456,6 +456,10 @@ def _check_tracking(cfg) -> None:
             )
     if cfg.tracking.backend != "none":
         check_number(cfg, "tracking.flush_seconds", 0)
+    plots = select(cfg, "tracking.plots")
+    if not (isinstance(plots, bool) or plots == "auto"):
+        raise ConfigError(f"tracking.plots={plots!r} is not allowed; choose one of true, false, auto (a "
+                          "single run's PNGs, not a population's)")  # fmt: skip
 
 
 def _check_trainer(cfg) -> None:

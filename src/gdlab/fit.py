@@ -257,7 +257,8 @@ def fit_population(
         for p, result in enumerate(results):
             if directories[p] is not None:
                 save_outputs(result, overrides[p], directories[p], runs[p], ending or status(result), reason,
-                             config=population.view(p), history_written=bool(complete[p]))  # fmt: skip
+                             config=population.view(p), history_written=bool(complete[p]),
+                             population_size=n)  # fmt: skip
         for result, run in zip(results, runs, strict=True):  # the writer has worked meanwhile
             if run is not None:
                 finish_tracking(result, run)
@@ -370,15 +371,16 @@ def default_output_dir(cfg: DictConfig, run: MlflowRun | None) -> Path | None:
 
 
 def save_outputs(result: RunResult, overrides: list[str], output_dir: Path, run: MlflowRun | None,
-                 status: str, reason: str | None = None, config=None, history_written: bool = False
-                 ) -> None:  # fmt: skip
+                 status: str, reason: str | None = None, config=None, history_written: bool = False,
+                 population_size: int = 1) -> None:  # fmt: skip
     """History first (it is what an outage or a crash must not lose), then plots, then MLflow. A record that
     cannot be written (a full disk, a read-only folder) ends the run FAILED with the reason. `config`: what
     to save as the run's config (a population member's view of it; default result.config);
-    `history_written`: its history.csv holds every row already (gdlab.artifacts.HistoryFiles)."""
+    `history_written`: its history.csv holds every row already (gdlab.artifacts.HistoryFiles);
+    `population_size`: how many members trained with it (tracking.plots=auto draws a single run's PNGs)."""
     result.final["output_dir"] = str(output_dir)
     config = result.config if config is None else config
-    problem = write_outputs(result, overrides, output_dir, config, history_written)
+    problem = write_outputs(result, overrides, output_dir, config, history_written, population_size)
     if problem:  # the caller says so (gdlab-train's last line, gdlab.run's warning, the trial's failure)
         result.final["record_error"], status = problem, "FAILED"
     if run is None:
@@ -396,15 +398,21 @@ def save_outputs(result: RunResult, overrides: list[str], output_dir: Path, run:
     run.close(status, output_dir, end_time=result.ended_at)
 
 
+def draws_plots(plots: bool | str, population_size: int) -> bool:
+    """tracking.plots: true, false, or auto (a single run's PNGs, not each of a population's members': ~0.4 s
+    a member, where a sweep's report compares them in one figure)."""
+    return plots is True or (plots == "auto" and population_size == 1)
+
+
 def write_outputs(result: RunResult, overrides: list[str], output_dir: Path, cfg,
-                  history_written: bool = False) -> str | None:  # fmt: skip
+                  history_written: bool = False, population_size: int = 1) -> str | None:  # fmt: skip
     """Write the run's files (history.csv unless `history_written`); what kept the record from being written
     (None: nothing)."""
     try:
         if not history_written:
             write_history(output_dir, result.history)
         masked_overrides = [mask_passwords(o) for o in overrides]
-        plots = cfg.tracking.get("plots", True)
+        plots = draws_plots(cfg.tracking.get("plots", "auto"), population_size)
         write_run_outputs(
             output_dir,
             masked_config_yaml(cfg),
