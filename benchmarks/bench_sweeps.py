@@ -208,7 +208,8 @@ def print_table(results: dict, ratio: dict, tracking: str, process_trials: int) 
         tracked, untracked = results["h"]["command_seconds"], results["u"]["command_seconds"]
         whole = untracked / tracked
         verdict = "holds" if whole >= WHOLE_TARGET else "DOES NOT hold"
-        print(f"target whole command (h) >= {WHOLE_TARGET:g}x (u): {tracked:.1f} s tracked, {untracked:.1f} s "
+        print(f"target whole command (h) >= {WHOLE_TARGET:g}x (u): {tracked:.1f} s tracked, "
+              f"{untracked:.1f} s "
               f"untracked: {whole:.2f}x, {verdict}")  # fmt: skip
 
 
