@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -16,11 +17,14 @@ from gdlab.data import Dataset
 from gdlab.model import MLP
 
 MAX_OPEN_FILES = 256  # a population of thousands stays well inside the usual limit of 1024 open files
+WAIT_SECONDS = 1.0  # how often the rows of members past MAX_OPEN_FILES are appended (opening 768 files per
+# epoch would cost P = 1024 more than its training)
 
 
 class HistoryFiles:
     """An epoch sink (gdlab.module.EpochSink): each member's history row goes to <its directory>/history.csv
-    as soon as the epoch ends, flushed, so a kill -9 leaves every finished epoch on disk. A file that holds
+    as soon as the epoch ends, flushed, so a kill -9 leaves every finished epoch on disk (members past the
+    first MAX_OPEN_FILES: every finished epoch but those of the last WAIT_SECONDS). A file that holds
     all of its member's rows at the end is complete (`complete`); any other is rewritten (`write_history`).
     A member without a directory (None) keeps no file."""
 
@@ -31,6 +35,8 @@ class HistoryFiles:
         self.started: set[int] = set()
         self.rows = np.zeros(len(directories), dtype=np.int64)  # rows appended to each file
         self.failed = False  # a write failed (a full disk): no file is taken as complete
+        self.waiting: dict[int, list[str]] = {}  # rows of members past MAX_OPEN_FILES, not yet appended
+        self.last_write = time.monotonic()
 
     def __call__(self, table, members) -> None:
         if not self.has_directory.any():
@@ -59,9 +65,8 @@ class HistoryFiles:
             if file is not None:
                 file.write(line)
                 file.flush()
-            elif p in self.started:  # past MAX_OPEN_FILES members: open, append, close
-                with open(directory / "history.csv", "a", newline="") as appended:
-                    appended.write(line)
+            elif p in self.started:  # past MAX_OPEN_FILES members: appended once a second (`write_waiting`)
+                self.waiting.setdefault(p, []).append(line)
             else:
                 directory.mkdir(parents=True, exist_ok=True)
                 file = open(directory / "history.csv", "w", newline="")  # noqa: SIM115 (closed in close)
@@ -72,8 +77,22 @@ class HistoryFiles:
                     self.files[p] = file
                 else:
                     file.close()
+        if self.waiting and time.monotonic() - self.last_write >= WAIT_SECONDS:
+            self.write_waiting()
+
+    def write_waiting(self) -> None:
+        """Append the rows waiting for members without an open file: one open, write and close each."""
+        self.last_write = time.monotonic()
+        waiting, self.waiting = self.waiting, {}
+        for p, lines in waiting.items():
+            with open(self.directories[p] / "history.csv", "a", newline="") as appended:
+                appended.write("".join(lines))
 
     def close(self) -> None:
+        try:
+            self.write_waiting()
+        except OSError:  # a full disk: no file is taken as complete; write_history says what failed
+            self.failed = True
         for file in self.files.values():
             try:
                 file.close()
