@@ -31,6 +31,7 @@ class HistoryFiles:
     def __init__(self, directories: list[Path | None]):
         self.directories = directories
         self.has_directory = np.array([d is not None for d in directories])
+        self.any_directory = bool(self.has_directory.any())  # asked every epoch
         self.files: dict[int, object] = {}  # kept open, up to MAX_OPEN_FILES
         self.started: set[int] = set()
         self.rows = np.zeros(len(directories), dtype=np.int64)  # rows appended to each file
@@ -39,7 +40,7 @@ class HistoryFiles:
         self.last_write = time.monotonic()
 
     def __call__(self, table, members) -> None:
-        if not self.has_directory.any():
+        if not self.any_directory:
             return
         try:
             self.append(table, members)
