@@ -1,7 +1,6 @@
 """A tracked population's curves reach MLflow in bulk (gdlab.run_epochs: one columnar message per flush) and
 read back through MLflow's client exactly as the same members' curves logged row by row by single runs."""
 
-from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -39,21 +38,31 @@ def test_population_curves_equal_single_runs_curves(tmp_path, clean_tracking_env
             )
 
 
-def test_each_members_appended_history_is_its_whole_history(tmp_path, clean_tracking_env):
-    """Past MAX_OPEN_FILES members too: the files appended epoch by epoch are each member's history, read
-    back equal, with no second copy written at the end."""
+def test_each_members_appended_history_is_its_whole_history_and_is_not_written_again(tmp_path):
+    """Past MAX_OPEN_FILES members too: the file appended epoch by epoch is the member's history, read back
+    equal, and is the same file at the end (a rewrite would replace it: a new inode)."""
     from gdlab import artifacts
+    from gdlab.compose import compose_config
+    from gdlab.config import validate
+    from gdlab.fit import fit_population
 
     lrs = [0.01 * (p + 1) for p in range(6)]
-    original, artifacts.MAX_OPEN_FILES = artifacts.MAX_OPEN_FILES, 2  # members 2.. append and close each time
+    cfgs = [validate(compose_config(["dataset=xor", "trainer.max_epochs=15", "tracking=none",
+                                     f"optimizer.lr={lr}"])) for lr in lrs]  # fmt: skip
+    directories = [tmp_path / f"member-{p}" for p in range(len(lrs))]
+    inodes: list[set] = [set() for _ in lrs]
+
+    def watch(p):  # runs after the epoch's row was handed to the history files
+        return lambda row: inodes[p].add((directories[p] / "history.csv").stat().st_ino)
+
+    original, artifacts.MAX_OPEN_FILES = artifacts.MAX_OPEN_FILES, 2  # members 2..: rows wait, then append
     try:
-        results = gdlab.run(["dataset=xor", "trainer.max_epochs=15", "trainer.stop_loss=0.1",
-                             "tracking=local", f"tracking.dir={tmp_path}", "tracking.plots=false"],
-                            population=[{"optimizer.lr": lr} for lr in lrs])  # fmt: skip
+        results = fit_population(cfgs, [[] for _ in lrs], directories, [[watch(p)] for p in range(len(lrs))])
     finally:
         artifacts.MAX_OPEN_FILES = original
-    for result in results:
-        saved = pd.read_csv(Path(result.final["output_dir"]) / "history.csv")
-        pd.testing.assert_frame_equal(saved, result.history, check_dtype=False)
-        assert len(saved) == result.final["epochs"]
+    for p, result in enumerate(results):
+        path = directories[p] / "history.csv"
+        pd.testing.assert_frame_equal(pd.read_csv(path), result.history, check_dtype=False)
+        assert len(result.history) == result.final["epochs"] == 15
+        assert inodes[p] == {path.stat().st_ino}  # one file from the first epoch to the end
     assert [p.name for p in tmp_path.rglob("*.new")] == []

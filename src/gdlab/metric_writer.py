@@ -340,8 +340,8 @@ def column_rows(columns: dict) -> dict[str, list[tuple]]:
     for j, run_id in enumerate(columns["runs"]):
         epoch, key = np.nonzero(~np.isnan(values[:, :, j]))
         if len(epoch):
-            columns = (keys[key], values[epoch, key, j], timestamps[epoch], steps[epoch, j])
-            rows[run_id] = list(zip(*(column.tolist() for column in columns), strict=True))
+            fields = (keys[key], values[epoch, key, j], timestamps[epoch], steps[epoch, j])
+            rows[run_id] = list(zip(*(field.tolist() for field in fields), strict=True))
     return rows
 
 
