@@ -1,7 +1,6 @@
 """A tracked population's curves reach MLflow in bulk (gdlab.run_epochs: one columnar message per flush) and
 read back through MLflow's client exactly as the same members' curves logged row by row by single runs."""
 
-
 import pandas as pd
 import pytest
 from mlflow import MlflowClient
