@@ -140,7 +140,7 @@ class CloneProbe(PopulationBasedTraining):
                 assert param.grad is None or torch.equal(param.grad[target], param.grad[source])
             for tensor, axis in optimizer.member_tensors():
                 assert torch.equal(tensor.select(axis, target), tensor.select(axis, source))
-            for counts in module.counts.values():  # evals_fwd, evals_fwdbwd, ls_failures
+            for counts in module.counts:  # ls_failures, evals_fwd, evals_fwdbwd
                 assert counts[target] == counts[source]
             CloneProbe.checked += 1
 

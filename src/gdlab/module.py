@@ -83,7 +83,7 @@ class EpochState:
             last.trial_step,
             last.step,
             last.backtracks,
-            last.failed.double(),
+            last.failed,
             fwd,
             fwdbwd,
         ]
@@ -153,10 +153,10 @@ class TrainingModule(pl.LightningModule):
     def on_fit_start(self) -> None:
         self.held_out_on_device = {name: (split.X.to(self.device), split.T.to(self.device))
                                    for name, split in self.held_out.items()}  # fmt: skip
-        zeros = torch.zeros(self.n_members, dtype=torch.float64, device=self.device)
-        self.counts = {"evals_fwd": zeros, "evals_fwdbwd": zeros.clone(), "ls_failures": zeros.clone()}
-        self.stop_loss = torch.tensor(self.stops.loss, dtype=torch.float64, device=self.device)
-        self.stop_evals = torch.tensor(self.stops.evals, dtype=torch.float64, device=self.device)
+        # Running totals of the history's own columns: kept beside the table, on the host.
+        self.counts = np.zeros((3, self.n_members))  # as COUNTS names them
+        self.stop_loss = np.asarray(self.stops.loss, dtype=np.float64)
+        self.stop_evals = np.asarray(self.stops.evals, dtype=np.float64)
         self.started = time.perf_counter()
 
     def on_train_start(self) -> None:
@@ -194,47 +194,51 @@ class TrainingModule(pl.LightningModule):
         """The epoch's rows for every member in one transfer; then whoever diverged, stopped or was retired
         by its epoch callback retires, all at once."""
         columns, diverged, stopped = self.epoch_columns()
-        block = torch.cat([columns, diverged.double().unsqueeze(0), stopped.double().unsqueeze(0)])
-        block = block.cpu().numpy()
         members = np.flatnonzero(self.alive)
-        self.table.append(block[:-2], self.alive)
+        self.table.append(columns, self.alive)
         for sink in self.sinks:
             sink(self.table, members)
-        retiring = (block[-2] > 0) | (block[-1] > 0)
         pruned = self.run_callbacks()
-        diverged_now = (block[-2] > 0) & ~pruned
+        diverged_now = diverged & ~pruned
         self.diverged_at[diverged_now] = self.current_epoch
-        retiring |= pruned
+        retiring = diverged | stopped | pruned
         if retiring.any():
             self.retire(retiring)
         if not self.alive.any():
             self.trainer.should_stop = True
 
-    def epoch_columns(self) -> tuple[Tensor, Tensor, Tensor]:
-        """The epoch's history columns (n_columns, P) float64, and who diverged or met a stop, on device."""
+    def epoch_columns(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The epoch's history columns (n_columns, P) float64, and who diverged or met a stop.
+
+        The device only stacks what the epoch measured; the one transfer brings it to the host, where the
+        derived columns and the running evaluation counts cost a few numpy operations, whatever P is."""
         e = self.epoch
-        loss_after, trial_step, step, backtracks, failed, fwd, fwdbwd = e.step_numbers()
-        counts = self.counts
-        counts["evals_fwd"] += fwd
-        counts["evals_fwdbwd"] += fwdbwd
-        counts["ls_failures"] += failed
-        total = counts["evals_fwd"] + counts["evals_fwdbwd"]
-        train_loss, train_acc = (t.double() for t in e.train_metrics())
-        norms = e.records[-1].start.grad_norms.double()  # (2 * layers, P): |dW1|, |db1|, ...
-        layer_norms = norms.view(-1, 2, norms.shape[-1]).square().sum(1).sqrt()
-        optimizer = self.optimizers().optimizer if self.logged_numbers else None
+        optimizer = self.optimizers().optimizer
         numbers = [optimizer.number(number) for number in self.logged_numbers]
-        now = time.perf_counter() - self.started
-        full = torch.full_like(train_loss, 0.0)
-        columns = torch.stack([
-            full + self.current_epoch, train_loss, train_acc, *(t.double() for t in e.held_out_metrics),
-            norms.square().sum(0).sqrt(), *layer_norms, train_loss, loss_after, trial_step, step, backtracks,
-            failed, counts["ls_failures"], fwd, fwdbwd, total, full + now, *numbers,
-        ])  # fmt: skip
-        diverged = ~train_loss.isfinite()
+        measured = [*e.train_metrics(), *e.held_out_metrics, *e.step_numbers(), *numbers]
+        norms = e.records[-1].start.grad_norms  # (2 * layers, P): |dW1|, |db1|, ...
+        block = torch.cat([torch.stack([as_float64(t) for t in measured]), as_float64(norms)]).cpu().numpy()
+        n, k, layers = 2 + len(e.held_out_metrics), len(numbers), self.model.n_layers
+        counts = self.counts  # ls_failures, evals/fwd, evals/fwdbwd so far
+        counts += block[n + 4 : n + 7]  # this epoch's failed, fwd, fwdbwd
+        squares = np.square(block[n + 7 + k :])
+        columns = np.empty((len(self.table.names), block.shape[1]))  # in column_names' order
+        columns[0] = self.current_epoch
+        columns[1 : n + 1] = block[:n]  # train, then each held-out split: loss, acc
+        columns[n + 1] = squares.sum(0)  # grad_norm, then per layer
+        columns[n + 2 : n + 2 + layers] = squares[0::2] + squares[1::2]
+        np.sqrt(columns[n + 1 : n + 2 + layers], out=columns[n + 1 : n + 2 + layers])
+        i = n + 2 + layers  # STEP_COLUMNS from here
+        columns[i] = block[0]  # loss_before
+        columns[i + 1 : i + 6] = block[n : n + 5]  # loss_after, trial_step, step, backtracks, ls_failed
+        columns[i + 6] = counts[0]
+        columns[i + 7 : i + 9] = block[n + 5 : n + 7]
+        columns[i + 9] = counts[1] + counts[2]  # evals/total
+        columns[i + 10] = time.perf_counter() - self.started
+        columns[i + 11 :] = block[n + 7 : n + 7 + k]
+        train_loss, total = columns[1], columns[i + 9]
         stopped = (train_loss < self.stop_loss) | (total >= self.stop_evals)
-        active = self.optimizers().optimizer.active
-        return columns, diverged & active, stopped & active
+        return columns, self.alive & ~np.isfinite(train_loss), self.alive & stopped
 
     def run_callbacks(self) -> np.ndarray:
         """Each member's own epoch callbacks (a sweep's pruner) with its row; who asked to retire."""
@@ -271,8 +275,7 @@ class TrainingModule(pl.LightningModule):
             if param.grad is not None:
                 param.grad.index_copy_(0, target, param.grad.index_select(0, source))
         self.optimizers().optimizer.copy_members(source, target)
-        for counts in self.counts.values():
-            counts.index_copy_(0, target, counts.index_select(0, source))
+        self.counts[:, targets] = self.counts[:, sources]
 
     def revive(self, members: np.ndarray) -> None:
         self.diverged_at[members] = -1
@@ -317,21 +320,27 @@ class TrainingModule(pl.LightningModule):
         return PopulationOutcome(
             model=self.final_model(),
             table=self.table,
-            evals_fwd=self.counts_on_host("evals_fwd"),
-            evals_fwdbwd=self.counts_on_host("evals_fwdbwd"),
-            ls_failures=self.counts_on_host("ls_failures"),
+            evals_fwd=self.count("evals_fwd"),
+            evals_fwdbwd=self.count("evals_fwdbwd"),
+            ls_failures=self.count("ls_failures"),
             diverged_at=self.diverged_at,
             pruned=self.pruned,
             ended_at=self.ended_at,
         )
 
-    def counts_on_host(self, name: str) -> np.ndarray:
+    def count(self, name: str) -> np.ndarray:
+        """Every member's running total `name` (one of COUNTS) as integers."""
         counts = getattr(self, "counts", None)
         if counts is None:  # training never started
             return np.zeros(self.n_members, dtype=np.int64)
-        return counts[name].cpu().numpy().astype(np.int64)
+        return counts[COUNTS.index(name)].astype(np.int64)
 
 
+def as_float64(tensor: Tensor) -> Tensor:
+    return tensor if tensor.dtype == torch.float64 else tensor.double()
+
+
+COUNTS = ("ls_failures", "evals_fwd", "evals_fwdbwd")  # the running totals, as epoch_columns keeps them
 STEP_COLUMNS = ("loss_before", "loss_after", "trial_step", "step", "backtracks", "ls_failed", "ls_failures",
                 "evals/fwd", "evals/fwdbwd", "evals/total", "time")  # fmt: skip
 INTEGER_COLUMNS = frozenset(("epoch", "backtracks", "ls_failed", "ls_failures", "evals/fwd", "evals/fwdbwd",
