@@ -521,4 +521,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from gdlab.entry import report
+
+    report()

@@ -18,6 +18,7 @@ import os
 import re
 import subprocess
 import sys
+import threading
 import time
 import warnings
 from collections.abc import Iterable
@@ -208,6 +209,7 @@ class TrackingUnavailable(RuntimeError):
 
 
 _CLIENTS: dict = {}
+_OPENING: dict[str, threading.Thread] = {}
 
 
 def mlflow_client(uri: str):
@@ -216,10 +218,27 @@ def mlflow_client(uri: str):
     A SQLite store is opened (created and migrated, the first time) under a lock beside the database
     file, so processes started together on a new store don't race MLflow's schema migrations
     (alembic's "table already exists")."""
+    if (opening := _OPENING.pop(uri, None)) is not None:
+        opening.join()
     if uri not in _CLIENTS:
         _CLIENTS[uri] = open_client(uri)
     repair_once(_CLIENTS[uri], uri)
     return _CLIENTS[uri]
+
+
+def open_in_background(uri: str | None) -> None:
+    """Begin opening a SQLite store in a thread (creating a new one runs MLflow's ~50 schema migrations,
+    seconds), while the caller goes on importing Lightning; `mlflow_client` waits for it. A failure is
+    left for `mlflow_client` to meet again and report where the store is used."""
+    if uri is None or not uri.startswith("sqlite:///") or uri in _CLIENTS or uri in _OPENING:
+        return
+
+    def open_quietly() -> None:
+        with contextlib.suppress(Exception):
+            _CLIENTS[uri] = open_client(uri)
+
+    _OPENING[uri] = threading.Thread(target=open_quietly, name="gdlab-open-store", daemon=True)
+    _OPENING[uri].start()
 
 
 def open_client(uri: str):

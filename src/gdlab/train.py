@@ -267,4 +267,6 @@ def __getattr__(name: str):
 
 
 if __name__ == "__main__":
-    main()
+    from gdlab.entry import train
+
+    train()

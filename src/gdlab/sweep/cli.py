@@ -52,8 +52,7 @@ from gdlab.sweep.study import (
     check_same_search_space,
     make_storage,
 )
-from gdlab.sweep.trials import TrialLogger, chosen_config, run_population_batches
-from gdlab.tracking import PARENT_ENV, TrackingUnavailable, tracking_uri
+from gdlab.tracking import PARENT_ENV, TrackingUnavailable, open_in_background, tracking_uri
 
 STUDY_NAME = re.compile(r"[A-Za-z0-9_\-][A-Za-z0-9_.\-]{0,99}")
 OVERRIDES_ENV = "GDLAB_SWEEP_OVERRIDES"  # a worker's overrides, off its command line
@@ -239,7 +238,9 @@ def run_sweep(args, spec: SweepSpec, study: optuna.Study, storage, storage_url: 
         return 0
     print(f"gdlab-sweep: study {study.study_name!r} in {mask_passwords(storage_url)}: "
           f"{finished}/{budget} finished trials", flush=True)  # fmt: skip
-    import gdlab.fit  # noqa: F401  (torch and Lightning load here, not inside the first trial)
+    if not args.parent_run_id:  # a new store is created while Lightning loads
+        open_in_background(tracking_uri(spec.task))
+    from gdlab.sweep.trials import TrialLogger  # Lightning loads here, not inside the first trial
 
     parent_run_id, workers = args.parent_run_id, []
     try:  # from here on a signal ends what was started: trials FAIL, runs and the parent run KILLED
@@ -291,6 +292,8 @@ def sweep_result(args, spec: SweepSpec, study: optuna.Study, parent_run_id: str 
         best = study.best_trial
     except ValueError:
         return None
+    from gdlab.sweep.trials import chosen_config
+
     cfg, overrides = chosen_config(spec, best)
     trial = f"trial #{best.number}"
     if wants_refit(cfg) and refit_enabled(spec.task) and not args.no_refit:
@@ -323,8 +326,10 @@ def finish_sweep(spec: SweepSpec, study: optuna.Study, parent_run_id: str,
     log_study_plots(spec.task, parent_run_id, study)
 
 
-def run_trials(args, spec: SweepSpec, study: optuna.Study, storage, budget: int, logger: TrialLogger) -> None:
+def run_trials(args, spec: SweepSpec, study: optuna.Study, storage, budget: int, logger) -> None:
     """One loop for every population size: ask a batch (one trial at a time is a batch of 1), train, tell."""
+    from gdlab.sweep.trials import run_population_batches
+
     run_population_batches(spec, study, storage, args, budget, logger)
 
 
