@@ -2,7 +2,7 @@
 
 from gdlab.version import __version__
 
-__all__ = ["ConfigError", "PBTSettings", "RunResult", "run", "__version__"]
+__all__ = ["ConfigError", "PBTSettings", "ReplicatedResult", "RunResult", "run", "__version__"]
 
 
 def __getattr__(name: str):
@@ -15,6 +15,10 @@ def __getattr__(name: str):
         from gdlab.fit import RunResult
 
         return RunResult
+    if name == "ReplicatedResult":
+        from gdlab.replicates import ReplicatedResult
+
+        return ReplicatedResult
     if name == "PBTSettings":
         from gdlab.pbt_rules import PBTSettings
 

@@ -29,7 +29,7 @@ from gdlab.data import N_CLASSES, Dataset, load_dataset, make_loader
 from gdlab.interrupts import interruption_reason
 from gdlab.masking import mask_passwords, masked_config_yaml
 from gdlab.model import MLP, draw_layer, encode_targets, initialize, layer_sizes
-from gdlab.module import EpochTable, PopulationOutcome, Stops, TrainingModule
+from gdlab.module import EpochTable, GroupCallback, PopulationOutcome, Stops, TrainingModule
 from gdlab.optimizers import GD, Adam, Backtracking, LBFGSStep, MemberOptimizer, member_tensor
 from gdlab.pbt import PopulationBasedTraining
 from gdlab.population import Population, check_population
@@ -185,12 +185,12 @@ def make_trainer(cfg: DictConfig, callbacks: list) -> pl.Trainer:
 
 
 def fit(cfg: DictConfig, overrides: list[str] | None = None, output_dir: str | Path | None = None,
-        epoch_callbacks: list | tuple = (), tags: dict | None = None, progress: Progress | None = None
-        ) -> RunResult:  # fmt: skip
+        epoch_callbacks: list | tuple = (), tags: dict | None = None, progress: Progress | None = None,
+        group_callbacks: list[GroupCallback] | None = None) -> RunResult:  # fmt: skip
     """Train one validated config: a population of one (see `fit_population`)."""
     output_dirs = [output_dir] if output_dir else None
     return fit_population([cfg], [list(overrides or [])], output_dirs, [list(epoch_callbacks)], [tags],
-                          progress)[0]  # fmt: skip
+                          progress, group_callbacks=group_callbacks)[0]  # fmt: skip
 
 
 def fit_population(
@@ -201,6 +201,7 @@ def fit_population(
     tags: list[dict | None] | None = None,
     progress: Progress | None = None,
     pbt: PopulationBasedTraining | None = None,
+    group_callbacks: list[GroupCallback] | None = None,
 ) -> list[RunResult]:
     """Train validated configs that share an architecture as one stacked model; one RunResult each.
 
@@ -210,7 +211,9 @@ def fit_population(
     closed with the matching status. `epoch_callbacks[p]` see member p's every history row (a sweep
     reports to Optuna there, and may raise `gdlab.members.Retire` to prune it); `tags` go on the runs;
     `progress` shows the population's epochs as they go; `pbt` exploits and explores between epochs
-    (gdlab.pbt), and each member's run then keeps pbt.json and its replay. `wall_time` is the population's.
+    (gdlab.pbt), and each member's run then keeps pbt.json and its replay. `group_callbacks` decide about
+    several members at once after each epoch (a sweep trial's replicates, gdlab.module.GroupCallback).
+    `wall_time` is the population's.
     """
     population = cfgs if isinstance(cfgs, Population) else Population.from_configs(cfgs, overrides)
     check_population(population)
@@ -233,7 +236,8 @@ def fit_population(
     history_files, run_epochs = HistoryFiles(directories), RunEpochs(runs)
     sinks = [history_files, run_epochs]
     module = TrainingModule(model, optimizer_factory(population), first.backprop, data.evaluation_splits(),
-                            stops, callbacks, schedules, logged_numbers, sinks)  # fmt: skip
+                            stops, callbacks, schedules, logged_numbers, sinks,
+                            group_callbacks or ())  # fmt: skip
     loader = make_loader(data.train, first.optimizer.get("batch_size"), first.seed)
     ending, reason, started = "FAILED", None, time.perf_counter()
     try:

@@ -57,6 +57,16 @@ class EpochSink(Protocol):
     def __call__(self, table: EpochTable, members: np.ndarray) -> None: ...
 
 
+class GroupCallback(Protocol):
+    """Decides about several members together (a sweep trial's replicates), once an epoch, after every
+    member's own epoch callbacks have seen its row: `epoch_end` may raise `gdlab.members.Retire`, and then
+    all of `members` (indices in the population) retire."""
+
+    members: Sequence[int]
+
+    def epoch_end(self, epoch: int) -> None: ...
+
+
 class EpochState:
     """What one epoch accumulates, over its steps (one for full batch): kept off the nn.Module, whose
     __setattr__ is slow on a hot path."""
@@ -104,7 +114,7 @@ class TrainingModule(pl.LightningModule):
     def __init__(self, model: MLP, make_optimizer: Callable[[list], MemberOptimizer], backprop: str,
                  held_out: dict[str, Split], stops: Stops, epoch_callbacks: list[list[EpochCallback]],
                  schedules: Schedules | None = None, logged_numbers: Sequence[str] = (),
-                 sinks: Sequence[EpochSink] = ()):  # fmt: skip
+                 sinks: Sequence[EpochSink] = (), group_callbacks: Sequence[GroupCallback] = ()):  # fmt: skip
         super().__init__()
         self.automatic_optimization = False
         self.model = model
@@ -114,6 +124,7 @@ class TrainingModule(pl.LightningModule):
         self.stops = stops
         self.epoch_callbacks = epoch_callbacks
         self.sinks = list(sinks)
+        self.group_callbacks = list(group_callbacks)
         n = self.n_members = len(epoch_callbacks)
         self.with_callbacks = np.array([p for p, c in enumerate(epoch_callbacks) if c], dtype=np.int64)
         self.logged_numbers = tuple(logged_numbers)  # each row's hp/optimizer.<number>
@@ -251,6 +262,14 @@ class TrainingModule(pl.LightningModule):
             except Retire as signal:
                 self.pruned[p] = str(signal) or "retired by an epoch callback"
                 pruned[p] = True
+        for group in self.group_callbacks:
+            try:
+                group.epoch_end(self.current_epoch)
+            except Retire as signal:
+                members = np.asarray(group.members, dtype=np.int64)
+                for p in members[self.alive[members] & ~pruned[members]]:
+                    self.pruned[p] = str(signal) or "retired by an epoch callback"
+                    pruned[p] = True
         return pruned
 
     def apply_schedules(self, epoch: int) -> None:

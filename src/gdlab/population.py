@@ -16,7 +16,7 @@ from collections.abc import Sequence
 
 from omegaconf import DictConfig, OmegaConf
 
-from gdlab.config import ConfigError, Sections, check_fits, check_member
+from gdlab.config import MAX_SEED, ConfigError, Sections, check_fits, check_member
 from gdlab.members import MEMBER_KEYS, POPULATION_OPTIMIZERS, architecture_key
 
 _MISSING = object()
@@ -103,6 +103,23 @@ class Population:
                 key += f"|seed={self.members[p]['seed']}"
             groups.setdefault(key, []).append(p)
         return list(groups.values())
+
+    def replicated(self, k: int) -> Population:
+        """Each member k times in a row (gdlab.replicates): replicate r has seed + r, and `seed=...` last
+        among its overrides; member i's replicates are members i*k ... i*k + k - 1."""
+        if k == 1:
+            return self
+        bases, members, overrides = [], [], []
+        for p, member in enumerate(self.members):
+            for r in range(k):
+                seed = member["seed"] + r
+                if seed > MAX_SEED:
+                    raise ConfigError(f"seed={member['seed']} with {k} replicates reaches seed={seed}; "
+                                      f"allowed: seeds up to {MAX_SEED}")  # fmt: skip
+                bases.append(self.bases[p])
+                members.append({**member, "seed": seed})
+                overrides.append([*self.overrides[p], f"seed={seed}"])
+        return Population(bases, members, overrides)
 
     def subset(self, indices: list[int]) -> Population:
         part = Population([self.bases[i] for i in indices], [self.members[i] for i in indices],

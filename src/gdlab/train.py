@@ -23,6 +23,7 @@ from gdlab.data import SPLIT_METRICS
 from gdlab.interrupts import InterruptHandler
 from gdlab.masking import mask_saved_hydra_configs
 from gdlab.population import PopulationComposer, check_population
+from gdlab.replicates import ReplicatedResult
 from gdlab.schedules import SCHEDULABLE, SCHEDULE_SUFFIX, schedules_of
 from gdlab.tracking import (
     OUTPUT_DIR_TAG,
@@ -52,8 +53,8 @@ warnings.filterwarnings(
 
 
 def run(overrides: list[str] | None = None, output_dir: str | Path | None = None,
-        population: list | None = None, pbt: PBTSettings | None = None
-        ) -> RunResult | list[RunResult]:  # fmt: skip
+        population: list | None = None, pbt: PBTSettings | None = None, replicates: int = 1
+        ) -> RunResult | list[RunResult] | ReplicatedResult | list[ReplicatedResult]:  # fmt: skip
     """Train one run from CLI-style overrides, e.g. ``run(["dataset=xor", "optimizer.lr=0.5"])``.
 
     With `population`, a list of per-member overrides (dicts like ``{"optimizer.lr": 0.1}`` or lists
@@ -62,18 +63,28 @@ def run(overrides: list[str] | None = None, output_dir: str | Path | None = None
     with `output_dir`, member i writes to <output_dir>/member-i. With `pbt` (a `gdlab.PBTSettings`), the
     population trains with Population Based Training (gdlab.pbt): each result's history then has the
     `hp/optimizer.<number>` it trained with, and final["pbt_replay"] the overrides that replay its weights.
+
+    With `replicates=k` (gdlab.replicates), each configuration trains k times, with seeds seed, seed+1, ...,
+    seed+k-1, as members of one population; the result is a `ReplicatedResult` per configuration (its k
+    runs, their objectives, mean, standard deviation and 95% interval), one or a list as without.
     """
     from gdlab.fit import fit, fit_population
 
     overrides = list(overrides or [])
+    if isinstance(replicates, bool) or not isinstance(replicates, int) or replicates < 1:
+        raise ConfigError(f"replicates={replicates!r} must be an integer >= 1")
     if pbt is not None and population is None:
         raise ConfigError("pbt needs population=[...], a list of two or more members to train together")
-    if population is None:
+    if pbt is not None and replicates > 1:
+        raise ConfigError("replicates=k with pbt is not supported (PBT copies between members, so a "
+                          "configuration's replicates would not stay its own); use replicates=1")  # fmt: skip
+    if population is None and replicates == 1:
         cfg = validate(compose_config(overrides))
         return warn_incomplete([fit(cfg, overrides, output_dir, progress=progress_of([cfg]))])[0]
-    members = PopulationComposer(overrides)(population)
+    configurations = PopulationComposer(overrides)(population if population is not None else [{}])
+    members = configurations.replicated(replicates)
     n = len(members)
-    output_dirs = [Path(output_dir) / f"member-{i}" for i in range(n)] if output_dir else None
+    output_dirs = member_directories(output_dir, len(configurations), replicates, population is None)
     results: list = [None] * n
     groups = members.architecture_groups()
     for group in groups:  # every population is checked before any trains
@@ -90,7 +101,23 @@ def run(overrides: list[str] | None = None, output_dir: str | Path | None = None
         )
         for i, result in zip(group, trained, strict=True):
             results[i] = result
-    return warn_incomplete(results)
+    results = warn_incomplete(results)
+    if replicates == 1:
+        return results
+    seeds = members.values("seed")
+    replicated = [ReplicatedResult.of(results[i : i + replicates], seeds[i : i + replicates])
+                  for i in range(0, n, replicates)]  # fmt: skip
+    return replicated[0] if population is None else replicated
+
+
+def member_directories(output_dir, configurations: int, replicates: int, single: bool) -> list[Path] | None:
+    """<output_dir>/member-i, or with replicates <output_dir>/[member-i/]replicate-r."""
+    if not output_dir:
+        return None
+    if replicates == 1:
+        return [Path(output_dir) / f"member-{i}" for i in range(configurations)]
+    return [Path(output_dir) / ("" if single else f"member-{i}") / f"replicate-{r}"
+            for i in range(configurations) for r in range(replicates)]  # fmt: skip
 
 
 def warn_incomplete(results: list[RunResult]) -> list[RunResult]:

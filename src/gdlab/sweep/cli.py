@@ -42,6 +42,7 @@ from gdlab.sweep.spec import (
     check_population_fits,
     load_sweep,
     sampler_for_stream,
+    set_replicates,
 )
 from gdlab.sweep.study import (
     FINISHED,
@@ -98,6 +99,13 @@ def parse_args(argv):
         "gdlab_sweep.population, else 1: one trial at a time)",
     )
     parser.add_argument(
+        "--replicates",
+        type=int,
+        help="train each trial's configuration this many times, with seeds seed, seed+1, ... (the split "
+        "stays fixed); its value is their gdlab_sweep.aggregate (default: the sweep's "
+        "gdlab_sweep.replicates, else 1)",
+    )
+    parser.add_argument(
         "--exclusive",
         action="store_true",
         help="for scheduled jobs: do nothing (exit 0, a line on stderr) while another --exclusive "
@@ -126,7 +134,7 @@ def parse_args(argv):
 def check_counts(args) -> None:
     """Counts and times must be positive (and finite) before anything starts."""
     counts = {"--workers": args.workers, "--n-trials": args.n_trials, "--budget": args.budget,
-              "--population": args.population}  # fmt: skip
+              "--population": args.population, "--replicates": args.replicates}  # fmt: skip
     checks = [(option, value, "an integer >= 1") for option, value in counts.items()]
     for option, value, allowed in [*checks, ("--timeout", args.timeout, "a finite number of seconds > 0")]:
         if value is not None and not (0 < value < math.inf):
@@ -190,6 +198,8 @@ def sweep_main(argv: list[str] | None, interrupts: InterruptHandler) -> int:
             spec.population = args.population
             if spec.pbt is not None:  # PBT copies within the population: its size is part of the experiment
                 spec.signature["gdlab_sweep.population"] = json.dumps(args.population)
+        if args.replicates is not None:
+            set_replicates(spec, args.replicates, "--replicates")
         check_pbt_population(spec)
         check_population_fits(spec)
         spec.progress_every = args.progress
@@ -363,6 +373,7 @@ def start_worker(args, spec: SweepSpec, study_name: str, storage_url: str, budge
                "--study", study_name, "--budget", str(budget),
                "--heartbeat-interval", str(args.heartbeat_interval),
                "--grace-period", str(args.grace_period), "--population", str(spec.population),
+               "--replicates", str(spec.replicates),
                "--progress", str(args.progress)]  # fmt: skip
     if parent_run_id:
         command += ["--parent-run-id", parent_run_id]

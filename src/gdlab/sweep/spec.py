@@ -27,6 +27,7 @@ from optuna.distributions import CategoricalDistribution, FloatDistribution
 from gdlab.compose import VariantComposer, compose_config, search_path_override
 from gdlab.config import ConfigError, check_fits, check_number, validate
 from gdlab.pbt_rules import PBTSettings, settings_problem
+from gdlab.replicates import AGGREGATES
 from gdlab.schedules import SCHEDULABLE, SCHEDULE_SUFFIX
 from gdlab.sweep.selection import check_selection, refit_enabled
 from gdlab.sweep.signature import experiment_signature
@@ -61,6 +62,8 @@ class SweepSpec:
     composer: VariantComposer | None = field(default=None, repr=False)  # made on first use
     progress_every: float = 10.0  # seconds between progress lines in a log (gdlab-sweep --progress)
     pbt: PBTSettings | None = None  # gdlab_sweep.pbt: Population Based Training inside each population
+    replicates: int = 1  # gdlab_sweep.replicates: each trial's configuration trained with k seeds
+    aggregate: str = "mean"  # gdlab_sweep.aggregate: a trial's value from its replicates' (gdlab.replicates)
     source: str = ""  # the sweep file, as messages name it (sweeps/lr.yaml)
     edges: list = field(default_factory=list, repr=False)  # validated configs at the search space's edges
 
@@ -114,7 +117,11 @@ def load_sweep(name: str, overrides: list[str] | None = None, config_dir: Path |
     population = extra.get("population", 1)
     if isinstance(population, bool) or not isinstance(population, int) or population < 1:
         raise SweepError(f"{source}: gdlab_sweep.population={population!r} must be an integer >= 1")
-    return SweepSpec(
+    aggregate = extra.get("aggregate", "mean")
+    if aggregate not in AGGREGATES:
+        raise SweepError(f"{source}: gdlab_sweep.aggregate={aggregate!r} is not allowed; choose one of "
+                         f"{'|'.join(AGGREGATES)}")  # fmt: skip
+    spec = SweepSpec(
         name=name,
         overrides=overrides,
         task=task,
@@ -135,7 +142,26 @@ def load_sweep(name: str, overrides: list[str] | None = None, config_dir: Path |
         pbt=parse_pbt(source, extra.get("pbt"), task, distributions, pruner, custom),
         source=source,
         edges=edges,
+        aggregate=aggregate,
     )
+    set_replicates(spec, extra.get("replicates", 1), f"{source}: gdlab_sweep.replicates")
+    return spec
+
+
+def set_replicates(spec: SweepSpec, k, where: str) -> None:
+    """Each trial trains its configuration k times (seeds seed ... seed+k-1); the trial's value is the
+    aggregate of theirs, so k and the aggregate are part of the experiment (the study's signature)."""
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise SweepError(f"{where}={k!r} must be an integer >= 1")
+    if k > 1 and spec.pbt is not None:
+        raise SweepError(f"{where}={k} with gdlab_sweep.pbt is not supported (PBT copies between members, "
+                         "so a trial's replicates would not stay its own); use 1")  # fmt: skip
+    spec.replicates = k
+    spec.signature.pop("gdlab_sweep.replicates", None)
+    spec.signature.pop("gdlab_sweep.aggregate", None)
+    if k > 1:
+        spec.signature["gdlab_sweep.replicates"] = json.dumps(k)
+        spec.signature["gdlab_sweep.aggregate"] = json.dumps(spec.aggregate)
 
 
 PBT_KEYS = ("interval", "fraction", "perturb", "resample_probability", "hyperparameters", "seed")
@@ -313,7 +339,8 @@ def check_population_fits(spec: SweepSpec) -> None:
     """A population batch of the sweep's largest configuration fits in this machine's memory."""
     try:
         for cfg in spec.edges:
-            check_fits(cfg, members=spec.population, where="--population/gdlab_sweep.population: ")
+            where = "--population/gdlab_sweep.population" + (" x replicates" if spec.replicates > 1 else "")
+            check_fits(cfg, members=spec.population * spec.replicates, where=f"{where}: ")
     except ConfigError as error:
         raise SweepError(f"{spec.source}: {error}") from error
 

@@ -14,10 +14,12 @@ import dataclasses
 import math
 import sys
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
+import numpy as np
 import optuna
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 from optuna.trial import TrialState
 
@@ -26,7 +28,9 @@ from gdlab.config import validate
 from gdlab.data import SPLIT_METRICS
 from gdlab.masking import error_line, mask_passwords
 from gdlab.members import POPULATION_OPTIMIZERS, Retire, group_by_architecture
+from gdlab.population import Population
 from gdlab.progress import Progress
+from gdlab.replicates import aggregate, summarize
 from gdlab.sweep.spec import SweepError, SweepSpec
 from gdlab.sweep.study import FINISHED, Heartbeats
 from gdlab.tracking import TrackingUnavailable, trial_run_name
@@ -73,18 +77,28 @@ def chosen_config(spec: SweepSpec, trial: optuna.trial.FrozenTrial) -> tuple[Dic
 
 
 class PruningReporter:
-    """An epoch callback: report the objective every few epochs and retire a hopeless trial."""
+    """A trial's pruning, over its members (its replicates; one member without): each member's row is an
+    epoch callback (`row_callback`); once an epoch, after every row (`epoch_end`, a
+    gdlab.module.GroupCallback), the aggregate of the objective over the members that reported is reported
+    every few epochs, and when the pruner says so all of `members` retire."""
 
-    def __init__(self, trial: optuna.Trial, objective: str, every: int):
+    def __init__(self, trial: optuna.Trial, objective: str, every: int, members: Sequence[int] = (0,),
+                 aggregate: str = "mean", direction: str = "minimize"):  # fmt: skip
         self.trial, self.objective, self.every = trial, objective, every
+        self.members, self.how, self.direction = list(members), aggregate, direction
+        self.values: dict[int, float] = {}  # this epoch's objective of each member that reported
 
-    def __call__(self, row: dict) -> None:
-        epoch = row["epoch"]
-        if epoch == 0 or epoch % self.every:
-            return
-        value = row.get(self.objective, math.nan)
-        if not math.isfinite(value):
-            return  # divergence ends the run itself, as FAIL
+    def row_callback(self, member: int) -> Callable[[dict], None]:
+        def take(row: dict) -> None:
+            self.values[member] = row.get(self.objective, math.nan)
+
+        return take
+
+    def epoch_end(self, epoch: int) -> None:
+        values, self.values = [v for v in self.values.values() if math.isfinite(v)], {}
+        if epoch == 0 or epoch % self.every or not values:
+            return  # divergence ends a member itself, as FAIL
+        value = aggregate(values, self.how, self.direction)
         try:
             self.trial.report(value, epoch)
         except optuna.exceptions.UpdateFinishedTrialError:  # failed by heartbeat while this process stopped
@@ -93,17 +107,16 @@ class PruningReporter:
             raise Retire(f"pruned at epoch {epoch} ({self.objective}={value:.4g})")
 
 
-def trial_run_args(spec: SweepSpec, trial: optuna.Trial, cfg: DictConfig, output_root: Path) -> dict:
-    """What a trial's training run gets: its output directory, pruning reports and MLflow tags."""
-    return dict(
-        output_dir=output_root / f"trial-{trial.number}",
-        epoch_callbacks=[PruningReporter(trial, cfg.objective, spec.report_every)],
-        tags={
-            "optuna.study": trial.study.study_name,  # --study NAME, not the file's
-            "optuna.trial": trial.number,
-            "mlflow.runName": trial_run_name(trial.params, trial.number, cfg),
-        },  # fmt: skip
-    )
+def trial_run_args(spec: SweepSpec, trial: optuna.Trial, cfg: DictConfig, output_root: Path,
+                   replicate: int | None = None) -> dict:  # fmt: skip
+    """What a trial's training run (or one replicate's) gets: its output directory and MLflow tags."""
+    name = trial_run_name(trial.params, trial.number, cfg)
+    tags = {"optuna.study": trial.study.study_name, "optuna.trial": trial.number}  # --study NAME
+    directory = output_root / f"trial-{trial.number}"
+    if replicate is not None:
+        tags.update({"replicate": replicate, "seed": cfg.seed + replicate})
+        name, directory = f"{name} r{replicate}", directory / f"replicate-{replicate}"
+    return dict(output_dir=directory, tags={**tags, "mlflow.runName": name})
 
 
 def progress_of(spec: SweepSpec, trials: list, cfg: DictConfig) -> Progress | None:
@@ -114,21 +127,32 @@ def progress_of(spec: SweepSpec, trials: list, cfg: DictConfig) -> Progress | No
     return Progress.auto(label, names, cfg.objective, spec.direction, every=spec.progress_every)
 
 
-def record_result(trial: optuna.Trial, result) -> float:
-    """Note the run on its trial, whatever its state (optuna-dashboard shows user attributes); the
-    objective (NaN when diverged: the trial FAILs)."""
-    if result.final.get("mlflow_run_id"):
-        trial.set_user_attr("mlflow_run_id", result.final["mlflow_run_id"])
-    trial.set_user_attr("final", {key: result.final[key] for key in SPLIT_METRICS if key in result.final})
-    if "pbt_replay" in result.final:  # what replays the weights this trial ends with, and how often it copied
-        trial.set_user_attr("pbt.replay", result.final["pbt_replay"])
-        trial.set_user_attr("pbt.exploits", result.final["pbt_exploits"])
-    if result.final["diverged_at"] is not None and not result.final["pruned"]:
-        trial.set_user_attr("failure", f"loss became NaN/inf at epoch {result.final['diverged_at']}")
-    if result.final.get("record_error"):  # its record is incomplete: the trial FAILs, with the reason
-        trial.set_user_attr("failure", result.final["record_error"])
-        return math.nan
-    return result.final["objective"]
+def record_result(trial: optuna.Trial, results: list, spec: SweepSpec, seeds: list[int]) -> float:
+    """Note the trial's runs on it, whatever its state (optuna-dashboard shows user attributes); its value:
+    its one run's objective, or the aggregate of its replicates' (NaN when one diverged: the trial FAILs)."""
+    first = results[0]
+    if first.final.get("mlflow_run_id"):
+        trial.set_user_attr("mlflow_run_id", first.final["mlflow_run_id"])
+    keys = [key for key in SPLIT_METRICS if key in first.final]
+    final = {key: float(np.mean([result.final[key] for result in results])) for key in keys}
+    trial.set_user_attr("final", final)  # with replicates: the mean over them
+    if "pbt_replay" in first.final:  # what replays the weights this trial ends with, and how often it copied
+        trial.set_user_attr("pbt.replay", first.final["pbt_replay"])
+        trial.set_user_attr("pbt.exploits", first.final["pbt_exploits"])
+    objectives = [result.final["objective"] for result in results]
+    if len(results) > 1:
+        trial.set_user_attr("replicates", {"seeds": seeds, "aggregate": spec.aggregate,
+                                           **summarize(objectives).as_dict()})  # fmt: skip
+        trial.set_user_attr("mlflow_run_ids", [r.final.get("mlflow_run_id") for r in results])
+    for seed, result in zip(seeds, results, strict=True):
+        which = f"replicate seed={seed}: " if len(results) > 1 else ""
+        diverged_at = result.final["diverged_at"]
+        if diverged_at is not None and not result.final["pruned"]:
+            trial.set_user_attr("failure", f"{which}loss became NaN/inf at epoch {diverged_at}")
+        if result.final.get("record_error"):  # its record is incomplete: the trial FAILs, with the reason
+            trial.set_user_attr("failure", f"{which}{result.final['record_error']}")
+            return math.nan
+    return aggregate(objectives, spec.aggregate, spec.direction)
 
 
 def run_population_batches(spec: SweepSpec, study: optuna.Study, storage, args, budget: int,
@@ -208,33 +232,66 @@ def run_trial_batch(spec: SweepSpec, study: optuna.Study, trials: list, output_r
 
 
 def train_together(spec: SweepSpec, members: list, output_root: Path) -> list[tuple]:
-    """(value, state, error) of each (trial, cfg, overrides) of one population, trained as one model."""
+    """(value, state, error) of each (trial, cfg, overrides) of one population, trained as one model: with
+    replicates, each trial's k seeds are k consecutive members (`Population.replicated`)."""
     from gdlab.fit import fit_population
 
-    run_args = [trial_run_args(spec, trial, cfg, output_root) for trial, cfg, _ in members]
-    pbt = population_based_training(spec, [trial for trial, _, _ in members], members[0][1])
+    k, trials = spec.replicates, [trial for trial, _, _ in members]
+    cfgs, overrides = [cfg for _, cfg, _ in members], [overrides for _, _, overrides in members]
+    population = Population.from_configs(cfgs, overrides).replicated(k)
+    run_args = [trial_run_args(spec, trial, cfg, output_root, r if k > 1 else None)
+                for trial, cfg, _ in members for r in range(k)]  # fmt: skip
+    pbt = population_based_training(spec, trials, members[0][1])
+    results: list = [None] * len(population)
     try:
-        results = fit_population(
-            [cfg for _, cfg, _ in members],
-            [overrides for _, _, overrides in members],
-            output_dirs=[a["output_dir"] for a in run_args],
-            epoch_callbacks=[a["epoch_callbacks"] for a in run_args],
-            tags=[{**a["tags"], "gdlab.population": len(members)} for a in run_args],
-            progress=progress_of(spec, [trial for trial, _, _ in members], members[0][1]),
-            pbt=pbt,
-        )
+        for group in population.architecture_groups():  # one, unless mini-batch seeds split replicates
+            part = population.subset(group)
+            reporters = group_reporters(spec, members, group)
+            callbacks = [[] for _ in group]
+            for reporter in reporters:
+                for local in reporter.members:
+                    callbacks[local].append(reporter.row_callback(local))
+            trained = fit_population(
+                part,
+                output_dirs=[run_args[p]["output_dir"] for p in group],
+                epoch_callbacks=callbacks,
+                tags=[{**run_args[p]["tags"], "gdlab.population": len(group)} for p in group],
+                progress=progress_of(spec, sorted({trials[p // k] for p in group}, key=lambda t: t.number),
+                                     members[0][1]),
+                pbt=pbt,
+                group_callbacks=reporters,
+            )  # fmt: skip
+            for p, result in zip(group, trained, strict=True):
+                results[p] = result
     except TrackingUnavailable:
         raise
     except Exception as error:  # fails this population's trials only
         return [(None, None, error)] * len(members)
-    outcomes, running = [], running_trial_ids(members[0][0].study)  # one storage query for the population
-    for (trial, _, _), result in zip(members, results, strict=True):
-        if taken_from_us(trial, result, running):
+    seeds = population.values("seed")
+    outcomes, running = [], running_trial_ids(trials[0].study)  # one storage query for the population
+    for i, trial in enumerate(trials):
+        mine = results[i * k : (i + 1) * k]
+        if taken_from_us(trial, mine, running):
             outcomes.append((None, TAKEN, None))
             continue
-        value = record_result(trial, result)
-        outcomes.append((None, TrialState.PRUNED, None) if result.final["pruned"] else (value, None, None))
+        value = record_result(trial, mine, spec, seeds[i * k : (i + 1) * k])
+        pruned = any(result.final["pruned"] for result in mine)
+        outcomes.append((None, TrialState.PRUNED, None) if pruned else (value, None, None))
     return outcomes
+
+
+def group_reporters(spec: SweepSpec, members: list, group: list[int]) -> list[PruningReporter]:
+    """Each trial's pruning reporter over its replicates in `group` (population indices), by their indices
+    within the group; a trial whose replicates train apart (mini-batch seeds) is reported by none: it
+    trains to its end."""
+    k, where = spec.replicates, {p: local for local, p in enumerate(group)}
+    reporters = []
+    for i, (trial, cfg, _) in enumerate(members):
+        mine = [where.get(i * k + r) for r in range(k)]
+        if None not in mine:
+            reporters.append(PruningReporter(trial, cfg.objective, spec.report_every, mine, spec.aggregate,
+                                             spec.direction))  # fmt: skip
+    return reporters
 
 
 TAKEN = "taken"  # an outcome: the trial was failed by heartbeat meanwhile, and retried by another process
@@ -249,16 +306,18 @@ def running_trial_ids(study: optuna.Study) -> set[int]:
     return {t._trial_id for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
 
 
-def taken_from_us(trial: optuna.Trial, result, running: set[int] | None = None) -> bool:
+def taken_from_us(trial: optuna.Trial, results: list, running: set[int] | None = None) -> bool:
     """Whether another process failed this trial by heartbeat while this one was stopped (`running`: the
-    study's RUNNING trial ids, if known); then its run ends KILLED with the reason, and one line says so
-    (its retry is another trial)."""
+    study's RUNNING trial ids, if known); then its runs (one per replicate) end KILLED with the reason, and
+    one line says so (its retry is another trial)."""
     if trial._trial_id in (running if running is not None else running_trial_ids(trial.study)):
         return False
     reason = (f"trial #{trial.number} was failed by heartbeat while its process was stopped (it is retried "
               "as another trial)")  # fmt: skip
-    run_id = result.final.get("mlflow_run_id")
-    if run_id:
+    for result in results:
+        run_id = result.final.get("mlflow_run_id")
+        if not run_id:
+            continue
         from gdlab.tracking import mlflow_client, tracking_uri
 
         try:
@@ -267,9 +326,9 @@ def taken_from_us(trial: optuna.Trial, result, running: set[int] | None = None) 
             client.set_terminated(run_id, status="KILLED")
         except Exception as error:  # the store's outage: the line below still says what happened
             reason += f"; its run could not be ended: {error_line(error)}"
-    print(
-        f"gdlab-sweep: {reason}; its run ended KILLED, going on with new trials", file=sys.stderr, flush=True
-    )
+    runs = "its run" if len(results) == 1 else "its runs"
+    print(f"gdlab-sweep: {reason}; {runs} ended KILLED, going on with new trials", file=sys.stderr,
+          flush=True)  # fmt: skip
     return True
 
 
@@ -290,20 +349,34 @@ def population_based_training(spec: SweepSpec, trials: list, cfg: DictConfig):
 
 
 def train_alone(spec: SweepSpec, trial, cfg: DictConfig, overrides: list[str], output_root: Path) -> tuple:
-    """(value, state, error) of a trial whose optimizer has no population form."""
+    """(value, state, error) of a trial whose optimizer has no population form; its replicates, if any,
+    train one after another (without pruning: none of them alone is the trial's value)."""
     from gdlab.fit import fit
 
+    k, results, seeds = spec.replicates, [], []
     try:
-        result = fit(cfg, overrides, **trial_run_args(spec, trial, cfg, output_root),
-                     progress=progress_of(spec, [trial], cfg))  # fmt: skip
+        for r in range(k):
+            member, member_overrides = cfg, overrides
+            if k > 1:
+                member = OmegaConf.create(OmegaConf.to_container(cfg))
+                member.seed = cfg.seed + r
+                member_overrides = [*overrides, f"seed={member.seed}"]
+            reporter = PruningReporter(trial, cfg.objective, spec.report_every) if k == 1 else None
+            args = trial_run_args(spec, trial, cfg, output_root, r if k > 1 else None)
+            results.append(fit(member, member_overrides, **args, progress=progress_of(spec, [trial], cfg),
+                               epoch_callbacks=[reporter.row_callback(0)] if reporter else (),
+                               group_callbacks=[reporter] if reporter else ()))  # fmt: skip
+            seeds.append(member.seed)
+            if results[-1].final["pruned"]:
+                break
     except TrackingUnavailable:
         raise
     except Exception as error:
         return None, None, error
-    if taken_from_us(trial, result):
+    if taken_from_us(trial, results):
         return None, TAKEN, None
-    value = record_result(trial, result)
-    if result.final["pruned"]:
+    value = record_result(trial, results, spec, seeds)
+    if any(result.final["pruned"] for result in results):
         return None, TrialState.PRUNED, None
     return value, None, None
 

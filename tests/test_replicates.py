@@ -1,0 +1,153 @@
+"""Replicates: a configuration trained with seeds seed, seed+1, ... as members of one population."""
+
+import csv
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import optuna
+import pytest
+from scipy import stats
+
+import gdlab
+from gdlab.config import ConfigError
+from gdlab.replicates import aggregate, summarize
+
+MOONS = ["dataset=moons", "dataset.n_samples=120", "dataset.val_size=0.25", "model.depth=2", "model.width=6",
+         "objective=val/loss", "trainer.max_epochs=25", "tracking=none"]  # fmt: skip
+MODES = {
+    "gd": ["optimizer=gd", "optimizer.lr=0.5"],
+    "gd manual": ["optimizer=gd", "optimizer.lr=0.5", "backprop=manual"],
+    "armijo forward": ["optimizer=backtracking", "optimizer.lr=1.0"],
+    "armijo forward_backward manual": [
+        "optimizer=backtracking",
+        "optimizer.lr=1.0",
+        "backprop=manual",
+        "optimizer.trial_eval=forward_backward",
+    ],  # fmt: skip
+    "adam": ["optimizer=adam", "optimizer.lr=0.01"],
+    "adam manual": ["optimizer=adam", "optimizer.lr=0.01", "backprop=manual"],
+}
+COMPARED = ["train/loss", "train/acc", "val/loss", "test/loss", "grad_norm", "step", "evals/total"]
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_replicate_equals_its_seed_trained_alone(mode):
+    overrides = [*MOONS, *MODES[mode], "seed=7"]
+    replicated = gdlab.run(overrides, replicates=3)
+    assert replicated.seeds == [7, 8, 9]
+    for seed, run in zip(replicated.seeds, replicated.runs, strict=True):
+        alone = gdlab.run([*overrides, f"seed={seed}"])
+        assert len(run.history) == len(alone.history) == 25
+        for column in COMPARED:
+            np.testing.assert_allclose(run.history[column], alone.history[column], rtol=0, atol=1e-8,
+                                       err_msg=f"{mode} seed {seed} {column}")  # fmt: skip
+        assert run.final["objective"] == pytest.approx(alone.final["objective"], abs=1e-8)
+    assert len(set(replicated.values)) == 3  # the seeds do differ
+    assert replicated.mean == pytest.approx(np.mean(replicated.values))
+    low, high = stats.t.interval(0.95, 2, loc=np.mean(replicated.values), scale=stats.sem(replicated.values))
+    assert replicated.interval == pytest.approx((low, high))
+
+
+def test_a_population_of_configurations_each_replicated():
+    population = [{"optimizer.lr": 0.1}, {"optimizer.lr": 1.0}]
+    results = gdlab.run([*MOONS, *MODES["gd"], "seed=3"], population=population, replicates=2)
+    assert [r.seeds for r in results] == [[3, 4], [3, 4]]
+    for member, replicated in zip(population, results, strict=True):
+        for seed, run in zip(replicated.seeds, replicated.runs, strict=True):
+            alone = gdlab.run(
+                [*MOONS, *MODES["gd"], f"optimizer.lr={member['optimizer.lr']}", f"seed={seed}"]
+            )
+            assert run.final["objective"] == pytest.approx(alone.final["objective"], abs=1e-8)
+
+
+@pytest.mark.parametrize("value", [0, -1, 1.5, True, "2"])
+def test_replicates_must_be_a_positive_integer(value):
+    with pytest.raises(ConfigError, match=f"replicates={value!r} must be an integer >= 1"):
+        gdlab.run(MOONS, replicates=value)
+
+
+def test_aggregates_and_their_summary():
+    values = [0.3, 0.1, 0.2, 0.9]
+    assert aggregate(values, "mean", "minimize") == pytest.approx(0.375)
+    assert aggregate(values, "median", "minimize") == pytest.approx(0.25)
+    assert aggregate(values, "worst", "minimize") == 0.9
+    assert aggregate(values, "worst", "maximize") == 0.1
+    assert math.isnan(aggregate([0.1, math.nan], "median", "minimize"))  # a diverged replicate: no value
+    summary = summarize(values)
+    assert summary.std == pytest.approx(np.std(values, ddof=1))
+    low, high = stats.t.interval(0.95, len(values) - 1, loc=np.mean(values), scale=stats.sem(values))
+    assert (summary.low, summary.high) == pytest.approx((low, high))
+    assert math.isnan(summarize([0.5]).std)
+
+
+def sweep(cwd: Path, *args: str) -> subprocess.CompletedProcess:
+    env = {
+        k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "GDLAB_MLFLOW_PARENT_RUN_ID")
+    }
+    command = [str(Path(sys.executable).with_name("gdlab-sweep")), "lr", "--storage", f"sqlite:///{cwd}/o.db",
+               "--progress", "0", "tracking=none", "dataset.n_samples=120", *args]  # fmt: skip
+    return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+
+
+def history_rows(path: Path) -> list[dict]:
+    with path.open() as file:
+        return list(csv.DictReader(file))
+
+
+def test_a_sweep_trial_is_the_aggregate_of_its_replicates_each_as_if_alone(tmp_path):
+    proc = sweep(tmp_path, "--replicates", "3", "--population", "2", "--budget", "2", "--n-trials", "2",
+                 "--no-refit", "trainer.max_epochs=20", "+gdlab_sweep.aggregate=median")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    study = optuna.load_study(study_name="lr", storage=f"sqlite:///{tmp_path}/o.db")
+    assert [t.state for t in study.trials] == [optuna.trial.TrialState.COMPLETE] * 2
+    for trial in study.trials:
+        replicates = trial.user_attrs["replicates"]
+        assert replicates["seeds"] == [42, 43, 44] and replicates["aggregate"] == "median"
+        assert trial.value == pytest.approx(float(np.median(replicates["values"])))
+        for r, value in enumerate(replicates["values"]):
+            folder = tmp_path / "outputs" / "sweeps" / "lr" / f"trial-{trial.number}" / f"replicate-{r}"
+            overrides = (folder / "overrides.txt").read_text().split()
+            assert overrides[-1] == f"seed={42 + r}"
+            alone = gdlab.run([*overrides, "tracking=none"])
+            assert value == pytest.approx(alone.final["objective"], abs=1e-8)
+            assert len(history_rows(folder / "history.csv")) == 20
+
+
+def test_a_pruned_trial_stops_all_its_replicates_at_once(tmp_path):
+    proc = sweep(tmp_path, "--replicates", "3", "--population", "2", "--budget", "2", "--n-trials", "2",
+                 "--no-refit", "trainer.max_epochs=60", "gdlab_sweep.report_every=5",
+                 "gdlab_sweep.pruner._target_=optuna.pruners.ThresholdPruner",
+                 "+gdlab_sweep.pruner.upper=0.0")  # every report is above it  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    study = optuna.load_study(study_name="lr", storage=f"sqlite:///{tmp_path}/o.db")
+    assert [t.state for t in study.trials] == [optuna.trial.TrialState.PRUNED] * 2
+    for trial in study.trials:
+        at_epoch_5 = []
+        for r in range(3):
+            folder = tmp_path / "outputs" / "sweeps" / "lr" / f"trial-{trial.number}" / f"replicate-{r}"
+            rows = history_rows(folder / "history.csv")
+            assert [int(row["epoch"]) for row in rows] == list(range(6))  # epochs 0..5, then retired
+            at_epoch_5.append(float(rows[5]["val/loss"]))
+        assert len(set(at_epoch_5)) == 3
+        # one report, at epoch 5: the mean (the default aggregate) of the replicates' objectives there
+        assert trial.intermediate_values == pytest.approx({5: np.mean(at_epoch_5)}, abs=1e-12)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--replicates", "0"], "--replicates=0 is not allowed; use an integer >= 1"),
+        (["+gdlab_sweep.replicates=0"], "sweeps/lr.yaml: gdlab_sweep.replicates=0 must be an integer >= 1"),
+        (["+gdlab_sweep.replicates=two"], "sweeps/lr.yaml: gdlab_sweep.replicates='two' must be an integer"),
+        (["+gdlab_sweep.aggregate=best"],
+         "sweeps/lr.yaml: gdlab_sweep.aggregate='best' is not allowed; choose one of mean|median|worst"),
+    ],
+)  # fmt: skip
+def test_bad_replicate_settings_are_one_line(refused, tmp_path, args, message):
+    code, err = refused("lr", *args, "tracking=none")
+    assert code == 2
+    assert err.strip().splitlines() == [err.strip()] and err.startswith(f"gdlab-sweep: error: {message}"), err
