@@ -126,13 +126,16 @@ def check_member(sections: dict) -> None:
     check_number(view, "trainer.stop_loss", 0, optional=True)
     check_number(view, "trainer.max_evals", 1, integer=True, optional=True)
     check_number(view, "seed", 0, MAX_SEED, integer=True)
+    folds = sections.get("dataset", {}).get("cv_folds")
+    if folds:
+        check_number(view, "dataset.cv_fold", 0, folds - 1, integer=True)
 
 
 def objective_metrics(dataset) -> tuple[str, ...]:
     """The metrics a run with this dataset measures: train, val (val_size > 0), test (test_size > 0)."""
     return (
         TRAIN_METRICS
-        + (VAL_METRICS if (dataset.get("val_size") or 0) > 0 else ())
+        + (VAL_METRICS if (dataset.get("val_size") or 0) > 0 or dataset.get("cv_folds") else ())
         + (TEST_METRICS if dataset.test_size > 0 else ())
     )
 
@@ -170,6 +173,7 @@ def _check_dataset(cfg) -> None:
     rows = dataset_rows(cfg.dataset)
     n_test = math.ceil(test_size * rows)  # scikit-learn's train_test_split rounds it up
     n_val = math.ceil(val_size * rows)
+    _check_folds(cfg, rows - n_test)
     if rows - n_test < 1:
         raise ConfigError(
             f"dataset.test_size={test_size} leaves no training rows of the {rows} in "
@@ -181,6 +185,24 @@ def _check_dataset(cfg) -> None:
             f"has {rows - n_test} rows outside its test split, and training needs at least one; use a "
             "smaller dataset.val_size or more rows"
         )
+
+
+MAX_FOLDS = 100
+
+
+def _check_folds(cfg, non_test_rows: int) -> None:
+    """dataset.cv_folds (null, or k folds of the non-test rows) and dataset.cv_fold (the validating one)."""
+    folds = cfg.dataset.get("cv_folds")
+    if folds is None:
+        return
+    check_number(cfg, "dataset.cv_folds", 2, MAX_FOLDS, integer=True)
+    check_number(cfg, "dataset.cv_fold", 0, folds - 1, integer=True)
+    if cfg.dataset.val_size > 0:
+        raise ConfigError(f"dataset.val_size={cfg.dataset.val_size} with dataset.cv_folds={folds}: the folds "
+                          "are the validation rows; set dataset.val_size=0")  # fmt: skip
+    if non_test_rows < folds:
+        raise ConfigError(f"dataset.cv_folds={folds} needs at least {folds} non-test rows; "
+                          f"dataset={cfg.dataset.name} has {non_test_rows}")  # fmt: skip
 
 
 def dataset_rows(dataset) -> int:

@@ -20,9 +20,10 @@ SPLIT_METRICS = tuple(f"{split}/{metric}" for split in ("train", "val", "test") 
 
 @dataclass
 class Split:
-    X: Tensor  # (N, n_features)
+    X: Tensor  # (N, n_features); (P, N, n_features) when each member standardizes on its own rows
     T: Tensor  # targets shaped like the logits (see model.encode_targets)
     y: np.ndarray  # class indices, for plots and reports
+    weights: Tensor | None = None  # (P, N, 1): each member's rows, summing to 1 (k-fold); None: all rows
 
     def __len__(self) -> int:
         return self.X.shape[0]
@@ -78,15 +79,40 @@ def split_rows(cfg, y: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     from sklearn.model_selection import train_test_split
 
     rows = np.arange(len(y))
-    rest, test = rows, rows[:0]
-    if cfg.test_size > 0:
-        rest, test = train_test_split(rows, test_size=cfg.test_size, random_state=cfg.random_state)
+    rest, test = non_test_rows(cfg, len(y))
     train, val = rest, rows[:0]
+    if cfg.get("cv_folds"):  # fold cv_fold of the non-test rows validates, the others train
+        train_folds, val_folds = fold_rows(cfg, rest, y)
+        return train_folds[cfg.cv_fold], val_folds[cfg.cv_fold], test
     val_size = cfg.get("val_size") or 0
     if val_size > 0:
         n_val = math.ceil(val_size * len(rows))
         train, val = train_test_split(rest, test_size=n_val, random_state=cfg.random_state)
     return train, val, test
+
+
+def non_test_rows(cfg, n_rows: int) -> tuple[np.ndarray, np.ndarray]:
+    """(the rows outside the test split, the test rows): the test part split off first."""
+    from sklearn.model_selection import train_test_split
+
+    rows = np.arange(n_rows)
+    if cfg.test_size > 0:
+        return tuple(train_test_split(rows, test_size=cfg.test_size, random_state=cfg.random_state))
+    return rows, rows[:0]
+
+
+def fold_rows(cfg, rest: np.ndarray, y: np.ndarray) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """(training rows, validation rows) of each of cfg.cv_folds folds of the non-test rows `rest`:
+    scikit-learn's StratifiedKFold where every class has a row in each fold, else KFold; shuffled with
+    cfg.random_state. The folds are disjoint and together are `rest`."""
+    from sklearn.model_selection import KFold, StratifiedKFold
+
+    _, counts = np.unique(y[rest], return_counts=True)
+    stratify = counts.min() >= cfg.cv_folds
+    kind = StratifiedKFold if stratify else KFold
+    splitter = kind(n_splits=cfg.cv_folds, shuffle=True, random_state=cfg.random_state)
+    pairs = list(splitter.split(rest, y[rest]))
+    return [rest[train] for train, _ in pairs], [rest[val] for _, val in pairs]
 
 
 def load_dataset(cfg, encode_targets, dtype: torch.dtype) -> Dataset:
@@ -108,6 +134,46 @@ def load_dataset(cfg, encode_targets, dtype: torch.dtype) -> Dataset:
         train=split(train),
         val=split(val),
         test=split(test),
+        n_features=X.shape[1],
+        n_classes=N_CLASSES[cfg.name],
+    )
+
+
+def load_folds(cfg, folds: list[int], encode_targets, dtype: torch.dtype) -> Dataset:
+    """A population whose members validate on different folds (member p on fold `folds[p]`), as one
+    dataset: every non-test row once, in `train` and in `val`, with weights that give member p's loss
+    its training rows and its validation metrics its fold; X standardized per member on its own training
+    rows, exactly as `load_dataset` does for that member alone."""
+    from sklearn.preprocessing import StandardScaler
+
+    X, y = make_arrays(cfg)
+    train, test = non_test_rows(cfg, len(y))
+    train_folds, val_folds = fold_rows(cfg, train, y)
+    position = {row: i for i, row in enumerate(train)}
+
+    def member_rows(rows_of_fold: list[np.ndarray]) -> Tensor:
+        weights = np.zeros((len(folds), len(train), 1))
+        for p, fold in enumerate(folds):
+            rows = [position[row] for row in rows_of_fold[fold]]
+            weights[p, rows] = 1.0 / len(rows)
+        return torch.as_tensor(weights, dtype=dtype)
+
+    def scaled(rows) -> Tensor:
+        per_fold = []
+        for fold_train in train_folds:
+            part = StandardScaler().fit(X[fold_train]).transform(X[rows]) if cfg.standardize else X[rows]
+            per_fold.append(torch.as_tensor(part, dtype=dtype))
+        return torch.stack(per_fold)[torch.as_tensor(folds)]  # (P, N, n_features)
+
+    def targets(rows) -> Tensor:
+        return encode_targets(torch.as_tensor(y[rows], dtype=torch.long), dtype)
+
+    X_train = scaled(train)
+    return Dataset(
+        name=cfg.name,
+        train=Split(X_train, targets(train), y[train], member_rows(train_folds)),
+        val=Split(X_train, targets(train), y[train], member_rows(val_folds)),
+        test=Split(scaled(test), targets(test), y[test]) if len(test) else None,
         n_features=X.shape[1],
         n_classes=N_CLASSES[cfg.name],
     )

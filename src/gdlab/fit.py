@@ -25,7 +25,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from gdlab.artifacts import HistoryFiles, write_history, write_run_outputs
-from gdlab.data import N_CLASSES, Dataset, load_dataset, make_loader
+from gdlab.data import N_CLASSES, Dataset, load_dataset, load_folds, make_loader
 from gdlab.interrupts import interruption_reason
 from gdlab.masking import mask_passwords, masked_config_yaml
 from gdlab.model import MLP, draw_layer, encode_targets, initialize, layer_sizes
@@ -90,6 +90,18 @@ def load_data(cfg: DictConfig) -> Dataset:
     head, n_classes = cfg.model.head, N_CLASSES[cfg.dataset.name]
     encode = lambda y, dtype: encode_targets(y, head, n_classes, dtype)  # noqa: E731
     return load_dataset(cfg.dataset, encode, DTYPES[cfg.trainer.precision])
+
+
+def load_population_data(population: Population) -> Dataset:
+    """The population's data: its shared config's, or, where members validate on different folds, one
+    dataset with each member's own rows (gdlab.data.load_folds)."""
+    folds = population.folds()
+    if folds is None:
+        return load_data(population.shared)
+    cfg = population.shared
+    head, n_classes = cfg.model.head, N_CLASSES[cfg.dataset.name]
+    encode = lambda y, dtype: encode_targets(y, head, n_classes, dtype)  # noqa: E731
+    return load_folds(cfg.dataset, folds, encode, DTYPES[cfg.trainer.precision])
 
 
 def model_sizes(cfg: DictConfig, data: Dataset) -> list[int]:
@@ -220,7 +232,7 @@ def fit_population(
     n, first = len(population), population.shared
     overrides = population.overrides
     callbacks = [list(c) for c in epoch_callbacks] if epoch_callbacks else [[] for _ in range(n)]
-    data = load_data(first)
+    data = load_population_data(population)
     model = init_population(population, data)
     stops = Stops(
         loss=[-math.inf if v is None else v for v in population.values("trainer.stop_loss")],
@@ -237,7 +249,7 @@ def fit_population(
     sinks = [history_files, run_epochs]
     module = TrainingModule(model, optimizer_factory(population), first.backprop, data.evaluation_splits(),
                             stops, callbacks, schedules, logged_numbers, sinks,
-                            group_callbacks or ())  # fmt: skip
+                            group_callbacks or (), data.train.weights)  # fmt: skip
     loader = make_loader(data.train, first.optimizer.get("batch_size"), first.seed)
     ending, reason, started = "FAILED", None, time.perf_counter()
     try:
@@ -351,13 +363,16 @@ def final_metrics(model: MLP, data: Dataset) -> dict[str, list]:
     for name, split in {"train": data.train, **data.evaluation_splits()}.items():
         device = model.layers[0][0].device
         Z = model(split.X.to(device))
-        T = split.T.to(device)
-        measured += [model.loss(Z, T).double().reshape(n), model.accuracy(Z, T).double().reshape(n)]
-        names += [(name, len(split))]
+        T, weights = split.T.to(device), split.weights
+        weights = weights.to(device) if weights is not None else None
+        measured += [model.loss(Z, T, weights).double().reshape(n),
+                     model.accuracy(Z, T, weights).double().reshape(n)]  # fmt: skip
+        rows = [len(split)] * n if weights is None else (weights > 0).sum(dim=(1, 2)).tolist()
+        names += [(name, rows)]
     values = torch.stack(measured).cpu().tolist()
     final: dict[str, list] = {}
     for i, (name, rows) in enumerate(names):
-        final[f"rows/{name}"] = [rows] * n
+        final[f"rows/{name}"] = rows
         final[f"{name}/loss"], final[f"{name}/acc"] = values[2 * i], values[2 * i + 1]
     return final
 

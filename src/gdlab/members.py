@@ -17,7 +17,7 @@ POPULATION_OPTIMIZERS = ("gd", "sgd", "momentum", "backtracking", "adam", "polya
 MEMBER_KEYS = ("seed", "init", "optimizer.lr", "optimizer.momentum", "optimizer.c", "optimizer.beta",
                "optimizer.growth", "optimizer.lr_max", "optimizer.lr_min", "optimizer.max_backtracks",
                "optimizer.tiny_step", "optimizer.f_star", "optimizer.step_max", "optimizer.step_min",
-               "optimizer.c_step", "trainer.stop_loss", "trainer.max_evals")  # fmt: skip
+               "optimizer.c_step", "trainer.stop_loss", "trainer.max_evals", "dataset.cv_fold")  # fmt: skip
 MEMBER_KEYS = MEMBER_KEYS + SCHEDULE_KEYS
 
 
@@ -31,12 +31,13 @@ class Retire(Exception):  # noqa: N818 (a signal, not an error)
 def architecture_key(cfg: DictConfig) -> str:
     """What members of one population must share: the config without its member keys.
 
-    With mini-batches the batch order comes from the seed, so then the seed is shared too.
+    With mini-batches the batch order comes from the seed, and batches are cut from one set of rows, so
+    then the seed and the validation fold are shared too.
     """
     shared = OmegaConf.to_container(cfg, resolve=True)
     minibatch = cfg.optimizer.get("batch_size") is not None
     for key in MEMBER_KEYS:
-        if key == "seed" and minibatch:
+        if key in ("seed", "dataset.cv_fold") and minibatch:
             continue
         parent, _, leaf = key.rpartition(".")
         (shared[parent] if parent else shared).pop(leaf, None)

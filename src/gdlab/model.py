@@ -41,31 +41,45 @@ def encode_targets(y: Tensor, head: str, n_classes: int, dtype: torch.dtype) -> 
     return F.one_hot(y, n_classes).to(dtype)
 
 
-def compute_loss(Z: Tensor, T: Tensor, head: str, loss: str) -> Tensor:
-    """Mean loss over the batch (one per member for a population). bce and ce work on the logits."""
+def compute_loss(Z: Tensor, T: Tensor, head: str, loss: str, weights: Tensor | None = None) -> Tensor:
+    """Mean loss over the batch (one per member for a population). bce and ce work on the logits.
+
+    With `weights` (P, N, 1): each member's own rows (k-fold cross-validation), as weights that sum to 1
+    over its rows and are 0 elsewhere: its loss is the mean over its rows only."""
     if loss == "bce":
-        return F.binary_cross_entropy_with_logits(Z, T.expand_as(Z), reduction="none").mean(dim=(-2, -1))
-    if loss == "ce":
-        return -(T * torch.log_softmax(Z, dim=-1)).sum(dim=-1).mean(dim=-1)
-    return ((head_output(Z, head) - T) ** 2).mean(dim=(-2, -1))  # mse: 1/n sum (y - y_hat)^2, lab 000
+        per_output = F.binary_cross_entropy_with_logits(Z, T.expand_as(Z), reduction="none")
+    elif loss == "ce":
+        per_row = -(T * torch.log_softmax(Z, dim=-1)).sum(dim=-1)
+        return per_row.mean(dim=-1) if weights is None else (per_row * weights.squeeze(-1)).sum(dim=-1)
+    else:
+        per_output = (head_output(Z, head) - T) ** 2  # mse: 1/n sum (y - y_hat)^2, lab 000
+    if weights is None:
+        return per_output.mean(dim=(-2, -1))
+    return (per_output.mean(dim=-1, keepdim=True) * weights).sum(dim=(-2, -1))
 
 
-def output_delta(Z: Tensor, T: Tensor, head: str, loss: str) -> Tensor:
-    """dZ at the last layer: the derivative of ``compute_loss`` with respect to the logits."""
+def output_delta(Z: Tensor, T: Tensor, head: str, loss: str, weights: Tensor | None = None) -> Tensor:
+    """dZ at the last layer: the derivative of ``compute_loss`` with respect to the logits (each row's
+    share of the mean is 1/n, or its weight)."""
     Y_hat = head_output(Z, head)
     n_rows, n_outputs = Z.shape[-2:]
     if loss in ("bce", "ce"):
-        return (Y_hat - T) / n_rows
-    dY_hat = 2 * (Y_hat - T) / (n_rows * n_outputs)
+        return (Y_hat - T) / n_rows if weights is None else (Y_hat - T) * weights
+    if weights is None:
+        dY_hat = 2 * (Y_hat - T) / (n_rows * n_outputs)
+    else:  # each row's share of the mean is its weight
+        dY_hat = 2 * (Y_hat - T) * weights / n_outputs
     if head == "sigmoid":
         return dY_hat * Y_hat * (1 - Y_hat)
     return Y_hat * (dY_hat - (dY_hat * Y_hat).sum(dim=-1, keepdim=True))  # softmax Jacobian
 
 
-def accuracy(Z: Tensor, T: Tensor, head: str) -> Tensor:
+def accuracy(Z: Tensor, T: Tensor, head: str, weights: Tensor | None = None) -> Tensor:
     if head == "sigmoid":
-        return ((Z > 0).to(T.dtype) == T).to(Z.dtype).mean(dim=(-2, -1))
-    return T.expand_as(Z).gather(-1, Z.argmax(dim=-1, keepdim=True)).mean(dim=(-2, -1))  # T is one-hot
+        correct = ((Z > 0).to(T.dtype) == T).to(Z.dtype)
+    else:
+        correct = T.expand_as(Z).gather(-1, Z.argmax(dim=-1, keepdim=True))  # T is one-hot
+    return correct.mean(dim=(-2, -1)) if weights is None else (correct * weights).sum(dim=(-2, -1))
 
 
 class MLP(nn.Module):
@@ -102,29 +116,32 @@ class MLP(nn.Module):
             A = A_next
         return Z
 
-    def loss(self, Z: Tensor, T: Tensor) -> Tensor:
-        return compute_loss(Z, T, self.head, self.loss_name)
+    def loss(self, Z: Tensor, T: Tensor, weights: Tensor | None = None) -> Tensor:
+        return compute_loss(Z, T, self.head, self.loss_name, weights)
 
-    def accuracy(self, Z: Tensor, T: Tensor) -> Tensor:
-        return accuracy(Z, T, self.head)
+    def accuracy(self, Z: Tensor, T: Tensor, weights: Tensor | None = None) -> Tensor:
+        return accuracy(Z, T, self.head, weights)
 
     def predict_proba(self, X: Tensor) -> Tensor:
         with torch.no_grad():
             return head_output(self(X), self.head)
 
-    def backward(self, cache: list, T: Tensor, dloss: Tensor | None = None) -> list[tuple[Tensor, Tensor]]:
+    def backward(self, cache: list, T: Tensor, dloss: Tensor | None = None,
+                 weights: Tensor | None = None) -> list[tuple[Tensor, Tensor]]:  # fmt: skip
         """Hand-written backpropagation: [(dW, db)] per layer, from the forward `cache`.
 
         `dloss` is the upstream gradient per member (autograd's ones for ``losses.sum()``); the chain
-        is linear in dZ, so it scales dZ once at the output layer."""
+        is linear in dZ, so it scales dZ once at the output layer. `weights`: each member's rows, as in
+        `compute_loss`."""
         layers = self.layers
         one_member = layers[0][0].dim() == 3 and layers[0][0].shape[0] == 1
         if one_member:  # the same math on 2D views: a matmul is cheaper than a batch-of-one bmm
             cache = [tuple(t[0] if t.dim() == 3 else t for t in entry) for entry in cache]
             layers = [(W[0], b[0]) for W, b in layers]
+            weights = weights[0] if weights is not None else None
         _, g_prime = ACTIVATIONS[self.activation]
         _, Z_L, _ = cache[-1]
-        dZ = output_delta(Z_L, T, self.head, self.loss_name)
+        dZ = output_delta(Z_L, T, self.head, self.loss_name, weights)
         if dloss is not None:
             dZ = dZ * (dloss.reshape(()) if one_member else per_member(dloss, dZ))
         grads = [None] * self.n_layers
@@ -142,9 +159,9 @@ class MLP(nn.Module):
             grads = [(dW.unsqueeze(0), db.unsqueeze(0)) for dW, db in grads]
         return grads
 
-    def manual_loss(self, X: Tensor, T: Tensor) -> tuple[Tensor, Tensor]:
+    def manual_loss(self, X: Tensor, T: Tensor, weights: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """(loss, logits) whose gradient comes from `backward`, not from autograd's graph."""
-        return ManualBackprop.apply(self, X, T, *self.parameters())
+        return ManualBackprop.apply(self, X, T, weights, *self.parameters())
 
     def grad_norms(self) -> Tensor:
         """[|dW1|, |db1|, |dW2|, ...] per member from the current .grad: (2 * layers, P)."""
@@ -180,18 +197,18 @@ class ManualBackprop(torch.autograd.Function):
     """Routes the hand-written gradients into `.grad`, so both gradient modes share one training loop."""
 
     @staticmethod
-    def forward(ctx, model: MLP, X: Tensor, T: Tensor, *params: Tensor):
+    def forward(ctx, model: MLP, X: Tensor, T: Tensor, weights: Tensor | None, *params: Tensor):
         cache: list = []
         Z = model.forward(X, cache)
-        ctx.model, ctx.cache, ctx.T = model, cache, T
+        ctx.model, ctx.cache, ctx.T, ctx.weights = model, cache, T, weights
         ctx.mark_non_differentiable(Z)
-        return model.loss(Z, T), Z
+        return model.loss(Z, T, weights), Z
 
     @staticmethod
     def backward(ctx, dloss: Tensor, _dZ: Tensor):
-        grads = ctx.model.backward(ctx.cache, ctx.T, dloss)
+        grads = ctx.model.backward(ctx.cache, ctx.T, dloss, ctx.weights)
         # parameters() yields W1, b1, W2, b2, ... (registration order)
-        return (None, None, None, *(d for layer in grads for d in layer))
+        return (None, None, None, None, *(d for layer in grads for d in layer))
 
 
 def affine(A: Tensor, W: Tensor, b: Tensor) -> Tensor:

@@ -114,7 +114,8 @@ class TrainingModule(pl.LightningModule):
     def __init__(self, model: MLP, make_optimizer: Callable[[list], MemberOptimizer], backprop: str,
                  held_out: dict[str, Split], stops: Stops, epoch_callbacks: list[list[EpochCallback]],
                  schedules: Schedules | None = None, logged_numbers: Sequence[str] = (),
-                 sinks: Sequence[EpochSink] = (), group_callbacks: Sequence[GroupCallback] = ()):  # fmt: skip
+                 sinks: Sequence[EpochSink] = (), group_callbacks: Sequence[GroupCallback] = (),
+                 train_weights: Tensor | None = None):  # fmt: skip
         super().__init__()
         self.automatic_optimization = False
         self.model = model
@@ -136,7 +137,8 @@ class TrainingModule(pl.LightningModule):
         self.alive = np.ones(n, dtype=bool)
         self.kept: list[Tensor] | None = None  # the retired members' weights, as they were (stacked)
         self.retired_mask: Tensor | None = None
-        self.held_out_on_device: dict[str, tuple[Tensor, Tensor]] = {}
+        self.held_out_on_device: dict[str, tuple[Tensor, Tensor, Tensor | None]] = {}
+        self.train_weights = train_weights  # each member's training rows (k-fold), None: all rows
         self.epoch = EpochState()
         self.started = 0.0
         self.schedule_changes = schedule_changes(schedules or {})
@@ -162,8 +164,10 @@ class TrainingModule(pl.LightningModule):
         return self.make_optimizer(list(self.model.parameters()))
 
     def on_fit_start(self) -> None:
-        self.held_out_on_device = {name: (split.X.to(self.device), split.T.to(self.device))
+        self.held_out_on_device = {name: (split.X.to(self.device), split.T.to(self.device),
+                                          on(split.weights, self.device))
                                    for name, split in self.held_out.items()}  # fmt: skip
+        self.train_weights = on(self.train_weights, self.device)
         # Running totals of the history's own columns: kept beside the table, on the host.
         self.counts = np.zeros((3, self.n_members))  # as COUNTS names them
         self.stop_loss = np.asarray(self.stops.loss, dtype=np.float64)
@@ -178,26 +182,27 @@ class TrainingModule(pl.LightningModule):
         if self.current_epoch in self.schedule_changes:
             self.apply_schedules(self.current_epoch)
         with torch.no_grad():
-            for X, T in self.held_out_on_device.values():
-                Z = self.model(X)
-                self.epoch.held_out_metrics += [self.model.loss(Z, T), self.model.accuracy(Z, T)]
+            model = self.model
+            for X, T, weights in self.held_out_on_device.values():
+                Z = model(X)
+                self.epoch.held_out_metrics += [model.loss(Z, T, weights), model.accuracy(Z, T, weights)]
 
     def training_step(self, batch, batch_idx):
         X, T = batch
         opt = self.optimizers()
-        model = self.model
+        model, weights = self.model, self.train_weights
 
         def closure() -> Evaluation:
             if not torch.is_grad_enabled():  # a line-search trial: forward only
-                return Evaluation(model.loss(model(X), T))
+                return Evaluation(model.loss(model(X), T, weights))
             opt.zero_grad()
             if self.manual:
-                losses, Z = model.manual_loss(X, T)
+                losses, Z = model.manual_loss(X, T, weights)
             else:
                 Z = model(X)
-                losses = model.loss(Z, T)
+                losses = model.loss(Z, T, weights)
             self.manual_backward(losses.sum())  # each member's gradient is that of its own loss
-            return Evaluation(losses.detach(), model.accuracy(Z.detach(), T), model.grad_norms())
+            return Evaluation(losses.detach(), model.accuracy(Z.detach(), T, weights), model.grad_norms())
 
         self.epoch.add_step(opt.step(closure=closure), X.shape[0])
 
@@ -353,6 +358,10 @@ class TrainingModule(pl.LightningModule):
         if counts is None:  # training never started
             return np.zeros(self.n_members, dtype=np.int64)
         return counts[COUNTS.index(name)].astype(np.int64)
+
+
+def on(tensor: Tensor | None, device) -> Tensor | None:
+    return None if tensor is None else tensor.to(device)
 
 
 def as_float64(tensor: Tensor) -> Tensor:

@@ -25,12 +25,13 @@ _PLAIN = (int, float, bool)
 
 def member_sections(container: dict) -> dict:
     """The parts of a plain config container a member's own values live in (seed, init, optimizer,
-    trainer), copied one level deep so a member's values can be set on them."""
+    trainer, dataset: its validation fold), copied one level deep so a member's values can be set on them."""
     return {
         "seed": container["seed"],
         "init": dict(container["init"]),
         "optimizer": dict(container["optimizer"]),
         "trainer": dict(container["trainer"]),
+        "dataset": dict(container["dataset"]),
     }
 
 
@@ -99,8 +100,8 @@ class Population:
             key = keys.get(id(base))
             if key is None:
                 key = keys[id(base)] = architecture_key(base)
-            if minibatch:  # the seed orders the batches: members with different seeds train apart
-                key += f"|seed={self.members[p]['seed']}"
+            if minibatch:  # the seed orders the batches, cut from one fold's rows: such members train apart
+                key += f"|seed={self.members[p]['seed']}|fold={self.members[p]['dataset'].get('cv_fold')}"
             groups.setdefault(key, []).append(p)
         return list(groups.values())
 
@@ -120,6 +121,23 @@ class Population:
                 members.append({**member, "seed": seed})
                 overrides.append([*self.overrides[p], f"seed={seed}"])
         return Population(bases, members, overrides)
+
+    def folded(self, k: int) -> Population:
+        """Each member k times in a row, validating on folds 0 .. k-1 of dataset.cv_folds=k (which the
+        members' config must already set); member i's folds are members i*k ... i*k + k - 1."""
+        bases, members, overrides = [], [], []
+        for p, member in enumerate(self.members):
+            for fold in range(k):
+                bases.append(self.bases[p])
+                members.append({**member, "dataset": {**member["dataset"], "cv_fold": fold}})
+                overrides.append([*self.overrides[p], f"dataset.cv_fold={fold}"])
+        return Population(bases, members, overrides)
+
+    def folds(self) -> list[int] | None:
+        """Each member's validation fold, where members validate on different folds (one dataset with
+        per-member rows, gdlab.data.load_folds); None otherwise."""
+        folds = [m["dataset"].get("cv_fold", 0) for m in self.members]
+        return folds if self.shared.dataset.get("cv_folds") and len(set(folds)) > 1 else None
 
     def subset(self, indices: list[int]) -> Population:
         part = Population([self.bases[i] for i in indices], [self.members[i] for i in indices],
