@@ -1,4 +1,5 @@
-"""Replicates: a configuration trained with seeds seed, seed+1, ... as members of one population."""
+"""Replicates and k-fold cross-validation: a configuration trained with seeds seed, seed+1, ..., and on
+k folds, as members of one population; each member as if it trained alone."""
 
 import csv
 import math
@@ -13,7 +14,9 @@ import pytest
 from scipy import stats
 
 import gdlab
-from gdlab.config import ConfigError
+from gdlab.compose import compose_config
+from gdlab.config import ConfigError, validate
+from gdlab.data import split_rows
 from gdlab.replicates import aggregate, summarize
 
 MOONS = ["dataset=moons", "dataset.n_samples=120", "dataset.val_size=0.25", "model.depth=2", "model.width=6",
@@ -105,7 +108,7 @@ def test_a_sweep_trial_is_the_aggregate_of_its_replicates_each_as_if_alone(tmp_p
     study = optuna.load_study(study_name="lr", storage=f"sqlite:///{tmp_path}/o.db")
     assert [t.state for t in study.trials] == [optuna.trial.TrialState.COMPLETE] * 2
     for trial in study.trials:
-        replicates = trial.user_attrs["replicates"]
+        replicates = trial.user_attrs["members"]
         assert replicates["seeds"] == [42, 43, 44] and replicates["aggregate"] == "median"
         assert trial.value == pytest.approx(float(np.median(replicates["values"])))
         for r, value in enumerate(replicates["values"]):
@@ -143,6 +146,7 @@ def test_a_pruned_trial_stops_all_its_replicates_at_once(tmp_path):
         (["--replicates", "0"], "--replicates=0 is not allowed; use an integer >= 1"),
         (["+gdlab_sweep.replicates=0"], "sweeps/lr.yaml: gdlab_sweep.replicates=0 must be an integer >= 1"),
         (["+gdlab_sweep.replicates=two"], "sweeps/lr.yaml: gdlab_sweep.replicates='two' must be an integer"),
+        (["++gdlab_sweep.cv_folds=1"], "sweeps/lr.yaml: gdlab_sweep.cv_folds=1 must be an integer in [2,"),
         (["+gdlab_sweep.aggregate=best"],
          "sweeps/lr.yaml: gdlab_sweep.aggregate='best' is not allowed; choose one of mean|median|worst"),
     ],
@@ -151,3 +155,75 @@ def test_bad_replicate_settings_are_one_line(refused, tmp_path, args, message):
     code, err = refused("lr", *args, "tracking=none")
     assert code == 2
     assert err.strip().splitlines() == [err.strip()] and err.startswith(f"gdlab-sweep: error: {message}"), err
+
+
+FOLDED = [*MOONS, "dataset.val_size=0", "dataset.cv_folds=4"]
+
+
+def test_folds_are_disjoint_cover_the_non_test_rows_and_never_touch_the_test_rows():
+    y = np.arange(120) % 2
+    cfg = validate(compose_config(FOLDED)).dataset
+    folds, tests = [], set()
+    for j in range(4):
+        cfg.cv_fold = j
+        train, val, test = split_rows(cfg, y)
+        assert not set(train) & set(val) and not (set(train) | set(val)) & set(test)
+        folds.append(set(val))
+        tests.add(tuple(sorted(test)))
+    assert len(tests) == 1  # the same test rows for every fold
+    test_rows = set(next(iter(tests)))
+    assert all(not a & b for i, a in enumerate(folds) for b in folds[i + 1 :])
+    assert set().union(*folds) == set(range(120)) - test_rows
+    assert [len(f) for f in folds] == [24] * 4
+    ones = [int(sum(y[list(f)])) for f in folds]
+    assert max(ones) - min(ones) <= 1  # stratified: the classes spread evenly over the folds
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_fold_member_equals_a_run_trained_alone_on_that_fold(mode):
+    overrides = [*FOLDED, *MODES[mode]]
+    members = gdlab.run(overrides, population=[{"dataset.cv_fold": j} for j in range(4)])
+    for j, member in enumerate(members):
+        alone = gdlab.run([*overrides, f"dataset.cv_fold={j}"])
+        assert (member.final["rows/train"], member.final["rows/val"]) == (len(alone.data.train), 24)
+        for column in COMPARED + ["val/acc"]:
+            np.testing.assert_allclose(member.history[column], alone.history[column], rtol=0, atol=1e-8,
+                                       err_msg=f"{mode} fold {j} {column}")  # fmt: skip
+        assert member.final["objective"] == pytest.approx(alone.final["objective"], abs=1e-8)
+    assert len({m.final["objective"] for m in members}) == 4
+
+
+def test_a_sweep_trial_aggregates_its_folds_and_seeds_and_the_refit_uses_every_non_test_row(tmp_path):
+    proc = sweep(tmp_path, "++gdlab_sweep.cv_folds=3", "--replicates", "2", "--population", "2",
+                 "--budget", "2", "--n-trials", "2", "trainer.max_epochs=15")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    study = optuna.load_study(study_name="lr", storage=f"sqlite:///{tmp_path}/o.db")
+    for trial in study.trials:
+        members = trial.user_attrs["members"]
+        assert members["folds"] == [0, 0, 1, 1, 2, 2] and members["seeds"] == [42, 43] * 3
+        assert trial.value == pytest.approx(float(np.mean(members["values"])))
+        for m, (fold, seed) in enumerate(zip(members["folds"], members["seeds"], strict=True)):
+            folder = tmp_path / "outputs" / "sweeps" / "lr" / f"trial-{trial.number}" / f"fold-{fold}"
+            overrides = (folder / f"replicate-{seed - 42}" / "overrides.txt").read_text().split()
+            assert overrides[-2:] == [f"dataset.cv_fold={fold}", f"seed={seed}"]
+            alone = gdlab.run([*overrides, "tracking=none"])
+            assert members["values"][m] == pytest.approx(alone.final["objective"], abs=1e-8)
+    last = proc.stdout.strip().splitlines()[-1]
+    assert "on 96 train + val rows" in last and "measured once on 24 test rows" in last, last
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["dataset.cv_folds=1"], "dataset.cv_folds=1 is out of range"),
+        (["dataset.cv_folds=4", "dataset.cv_fold=4"], "dataset.cv_fold=4 is out of range"),
+        (["dataset.cv_folds=4", "dataset.val_size=0.2"],
+         "dataset.val_size=0.2 with dataset.cv_folds=4: the folds are the validation rows; set"),
+        (["dataset.n_samples=4", "dataset.test_size=0.5", "dataset.cv_folds=3"],
+         "dataset.cv_folds=3 needs at least 3 non-test rows; dataset=moons has 2"),
+    ],
+)  # fmt: skip
+def test_bad_fold_settings_are_one_line(overrides, message):
+    with pytest.raises(ConfigError) as error:
+        validate(compose_config([*MOONS, "dataset.val_size=0", *overrides]))
+    assert str(error.value).startswith(message), str(error.value)

@@ -3,9 +3,9 @@ its test split measured once.
 
 Trials are ranked on the validation split (gdlab.sweep.selection). The winner's configuration (its
 trainer budget, its seed; a PBT winner's replayed schedule) then trains once more with
-`dataset.val_size=0`: the test rows are the same rows (they are split off first), and the rows that were
-validation rows now train too. That run, tagged gdlab.role=refit, is a child of the sweep's parent run,
-and its test metrics are the sweep's result. Without a refit (`--no-refit`, `gdlab_sweep.refit: false`,
+`dataset.val_size=0` (and no folds): the test rows are the same rows (they are split off first), and
+the rows that were validation rows now train too. That run, tagged gdlab.role=refit, is a child of the
+sweep's parent run, and its test metrics are the sweep's result. Without a refit (`--no-refit`, `gdlab_sweep.refit: false`,
 or a sweep that does not select on validation) the best trial's own test metrics are reported, and
 labelled as such.
 """
@@ -66,13 +66,16 @@ def refit_config(cfg: DictConfig) -> DictConfig:
     """A trial's validated config, to train on train + val: no validation split, a train objective."""
     refit = OmegaConf.create(OmegaConf.to_container(cfg))
     refit.dataset.val_size = 0.0
+    if refit.dataset.get("cv_folds"):  # the folds were the validation rows: all of them train now
+        refit.dataset.cv_folds, refit.dataset.cv_fold = None, 0
     refit.objective = train_objective(cfg)
     return validate(refit)
 
 
 def refit_overrides(overrides: list[str], cfg: DictConfig) -> list[str]:
     """The overrides that reproduce the refit: the trial's, then no validation split and a train objective."""
-    return [*overrides, REFIT_OVERRIDE, f"objective={train_objective(cfg)}"]
+    folds = ["dataset.cv_folds=null", "dataset.cv_fold=0"] if cfg.dataset.get("cv_folds") else []
+    return [*overrides, REFIT_OVERRIDE, *folds, f"objective={train_objective(cfg)}"]
 
 
 def refit(cfg: DictConfig, overrides: list[str], output_dir: Path, trial: str,

@@ -25,7 +25,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from optuna.distributions import CategoricalDistribution, FloatDistribution
 
 from gdlab.compose import VariantComposer, compose_config, search_path_override
-from gdlab.config import ConfigError, check_fits, check_number, validate
+from gdlab.config import MAX_FOLDS, ConfigError, check_fits, check_number, validate
 from gdlab.pbt_rules import PBTSettings, settings_problem
 from gdlab.replicates import AGGREGATES
 from gdlab.schedules import SCHEDULABLE, SCHEDULE_SUFFIX
@@ -63,9 +63,15 @@ class SweepSpec:
     progress_every: float = 10.0  # seconds between progress lines in a log (gdlab-sweep --progress)
     pbt: PBTSettings | None = None  # gdlab_sweep.pbt: Population Based Training inside each population
     replicates: int = 1  # gdlab_sweep.replicates: each trial's configuration trained with k seeds
-    aggregate: str = "mean"  # gdlab_sweep.aggregate: a trial's value from its replicates' (gdlab.replicates)
+    aggregate: str = "mean"  # gdlab_sweep.aggregate: a trial's value from its members' (gdlab.replicates)
+    cv_folds: int = 1  # gdlab_sweep.cv_folds: each trial validates on k folds, one member each (1: none)
     source: str = ""  # the sweep file, as messages name it (sweeps/lr.yaml)
     edges: list = field(default_factory=list, repr=False)  # validated configs at the search space's edges
+
+    @property
+    def members(self) -> int:
+        """Members a trial trains: one per fold and seed (gdlab.replicates)."""
+        return self.cv_folds * self.replicates
 
 
 def available_sweeps(config_dir: Path | None = None) -> list[str]:
@@ -87,7 +93,7 @@ def sweep_source(name: str, config_dir: Path | None) -> str:
 
 def load_sweep(name: str, overrides: list[str] | None = None, config_dir: Path | None = None) -> SweepSpec:
     """Parse and check a named sweep before any trial runs."""
-    overrides = [*search_path_override(config_dir), *(overrides or [])]
+    given, overrides = list(overrides or []), [*search_path_override(config_dir), *(overrides or [])]
     if name not in available_sweeps(config_dir):
         raise SweepError(f"unknown sweep {name!r}; available: {', '.join(available_sweeps(config_dir))}")
     source = sweep_source(name, config_dir)
@@ -97,6 +103,13 @@ def load_sweep(name: str, overrides: list[str] | None = None, config_dir: Path |
         raise SweepError(f"{source}: {one_line(error)}") from error
     sweeper = full.hydra.sweeper
     task = OmegaConf.create({k: v for k, v in OmegaConf.to_container(full).items() if k != "hydra"})
+    folds = OmegaConf.select(task, "gdlab_sweep.cv_folds")
+    if folds is not None and OmegaConf.select(task, "dataset.cv_folds") != folds:
+        if isinstance(folds, bool) or not isinstance(folds, int) or not 2 <= folds <= MAX_FOLDS:
+            raise SweepError(f"{source}: gdlab_sweep.cv_folds={folds!r} must be an integer in "
+                             f"[2, {MAX_FOLDS}]")  # fmt: skip
+        # every trial validates on k folds of the non-test rows: its members' dataset says so
+        return load_sweep(name, [*given, "dataset.val_size=0", f"dataset.cv_folds={folds}"], config_dir)
     space = [f"{key}={value}" for key, value in (sweeper.params or {}).items()]
     try:
         distributions, fixed_params, _ = create_params_from_overrides(space)
@@ -143,6 +156,7 @@ def load_sweep(name: str, overrides: list[str] | None = None, config_dir: Path |
         source=source,
         edges=edges,
         aggregate=aggregate,
+        cv_folds=task.dataset.get("cv_folds") or 1,
     )
     set_replicates(spec, extra.get("replicates", 1), f"{source}: gdlab_sweep.replicates")
     return spec
@@ -339,8 +353,8 @@ def check_population_fits(spec: SweepSpec) -> None:
     """A population batch of the sweep's largest configuration fits in this machine's memory."""
     try:
         for cfg in spec.edges:
-            where = "--population/gdlab_sweep.population" + (" x replicates" if spec.replicates > 1 else "")
-            check_fits(cfg, members=spec.population * spec.replicates, where=f"{where}: ")
+            where = "--population/gdlab_sweep.population" + (" x members" if spec.members > 1 else "")
+            check_fits(cfg, members=spec.population * spec.members, where=f"{where}: ")
     except ConfigError as error:
         raise SweepError(f"{spec.source}: {error}") from error
 

@@ -107,12 +107,23 @@ class PruningReporter:
             raise Retire(f"pruned at epoch {epoch} ({self.objective}={value:.4g})")
 
 
+def member_slots(spec: SweepSpec) -> list[tuple[int | None, int | None]]:
+    """(fold, replicate) of each of a trial's members, in member order (fold by fold); None where the
+    sweep has no folds (gdlab_sweep.cv_folds) or no replicates (gdlab_sweep.replicates)."""
+    folds = range(spec.cv_folds) if spec.cv_folds > 1 else [None]
+    replicates = range(spec.replicates) if spec.replicates > 1 else [None]
+    return [(fold, replicate) for fold in folds for replicate in replicates]
+
+
 def trial_run_args(spec: SweepSpec, trial: optuna.Trial, cfg: DictConfig, output_root: Path,
-                   replicate: int | None = None) -> dict:  # fmt: skip
-    """What a trial's training run (or one replicate's) gets: its output directory and MLflow tags."""
+                   fold: int | None = None, replicate: int | None = None) -> dict:  # fmt: skip
+    """What a trial's training run (or one of its members') gets: its output directory and MLflow tags."""
     name = trial_run_name(trial.params, trial.number, cfg)
     tags = {"optuna.study": trial.study.study_name, "optuna.trial": trial.number}  # --study NAME
     directory = output_root / f"trial-{trial.number}"
+    if fold is not None:
+        tags["fold"] = fold
+        name, directory = f"{name} f{fold}", directory / f"fold-{fold}"
     if replicate is not None:
         tags.update({"replicate": replicate, "seed": cfg.seed + replicate})
         name, directory = f"{name} r{replicate}", directory / f"replicate-{replicate}"
@@ -129,7 +140,8 @@ def progress_of(spec: SweepSpec, trials: list, cfg: DictConfig) -> Progress | No
 
 def record_result(trial: optuna.Trial, results: list, spec: SweepSpec, seeds: list[int]) -> float:
     """Note the trial's runs on it, whatever its state (optuna-dashboard shows user attributes); its value:
-    its one run's objective, or the aggregate of its replicates' (NaN when one diverged: the trial FAILs)."""
+    its one run's objective, or the aggregate of its members' (folds and replicates: NaN when one
+    diverged, and the trial FAILs)."""
     first = results[0]
     if first.final.get("mlflow_run_id"):
         trial.set_user_attr("mlflow_run_id", first.final["mlflow_run_id"])
@@ -140,12 +152,14 @@ def record_result(trial: optuna.Trial, results: list, spec: SweepSpec, seeds: li
         trial.set_user_attr("pbt.replay", first.final["pbt_replay"])
         trial.set_user_attr("pbt.exploits", first.final["pbt_exploits"])
     objectives = [result.final["objective"] for result in results]
+    slots = member_slots(spec)[: len(results)]  # a member-by-member trial stops at its pruned member
     if len(results) > 1:
-        trial.set_user_attr("replicates", {"seeds": seeds, "aggregate": spec.aggregate,
-                                           **summarize(objectives).as_dict()})  # fmt: skip
+        folds = [fold for fold, _ in slots]
+        trial.set_user_attr("members", {"folds": folds, "seeds": seeds, "aggregate": spec.aggregate,
+                                        **summarize(objectives).as_dict()})  # fmt: skip
         trial.set_user_attr("mlflow_run_ids", [r.final.get("mlflow_run_id") for r in results])
-    for seed, result in zip(seeds, results, strict=True):
-        which = f"replicate seed={seed}: " if len(results) > 1 else ""
+    for (fold, _), seed, result in zip(slots, seeds, results, strict=True):
+        which = f"member fold={fold} seed={seed}: " if len(results) > 1 else ""
         diverged_at = result.final["diverged_at"]
         if diverged_at is not None and not result.final["pruned"]:
             trial.set_user_attr("failure", f"{which}loss became NaN/inf at epoch {diverged_at}")
@@ -236,11 +250,14 @@ def train_together(spec: SweepSpec, members: list, output_root: Path) -> list[tu
     replicates, each trial's k seeds are k consecutive members (`Population.replicated`)."""
     from gdlab.fit import fit_population
 
-    k, trials = spec.replicates, [trial for trial, _, _ in members]
+    k, slots, trials = spec.members, member_slots(spec), [trial for trial, _, _ in members]
     cfgs, overrides = [cfg for _, cfg, _ in members], [overrides for _, _, overrides in members]
-    population = Population.from_configs(cfgs, overrides).replicated(k)
-    run_args = [trial_run_args(spec, trial, cfg, output_root, r if k > 1 else None)
-                for trial, cfg, _ in members for r in range(k)]  # fmt: skip
+    population = Population.from_configs(cfgs, overrides)
+    if spec.cv_folds > 1:
+        population = population.folded(spec.cv_folds)
+    population = population.replicated(spec.replicates)
+    run_args = [trial_run_args(spec, trial, cfg, output_root, fold, replicate)
+                for trial, cfg, _ in members for fold, replicate in slots]  # fmt: skip
     pbt = population_based_training(spec, trials, members[0][1])
     results: list = [None] * len(population)
     try:
@@ -284,7 +301,7 @@ def group_reporters(spec: SweepSpec, members: list, group: list[int]) -> list[Pr
     """Each trial's pruning reporter over its replicates in `group` (population indices), by their indices
     within the group; a trial whose replicates train apart (mini-batch seeds) is reported by none: it
     trains to its end."""
-    k, where = spec.replicates, {p: local for local, p in enumerate(group)}
+    k, where = spec.members, {p: local for local, p in enumerate(group)}
     reporters = []
     for i, (trial, cfg, _) in enumerate(members):
         mine = [where.get(i * k + r) for r in range(k)]
@@ -349,20 +366,24 @@ def population_based_training(spec: SweepSpec, trials: list, cfg: DictConfig):
 
 
 def train_alone(spec: SweepSpec, trial, cfg: DictConfig, overrides: list[str], output_root: Path) -> tuple:
-    """(value, state, error) of a trial whose optimizer has no population form; its replicates, if any,
-    train one after another (without pruning: none of them alone is the trial's value)."""
+    """(value, state, error) of a trial whose optimizer has no population form; its members (folds,
+    replicates), if any, train one after another, without pruning (no one of them is the trial's value)."""
     from gdlab.fit import fit
 
-    k, results, seeds = spec.replicates, [], []
+    slots, results, seeds = member_slots(spec), [], []
     try:
-        for r in range(k):
-            member, member_overrides = cfg, overrides
-            if k > 1:
+        for fold, replicate in slots:
+            member, member_overrides = cfg, list(overrides)
+            if len(slots) > 1:
                 member = OmegaConf.create(OmegaConf.to_container(cfg))
-                member.seed = cfg.seed + r
-                member_overrides = [*overrides, f"seed={member.seed}"]
-            reporter = PruningReporter(trial, cfg.objective, spec.report_every) if k == 1 else None
-            args = trial_run_args(spec, trial, cfg, output_root, r if k > 1 else None)
+                if fold is not None:
+                    member.dataset.cv_fold = fold
+                    member_overrides.append(f"dataset.cv_fold={fold}")
+                if replicate is not None:
+                    member.seed = cfg.seed + replicate
+                    member_overrides.append(f"seed={member.seed}")
+            reporter = PruningReporter(trial, cfg.objective, spec.report_every) if len(slots) == 1 else None
+            args = trial_run_args(spec, trial, cfg, output_root, fold, replicate)
             results.append(fit(member, member_overrides, **args, progress=progress_of(spec, [trial], cfg),
                                epoch_callbacks=[reporter.row_callback(0)] if reporter else (),
                                group_callbacks=[reporter] if reporter else ()))  # fmt: skip
