@@ -227,3 +227,20 @@ def test_bad_fold_settings_are_one_line(overrides, message):
     with pytest.raises(ConfigError) as error:
         validate(compose_config([*MOONS, "dataset.val_size=0", *overrides]))
     assert str(error.value).startswith(message), str(error.value)
+
+
+def test_wilcoxon_pruner_gets_each_fold_as_an_instance(tmp_path):
+    proc = sweep(tmp_path, "++gdlab_sweep.cv_folds=3", "--population", "1", "--budget", "2",
+                 "--n-trials", "2", "--no-refit", "trainer.max_epochs=12", "gdlab_sweep.report_every=5",
+                 "gdlab_sweep.pruner._target_=optuna.pruners.WilcoxonPruner",
+                 "+gdlab_sweep.pruner.p_threshold=0.1")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    study = optuna.load_study(study_name="lr", storage=f"sqlite:///{tmp_path}/o.db")
+    for trial in study.trials:
+        assert sorted(trial.intermediate_values) == [15, 16, 17, 30, 31, 32]  # epochs 5, 10 x folds 0-2
+        for fold in range(3):
+            folder = tmp_path / "outputs" / "sweeps" / "lr" / f"trial-{trial.number}" / f"fold-{fold}"
+            rows = history_rows(folder / "history.csv")
+            for epoch in (5, 10):
+                reported = trial.intermediate_values[epoch * 3 + fold]
+                assert reported == pytest.approx(float(rows[epoch]["val/loss"]), abs=1e-12)

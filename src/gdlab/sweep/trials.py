@@ -80,7 +80,9 @@ class PruningReporter:
     """A trial's pruning, over its members (its replicates; one member without): each member's row is an
     epoch callback (`row_callback`); once an epoch, after every row (`epoch_end`, a
     gdlab.module.GroupCallback), the aggregate of the objective over the members that reported is reported
-    every few epochs, and when the pruner says so all of `members` retire."""
+    every few epochs, and when the pruner says so all of `members` retire. Optuna's WilcoxonPruner is
+    made for per-instance values: with it, each member's objective is reported instead, at step
+    epoch x members + its position (an instance: one fold and seed at one epoch, paired across trials)."""
 
     def __init__(self, trial: optuna.Trial, objective: str, every: int, members: Sequence[int] = (0,),
                  aggregate: str = "mean", direction: str = "minimize"):  # fmt: skip
@@ -95,12 +97,18 @@ class PruningReporter:
         return take
 
     def epoch_end(self, epoch: int) -> None:
-        values, self.values = [v for v in self.values.values() if math.isfinite(v)], {}
-        if epoch == 0 or epoch % self.every or not values:
+        reported, self.values = {m: v for m, v in self.values.items() if math.isfinite(v)}, {}
+        if epoch == 0 or epoch % self.every or not reported:
             return  # divergence ends a member itself, as FAIL
-        value = aggregate(values, self.how, self.direction)
+        value = aggregate(list(reported.values()), self.how, self.direction)
         try:
-            self.trial.report(value, epoch)
+            if isinstance(self.trial.study.pruner, optuna.pruners.WilcoxonPruner):
+                # Wilcoxon pairs instances across trials: each member (fold, seed) at this epoch is one
+                order = {member: i for i, member in enumerate(self.members)}
+                for member, member_value in reported.items():
+                    self.trial.report(member_value, epoch * len(self.members) + order[member])
+            else:
+                self.trial.report(value, epoch)
         except optuna.exceptions.UpdateFinishedTrialError:  # failed by heartbeat while this process stopped
             raise Retire("its trial was failed by heartbeat while its process was stopped") from None
         if self.trial.should_prune():
