@@ -70,9 +70,33 @@ def test_gradcheck_on_manual_path(activation, head, loss):
     model, X, T = make(2, activation, head, loss, n=6)
 
     def manual_loss(*params):
-        return M.ManualBackprop.apply(model, X, T, *params)[0]
+        return M.ManualBackprop.apply(model, X, T, None, *params)[0]
 
     assert torch.autograd.gradcheck(manual_loss, tuple(model.parameters()), eps=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize(("activation", "head", "loss"), COMBOS)
+def test_row_weights_give_each_member_the_loss_and_gradient_of_its_own_rows(activation, head, loss):
+    """k-fold members: a stack of 3 whose rows are weighted (each member its own rows, summing to 1) has,
+    for each member, the loss and the gradient of that member trained on its rows alone, by autograd and
+    by the hand-written backward."""
+    single, X, T = make(2, activation, head, loss, n=12)
+    model = M.MLP.stack([single, single, single])
+    rows = [torch.tensor([i % 3 != p for i in range(12)]) for p in range(3)]  # member p leaves out every 3rd
+    weights = torch.stack([r.double() / r.sum() for r in rows]).unsqueeze(-1)  # (3, 12, 1)
+    for manual in (False, True):
+        model.zero_grad()
+        losses = model.manual_loss(X, T, weights)[0] if manual else model.loss(model(X), T, weights)
+        losses.sum().backward()
+        for p, mask in enumerate(rows):
+            expected_loss = single.loss(single(X[mask]), T[mask])
+            assert losses[p].item() == pytest.approx(expected_loss.item(), abs=1e-13)
+            expected = autograd_grads(single, X[mask], T[mask])
+            got = [
+                param.grad[p].reshape(e.shape) for param, e in zip(model.parameters(), expected, strict=True)
+            ]
+            for g, e in zip(got, expected, strict=True):
+                torch.testing.assert_close(g, e, rtol=0, atol=1e-12)
 
 
 def test_classic_sigmoid_derivative_bug_is_caught(monkeypatch):

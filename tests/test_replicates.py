@@ -244,3 +244,33 @@ def test_wilcoxon_pruner_gets_each_fold_as_an_instance(tmp_path):
             for epoch in (5, 10):
                 reported = trial.intermediate_values[epoch * 3 + fold]
                 assert reported == pytest.approx(float(rows[epoch]["val/loss"]), abs=1e-12)
+
+
+def test_a_tracked_trial_has_its_own_run_with_its_members_nested_under_it(tmp_path):
+    from mlflow import MlflowClient
+
+    proc = sweep(tmp_path, "--replicates", "3", "--population", "2", "--budget", "2", "--n-trials", "2",
+                 "--no-refit", "trainer.max_epochs=10", "+gdlab_sweep.aggregate=median", "tracking=local",
+                 f"tracking.dir={tmp_path / 'mlruns'}")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    study = optuna.load_study(study_name="lr", storage=f"sqlite:///{tmp_path}/o.db")
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("sweep-lr").experiment_id], max_results=100)
+    parents = [r for r in runs if r.data.tags.get("gdlab.kind") == "sweep"]
+    assert len(parents) == 1
+    for trial in study.trials:
+        run = client.get_run(trial.user_attrs["mlflow_run_id"])
+        assert run.data.tags["gdlab.kind"] == "trial" and run.info.status == "FINISHED"
+        assert run.data.tags["mlflow.parentRunId"] == parents[0].info.run_id
+        assert float(run.data.params["optimizer.lr"]) == pytest.approx(trial.params["optimizer.lr"])
+        assert run.data.metrics["final/val/loss"] == pytest.approx(trial.value)  # the median it was ranked by
+        members = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == run.info.run_id]
+        assert sorted(r.data.tags["seed"] for r in members) == ["42", "43", "44"]
+        member_curves = np.array([[m.value for m in client.get_metric_history(r.info.run_id, "val/loss")]
+                                  for r in members])  # fmt: skip
+        mean = [m.value for m in client.get_metric_history(run.info.run_id, "val/loss")]
+        std = [m.value for m in client.get_metric_history(run.info.run_id, "val/loss_std")]
+        np.testing.assert_allclose(mean, member_curves.mean(axis=0), rtol=1e-12)
+        np.testing.assert_allclose(std, member_curves.std(axis=0, ddof=1), rtol=1e-9)
+        summary = trial.user_attrs["members"]
+        assert run.data.metrics["final/val/loss_ci_low"] == pytest.approx(summary["ci95"][0])

@@ -199,7 +199,7 @@ def run_tags(cfg: DictConfig, overrides: list[str], device: str, extra: dict | N
 def tags_of(cfg, overrides: list[str], device: str, extra: dict | None, parent_run_id: str | None) -> dict:
     """A run's tags (`run_tags`), and its parent's id where it has one."""
     tags = run_tags(cfg, overrides, device, extra)
-    if parent_run_id:
+    if parent_run_id and "mlflow.parentRunId" not in tags:  # a member's trial run may be its parent
         tags["mlflow.parentRunId"] = parent_run_id
     return tags
 

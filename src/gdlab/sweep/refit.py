@@ -5,9 +5,9 @@ Trials are ranked on the validation split (gdlab.sweep.selection). The winner's 
 trainer budget, its seed; a PBT winner's replayed schedule) then trains once more with
 `dataset.val_size=0` (and no folds): the test rows are the same rows (they are split off first), and
 the rows that were validation rows now train too. That run, tagged gdlab.role=refit, is a child of the
-sweep's parent run, and its test metrics are the sweep's result. Without a refit (`--no-refit`, `gdlab_sweep.refit: false`,
-or a sweep that does not select on validation) the best trial's own test metrics are reported, and
-labelled as such.
+sweep's parent run, and its test metrics are the sweep's result. Without a refit (`--no-refit`,
+`gdlab_sweep.refit: false`, or a sweep that does not select on validation) the best trial's own test
+metrics are reported, and labelled as such.
 """
 
 from __future__ import annotations

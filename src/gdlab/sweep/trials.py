@@ -33,6 +33,7 @@ from gdlab.progress import Progress
 from gdlab.replicates import aggregate, summarize
 from gdlab.sweep.spec import SweepError, SweepSpec
 from gdlab.sweep.study import FINISHED, Heartbeats
+from gdlab.sweep.trial_runs import finish_trial_run, start_trial_runs, wait_for_trial_runs
 from gdlab.tracking import TrackingUnavailable, trial_run_name
 
 
@@ -266,6 +267,9 @@ def train_together(spec: SweepSpec, members: list, output_root: Path) -> list[tu
     population = population.replicated(spec.replicates)
     run_args = [trial_run_args(spec, trial, cfg, output_root, fold, replicate)
                 for trial, cfg, _ in members for fold, replicate in slots]  # fmt: skip
+    trial_runs = start_trial_runs(cfgs, trials, k) if k > 1 else None  # members nest under their trial's
+    for p, args in enumerate(run_args if trial_runs else ()):
+        args["tags"]["mlflow.parentRunId"] = trial_runs[p // k]
     pbt = population_based_training(spec, trials, members[0][1])
     results: list = [None] * len(population)
     try:
@@ -291,18 +295,35 @@ def train_together(spec: SweepSpec, members: list, output_root: Path) -> list[tu
     except TrackingUnavailable:
         raise
     except Exception as error:  # fails this population's trials only
+        end_trial_runs(cfgs, trial_runs, "FAIL")
         return [(None, None, error)] * len(members)
+    except BaseException:  # a signal: the trials' own runs end KILLED, as their members' do
+        end_trial_runs(cfgs, trial_runs, "KILLED")
+        raise
     seeds = population.values("seed")
     outcomes, running = [], running_trial_ids(trials[0].study)  # one storage query for the population
     for i, trial in enumerate(trials):
         mine = results[i * k : (i + 1) * k]
         if taken_from_us(trial, mine, running):
             outcomes.append((None, TAKEN, None))
+            if trial_runs:
+                finish_trial_run(cfgs[i], trial_runs[i], mine, None, "KILLED")
             continue
         value = record_result(trial, mine, spec, seeds[i * k : (i + 1) * k])
         pruned = any(result.final["pruned"] for result in mine)
         outcomes.append((None, TrialState.PRUNED, None) if pruned else (value, None, None))
+        if trial_runs:
+            trial.set_user_attr("mlflow_run_id", trial_runs[i])
+            state = "PRUNED" if pruned else ("COMPLETE" if math.isfinite(value) else "FAIL")
+            finish_trial_run(cfgs[i], trial_runs[i], mine, None if pruned else value, state)
+    if trial_runs:
+        wait_for_trial_runs(cfgs[0], trial_runs)
     return outcomes
+
+
+def end_trial_runs(cfgs: list[DictConfig], trial_runs: list[str] | None, state: str) -> None:
+    for cfg, run_id in zip(cfgs, trial_runs or (), strict=False):
+        finish_trial_run(cfg, run_id, [], None, state)
 
 
 def group_reporters(spec: SweepSpec, members: list, group: list[int]) -> list[PruningReporter]:
