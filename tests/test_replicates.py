@@ -274,3 +274,13 @@ def test_a_tracked_trial_has_its_own_run_with_its_members_nested_under_it(tmp_pa
         np.testing.assert_allclose(std, member_curves.std(axis=0, ddof=1), rtol=1e-9)
         summary = trial.user_attrs["members"]
         assert run.data.metrics["final/val/loss_ci_low"] == pytest.approx(summary["ci95"][0])
+    from gdlab.report import build_report
+
+    report = build_report(parents[0].info.run_id, tracking_uri=client.tracking_uri, out=tmp_path / "report",
+                          objective="final/val/loss", log=False)  # fmt: skip
+    figures = {drawn.path.name: drawn for drawn in report.figures}
+    trial_labels = sorted(run.label for run in report.runs)
+    assert len(trial_labels) == 2  # the report compares the trials, not their members
+    assert sorted(figures["objective_vs_params.png"].spread) == trial_labels  # each with its interval bar
+    assert "95% interval" in figures["objective_vs_params.png"].title
+    assert sorted(figures["loss_curves.png"].spread) == trial_labels  # each mean curve with its band

@@ -171,7 +171,8 @@ def search_all_runs(client, experiment_id: str, filter_string: str = "") -> list
 def curve_metrics(run) -> list[str]:
     """The metrics of a run the report draws as curves: the CURVE_METRICS it has, and its hp/ numbers."""
     hyperparameters = sorted(m for m in run.data.metrics if m.startswith("hp/"))  # scheduled or PBT's
-    return [metric for metric in (*CURVE_METRICS, *hyperparameters) if metric in run.data.metrics]
+    spreads = [f"{metric}_std" for metric in SPLIT_METRICS]  # a trial's members' (gdlab.sweep.trial_runs)
+    return [metric for metric in (*CURVE_METRICS, *spreads, *hyperparameters) if metric in run.data.metrics]
 
 
 def load_run(client, run, histories: dict | None = None) -> TrackedRun:

@@ -47,6 +47,7 @@ class Drawn:
         default_factory=list
     )  # PBT: the members whose slots trained the best's weights
     title: str = ""  # the figure's title, where it carries the sweep's result or caveat
+    spread: list[str] = field(default_factory=list)  # runs drawn with their members' spread (bands, bars)
 
 
 def run_state(run: TrackedRun) -> str:
@@ -203,8 +204,13 @@ def plot_curves(
             x = curve.index.to_numpy()
         y = curve[metric].to_numpy()
         if len(x):
-            ax.plot(x, y, **palette.style(index, run))
+            (line,) = ax.plot(x, y, **palette.style(index, run))
             ends_x[run.run_id], ends_y[run.run_id] = x[-1], y[-1]
+            spread = f"{metric}_std"
+            if spread in run.curves and not x_metric:  # a trial's members: their mean, and a band of one std
+                std = run.curves[spread].reindex(curve.index).to_numpy()
+                ax.fill_between(x, y - std, y + std, color=line.get_color(), alpha=0.15, linewidth=0)
+                drawn.spread.append(run.label)
     label_top(ax, palette, ends_x, ends_y, palette.objective)
     ax.set(yscale=drawn.yscale, xlabel=x_metric or "epoch (step k: the weights after k steps)", ylabel=metric,
            **axis)  # fmt: skip
@@ -244,6 +250,12 @@ def plot_objective_vs_params(runs, varied: list[str], objective: str, direction:
                 ax.scatter(x, score, facecolors="none", edgecolors="0.5", s=30, zorder=2)
             else:
                 ax.scatter(x, score, color="tab:blue", s=30, zorder=2)
+                low, high = (run.latest.get(f"{objective}_ci_{end}", math.nan) for end in ("low", "high"))
+                if math.isfinite(low) and math.isfinite(high):  # a trial's members: a 95% interval
+                    ax.errorbar(x, score, yerr=[[max(score - low, 0)], [max(high - score, 0)]], fmt="none",
+                                ecolor="tab:blue", alpha=0.5, capsize=2, zorder=1)  # fmt: skip
+                    if key == keys[0]:
+                        drawn.spread.append(run.label)
         lines = []
         for rank, run in enumerate(top, 1):
             if key in run.params:
@@ -270,7 +282,9 @@ def plot_objective_vs_params(runs, varied: list[str], objective: str, direction:
                Line2D([], [], marker="*", linestyle="", color="tab:orange", markersize=12,
                       label=f"top {len(top)} ({direction})")]  # fmt: skip
     axes[0].legend(handles=handles, fontsize="small", loc="lower left")
-    drawn.title = f"{objective} against what the runs vary ({len(runs)} runs)" + (f"\n{note}" if note else "")
+    bars = " (bars: 95% interval over each trial's folds and seeds)" if drawn.spread else ""
+    drawn.title = f"{objective} against what the runs vary ({len(runs)} runs){bars}"
+    drawn.title += f"\n{note}" if note else ""
     figure.suptitle(drawn.title, fontsize=10 if note else None)
     drawn.runs = [run.label for run in runs]
     drawn.pruned = [run.label for run in runs if run_state(run) == PRUNED]
