@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.gdlab-installed
 
-.PHONY: install demo test lint format bench bench-sweeps bench-writer bench-pbt bench-population clean
+.PHONY: install demo test lint format bench bench-sweeps bench-writer bench-pbt bench-population bench-replicates clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -43,6 +43,9 @@ bench-pbt: install
 bench-population: install
 	$(BIN)/python benchmarks/bench_population.py --tracked 1024 --plot docs/population_scaling.png
 	$(BIN)/python benchmarks/bench_ask.py
+
+bench-replicates: install
+	$(BIN)/python benchmarks/bench_replicates.py
 
 clean:
 	rm -rf $(VENV) outputs multirun .pytest_cache
