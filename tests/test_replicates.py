@@ -284,3 +284,19 @@ def test_a_tracked_trial_has_its_own_run_with_its_members_nested_under_it(tmp_pa
     assert sorted(figures["objective_vs_params.png"].spread) == trial_labels  # each with its interval bar
     assert "95% interval" in figures["objective_vs_params.png"].title
     assert sorted(figures["loss_curves.png"].spread) == trial_labels  # each mean curve with its band
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--replicates", "2"], "--replicates=2 with gdlab_sweep.pbt is not supported"),
+        (
+            ["++gdlab_sweep.cv_folds=3"],
+            "sweeps/lr_pbt.yaml: gdlab_sweep.cv_folds=3 with gdlab_sweep.pbt is not",
+        ),
+    ],
+)
+def test_pbt_with_replicates_or_folds_is_refused_in_one_line(refused, args, message):
+    code, err = refused("lr_pbt", *args, "tracking=none")
+    assert code == 2
+    assert err.strip().splitlines() == [err.strip()] and err.startswith(f"gdlab-sweep: error: {message}"), err

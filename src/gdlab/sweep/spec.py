@@ -158,6 +158,10 @@ def load_sweep(name: str, overrides: list[str] | None = None, config_dir: Path |
         aggregate=aggregate,
         cv_folds=task.dataset.get("cv_folds") or 1,
     )
+    if spec.cv_folds > 1 and spec.pbt is not None:
+        raise SweepError(f"{source}: gdlab_sweep.cv_folds={spec.cv_folds} with gdlab_sweep.pbt is not "
+                         "supported (PBT copies between members, so a trial's folds would not stay its own); "
+                         "drop one")  # fmt: skip
     set_replicates(spec, extra.get("replicates", 1), f"{source}: gdlab_sweep.replicates")
     return spec
 
