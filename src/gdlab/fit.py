@@ -96,8 +96,8 @@ def load_population_data(population: Population) -> Dataset:
     """The population's data: its shared config's, or, where members validate on different folds, one
     dataset with each member's own rows (gdlab.data.load_folds)."""
     folds = population.folds()
-    if folds is None:
-        return load_data(population.shared)
+    if folds is None:  # one fold for all (member 0's: a mini-batch population is one fold's)
+        return load_data(population.view(0))
     cfg = population.shared
     head, n_classes = cfg.model.head, N_CLASSES[cfg.dataset.name]
     encode = lambda y, dtype: encode_targets(y, head, n_classes, dtype)  # noqa: E731
