@@ -250,7 +250,8 @@ def fit_population(
     module = TrainingModule(model, optimizer_factory(population), first.backprop, data.evaluation_splits(),
                             stops, callbacks, schedules, logged_numbers, sinks,
                             group_callbacks or (), data.train.weights)  # fmt: skip
-    loader = make_loader(data.train, first.optimizer.get("batch_size"), first.seed)
+    # mini-batch members share their seed (gdlab.members.architecture_key): member 0's orders the batches
+    loader = make_loader(data.train, first.optimizer.get("batch_size"), population.members[0]["seed"])
     ending, reason, started = "FAILED", None, time.perf_counter()
     try:
         with quiet_lightning(), torch_threads(first.trainer.get("threads")):
