@@ -33,7 +33,7 @@ MODES = {
     ],  # fmt: skip
     "adam": ["optimizer=adam", "optimizer.lr=0.01"],
     "adam manual": ["optimizer=adam", "optimizer.lr=0.01", "backprop=manual"],
-    "sgd mini-batches": ["optimizer=sgd", "optimizer.lr=0.1", "optimizer.batch_size=16"],  # apart by seed/fold
+    "sgd mini-batches": ["optimizer=sgd", "optimizer.lr=0.1", "optimizer.batch_size=16"],  # trained apart
 }
 COMPARED = ["train/loss", "train/acc", "val/loss", "test/loss", "grad_norm", "step", "evals/total"]
 
