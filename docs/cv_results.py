@@ -15,27 +15,16 @@ Usage: python docs/cv_results.py [--seeds 0,1,2,3,4]
 from __future__ import annotations
 
 import argparse
-import os
 import re
 import statistics
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 import optuna
+from selection_results import gdlab_sweep  # docs/, beside this script
 
-SCRUBBED_ENV = ["MLFLOW_TRACKING_URI", "GDLAB_OPTUNA_STORAGE", "GDLAB_MLFLOW_PARENT_RUN_ID"]
 CV = ["++gdlab_sweep.cv_folds=5", "--replicates", "2"]
-
-
-def gdlab_sweep(*args: str, cwd: Path) -> str:
-    executable = str(Path(sys.executable).with_name("gdlab-sweep"))
-    env = {k: v for k, v in os.environ.items() if k not in SCRUBBED_ENV}
-    done = subprocess.run([executable, *args], cwd=cwd, capture_output=True, text=True, env=env)
-    if done.returncode != 0:
-        raise SystemExit(f"gdlab-sweep {' '.join(args)} failed:\n{done.stderr[-2000:]}")
-    return done.stdout
 
 
 def test_loss(stdout: str) -> float:

@@ -149,21 +149,20 @@ def load_folds(cfg, folds: list[int], encode_targets, dtype: torch.dtype) -> Dat
     X, y = make_arrays(cfg)
     train, test = non_test_rows(cfg, len(y))
     train_folds, val_folds = fold_rows(cfg, train, y)
-    position = {row: i for i, row in enumerate(train)}
+    members = torch.as_tensor(folds)
 
     def member_rows(rows_of_fold: list[np.ndarray]) -> Tensor:
-        weights = np.zeros((len(folds), len(train), 1))
-        for p, fold in enumerate(folds):
-            rows = [position[row] for row in rows_of_fold[fold]]
-            weights[p, rows] = 1.0 / len(rows)
-        return torch.as_tensor(weights, dtype=dtype)
+        weights = np.zeros((len(rows_of_fold), len(train), 1))  # one per fold, then one per member
+        for fold, rows in enumerate(rows_of_fold):
+            weights[fold, np.isin(train, rows)] = 1.0 / len(rows)
+        return torch.as_tensor(weights, dtype=dtype)[members]
 
     def scaled(rows) -> Tensor:
         per_fold = []
         for fold_train in train_folds:
             part = StandardScaler().fit(X[fold_train]).transform(X[rows]) if cfg.standardize else X[rows]
             per_fold.append(torch.as_tensor(part, dtype=dtype))
-        return torch.stack(per_fold)[torch.as_tensor(folds)]  # (P, N, n_features)
+        return torch.stack(per_fold)[members]  # (P, N, n_features)
 
     def targets(rows) -> Tensor:
         return encode_targets(torch.as_tensor(y[rows], dtype=torch.long), dtype)

@@ -101,12 +101,14 @@ def trial_rows(results: list, objective: str, value: float | None, now_ms: int) 
             table[i, curve.index.to_numpy(dtype=np.int64)] = curve.to_numpy(dtype=np.float64)
             if metric in CURVES_ENDING_AT_FINAL and len(curve):  # a curve ends at the trained weights
                 table[i, int(curve.index.max()) + 1] = result.final.get(metric, np.nan)
-        for epoch in range(table.shape[1]):
-            column = table[:, epoch][~np.isnan(table[:, epoch])]
-            if len(column) and np.isfinite(column).all():
-                rows.append([metric, float(column.mean()), now_ms, epoch])
-                spread = float(column.std(ddof=1)) if len(column) > 1 else 0.0
-                rows.append([f"{metric}_std", spread, now_ms, epoch])
+        present = ~np.isnan(table)
+        counts = present.sum(axis=0)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            mean = np.nansum(table, axis=0) / counts
+            spread = np.sqrt(np.nansum((table - mean) ** 2, axis=0) / np.maximum(counts - 1, 1))
+        for epoch in np.flatnonzero((counts > 0) & np.isfinite(mean) & np.isfinite(spread)).tolist():
+            rows.append([metric, float(mean[epoch]), now_ms, epoch])
+            rows.append([f"{metric}_std", float(spread[epoch]), now_ms, epoch])
     for key in SPLIT_METRICS:
         values = [r.final[key] for r in results if key in r.final and key != objective]
         if values and all(math.isfinite(v) for v in values):
