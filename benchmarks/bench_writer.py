@@ -78,7 +78,7 @@ def writer_process(directory: Path, runs: int, epochs: int) -> tuple[float, str]
 
 def log_batch(directory: Path, runs: int, epochs: int) -> float:
     from gdlab.metric_store import LogBatchSink
-    from gdlab.tracking import mlflow_client
+    from gdlab.stores import mlflow_client
 
     uri, run_ids = new_store(directory, runs)
     sink = LogBatchSink(mlflow_client(uri))

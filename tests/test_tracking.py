@@ -335,3 +335,30 @@ def test_a_tracking_server_restart_mid_run_loses_nothing(tmp_path, monkeypatch):
             assert steps == list(range(epochs + 1))  # every epoch once, and the final value
     finally:
         stop_process_group(server)
+
+
+def test_a_new_sqlite_store_is_made_by_another_process_and_an_existing_one_opened_in_a_thread(tmp_path):
+    import sqlite3
+    import threading
+
+    from gdlab import stores
+
+    uri = f"sqlite:///{tmp_path / 'new' / 'mlflow.db'}"
+    stores.open_in_background(uri)
+    maker = next(o for o in stores._OPENING[uri] if isinstance(o, subprocess.Popen))
+    assert maker.wait(timeout=300) == 0
+    with sqlite3.connect(tmp_path / "new" / "mlflow.db") as db:  # MLflow's tables, made over there
+        tables = {row[0] for row in db.execute("select name from sqlite_master where type = 'table'")}
+        head = db.execute("select version_num from alembic_version").fetchall()
+    assert {"runs", "metrics", "experiments", "alembic_version"} <= tables and len(head) == 1
+    client = stores.mlflow_client(uri)
+    assert uri not in stores._OPENING
+    assert [e.name for e in client.search_experiments()] == ["Default"]
+    run = client.create_run("0")
+    client.log_metric(run.info.run_id, "x", 1.5)
+    assert client.get_run(run.info.run_id).data.metrics == {"x": 1.5}
+
+    again = uri.replace("/new/", "/new/./")  # the same file, not yet opened by that URI
+    stores.open_in_background(again)
+    assert [type(o) for o in stores._OPENING[again]] == [threading.Thread]
+    assert stores.mlflow_client(again).get_run(run.info.run_id).data.metrics == {"x": 1.5}

@@ -122,7 +122,7 @@ def default_out_dir(target: str) -> Path:
 
 
 def make_client(uri: str):
-    from gdlab.tracking import mlflow_client  # also ends runs that dead processes left RUNNING
+    from gdlab.stores import mlflow_client  # also ends runs that dead processes left RUNNING
 
     # Opening a SQLite URI creates the database: a mistyped path must not leave an empty store behind.
     if uri.startswith("sqlite:///"):
@@ -206,8 +206,8 @@ def read_histories(client, runs: list) -> dict | None:
     return read_metric_histories(client, [run.info.run_id for run in runs], keys)
 
 
-def load_runs(client, target: str) -> tuple[list[TrackedRun], str | None]:
-    runs, parent_id = find_runs(client, target)
+def load_runs(client, target: str, children: list | None = None) -> tuple[list[TrackedRun], str | None]:
+    runs, parent_id = (children, target) if children is not None else find_runs(client, target)
     # Only training runs log train/loss: a sweep's parent run, in the same experiment, is left out.
     runs = [run for run in runs if "train/loss" in run.data.metrics]
     histories = read_histories(client, runs)
@@ -218,9 +218,11 @@ def load_runs(client, target: str) -> tuple[list[TrackedRun], str | None]:
     return runs, parent_id
 
 
-def read_runs(client, uri: str, target: str) -> tuple[list[TrackedRun], str | None]:
+def read_runs(
+    client, uri: str, target: str, children: list | None = None
+) -> tuple[list[TrackedRun], str | None]:
     try:
-        return load_runs(client, target)
+        return load_runs(client, target, children)
     except ReportError:
         raise
     except Exception as error:  # an unreachable server, a store of another MLflow version, ...
@@ -419,8 +421,10 @@ def build_report(
     epochs: list[int] | None = None,
     objective: str | None = None,
     log: bool = True,
+    children: list | None = None,
 ) -> Report:
-    """Report on experiment `target`, or on the child runs of parent run `target`.
+    """Report on experiment `target`, or on the child runs of parent run `target` (`children`: those runs,
+    as MLflow's `Run`s, where the caller has just read them all).
 
     Writes report.md, the tables as CSV and the PNGs to `out` (default reports/<target>); a parent run
     gets them as artifacts under report/ unless `log` is False. Raises ReportError for what a user must
@@ -428,7 +432,7 @@ def build_report(
     """
     uri = tracking_uri or default_tracking_uri()
     client = make_client(uri)
-    runs, parent_run_id = read_runs(client, uri, target)
+    runs, parent_run_id = read_runs(client, uri, target, children)
     refits = [run for run in runs if run.tags.get(ROLE_TAG) == REFIT_ROLE]
     runs = [run for run in runs if run not in refits]  # the trials: what the sweep ranked
     if not runs:

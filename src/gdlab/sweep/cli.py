@@ -24,6 +24,7 @@ import optuna
 from gdlab.config import TEST_METRICS, ConfigError
 from gdlab.interrupts import PENDING, InterruptHandler, failure_reason
 from gdlab.masking import error_line, install_log_masking, mask_passwords
+from gdlab.stores import open_in_background
 from gdlab.sweep.parent_run import (
     end_parent_run,
     finish_parent_run,
@@ -53,7 +54,7 @@ from gdlab.sweep.study import (
     check_same_search_space,
     make_storage,
 )
-from gdlab.tracking import PARENT_ENV, TrackingUnavailable, open_in_background, tracking_uri
+from gdlab.tracking import PARENT_ENV, TrackingUnavailable, tracking_uri
 
 STUDY_NAME = re.compile(r"[A-Za-z0-9_\-][A-Za-z0-9_.\-]{0,99}")
 OVERRIDES_ENV = "GDLAB_SWEEP_OVERRIDES"  # a worker's overrides, off its command line

@@ -22,6 +22,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from gdlab.masking import error_line, install_log_masking, mask_passwords, mask_saved_hydra_configs
+from gdlab.stores import mlflow_client
 from gdlab.sweep.selection import selected_on
 from gdlab.tracking import (
     PARENT_ENV,
@@ -33,7 +34,6 @@ from gdlab.tracking import (
     artifact_root,
     experiment_name,
     get_or_create_experiment,
-    mlflow_client,
     tracking_uri,
 )
 
@@ -72,10 +72,13 @@ def finish_parent_run(cfg: DictConfig, parent_run_id: str, report_dir: str | Pat
 
     os.environ.pop(PARENT_ENV, None)
     client = mlflow_client(tracking_uri(cfg))
+    from gdlab.report import search_all_runs
+
     parent = client.get_run(parent_run_id)
-    children = trial_runs(client.search_runs(
-        [parent.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}'"
-    ))  # fmt: skip
+    every_child = search_all_runs(
+        client, parent.info.experiment_id, f"tags.mlflow.parentRunId = '{parent_run_id}'"
+    )
+    children = trial_runs(every_child)
     client.set_tag(parent_run_id, SELECTED_ON_TAG, selected_on(cfg))
     summary = best_child(children, f"final/{cfg.objective}", cfg.direction)
     finished = sum(run.info.status == "FINISHED" for run in children)
@@ -95,7 +98,7 @@ def finish_parent_run(cfg: DictConfig, parent_run_id: str, report_dir: str | Pat
     if result is not None:
         log_result(client, parent_run_id, result)
     if children:
-        attach_report(cfg, parent_run_id, report_dir)
+        attach_report(cfg, parent_run_id, report_dir, every_child)
     client.set_terminated(parent_run_id, status="FINISHED" if finished or not children else "FAILED")
     return summary
 
@@ -124,13 +127,15 @@ def end_parent_run(cfg: DictConfig, parent_run_id: str, status: str, reason: str
     client.set_terminated(parent_run_id, status=status)
 
 
-def attach_report(cfg: DictConfig, parent_run_id: str, report_dir: str | Path | None) -> None:
-    """gdlab-report on the sweep's children, logged to the parent; a failure here costs only the report."""
+def attach_report(cfg: DictConfig, parent_run_id: str, report_dir: str | Path | None,
+                  children: list | None = None) -> None:  # fmt: skip
+    """gdlab-report on the sweep's children (all of them, where the caller has read them), logged to the
+    parent; a failure here costs only the report."""
     from gdlab.report import ReportError, build_report
 
     try:
         report = build_report(parent_run_id, tracking_uri=tracking_uri(cfg), out=report_dir,
-                              objective=f"final/{cfg.objective}")  # fmt: skip
+                              objective=f"final/{cfg.objective}", children=children)  # fmt: skip
         print(f"gdlab: sweep report in {report.paths[0].parent}")
     except (ReportError, Exception) as error:
         print(f"gdlab: no sweep report: {error_line(error)}")
@@ -339,6 +344,11 @@ def _repair(client, study: optuna.Study) -> int:
     return repaired
 
 
+# Optuna's plots that compare parameters: with one searched parameter there is nothing to compare (its
+# importance is 1, one axis, no pair); the slice plot already shows it.
+MULTI_PARAM_PLOTS = ("param_importances", "parallel_coordinate", "contour")
+
+
 def log_study_plots(task: DictConfig, parent_run_id: str, study: optuna.Study) -> None:
     """Optuna's own plots, as PNGs on the parent run; a plot that needs more trials is skipped."""
     import tempfile
@@ -353,6 +363,8 @@ def log_study_plots(task: DictConfig, parent_run_id: str, study: optuna.Study) -
         "slice": plots.plot_slice,
         "contour": plots.plot_contour,
     }
+    if len({name for trial in study.get_trials(deepcopy=False) for name in trial.params}) < 2:
+        makers = {name: make for name, make in makers.items() if name not in MULTI_PARAM_PLOTS}
     with tempfile.TemporaryDirectory() as folder:
         for name, make in makers.items():
             try:

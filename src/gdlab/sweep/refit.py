@@ -112,9 +112,10 @@ def parent_run(parent_run_id: str | None) -> Iterator[None]:
 def multirun_result(task: DictConfig, parent_run_id: str, output_dir: Path) -> SweepResult | None:
     """`gdlab-train -m`'s result: its best job (by the objective, from MLflow) refit from the config and
     overrides Hydra saved in the job's folder, or that job's own test metrics. None without a finished job."""
+    from gdlab.stores import mlflow_client
     from gdlab.sweep.parent_run import best_child, trial_runs
     from gdlab.sweep.selection import refit_enabled, selected_on
-    from gdlab.tracking import mlflow_client, tracking_uri
+    from gdlab.tracking import tracking_uri
 
     client = mlflow_client(tracking_uri(task))
     experiment = client.get_run(parent_run_id).info.experiment_id

@@ -18,8 +18,8 @@ import optuna
 from optuna.trial import TrialState
 
 from gdlab.masking import error_line, mask_passwords
+from gdlab.stores import store_lock
 from gdlab.sweep.spec import SweepError, SweepSpec, search_space_signature
-from gdlab.tracking import store_lock
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 STORAGE_ENV = "GDLAB_OPTUNA_STORAGE"

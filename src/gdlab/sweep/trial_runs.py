@@ -25,6 +25,7 @@ from gdlab.data import SPLIT_METRICS
 from gdlab.masking import error_line, mask_passwords
 from gdlab.repair import process_tags
 from gdlab.replicates import summarize
+from gdlab.stores import mlflow_client
 from gdlab.tracking import (
     CURVES_ENDING_AT_FINAL,
     PARENT_ENV,
@@ -34,7 +35,6 @@ from gdlab.tracking import (
     experiment_of_run,
     flatten,
     get_or_create_experiment,
-    mlflow_client,
     tracking_uri,
     trial_run_name,
 )

@@ -364,7 +364,8 @@ def taken_from_us(trial: optuna.Trial, results: list, running: set[int] | None =
         run_id = result.final.get("mlflow_run_id")
         if not run_id:
             continue
-        from gdlab.tracking import mlflow_client, tracking_uri
+        from gdlab.stores import mlflow_client
+        from gdlab.tracking import tracking_uri
 
         try:
             client = mlflow_client(tracking_uri(result.config))
