@@ -11,7 +11,8 @@ import torch
 from mlflow import MlflowClient
 
 import gdlab
-from gdlab.report import TrackedRun, build_report, make_final_table
+from gdlab.report import TrackedRun, build_report
+from gdlab.report.tables import make_final_table
 
 GDLAB_REPORT = str(Path(sys.executable).with_name("gdlab-report"))
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -224,7 +225,7 @@ def test_a_diverged_run_sorts_last_whatever_its_last_logged_loss():
 
 def test_loss_against_evaluations_colours_by_rule_not_by_seed_or_lr():
     from gdlab.report import TrackedRun
-    from gdlab.report_figures import rule_labels
+    from gdlab.report.figures import rule_labels
 
     def run(**params):
         return TrackedRun(run_id="x", name="x", params=params, curves=pd.DataFrame())
@@ -242,8 +243,8 @@ def test_sweep_figures_at_64_runs_colour_by_lr_mark_pruned_and_failed_and_surviv
     """The data behind each figure of a 64-run lr sweep: which runs, which scales, which marked how."""
     import numpy as np
 
-    from gdlab.report import assign_labels, differing_params
-    from gdlab.report_figures import write_figures
+    from gdlab.report.figures import write_figures
+    from gdlab.report.tables import assign_labels, differing_params
 
     lrs = np.logspace(-3, 1, 64)
     runs = []

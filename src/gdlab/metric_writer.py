@@ -350,6 +350,6 @@ def _raise(error: Exception) -> None:
 
 
 if __name__ == "__main__":
-    from gdlab.entry import exit_now
+    from gdlab.process_exit import exit_now
 
     exit_now(lambda: main(os.environ[URI_ENV]))  # everything is written once main returns

@@ -38,7 +38,8 @@ OUTPUT_DIR_TAG = "gdlab.output_dir"  # a gdlab-train job's folder: its .hydra/ c
 # History columns not sent to MLflow as metrics: the epoch is the step, MLflow stamps each value with
 # its wall time, and the other two repeat a logged one (train/loss, ls_failures).
 UNLOGGED = frozenset({"epoch", "time", "loss_before", "ls_failed"})
-# What a run logs as final/<metric> (gdlab-report's table, report.FINAL_TABLE_METRICS, is another list).
+# What a run logs as final/<metric> (gdlab-report's table, gdlab.report.tables.FINAL_TABLE_METRICS, is
+# another list).
 LOGGED_FINAL_METRICS = (*SPLIT_METRICS, "objective", "epochs", "evals", "wall_time", "rows/train", "rows/val",
                         "rows/test")  # fmt: skip
 # Curves whose last point (step = epochs) is the final value, so a curve's latest value equals final/<key>.

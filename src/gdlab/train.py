@@ -293,7 +293,9 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'gdlab.train' has no attribute {name!r}")
 
 
-if __name__ == "__main__":
-    from gdlab.entry import train
+if (
+    __name__ == "__main__"
+):  # `python -m gdlab.train`: gdlab-train (gdlab.entry.train) without the console script
+    from gdlab.process_exit import exit_now
 
-    train()
+    exit_now(main)

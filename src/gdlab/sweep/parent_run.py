@@ -23,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from gdlab.masking import error_line, install_log_masking, mask_passwords, mask_saved_hydra_configs
 from gdlab.stores import mlflow_client
-from gdlab.sweep.selection import selected_on
+from gdlab.sweep.selection import refit_enabled, selected_on
 from gdlab.tracking import (
     PARENT_ENV,
     REFIT_ROLE,
@@ -72,7 +72,7 @@ def finish_parent_run(cfg: DictConfig, parent_run_id: str, report_dir: str | Pat
 
     os.environ.pop(PARENT_ENV, None)
     client = mlflow_client(tracking_uri(cfg))
-    from gdlab.report import search_all_runs
+    from gdlab.report.runs import search_all_runs
 
     parent = client.get_run(parent_run_id)
     every_child = search_all_runs(
@@ -157,7 +157,7 @@ def best_child(children: list, objective: str, direction: str) -> dict:
 
 def varied_params_of(run, children: list) -> dict:
     """The params of `run` that the sweep varied among `children` (gdlab-report's rule)."""
-    from gdlab.report import differing_keys
+    from gdlab.report.tables import differing_keys
 
     varying = differing_keys([child.data.params for child in children])
     return {k: run.data.params[k] for k in varying if k in run.data.params}
@@ -200,8 +200,6 @@ class MlflowSweepCallback(Callback):
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
         mask_saved_hydra_configs(Path(str(config.hydra.sweep.dir)))  # Hydra's multirun.yaml
         if self.parent_run_id:
-            from gdlab.sweep.refit import multirun_result
-
             sweep_dir, task = Path(str(config.hydra.sweep.dir)), _task_config(config)
             try:
                 result = multirun_result(task, self.parent_run_id, sweep_dir / "refit")
@@ -212,6 +210,41 @@ class MlflowSweepCallback(Callback):
             if result is not None:
                 print(f"gdlab-train: {result.line()}", flush=True)
             self.parent_run_id = None
+
+
+def multirun_result(task: DictConfig, parent_run_id: str, output_dir: Path) -> SweepResult | None:
+    """`gdlab-train -m`'s result: its best job (by the objective, from MLflow) refit from the config and
+    overrides Hydra saved in the job's folder, or that job's own test metrics. None without a finished job."""
+    from gdlab.config import TEST_METRICS, validate
+    from gdlab.sweep.refit import SweepResult, refit, wants_refit
+    from gdlab.tracking import OUTPUT_DIR_TAG
+
+    client = mlflow_client(tracking_uri(task))
+    experiment = client.get_run(parent_run_id).info.experiment_id
+    children = trial_runs(client.search_runs([experiment], f"tags.mlflow.parentRunId = '{parent_run_id}'"))
+    best = best_child(children, f"final/{task.objective}", task.direction).get("run")
+    if best is None:
+        return None
+    job_dir = Path(best.data.tags.get(OUTPUT_DIR_TAG, ""))
+    trial = f"job #{job_dir.name}" if job_dir.name else f"run {best.info.run_id[:8]}"
+    saved = job_dir / ".hydra" / "config.yaml"
+    if refit_enabled(task) and saved.is_file():
+        cfg = OmegaConf.load(saved)
+        cfg.tracking = task.tracking  # the saved one is masked; the sweep's own is this process's
+        cfg = validate(cfg)
+        if wants_refit(cfg):
+            overrides = [str(o) for o in OmegaConf.load(job_dir / ".hydra" / "overrides.yaml")]
+            print(
+                f"gdlab-train: refit of {trial} ({task.objective} "
+                f"{best.data.metrics[f'final/{task.objective}']:.6g}) on its train + val rows",
+                flush=True,
+            )
+            return refit(cfg, overrides, output_dir, trial, parent_run_id)
+    metrics = {key: best.data.metrics[f"final/{key}"] for key in TEST_METRICS
+               if f"final/{key}" in best.data.metrics}  # fmt: skip
+    if not metrics:
+        return None
+    return SweepResult(metrics, trial, False, selected_on(task), run_id=best.info.run_id)
 
 
 def check_multirun_selection(task: DictConfig) -> None:

@@ -21,7 +21,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from gdlab.config import TEST_METRICS, validate
-from gdlab.tracking import OUTPUT_DIR_TAG, PARENT_ENV, REFIT_ROLE, ROLE_TAG, run_name
+from gdlab.tracking import PARENT_ENV, REFIT_ROLE, ROLE_TAG, run_name
 
 REFIT_OVERRIDE = "dataset.val_size=0"
 
@@ -107,42 +107,6 @@ def parent_run(parent_run_id: str | None) -> Iterator[None]:
             os.environ.pop(PARENT_ENV, None)
         else:
             os.environ[PARENT_ENV] = before
-
-
-def multirun_result(task: DictConfig, parent_run_id: str, output_dir: Path) -> SweepResult | None:
-    """`gdlab-train -m`'s result: its best job (by the objective, from MLflow) refit from the config and
-    overrides Hydra saved in the job's folder, or that job's own test metrics. None without a finished job."""
-    from gdlab.stores import mlflow_client
-    from gdlab.sweep.parent_run import best_child, trial_runs
-    from gdlab.sweep.selection import refit_enabled, selected_on
-    from gdlab.tracking import tracking_uri
-
-    client = mlflow_client(tracking_uri(task))
-    experiment = client.get_run(parent_run_id).info.experiment_id
-    children = trial_runs(client.search_runs([experiment], f"tags.mlflow.parentRunId = '{parent_run_id}'"))
-    best = best_child(children, f"final/{task.objective}", task.direction).get("run")
-    if best is None:
-        return None
-    job_dir = Path(best.data.tags.get(OUTPUT_DIR_TAG, ""))
-    trial = f"job #{job_dir.name}" if job_dir.name else f"run {best.info.run_id[:8]}"
-    saved = job_dir / ".hydra" / "config.yaml"
-    if refit_enabled(task) and saved.is_file():
-        cfg = OmegaConf.load(saved)
-        cfg.tracking = task.tracking  # the saved one is masked; the sweep's own is this process's
-        cfg = validate(cfg)
-        if wants_refit(cfg):
-            overrides = [str(o) for o in OmegaConf.load(job_dir / ".hydra" / "overrides.yaml")]
-            print(
-                f"gdlab-train: refit of {trial} ({task.objective} "
-                f"{best.data.metrics[f'final/{task.objective}']:.6g}) on its train + val rows",
-                flush=True,
-            )
-            return refit(cfg, overrides, output_dir, trial, parent_run_id)
-    metrics = {key: best.data.metrics[f"final/{key}"] for key in TEST_METRICS
-               if f"final/{key}" in best.data.metrics}  # fmt: skip
-    if not metrics:
-        return None
-    return SweepResult(metrics, trial, False, selected_on(task), run_id=best.info.run_id)
 
 
 def wants_refit(cfg: DictConfig) -> bool:

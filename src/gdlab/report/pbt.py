@@ -20,11 +20,11 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from gdlab.report_figures import Drawn, log_spaced, new_figure, ranked, save
+from gdlab.report.figures import Drawn, log_spaced, new_figure, ranked, save
 from gdlab.tracking import short_number
 
 if TYPE_CHECKING:
-    from gdlab.report import TrackedRun
+    from gdlab.report.runs import TrackedRun
 
 PBT_TAG = "pbt.member"  # gdlab.fit tags each PBT member's run with its slot
 

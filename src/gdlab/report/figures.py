@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 from gdlab.tracking import short_number
 
 if TYPE_CHECKING:
-    from gdlab.report import TrackedRun
+    from gdlab.report.runs import TrackedRun
 
 PNG_DPI = 100
 LEGEND_RUNS = 8  # more runs than this: a colour bar instead of a legend
