@@ -19,6 +19,7 @@ from optuna.trial import TrialState
 
 from gdlab.masking import error_line, mask_passwords
 from gdlab.stores import store_lock
+from gdlab.sweep import owned_trials
 from gdlab.sweep.spec import SweepError, SweepSpec, search_space_signature
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
@@ -28,7 +29,8 @@ GRACE_SECONDS = 30
 
 
 def make_storage(url: str, heartbeat: int = HEARTBEAT_SECONDS, grace: int = GRACE_SECONDS):
-    """RDB storage with heartbeats: a trial whose process died goes FAIL and is retried (twice)."""
+    """RDB storage with heartbeats: a trial whose process died goes FAIL and is retried (twice); a population
+    batch's asks do not re-read the batch (gdlab.sweep.owned_trials)."""
     is_sqlite = url.startswith("sqlite")
     engine_kwargs = {"connect_args": {"timeout": 60}} if is_sqlite else {"pool_pre_ping": True}
     database = Path(url[len("sqlite:///") :]) if url.startswith("sqlite:///") else None
@@ -38,13 +40,13 @@ def make_storage(url: str, heartbeat: int = HEARTBEAT_SECONDS, grace: int = GRAC
         # Processes started together on a new SQLite file create Optuna's tables once, under a lock.
         with store_lock(database) if database is not None else contextlib.nullcontext():
             check_is_optuna_database(url)
-            return optuna.storages.RDBStorage(
+            return owned_trials.wrap(optuna.storages.RDBStorage(
                 url,
                 engine_kwargs=engine_kwargs,
                 heartbeat_interval=heartbeat,
                 grace_period=grace,
                 heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=2),
-            )
+            ))  # fmt: skip
     except SweepError:
         raise
     except Exception as error:

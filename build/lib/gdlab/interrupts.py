@@ -1,0 +1,97 @@
+"""SIGTERM and SIGINT to a gdlab command: stop, leave every run (and trial) in a final state, exit 143/130.
+
+systemd, docker and SLURM send SIGTERM to the whole process group, a terminal sends SIGINT (Ctrl-C). The
+first one raises `Interrupted` wherever the command is; Lightning turns it into SystemExit inside a fit,
+gdlab.fit closes that batch's runs KILLED, gdlab-sweep's trials layer tells Optuna FAIL and its CLI ends the
+parent run KILLED; the command exits with 128 + the signal number. Later signals are ignored while that
+cleanup runs.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+
+SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+class Interrupted(KeyboardInterrupt):
+    """Raised by the first SIGTERM/SIGINT. A KeyboardInterrupt, so Optuna's study.optimize fails the
+    running trial and Lightning shuts its loop down as it does for Ctrl-C."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+class InterruptHandler:
+    """Remembers the first signal and raises `Interrupted` once."""
+
+    def __init__(self):
+        self.signum: int | None = None
+
+    def __call__(self, signum: int, frame) -> None:
+        if self.signum is not None:
+            return  # cleanup is running: let it finish
+        self.signum = signum
+        raise Interrupted(signum)
+
+    def install(self, signals=SIGNALS) -> InterruptHandler:
+        for signum in signals:
+            signal.signal(signum, self)
+        return self
+
+    @property
+    def name(self) -> str:
+        return signal.Signals(self.signum).name if self.signum else ""
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + (self.signum or signal.SIGINT)
+
+
+def failure_reason(handler: InterruptHandler) -> str:
+    return f"interrupted by {handler.name or 'a signal'}"
+
+
+def interruption_reason(stop: BaseException) -> str:
+    """Why a fit stopped, from what it raised: gdlab's `Interrupted`, Lightning's SIGTERMException, or a plain
+    Ctrl-C, possibly under the SystemExit Lightning raises after shutting its loop down."""
+    seen = stop
+    while seen is not None:
+        if isinstance(seen, Interrupted):
+            return f"interrupted by {signal.Signals(seen.signum).name}"
+        if type(seen).__name__ == "SIGTERMException":  # Lightning's, a SystemExit
+            return "interrupted by SIGTERM"
+        if isinstance(seen, KeyboardInterrupt):
+            return "interrupted by SIGINT"
+        seen = seen.__cause__ or seen.__context__
+    return "interrupted"
+
+
+class PendingSigterm:
+    """SIGTERM while a command starts (imports and composing take seconds on a busy machine): remembered
+    instead of the default action's exit -15 with nothing said, and acted on once the command can: gdlab-sweep
+    stops before any trial, gdlab-train delivers it again once Lightning's own handler is in place
+    (`deliver`, from TrainingModule.on_train_start), so the run ends KILLED after its first epoch."""
+
+    def __init__(self):
+        self.signum: int | None = None
+        self.installed = False
+
+    def __call__(self, signum: int, frame) -> None:
+        self.signum = signum
+
+    def install(self) -> PendingSigterm:
+        signal.signal(signal.SIGTERM, self)
+        self.installed = True
+        return self
+
+    def deliver(self) -> None:
+        """Send a SIGTERM that arrived during start-up again, to whatever handles SIGTERM now."""
+        if self.signum is not None and signal.getsignal(signal.SIGTERM) is not self:
+            self.signum = None
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+PENDING = PendingSigterm()  # installed by the console scripts' first line (gdlab.entry)

@@ -1,0 +1,104 @@
+"""Runs left RUNNING by a dead gdlab process end KILLED the next time any gdlab command opens their store.
+
+Every run gdlab creates carries the host and the process that made it (`process_tags`). A kill -9, an
+OOM kill or a power cut leaves the run RUNNING in MLflow forever; the first `mlflow_client` a later gdlab
+process opens on that store ends such runs of this host whose process is gone (`repair_dead_runs`).
+A process is identified by its pid and its start time, so a recycled pid does not keep a dead run alive.
+A pid means something only in its pid namespace and until the machine reboots, so the run also records
+both (containers with host networking and pods share a hostname but not a pid namespace). Runs of other
+hosts, other pid namespaces, other boots, or without those records are left alone: only where a run's
+process was started can anyone tell whether it is still training.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+HOST_TAG = "gdlab.host"
+PID_TAG = "gdlab.pid"
+PROCESS_TAG = "gdlab.process"  # "<pid>:<start time in clock ticks>" where /proc has it
+PID_NAMESPACE_TAG = "gdlab.pid_namespace"  # /proc/self/ns/pid's link: "pid:[4026531836]"
+BOOT_TAG = "gdlab.boot_id"  # /proc/sys/kernel/random/boot_id: a new one at every boot
+
+
+def process_identity(pid: int) -> str | None:
+    """pid and start time of a live process (None: no such process, or no /proc here)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return f"{pid}:{stat.rsplit(')', 1)[1].split()[19]}"  # field 22, starttime
+
+
+def process_tags() -> dict[str, str]:
+    """What a run records of the process that trains it."""
+    pid = os.getpid()
+    tags = {HOST_TAG: socket.gethostname(), PID_TAG: str(pid)}
+    identity = process_identity(pid)
+    if identity:
+        tags[PROCESS_TAG] = identity
+    tags.update({key: value for key, value in where_pids_mean_something().items() if value})
+    return tags
+
+
+def where_pids_mean_something() -> dict[str, str | None]:
+    """This process's pid namespace and boot (None where the system does not say)."""
+    try:
+        namespace = os.readlink("/proc/self/ns/pid")
+    except OSError:
+        namespace = None
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        boot = None
+    return {PID_NAMESPACE_TAG: namespace, BOOT_TAG: boot}
+
+
+def process_alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process
+    return True
+
+
+def made_by_dead_process(tags: dict) -> bool:
+    """True for a run of this host whose process is gone; False when unsure (another host, pid namespace or
+    boot, or a run that does not record them)."""
+    if tags.get(HOST_TAG) != socket.gethostname() or not tags.get(PID_TAG, "").isdigit():
+        return False
+    here = where_pids_mean_something()
+    if any(value is None or tags.get(key) != value for key, value in here.items()):
+        return False
+    pid = int(tags[PID_TAG])
+    if pid == os.getpid():
+        return False
+    identity, now = tags.get(PROCESS_TAG), process_identity(pid)
+    if identity and now is not None:  # the pid is visible here: is it still the same process?
+        return now != identity
+    return not process_alive(pid)  # a pid we cannot see (hidepid, another pid namespace) is alive
+
+
+def repair_dead_runs(client) -> int:
+    """End as KILLED every RUNNING run whose gdlab process on this host died; how many were ended."""
+    experiment_ids = [e.experiment_id for e in client.search_experiments()]
+    if not experiment_ids:
+        return 0
+    host = socket.gethostname().replace("'", "")
+    running = client.search_runs(
+        experiment_ids, filter_string=f"attributes.status = 'RUNNING' and tags.`{HOST_TAG}` = '{host}'",
+        max_results=5000,
+    )  # fmt: skip
+    repaired = 0
+    for run in running:
+        if made_by_dead_process(run.data.tags):
+            client.set_tag(run.info.run_id, "failure.reason", f"its process ({run.data.tags[PID_TAG]}) died")
+            client.set_terminated(run.info.run_id, status="KILLED")
+            repaired += 1
+    return repaired

@@ -1,0 +1,3 @@
+from gdlab.entry import report
+
+report()

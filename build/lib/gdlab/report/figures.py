@@ -1,0 +1,364 @@
+"""gdlab-report's figures, readable from 2 runs to a 64+ run sweep.
+
+- `objective_vs_params.png`: the objective against each varied parameter (the view that answers "which
+  lr"), log x where the values span a decade or more; the top 5 starred and labelled.
+- `loss_curves.png`, `accuracy_curves.png`: one line per run. Up to LEGEND_RUNS runs, a legend; more,
+  coloured by the first varied numeric parameter with a colour bar, the top 5 drawn thick and labelled.
+- `loss_vs_evals.png`: train loss against function evaluations; one colour per step-size rule when rules
+  differ, else coloured as the curves.
+Everywhere pruned runs are dashed and faded, failed or killed runs dotted and faded, labels use 3
+significant digits, and a log loss axis is capped at twice the largest starting loss, so a diverging
+member cannot flatten the others. Each figure comes with a `Drawn`: the data behind it, for tests.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from gdlab.tracking import short_number
+
+if TYPE_CHECKING:
+    from gdlab.report.runs import TrackedRun
+
+PNG_DPI = 100
+LEGEND_RUNS = 8  # more runs than this: a colour bar instead of a legend
+TOP_K = 5
+UNRULED = ("optimizer.name", "optimizer.lr")  # what does not make another rule
+OK, PRUNED, FAILED = "ok", "pruned", "failed"
+
+
+@dataclass
+class Drawn:
+    """What a figure shows: its file, axis scales, and which runs are drawn how (by run label)."""
+
+    path: Path
+    xscale: str = "linear"
+    yscale: str = "linear"
+    runs: list[str] = field(default_factory=list)
+    pruned: list[str] = field(default_factory=list)
+    failed: list[str] = field(default_factory=list)
+    top: list[str] = field(default_factory=list)  # best first
+    colour_by: str | None = None  # the parameter of the colour bar, if any
+    ylim: tuple[float, float] | None = None  # a loss axis' limits, set so diverging runs cannot flatten it
+    lineage: list[str] = field(
+        default_factory=list
+    )  # PBT: the members whose slots trained the best's weights
+    title: str = ""  # the figure's title, where it carries the sweep's result or caveat
+    spread: list[str] = field(default_factory=list)  # runs drawn with their members' spread (bands, bars)
+
+
+def run_state(run: TrackedRun) -> str:
+    if run.tags.get("optuna.state") == "PRUNED":
+        return PRUNED
+    if run.status in ("FAILED", "KILLED") or run.diverged_at is not None:
+        return FAILED
+    return OK
+
+
+def objective_value(run: TrackedRun, objective: str) -> float:
+    value = run.latest.get(objective, math.nan)
+    return math.nan if run.diverged_at is not None else float(value)
+
+
+def ranked(runs: list[TrackedRun], objective: str, direction: str) -> list[TrackedRun]:
+    """The runs that finished with a finite objective, best first."""
+    scored = [run for run in runs if run_state(run) == OK and math.isfinite(objective_value(run, objective))]
+    return sorted(scored, key=lambda run: objective_value(run, objective), reverse=direction == "maximize")
+
+
+def numeric(runs: list[TrackedRun], key: str) -> list[float] | None:
+    try:
+        return [float(run.params[key]) for run in runs if key in run.params]
+    except ValueError:
+        return None
+
+
+def log_spaced(values: list[float]) -> bool:
+    """Positive values spanning a decade or more: drawn on a log axis (as a log-uniform search space)."""
+    finite = [v for v in values if math.isfinite(v)]
+    return bool(finite) and min(finite) > 0 and max(finite) / min(finite) >= 10
+
+
+def new_figure(width: float = 9.0, height: float = 5.5, columns: int = 1):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    # A Figure with its own Agg canvas, not pyplot: a notebook's backend and open figures are left alone.
+    figure = Figure(figsize=(width, height))
+    FigureCanvasAgg(figure)
+    return figure, figure.subplots(1, columns, squeeze=False)[0]
+
+
+def save(figure, path: Path) -> Path:
+    figure.tight_layout()
+    figure.savefig(path, dpi=PNG_DPI)
+    return path
+
+
+class Palette:
+    """Each run's colour and line style in the curve figures."""
+
+    def __init__(self, runs: list[TrackedRun], varied: list[str], objective: str, direction: str):
+        from matplotlib import colormaps
+        from matplotlib.colors import LogNorm, Normalize
+
+        self.runs, self.objective = runs, objective
+        self.top = ranked(runs, objective, direction)[:TOP_K]
+        self.legend = len(runs) <= LEGEND_RUNS
+        # the colour bar's parameter: the numeric one with the most distinct values (lr, not depth)
+        candidates = [k for k in varied if numeric(runs, k) is not None] if not self.legend else []
+        self.key = max(candidates, key=lambda k: len(set(numeric(runs, k))), default=None)
+        self.norm = self.cmap = None
+        if self.key is not None:
+            values = numeric(runs, self.key)
+            self.norm = (LogNorm if log_spaced(values) else Normalize)(min(values), max(values))
+            self.cmap = colormaps["viridis"]
+
+    def colour(self, index: int, run: TrackedRun):
+        if self.key is not None and self.key in run.params:
+            return self.cmap(self.norm(float(run.params[self.key])))
+        return f"C{index % 10}"
+
+    def style(self, index: int, run: TrackedRun) -> dict:
+        state = run_state(run)
+        style = {"color": self.colour(index, run), "linewidth": 1.2, "alpha": 0.85}
+        if state == PRUNED:
+            style.update(linestyle="--", alpha=0.35)
+        elif state == FAILED:
+            style.update(linestyle=":", alpha=0.35, color="0.45")
+        if run in self.top and not self.legend:
+            style.update(linewidth=2.4, alpha=1.0, zorder=3)
+        if self.legend:
+            style["label"] = run.label + {PRUNED: " (pruned)", FAILED: f" ({run.outcome})"}.get(state, "")
+        return style
+
+    def finish(self, figure, ax, drawn: Drawn) -> None:
+        """The legend or the colour bar, and the drawn runs' record."""
+        if self.legend:
+            ax.legend(fontsize="small")
+        elif self.key is not None:
+            from matplotlib.cm import ScalarMappable
+
+            figure.colorbar(ScalarMappable(norm=self.norm, cmap=self.cmap), ax=ax, label=self.key)
+            drawn.colour_by = self.key
+        drawn.runs = [run.label for run in self.runs]
+        drawn.pruned = [run.label for run in self.runs if run_state(run) == PRUNED]
+        drawn.failed = [run.label for run in self.runs if run_state(run) == FAILED]
+        drawn.top = [run.label for run in self.top]
+
+
+def mark_rank(ax, rank: int, x: float, y: float) -> None:
+    """ "#rank" beside a point, staggered so that close neighbours stay legible."""
+    ax.annotate(f"#{rank}", (x, y), fontsize=8, fontweight="bold", xytext=(5, 9 * (rank - 3)),
+                textcoords="offset points", va="center",
+                arrowprops={"arrowstyle": "-", "color": "0.4", "linewidth": 0.5})  # fmt: skip
+
+
+def top_box(ax, lines: list[str], title: str) -> None:
+    """The top runs, in full, in a box in the corner."""
+    ax.text(0.99, 0.99, "\n".join([title, *lines]), transform=ax.transAxes, ha="right", va="top", fontsize=8,
+            family="monospace", bbox={"boxstyle": "round", "facecolor": "white", "alpha": 0.85})  # fmt: skip
+
+
+def label_top(ax, palette: Palette, x: dict, y: dict, objective: str) -> None:
+    """Rank the top runs at their last point, and list them with their value and objective."""
+    if palette.legend or not palette.top:
+        return
+    lines = []
+    for rank, run in enumerate(palette.top, 1):
+        if run.run_id in x:
+            mark_rank(ax, rank, x[run.run_id], y[run.run_id])
+        name = f"{palette.key}={short_number(run.params[palette.key])}" if palette.key else run.label
+        lines.append(f"#{rank} {name}: {run.latest.get(objective, math.nan):.3g}")
+    top_box(ax, lines, f"top {len(lines)} by {objective}")
+
+
+def loss_limits(runs: list[TrackedRun], metric: str) -> tuple[float, float] | None:
+    """A log loss axis from the smallest loss to twice the largest starting one (diverging runs clipped)."""
+    curves = [run.curves[metric].dropna() for run in runs if metric in run.curves]
+    values = [v for curve in curves for v in curve.to_numpy() if math.isfinite(v) and v > 0]
+    starts = [float(curve.iloc[0]) for curve in curves if len(curve) and math.isfinite(curve.iloc[0])]
+    if not values or not starts:
+        return None
+    return min(values) * 0.8, max(max(starts) * 2, min(values) * 10)
+
+
+def plot_curves(
+    runs, metric: str, palette: Palette, path: Path, x_metric: str | None = None, **axis
+) -> Drawn:
+    """`metric` of each run against epochs (or against `x_metric`'s curve)."""
+    figure, (ax,) = new_figure(10 if not palette.legend else 9)
+    drawn = Drawn(path, yscale="log" if metric.endswith("loss") else "linear")
+    ends_x, ends_y = {}, {}
+    for index, run in enumerate(runs):
+        columns = [metric] + ([x_metric] if x_metric else [])
+        if not set(columns) <= set(run.curves):
+            continue
+        curve = run.curves[columns].dropna()
+        if x_metric:  # evals/total counts up to its epoch's end, the loss is taken at its start
+            x = curve[x_metric].shift(1, fill_value=0.0).to_numpy()
+        else:
+            x = curve.index.to_numpy()
+        y = curve[metric].to_numpy()
+        if len(x):
+            (line,) = ax.plot(x, y, **palette.style(index, run))
+            ends_x[run.run_id], ends_y[run.run_id] = x[-1], y[-1]
+            spread = f"{metric}_std"
+            if spread in run.curves and not x_metric:  # a trial's members: their mean, and a band of one std
+                std = run.curves[spread].reindex(curve.index).to_numpy()
+                ax.fill_between(x, y - std, y + std, color=line.get_color(), alpha=0.15, linewidth=0)
+                drawn.spread.append(run.label)
+    label_top(ax, palette, ends_x, ends_y, palette.objective)
+    ax.set(yscale=drawn.yscale, xlabel=x_metric or "epoch (step k: the weights after k steps)", ylabel=metric,
+           **axis)  # fmt: skip
+    if drawn.yscale == "log" and (limits := loss_limits(runs, metric)):
+        ax.set_ylim(*limits)
+        drawn.ylim = limits
+    ax.grid(True, alpha=0.3)
+    palette.finish(figure, ax, drawn)
+    save(figure, path)
+    return drawn
+
+
+def plot_objective_vs_params(runs, varied: list[str], objective: str, direction: str,
+                             path: Path, note: str = "") -> Drawn:  # fmt: skip
+    """One panel per varied parameter (at most 4): each run's objective at that parameter's value."""
+    keys = varied[:4]
+    figure, axes = new_figure(9 if len(keys) == 1 else min(6 * len(keys), 18), 5.5, columns=len(keys))
+    scores = [objective_value(run, objective) for run in runs]
+    finite = [s for s in scores if math.isfinite(s)]
+    yscale = "log" if objective.endswith("loss") and log_spaced(finite) else "linear"
+    top = ranked(runs, objective, direction)[:TOP_K]
+    drawn = Drawn(path, yscale=yscale, top=[run.label for run in top])
+    for ax, key in zip(axes, keys, strict=False):
+        values = numeric(runs, key)
+        categorical = values is None
+        xscale = "log" if not categorical and log_spaced(values) else "linear"
+        categories = sorted({run.params[key] for run in runs if key in run.params}) if categorical else []
+        ceiling = max(finite) * (2 if yscale == "log" else 1.05) if finite else 1.0
+        for run, score in zip(runs, scores, strict=True):
+            if key not in run.params:
+                continue
+            x = categories.index(run.params[key]) if categorical else float(run.params[key])
+            state = run_state(run)
+            if state == FAILED or not math.isfinite(score):  # no objective: marked on the top edge
+                ax.scatter(x, ceiling, marker="x", color="tab:red", s=40, zorder=2)
+            elif state == PRUNED:
+                ax.scatter(x, score, facecolors="none", edgecolors="0.5", s=30, zorder=2)
+            else:
+                ax.scatter(x, score, color="tab:blue", s=30, zorder=2)
+                low, high = (run.latest.get(f"{objective}_ci_{end}", math.nan) for end in ("low", "high"))
+                if math.isfinite(low) and math.isfinite(high):  # a trial's members: a 95% interval
+                    ax.errorbar(x, score, yerr=[[max(score - low, 0)], [max(high - score, 0)]], fmt="none",
+                                ecolor="tab:blue", alpha=0.5, capsize=2, zorder=1)  # fmt: skip
+                    if key == keys[0]:
+                        drawn.spread.append(run.label)
+        lines = []
+        for rank, run in enumerate(top, 1):
+            if key in run.params:
+                x = categories.index(run.params[key]) if categorical else float(run.params[key])
+                score = objective_value(run, objective)
+                ax.scatter(x, score, marker="*", color="tab:orange", edgecolors="k", s=160, zorder=3)
+                mark_rank(ax, rank, x, score)
+                lines.append(f"#{rank} {short_number(run.params[key])}: {score:.3g}")
+        top_box(ax, lines, f"top {len(lines)}: {key.rsplit('.', 1)[-1]}: {objective.rsplit('/', 1)[-1]}")
+        if categorical:
+            ax.set_xticks(range(len(categories)), [short_number(c) for c in categories], rotation=30)
+        elif xscale == "linear" and all(v.is_integer() for v in values):  # depth, width: whole numbers
+            from matplotlib.ticker import MaxNLocator
+
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set(xscale=xscale, yscale=yscale, xlabel=key, ylabel=objective)
+        ax.grid(True, alpha=0.3)
+        drawn.xscale = xscale if key == keys[0] else drawn.xscale
+    from matplotlib.lines import Line2D
+
+    handles = [Line2D([], [], marker="o", linestyle="", color="tab:blue", label="finished"),
+               Line2D([], [], marker="o", linestyle="", markerfacecolor="none", color="0.5", label="pruned"),
+               Line2D([], [], marker="x", linestyle="", color="tab:red", label="failed (no objective)"),
+               Line2D([], [], marker="*", linestyle="", color="tab:orange", markersize=12,
+                      label=f"top {len(top)} ({direction})")]  # fmt: skip
+    axes[0].legend(handles=handles, fontsize="small", loc="lower left")
+    bars = " (bars: 95% interval over each trial's folds and seeds)" if drawn.spread else ""
+    drawn.title = f"{objective} against what the runs vary ({len(runs)} runs){bars}"
+    drawn.title += f"\n{note}" if note else ""
+    figure.suptitle(drawn.title, fontsize=10 if note else None)
+    drawn.runs = [run.label for run in runs]
+    drawn.pruned = [run.label for run in runs if run_state(run) == PRUNED]
+    drawn.failed = [run.label for run in runs if run_state(run) == FAILED]
+    save(figure, path)
+    return drawn
+
+
+def plot_loss_vs_evals(runs: list[TrackedRun], path: Path) -> Drawn:
+    """One colour per step-size rule (every seed and lr of a rule in it): the rules side by side."""
+    figure, (ax,) = new_figure()
+    colours: dict[str, str] = {}
+    for run, rule in zip(runs, rule_labels(runs), strict=True):
+        curves = run.curves.dropna(subset=["train/loss", "evals/total"])
+        # evals/total counts the evaluations up to the end of its epoch, while train/loss is measured at
+        # the epoch's start: each loss was reached with the previous epoch's total (0 for epoch 0).
+        evals_spent = curves["evals/total"].shift(1, fill_value=0.0)
+        first = rule not in colours
+        colour = colours.setdefault(rule, f"C{len(colours) % 10}")
+        ax.plot(evals_spent.to_numpy(), curves["train/loss"].to_numpy(), color=colour, alpha=0.75,
+                linewidth=1.2, label=rule if first else None)  # fmt: skip
+    ax.set(xlabel="function evaluations (evals/total)", ylabel="train/loss", yscale="log",
+           title="train loss against evaluations, one colour per rule")  # fmt: skip
+    if limits := loss_limits(runs, "train/loss"):
+        ax.set_ylim(*limits)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize="small")
+    save(figure, path)
+    return Drawn(path, yscale="log", runs=[run.label for run in runs])
+
+
+def rule_labels(runs: list[TrackedRun]) -> list[str]:
+    """Each run's step-size rule: optimizer.name, and the optimizer.* values (not lr) that tell apart
+    runs of one name (e.g. backtracking's trial_eval)."""
+    by_name: dict[str, list] = {}
+    for run in runs:
+        by_name.setdefault(run.params.get("optimizer.name", "?"), []).append(run)
+    labels = []
+    for run in runs:
+        name = run.params.get("optimizer.name", "?")
+        peers = by_name[name]
+        keys = sorted(k for k in run.params if k.startswith("optimizer.") and k not in UNRULED
+                      and len({peer.params.get(k) for peer in peers}) > 1)  # fmt: skip
+        labels.append(" ".join([name, *(f"{k.removeprefix('optimizer.')}={run.params[k]}" for k in keys)]))
+    return labels
+
+
+def optimizers_differ(runs: list[TrackedRun]) -> bool:
+    return len({run.params.get("optimizer.name") for run in runs}) > 1
+
+
+def write_figures(runs: list[TrackedRun], out_dir: Path, varied: list[str], objective: str,
+                  direction: str, note: str = "") -> list[Drawn]:  # fmt: skip
+    """Every figure of the report; `varied`: the params the runs differ in, most telling first; `note`: the
+    sweep's result or caveat, on the objective figure's title."""
+    palette = Palette(runs, varied, objective, direction)
+    drawn = []
+    if varied and len(runs) > 1:
+        path = out_dir / "objective_vs_params.png"
+        drawn.append(plot_objective_vs_params(runs, varied, objective, direction, path, note))
+    drawn += [
+        plot_curves(runs, "train/loss", palette, out_dir / "loss_curves.png", title="train loss"),
+        plot_curves(runs, "train/acc", palette, out_dir / "accuracy_curves.png", title="train accuracy"),
+    ]
+    selected_curve = objective.removeprefix("final/")
+    if selected_curve.startswith("val/") and any(selected_curve in run.curves for run in runs):
+        name = "validation loss" if selected_curve.endswith("loss") else "validation accuracy"
+        drawn.append(plot_curves(runs, selected_curve, palette, out_dir / "validation_curves.png",
+                                 title=f"{name}: what the trials are ranked on"))  # fmt: skip
+    if all("evals/total" in run.curves for run in runs):
+        path = out_dir / "loss_vs_evals.png"
+        if optimizers_differ(runs):
+            drawn.append(plot_loss_vs_evals(runs, path))
+        elif len(runs) > 1:
+            drawn.append(plot_curves(runs, "train/loss", palette, path, x_metric="evals/total",
+                                     title="train loss against function evaluations"))  # fmt: skip
+    return drawn

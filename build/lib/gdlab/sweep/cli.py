@@ -1,0 +1,389 @@
+"""gdlab-sweep: run trials of a named sweep (sweeps/NAME.yaml) in-process through Optuna's own API.
+
+On top of Hydra's Optuna sweeper plugin this adds pruning, a budget of finished trials across
+invocations, an opt-in per-study lock (--exclusive), heartbeats and retries for dead trials, K worker
+processes on one study (each one `python -m gdlab.sweep ... --worker`), and a clean stop on SIGTERM/SIGINT.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import re
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import optuna
+
+from gdlab.config import TEST_METRICS, ConfigError
+from gdlab.interrupts import PENDING, InterruptHandler, failure_reason
+from gdlab.masking import error_line, install_log_masking, mask_passwords
+from gdlab.stores import open_in_background
+from gdlab.sweep.parent_run import (
+    end_parent_run,
+    finish_parent_run,
+    log_study_plots,
+    repair_killed_runs,
+    start_parent_run,
+)
+from gdlab.sweep.refit import SweepResult, refit, wants_refit
+from gdlab.sweep.selection import refit_enabled, selected_on
+from gdlab.sweep.signature import ExperimentMismatch, check_same_experiment
+from gdlab.sweep.spec import (
+    SweepError,
+    SweepSpec,
+    available_sweeps,
+    check_pbt_population,
+    check_population_fits,
+    load_sweep,
+    sampler_for_stream,
+    set_replicates,
+)
+from gdlab.sweep.study import (
+    FINISHED,
+    GRACE_SECONDS,
+    HEARTBEAT_SECONDS,
+    STORAGE_ENV,
+    StudyLock,
+    check_same_search_space,
+    make_storage,
+)
+from gdlab.tracking import PARENT_ENV, TrackingUnavailable, tracking_uri
+
+STUDY_NAME = re.compile(r"[A-Za-z0-9_\-][A-Za-z0-9_.\-]{0,99}")
+OVERRIDES_ENV = "GDLAB_SWEEP_OVERRIDES"  # a worker's overrides, off its command line
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(
+        prog="gdlab-sweep", description="Run trials of a named sweep with Optuna."
+    )
+    parser.add_argument("name", help=f"a sweep in sweeps/ ({', '.join(available_sweeps())})")
+    parser.add_argument(
+        "overrides", nargs="*", help="extra overrides for every trial, e.g. trainer.max_epochs=50"
+    )
+    parser.add_argument("--n-trials", type=int, help="run at most this many trials in this invocation")
+    parser.add_argument("--timeout", type=float, help="stop starting trials after this many seconds")
+    parser.add_argument(
+        "--storage", help="Optuna storage URL (default: the sweep's, sqlite:///mlruns/optuna.db)"
+    )
+    parser.add_argument("--study", help="study name (default: the sweep's)")
+    parser.add_argument(
+        "--budget", type=int, help="finished trials the study should hold (default: the sweep's)"
+    )
+    parser.add_argument("--workers", type=int, default=1, help="worker processes on this study (default 1)")
+    parser.add_argument(
+        "--config-dir", type=Path, help="an extra config root whose sweep/ folder holds more sweeps"
+    )
+    parser.add_argument(
+        "--heartbeat-interval",
+        type=int,
+        default=HEARTBEAT_SECONDS,
+        help=f"seconds between a running trial's heartbeats (default {HEARTBEAT_SECONDS})",
+    )
+    parser.add_argument(
+        "--grace-period",
+        type=int,
+        default=GRACE_SECONDS,
+        help=f"seconds without a heartbeat before a trial counts as dead (default {GRACE_SECONDS})",
+    )
+    parser.add_argument(
+        "--population",
+        type=int,
+        help="trials asked and trained together as one batched model (default: the sweep's "
+        "gdlab_sweep.population, else 1: one trial at a time)",
+    )
+    parser.add_argument(
+        "--replicates",
+        type=int,
+        help="train each trial's configuration this many times, with seeds seed, seed+1, ... (the split "
+        "stays fixed); its value is their gdlab_sweep.aggregate (default: the sweep's "
+        "gdlab_sweep.replicates, else 1)",
+    )
+    parser.add_argument(
+        "--exclusive",
+        action="store_true",
+        help="for scheduled jobs: do nothing (exit 0, a line on stderr) while another --exclusive "
+        "gdlab-sweep on this machine runs the same study",
+    )
+    parser.add_argument(
+        "--progress",
+        type=float,
+        default=10.0,
+        metavar="SECONDS",
+        help="while a trial or batch trains: a line this often when stdout is a log, a bar on a "
+        "terminal (default 10; 0: none)",
+    )
+    parser.add_argument(
+        "--no-refit",
+        action="store_true",
+        help="report the best trial's own test metrics instead of refitting its configuration on the "
+        "training and validation rows and measuring the test split once (gdlab_sweep.refit: false)",
+    )
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--worker-index", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--parent-run-id", help=argparse.SUPPRESS)
+    return parser.parse_intermixed_args(argv)  # overrides may come before or after the options
+
+
+def check_counts(args) -> None:
+    """Counts and times must be positive (and finite) before anything starts."""
+    counts = {"--workers": args.workers, "--n-trials": args.n_trials, "--budget": args.budget,
+              "--population": args.population, "--replicates": args.replicates}  # fmt: skip
+    checks = [(option, value, "an integer >= 1") for option, value in counts.items()]
+    for option, value, allowed in [*checks, ("--timeout", args.timeout, "a finite number of seconds > 0")]:
+        if value is not None and not (0 < value < math.inf):
+            raise SweepError(f"{option}={value} is not allowed; use {allowed}")
+    if not 0 <= args.progress < math.inf:
+        raise SweepError(f"--progress={args.progress} is not allowed; use a finite number of seconds >= 0")
+
+
+def not_an_interrupt(record: logging.LogRecord) -> bool:
+    """Drop Optuna's "Trial N failed ... KeyboardInterrupt" warning (with its traceback) after a signal."""
+    return not (record.exc_info and isinstance(record.exc_info[1], KeyboardInterrupt))
+
+
+def check_study_name(name: str) -> None:
+    """A study name becomes a directory (outputs/sweeps/<study>/) and an MLflow tag: one plain word."""
+    if not STUDY_NAME.fullmatch(name):
+        raise SweepError(f"--study={name!r} is not allowed; use letters, digits, '_', '-' and '.' "
+                         "(not starting with '.'), at most 100 characters")  # fmt: skip
+
+
+def trial_shares(n_trials: int | None, workers: int) -> list[int | None]:
+    """--n-trials N caps the whole invocation: N split over its processes (None: no cap)."""
+    if n_trials is None:
+        return [None] * workers
+    return [n_trials // workers + (i < n_trials % workers) for i in range(workers)]
+
+
+def main(argv: list[str] | None = None) -> int:
+    interrupts = InterruptHandler().install()
+    try:
+        if PENDING.signum is not None:  # a SIGTERM while this process imported: stop now
+            interrupts(PENDING.signum, None)
+        return sweep_main(argv, interrupts)
+    except (KeyboardInterrupt, SystemExit):
+        if interrupts.signum is None:
+            raise
+        print(f"gdlab-sweep: {failure_reason(interrupts)} before any trial started", file=sys.stderr)
+        return interrupts.exit_code
+
+
+def sweep_main(argv: list[str] | None, interrupts: InterruptHandler) -> int:
+    args = parse_args(argv)
+    if args.worker and OVERRIDES_ENV in os.environ:
+        args.overrides = json.loads(os.environ[OVERRIDES_ENV])
+    install_log_masking()
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    # Population mode asks trials itself and records their heartbeats itself (Heartbeats).
+    warnings.filterwarnings(
+        "ignore", message="Heartbeat of storage is supposed to be used with Study.optimize"
+    )
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    for handler in logging.getLogger("optuna").handlers:  # a signal is said once, by us, without a traceback
+        handler.addFilter(not_an_interrupt)
+    try:
+        spec = load_sweep(args.name, args.overrides, args.config_dir)
+        study_name, budget = args.study or spec.study_name, args.budget or spec.budget
+        storage_url = args.storage or os.environ.get(STORAGE_ENV) or spec.storage
+        check_counts(args)
+        check_study_name(study_name)
+        if args.population is not None:
+            spec.population = args.population
+            if spec.pbt is not None:  # PBT copies within the population: its size is part of the experiment
+                spec.signature["gdlab_sweep.population"] = json.dumps(args.population)
+        if args.replicates is not None:
+            set_replicates(spec, args.replicates, "--replicates")
+        check_pbt_population(spec)
+        check_population_fits(spec)
+        spec.progress_every = args.progress
+        if args.exclusive and not args.worker:
+            lock = StudyLock(storage_url, study_name)
+            if not lock.acquire():
+                print(f"gdlab-sweep: --exclusive: study {study_name!r} is already being run on this machine "
+                      f"by process {lock.holder()} (lock {lock.path}); not starting",
+                      file=sys.stderr)  # fmt: skip
+                return 0
+        storage = make_storage(storage_url, args.heartbeat_interval, args.grace_period)
+        study, created = create_or_load_study(study_name, storage, spec)
+        check_same_search_space(study, spec)
+        check_same_experiment(study, spec.signature)
+        first_stream = created and not args.worker  # only the process that made the study reproduces it
+        study.sampler = sampler_for_stream(spec, len(study.get_trials(deepcopy=False)), args.worker_index,
+                                           first_stream)  # fmt: skip
+    except (SweepError, ConfigError, ExperimentMismatch) as error:
+        print(f"gdlab-sweep: error: {error}", file=sys.stderr)
+        return 2
+    try:
+        return run_sweep(args, spec, study, storage, storage_url, budget, interrupts)
+    except TrackingUnavailable as error:
+        print(f"gdlab-sweep: error: {error}", file=sys.stderr)
+        return 3
+
+
+def create_or_load_study(name: str, storage, spec: SweepSpec) -> tuple[optuna.Study, bool]:
+    """The study, and whether this process created it (of two processes starting together, one does)."""
+    arguments = dict(study_name=name, storage=storage, sampler=spec.sampler, pruner=spec.pruner)
+    try:
+        try:
+            return optuna.create_study(**arguments, direction=spec.direction), True
+        except optuna.exceptions.DuplicatedStudyError:
+            return optuna.load_study(**arguments), False
+    except Exception as error:  # a read-only or full store: one line, not Optuna's traceback
+        raise SweepError(f"study {name!r}: the Optuna storage refused it: {error_line(error)}") from error
+
+
+def run_sweep(args, spec: SweepSpec, study: optuna.Study, storage, storage_url: str, budget: int,
+              interrupts: InterruptHandler) -> int:  # fmt: skip
+    finished = len(study.get_trials(deepcopy=False, states=FINISHED))
+    if finished >= budget:
+        print(f"gdlab-sweep: study {study.study_name!r} holds {finished}/{budget} finished trials: "
+              "budget reached")  # fmt: skip
+        return 0
+    print(f"gdlab-sweep: study {study.study_name!r} in {mask_passwords(storage_url)}: "
+          f"{finished}/{budget} finished trials", flush=True)  # fmt: skip
+    if not args.parent_run_id:  # a new store is created while Lightning loads
+        open_in_background(tracking_uri(spec.task))
+    from gdlab.sweep.trials import TrialLogger  # Lightning loads here, not inside the first trial
+
+    parent_run_id, workers = args.parent_run_id, []
+    try:  # from here on a signal ends what was started: trials FAIL, runs and the parent run KILLED
+        if parent_run_id:
+            os.environ[PARENT_ENV] = parent_run_id
+        elif tracking_uri(spec.task) is not None:
+            parent_run_id = start_parent_run(
+                spec.task, name=f"{study.study_name}-{time.strftime('%Y%m%d-%H%M%S')}",
+                tags={"optuna.study": study.study_name, "optuna.storage": storage_url, "sweep": spec.name},
+            )  # fmt: skip
+            repair_killed_runs(spec.task, study)
+        shares = trial_shares(args.n_trials, args.workers)
+        args.n_trials = shares[0]
+        for index, share in enumerate(shares[1:], start=1):
+            if share != 0:
+                workers.append(start_worker(args, spec, study.study_name, storage_url, budget, parent_run_id,
+                                            index, share))  # fmt: skip
+        logger = TrialLogger(budget, spec.max_failure_rate)
+        run_trials(args, spec, study, storage, budget, logger)
+        worker_failed = any(worker.wait() != 0 for worker in workers)
+        result = None if args.worker else sweep_result(args, spec, study, parent_run_id)
+        if not args.worker and parent_run_id:
+            finish_sweep(spec, study, parent_run_id, result)
+    except (KeyboardInterrupt, SystemExit):
+        if interrupts.signum is None:
+            raise
+        return stop_interrupted(args, spec, parent_run_id, workers, interrupts)
+    if logger.failure_rate > spec.max_failure_rate or worker_failed:
+        print(f"gdlab-sweep: failure rate {logger.failure_rate:.0%} is over {spec.max_failure_rate:.0%}",
+              file=sys.stderr)  # fmt: skip
+        return 1
+    total = len(study.get_trials(deepcopy=False, states=FINISHED))
+    try:
+        print(
+            f"gdlab-sweep: done: {total}/{budget} finished trials; best {spec.task.objective} "
+            f"{study.best_value:.6g} (trial #{study.best_trial.number}) with {study.best_trial.params}"
+        )
+    except ValueError:
+        print(f"gdlab-sweep: done: {total}/{budget} finished trials; none completed")
+    if result is not None:
+        print(f"gdlab-sweep: {result.line()}", flush=True)
+    return 0
+
+
+def sweep_result(args, spec: SweepSpec, study: optuna.Study, parent_run_id: str | None) -> SweepResult | None:
+    """The sweep's answer: the best trial (by the objective) refit on train + val, its test split measured
+    once; or, without a refit, the best trial's own test metrics. None before any trial completed."""
+    try:
+        best = study.best_trial
+    except ValueError:
+        return None
+    from gdlab.sweep.trials import chosen_config
+
+    cfg, overrides = chosen_config(spec, best)
+    trial = f"trial #{best.number}"
+    if wants_refit(cfg) and refit_enabled(spec.task) and not args.no_refit:
+        print(f"gdlab-sweep: refit of {trial} ({spec.task.objective} {best.value:.6g}) on its train + val "
+              "rows", flush=True)  # fmt: skip
+        output_dir = Path("outputs") / "sweeps" / study.study_name / f"refit-{time.strftime('%Y%m%d-%H%M%S')}"
+        try:
+            return refit(cfg, overrides, output_dir, trial, parent_run_id)
+        except TrackingUnavailable:
+            raise
+        except Exception as error:  # the trials stand; the result falls back to the best trial's own
+            print(f"gdlab-sweep: the refit of {trial} failed ({type(error).__name__}: {error_line(error)}); "
+                  "reporting the trial's own test metrics", file=sys.stderr)  # fmt: skip
+    final = best.user_attrs.get("final", {})
+    metrics = {key: final[key] for key in TEST_METRICS if key in final}
+    if not metrics:
+        return None
+    run_id = best.user_attrs.get("mlflow_run_id")
+    return SweepResult(metrics, trial, False, selected_on(spec.task), run_id=run_id)
+
+
+def finish_sweep(spec: SweepSpec, study: optuna.Study, parent_run_id: str,
+                 result: SweepResult | None) -> None:  # fmt: skip
+    """The parent run's end: repairs, the best child, the comparison report, Optuna's plots."""
+    repaired = repair_killed_runs(spec.task, study)
+    if repaired:
+        print(f"gdlab-sweep: ended {repaired} MLflow run(s) left RUNNING by dead processes as KILLED")
+    report_dir = Path("outputs") / "sweeps" / study.study_name / f"report-{time.strftime('%Y%m%d-%H%M%S')}"
+    finish_parent_run(spec.task, parent_run_id, report_dir, result)
+    log_study_plots(spec.task, parent_run_id, study)
+
+
+def run_trials(args, spec: SweepSpec, study: optuna.Study, storage, budget: int, logger) -> None:
+    """One loop for every population size: ask a batch (one trial at a time is a batch of 1), train, tell."""
+    from gdlab.sweep.trials import run_population_batches
+
+    run_population_batches(spec, study, storage, args, budget, logger)
+
+
+def stop_interrupted(args, spec: SweepSpec, parent_run_id: str | None, workers: list,
+                     interrupts: InterruptHandler) -> int:  # fmt: skip
+    """After SIGTERM/SIGINT: the workers get the same signal (a `kill PID` reaches this process only),
+    the parent run ends KILLED, one line says what happened, exit 128 + signal."""
+    for worker in workers:
+        if worker.poll() is None:
+            worker.send_signal(interrupts.signum)
+    for worker in workers:
+        worker.wait()
+    reason = failure_reason(interrupts)
+    has_parent = parent_run_id and not args.worker
+    if has_parent:
+        try:
+            end_parent_run(spec.task, parent_run_id, "KILLED", reason)
+        except Exception as error:  # an outage: the next gdlab command repairs the run
+            print(f"gdlab-sweep: could not end the parent run: {error_line(error)}",
+                  file=sys.stderr)  # fmt: skip
+    runs = "their MLflow runs and the sweep's parent run" if has_parent else "their runs"
+    print(f"gdlab-sweep: {reason}: the running trial(s) are FAIL in Optuna, {runs} ended KILLED; "
+          "finished trials are kept", file=sys.stderr)  # fmt: skip
+    return interrupts.exit_code
+
+
+def start_worker(args, spec: SweepSpec, study_name: str, storage_url: str, budget: int,
+                 parent_run_id: str | None, index: int, n_trials: int | None):  # fmt: skip
+    command = [sys.executable, "-m", "gdlab.sweep", args.name, "--worker",
+               *(["--config-dir", str(args.config_dir)] if args.config_dir else []),
+               "--study", study_name, "--budget", str(budget),
+               "--heartbeat-interval", str(args.heartbeat_interval),
+               "--grace-period", str(args.grace_period), "--population", str(spec.population),
+               "--replicates", str(spec.replicates),
+               "--progress", str(args.progress)]  # fmt: skip
+    if parent_run_id:
+        command += ["--parent-run-id", parent_run_id]
+    command += ["--worker-index", str(index)]
+    if n_trials:
+        command += ["--n-trials", str(n_trials)]
+    if args.timeout:
+        command += ["--timeout", str(args.timeout)]
+    # The storage URL (it may hold a password) goes by environment, so `ps` never shows it.
+    # So do the overrides: a tracking.uri=... among them may hold one too.
+    environment = {**os.environ, STORAGE_ENV: storage_url, OVERRIDES_ENV: json.dumps(args.overrides)}
+    return subprocess.Popen(command, env=environment)

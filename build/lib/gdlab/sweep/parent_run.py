@@ -1,0 +1,412 @@
+"""One MLflow parent run per sweep invocation; every trial's run is its child.
+
+Hydra multirun (basic or Optuna sweeper) reaches this through `MlflowSweepCallback`, registered in
+conf/config.yaml; `gdlab-sweep` calls `start_parent_run` / `finish_parent_run` itself. The parent's
+id reaches the trials through the GDLAB_MLFLOW_PARENT_RUN_ID environment variable, so launchers
+that start jobs in other processes on this machine see it too.
+
+Light on purpose (no Optuna, torch or gdlab.sweep's other modules at import): Hydra instantiates the
+callback in every gdlab-train process.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from hydra.experimental.callback import Callback
+from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf
+
+from gdlab.masking import error_line, install_log_masking, mask_passwords, mask_saved_hydra_configs
+from gdlab.stores import mlflow_client
+from gdlab.sweep.selection import refit_enabled, selected_on
+from gdlab.tracking import (
+    PARENT_ENV,
+    REFIT_ROLE,
+    RESULT_TAG,
+    ROLE_TAG,
+    SELECTED_ON_TAG,
+    TrackingUnavailable,
+    artifact_root,
+    experiment_name,
+    get_or_create_experiment,
+    tracking_uri,
+)
+
+if TYPE_CHECKING:
+    import optuna
+
+    from gdlab.sweep.refit import SweepResult
+
+
+def start_parent_run(cfg: DictConfig, name: str, tags: dict | None = None) -> str | None:
+    """Create the sweep's parent run (None when tracking is off) and export its id to the trials."""
+    uri = tracking_uri(cfg)
+    if uri is None:
+        return None
+
+    from gdlab.repair import process_tags
+
+    masked = {k: mask_passwords(str(v)) for k, v in (tags or {}).items()}
+    tags = {"gdlab.kind": "sweep", **process_tags(), **masked}
+    try:
+        client = mlflow_client(uri)
+        experiment_id = get_or_create_experiment(client, experiment_name(cfg), artifact_root(cfg, uri))
+        run = client.create_run(experiment_id, run_name=name, tags=tags)
+    except Exception as error:
+        raise TrackingUnavailable(
+            f"cannot reach the MLflow tracking backend at {mask_passwords(uri)}: {error_line(error)}"
+        ) from error
+    os.environ[PARENT_ENV] = run.info.run_id
+    return run.info.run_id
+
+
+def finish_parent_run(cfg: DictConfig, parent_run_id: str, report_dir: str | Path | None = None,
+                      result: SweepResult | None = None) -> dict:  # fmt: skip
+    """Record the best child (by cfg.objective and cfg.direction), the sweep's result (the refit's test
+    metrics, gdlab.sweep.refit) and the comparison report on the parent, and close it."""
+
+    os.environ.pop(PARENT_ENV, None)
+    client = mlflow_client(tracking_uri(cfg))
+    from gdlab.report.runs import search_all_runs
+
+    parent = client.get_run(parent_run_id)
+    every_child = search_all_runs(
+        client, parent.info.experiment_id, f"tags.mlflow.parentRunId = '{parent_run_id}'"
+    )
+    children = trial_runs(every_child)
+    client.set_tag(parent_run_id, SELECTED_ON_TAG, selected_on(cfg))
+    summary = best_child(children, f"final/{cfg.objective}", cfg.direction)
+    finished = sum(run.info.status == "FINISHED" for run in children)
+    client.log_metric(parent_run_id, "sweep/trials", len(children))
+    client.log_metric(parent_run_id, "sweep/finished", finished)
+    if summary:
+        best = summary["run"]
+        client.log_metric(parent_run_id, f"best/{cfg.objective}", summary["value"])
+        client.log_param(parent_run_id, "objective", cfg.objective)
+        client.log_param(parent_run_id, "direction", cfg.direction)
+        client.set_tag(parent_run_id, "best.run_id", best.info.run_id)
+        client.set_tag(parent_run_id, "best.run_name", best.info.run_name)
+        for key, value in varied_params_of(best, children).items():
+            client.set_tag(parent_run_id, f"best.{key}", value)
+        if "pbt.replay" in best.data.tags:  # a PBT member: the schedule it ended with, as a single run
+            client.set_tag(parent_run_id, "best.pbt.replay", best.data.tags["pbt.replay"])
+    if result is not None:
+        log_result(client, parent_run_id, result)
+    if children:
+        attach_report(cfg, parent_run_id, report_dir, every_child)
+    client.set_terminated(parent_run_id, status="FINISHED" if finished or not children else "FAILED")
+    return summary
+
+
+def trial_runs(children: list) -> list:
+    """The sweep's trials among a parent's children: not the refit of the chosen one."""
+    return [run for run in children if run.data.tags.get(ROLE_TAG) != REFIT_ROLE]
+
+
+def log_result(client, parent_run_id: str, result: SweepResult) -> None:
+    """The sweep's answer on its parent: result/test/<metric>, where it was measured, and the line."""
+    from mlflow.entities import Metric, RunTag
+
+    now = int(time.time() * 1000)
+    metrics = [Metric(f"result/{key}", value, now, 0) for key, value in result.metrics.items()]
+    tags = {"result.source": "refit" if result.refit else "best trial", "result.trial": result.trial,
+            RESULT_TAG: result.label(), "result.run_id": result.run_id or ""}  # fmt: skip
+    client.log_batch(parent_run_id, metrics=metrics, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+
+def end_parent_run(cfg: DictConfig, parent_run_id: str, status: str, reason: str) -> None:
+    """Close the parent early (an interrupted sweep): `status` with the reason as a tag."""
+    os.environ.pop(PARENT_ENV, None)
+    client = mlflow_client(tracking_uri(cfg))
+    client.set_tag(parent_run_id, "failure.reason", reason)
+    client.set_terminated(parent_run_id, status=status)
+
+
+def attach_report(cfg: DictConfig, parent_run_id: str, report_dir: str | Path | None,
+                  children: list | None = None) -> None:  # fmt: skip
+    """gdlab-report on the sweep's children (all of them, where the caller has read them), logged to the
+    parent; a failure here costs only the report."""
+    from gdlab.report import ReportError, build_report
+
+    try:
+        report = build_report(parent_run_id, tracking_uri=tracking_uri(cfg), out=report_dir,
+                              objective=f"final/{cfg.objective}", children=children)  # fmt: skip
+        print(f"gdlab: sweep report in {report.paths[0].parent}")
+    except (ReportError, Exception) as error:
+        print(f"gdlab: no sweep report: {error_line(error)}")
+
+
+def best_child(children: list, objective: str, direction: str) -> dict:
+    """The child with the best final objective among those that finished with a finite value."""
+    scored = [
+        (run.data.metrics[objective], run)
+        for run in children
+        if run.info.status == "FINISHED" and math.isfinite(run.data.metrics.get(objective, math.nan))
+    ]
+    if not scored:
+        return {}
+    pick = min if direction == "minimize" else max
+    value, run = pick(scored, key=lambda pair: pair[0])
+    return {"value": value, "run": run}
+
+
+def varied_params_of(run, children: list) -> dict:
+    """The params of `run` that the sweep varied among `children` (gdlab-report's rule)."""
+    from gdlab.report.tables import differing_keys
+
+    varying = differing_keys([child.data.params for child in children])
+    return {k: run.data.params[k] for k in varying if k in run.data.params}
+
+
+class MlflowSweepCallback(Callback):
+    """Hydra callback: a parent run around every multirun, closed with the best child's result."""
+
+    def __init__(self) -> None:
+        self.parent_run_id: str | None = None
+        install_log_masking()  # Hydra logs every job's overrides
+
+    def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
+        mask_saved_hydra_configs(Path(str(config.hydra.sweep.dir)))
+        cfg = _task_config(config)
+        check_multirun_selection(cfg)
+        check_optuna_study(config, cfg)
+        if cfg.tracking.backend == "none":
+            return
+        sweep_dir = config.hydra.sweep.dir
+        overrides = " ".join(config.hydra.overrides.task)
+        self.parent_run_id = start_parent_run(
+            cfg,
+            name=f"sweep-{os.path.basename(str(sweep_dir))}",
+            tags={
+                "gdlab.sweep_dir": sweep_dir,
+                "overrides": overrides,
+                "sweeper": config.hydra.sweeper.get("_target_", ""),
+            },  # fmt: skip
+        )
+
+    def on_job_end(self, config: DictConfig, job_return, **kwargs) -> None:
+        """In the job's own process: name the job's MLflow run on its Optuna trial (optuna-dashboard)."""
+        from gdlab import train
+
+        run_id, train.last_mlflow_run_id = train.last_mlflow_run_id, None
+        if run_id and config.hydra.mode == RunMode.MULTIRUN:
+            note_run_on_trial(config, list(job_return.overrides or []), run_id)
+
+    def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
+        mask_saved_hydra_configs(Path(str(config.hydra.sweep.dir)))  # Hydra's multirun.yaml
+        if self.parent_run_id:
+            sweep_dir, task = Path(str(config.hydra.sweep.dir)), _task_config(config)
+            try:
+                result = multirun_result(task, self.parent_run_id, sweep_dir / "refit")
+            except Exception as error:  # the jobs stand; the parent still ends with its best child and report
+                print(f"gdlab-train: no refit: {error_line(error)}")
+                result = None
+            finish_parent_run(task, self.parent_run_id, sweep_dir / "report", result)
+            if result is not None:
+                print(f"gdlab-train: {result.line()}", flush=True)
+            self.parent_run_id = None
+
+
+def multirun_result(task: DictConfig, parent_run_id: str, output_dir: Path) -> SweepResult | None:
+    """`gdlab-train -m`'s result: its best job (by the objective, from MLflow) refit from the config and
+    overrides Hydra saved in the job's folder, or that job's own test metrics. None without a finished job."""
+    from gdlab.config import TEST_METRICS, validate
+    from gdlab.sweep.refit import SweepResult, refit, wants_refit
+    from gdlab.tracking import OUTPUT_DIR_TAG
+
+    client = mlflow_client(tracking_uri(task))
+    experiment = client.get_run(parent_run_id).info.experiment_id
+    children = trial_runs(client.search_runs([experiment], f"tags.mlflow.parentRunId = '{parent_run_id}'"))
+    best = best_child(children, f"final/{task.objective}", task.direction).get("run")
+    if best is None:
+        return None
+    job_dir = Path(best.data.tags.get(OUTPUT_DIR_TAG, ""))
+    trial = f"job #{job_dir.name}" if job_dir.name else f"run {best.info.run_id[:8]}"
+    saved = job_dir / ".hydra" / "config.yaml"
+    if refit_enabled(task) and saved.is_file():
+        cfg = OmegaConf.load(saved)
+        cfg.tracking = task.tracking  # the saved one is masked; the sweep's own is this process's
+        cfg = validate(cfg)
+        if wants_refit(cfg):
+            overrides = [str(o) for o in OmegaConf.load(job_dir / ".hydra" / "overrides.yaml")]
+            print(
+                f"gdlab-train: refit of {trial} ({task.objective} "
+                f"{best.data.metrics[f'final/{task.objective}']:.6g}) on its train + val rows",
+                flush=True,
+            )
+            return refit(cfg, overrides, output_dir, trial, parent_run_id)
+    metrics = {key: best.data.metrics[f"final/{key}"] for key in TEST_METRICS
+               if f"final/{key}" in best.data.metrics}  # fmt: skip
+    if not metrics:
+        return None
+    return SweepResult(metrics, trial, False, selected_on(task), run_id=best.info.run_id)
+
+
+def check_multirun_selection(task: DictConfig) -> None:
+    """A multirun ranks its jobs by the objective (its parent's best child): not on the test split, unless
+    it says so knowingly (gdlab.sweep.selection); a refusal is one line on stderr and exit status 2."""
+    import sys
+
+    from gdlab.config import ConfigError
+    from gdlab.sweep.selection import check_selection, refit_enabled
+
+    try:
+        check_selection(task)
+        refit_enabled(task)
+    except ConfigError as error:
+        print(f"gdlab-train: error: {error}", file=sys.stderr)
+        sys.exit(2)
+
+
+def note_run_on_trial(config: DictConfig, overrides: list[str], run_id: str) -> None:
+    """Hydra's Optuna sweeper tells its trials itself: find this job's trial (RUNNING, with the job's
+    values) and give it the user attribute mlflow_run_id, as gdlab-sweep does. Best effort."""
+    sweeper = config.hydra.sweeper
+    if "optuna" not in str(sweeper.get("_target_", "")) or not (
+        sweeper.get("storage") and sweeper.get("study_name")
+    ):
+        return
+    import optuna
+
+    from gdlab.sweep.study import make_storage
+
+    values = dict(override.split("=", 1) for override in overrides if "=" in override)
+    try:
+        study = optuna.load_study(study_name=sweeper.study_name, storage=make_storage(str(sweeper.storage)))
+        for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+            if "mlflow_run_id" not in trial.user_attrs and same_values(trial.params, values):
+                optuna.trial.Trial(study, trial._trial_id).set_user_attr("mlflow_run_id", run_id)
+                return
+    except Exception:  # noqa: BLE001 (the dashboard's convenience never fails the job)
+        return
+
+
+def same_values(params: dict, overrides: dict[str, str]) -> bool:
+    """Whether a trial's typed params are what the job's `key=value` overrides say."""
+    try:
+        return bool(params) and all(
+            key in overrides and (str(value) == overrides[key] or float(overrides[key]) == value)
+            for key, value in params.items()
+        )
+    except (TypeError, ValueError):
+        return False
+
+
+def check_optuna_study(config: DictConfig, task: DictConfig) -> None:
+    """Hydra's Optuna sweeper on a stored study: the same experiment signature as gdlab-sweep writes and
+    checks (gdlab.sweep.signature); a different one is one line on stderr and exit status 2. So is a sweep
+    with a gdlab_sweep.pbt block: only gdlab-sweep trains its populations with PBT."""
+    import sys
+
+    if OmegaConf.select(task, "gdlab_sweep.pbt") is not None:
+        print("gdlab-train: error: this sweep has a gdlab_sweep.pbt block, which gdlab-sweep runs (PBT needs "
+              "its trials trained together); gdlab-train -m would train them one by one without PBT. Use "
+              "gdlab-sweep NAME", file=sys.stderr)  # fmt: skip
+        sys.exit(2)
+    sweeper = config.hydra.sweeper
+    if "optuna" not in str(sweeper.get("_target_", "")) or not sweeper.get("storage"):
+        return
+    if not sweeper.get("study_name") or OmegaConf.is_list(sweeper.get("direction")):
+        return  # a new auto-named study each time, or a multi-objective one: nothing to join
+    import optuna
+
+    from gdlab.sweep.signature import ExperimentMismatch, check_same_experiment, experiment_signature
+    from gdlab.sweep.spec import SweepError
+    from gdlab.sweep.study import make_storage
+
+    study_name = sweeper.study_name
+    direction = getattr(sweeper.direction, "name", str(sweeper.direction)).lower()
+    signature = experiment_signature(task, sweeper.get("params"), list(config.hydra.overrides.task))
+    try:
+        storage = make_storage(str(sweeper.storage))  # the folder of a new SQLite file, made safely
+        study = optuna.create_study(study_name=study_name, storage=storage, direction=direction,
+                                    load_if_exists=True)  # fmt: skip
+        check_same_experiment(study, signature)
+    except (ExperimentMismatch, SweepError) as error:
+        print(f"gdlab-train: error: {error}", file=sys.stderr)
+        sys.exit(2)
+
+
+def _task_config(config: DictConfig) -> DictConfig:
+    """The sweep-level config without the hydra node (trial values are not applied here)."""
+    container = OmegaConf.to_container(config, resolve=False)
+    container.pop("hydra", None)
+    return OmegaConf.create(container)
+
+
+def repair_killed_runs(task: DictConfig, study: optuna.Study) -> int:
+    """End as KILLED the MLflow runs left RUNNING by trials whose process died (their trial is over)."""
+    uri = tracking_uri(task)
+    if uri is None:
+        return 0
+
+    client = mlflow_client(uri)
+    try:
+        return _repair(client, study)
+    except Exception as error:  # repairing is housekeeping: it never stops a sweep
+        print(f"gdlab-sweep: could not repair MLflow runs: {error_line(error)}")
+        return 0
+
+
+def _repair(client, study: optuna.Study) -> int:
+    from optuna.trial import TrialState
+
+    from gdlab.repair import made_by_dead_process
+
+    states = {t.number: t.state for t in study.get_trials(deepcopy=False)}
+    filter_string = f"tags.`optuna.study` = '{study.study_name}' and attributes.status = 'RUNNING'"
+    repaired = 0
+    for experiment in client.search_experiments():
+        for run in client.search_runs([experiment.experiment_id], filter_string=filter_string):
+            tags = run.data.tags
+            if "optuna.trial" in tags:
+                dead = states.get(int(tags["optuna.trial"])) not in (None, TrialState.RUNNING)
+                reason = "its worker died; the trial failed by heartbeat"
+            else:  # a sweep's parent run: dead if its process, on this host, is gone
+                dead = made_by_dead_process(tags)
+                reason = "its gdlab-sweep process died"
+            if dead:
+                client.set_tag(run.info.run_id, "failure.reason", reason)
+                client.set_terminated(run.info.run_id, status="KILLED")
+                repaired += 1
+    return repaired
+
+
+# Optuna's plots that compare parameters: with one searched parameter there is nothing to compare (its
+# importance is 1, one axis, no pair); the slice plot already shows it.
+MULTI_PARAM_PLOTS = ("param_importances", "parallel_coordinate", "contour")
+
+
+def log_study_plots(task: DictConfig, parent_run_id: str, study: optuna.Study) -> None:
+    """Optuna's own plots, as PNGs on the parent run; a plot that needs more trials is skipped."""
+    import tempfile
+
+    import matplotlib.pyplot as plt  # optuna's plots draw through pyplot
+    from optuna.visualization import matplotlib as plots
+
+    makers = {
+        "optimization_history": plots.plot_optimization_history,
+        "param_importances": plots.plot_param_importances,
+        "parallel_coordinate": plots.plot_parallel_coordinate,
+        "slice": plots.plot_slice,
+        "contour": plots.plot_contour,
+    }
+    if len({name for trial in study.get_trials(deepcopy=False) for name in trial.params}) < 2:
+        makers = {name: make for name, make in makers.items() if name not in MULTI_PARAM_PLOTS}
+    with tempfile.TemporaryDirectory() as folder:
+        for name, make in makers.items():
+            try:
+                make(study)
+                plt.gcf().set_size_inches(10, 6)
+                plt.savefig(Path(folder) / f"{name}.png", dpi=80, bbox_inches="tight")
+            except Exception as error:  # e.g. importances need two completed trials
+                print(f"gdlab-sweep: no {name} plot: {error_line(error)}")
+            finally:
+                plt.close("all")
+        client = mlflow_client(tracking_uri(task))
+        client.log_artifacts(parent_run_id, folder, "optuna")

@@ -1,0 +1,114 @@
+"""gdlab.sweep.owned_trials against Optuna's own storage: the same trials, asked, suggested, reported, pruned
+and told in the same order, with another process failing and adding trials in between."""
+
+import uuid
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from gdlab.sweep import owned_trials
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+SAMPLERS = {
+    "random": lambda: optuna.samplers.RandomSampler(seed=3),
+    "tpe": lambda: optuna.samplers.TPESampler(seed=3, n_startup_trials=4),  # multivariate, constant liar
+    "qmc": lambda: optuna.samplers.QMCSampler(seed=3, warn_independent_sampling=False),
+}
+
+
+def suggest(trial) -> None:
+    trial.suggest_float("lr", 1e-3, 10.0, log=True)
+    trial.suggest_int("depth", 1, 4)
+    trial.suggest_categorical("act", ["relu", "tanh"])
+
+
+def objective(params: dict) -> float:
+    return (params["lr"] - 0.1) ** 2 + 0.01 * params["depth"] + (params["act"] == "tanh") * 0.05
+
+
+def snapshot(study: optuna.Study) -> list[tuple]:
+    """Everything of every trial but its times (each database stamps its own)."""
+    return [(t.number, t.state, t.params, t.values, t.intermediate_values, t.user_attrs)
+            for t in study.get_trials(deepcopy=False)]  # fmt: skip
+
+
+def run_scenario(url: str, sampler: str, owned: bool) -> list:
+    """Two batches of 10 asked before any is suggested (as gdlab-sweep's population mode asks them), pruning
+    reports, a trial failed by another process's heartbeat and one it adds, then a third batch."""
+    backend = optuna.storages.RDBStorage(url)
+    storage = owned_trials.wrap(backend) if owned else backend
+    assert isinstance(storage, owned_trials.OwnedTrialsStorage) == owned
+    study = optuna.create_study(storage=storage, sampler=SAMPLERS[sampler](), study_name="s",
+                                pruner=optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=0))  # fmt: skip
+    other = optuna.load_study(study_name="s", storage=url)  # another process on the same database
+    seen = []
+    for batch in range(3):
+        trials = [study.ask() for _ in range(10)]
+        for trial in trials:
+            suggest(trial)
+            trial.set_user_attr("batch", batch)
+        seen.append(snapshot(study))
+        if batch == 1:  # meanwhile, another process fails one of ours (a heartbeat) and adds a trial
+            taken = other.get_trials(deepcopy=False, states=(TrialState.RUNNING,))[3]
+            other._storage.set_trial_state_values(taken._trial_id, TrialState.FAIL)
+            other.add_trial(optuna.trial.create_trial(
+                params={"lr": 0.1, "depth": 1, "act": "relu"}, value=0.01,
+                distributions={"lr": optuna.distributions.FloatDistribution(1e-3, 10.0, log=True),
+                               "depth": optuna.distributions.IntDistribution(1, 4),
+                               "act": optuna.distributions.CategoricalDistribution(["relu", "tanh"])},
+            ))  # fmt: skip
+            seen.append(snapshot(study))  # ours sees both at its next listing
+        for step in range(3):
+            for trial in trials:
+                if study._storage.get_trial(trial._trial_id).state != TrialState.RUNNING:
+                    continue
+                trial.report(objective(trial.params) * (3 - step), step)
+                if trial.should_prune():
+                    study.tell(trial, state=TrialState.PRUNED)
+        for trial in trials:
+            if study._storage.get_trial(trial._trial_id).state == TrialState.RUNNING:
+                study.tell(trial, objective(trial.params))
+        seen.append(snapshot(study))
+    return seen
+
+
+@pytest.mark.parametrize("sampler", sorted(SAMPLERS))
+def test_owned_trials_storage_gives_optunas_own_trials(tmp_path, sampler):
+    plain = run_scenario(f"sqlite:///{tmp_path / 'plain.db'}", sampler, owned=False)
+    owned = run_scenario(f"sqlite:///{tmp_path / 'owned.db'}", sampler, owned=True)
+    assert owned == plain
+    states = [state for _, state, *_ in plain[-1]]
+    assert len(states) == 31 and states.count(TrialState.FAIL) == 1  # 3 batches and the other's trial
+    assert TrialState.PRUNED in states and TrialState.COMPLETE in states
+
+
+def test_owned_trials_storage_on_postgresql(make_database):
+    url = "postgresql+psycopg://postgres@127.0.0.1:5432/{}"
+    plain = run_scenario(url.format(make_database()), "tpe", owned=False)
+    owned = run_scenario(url.format(make_database()), "tpe", owned=True)
+    assert owned == plain
+
+
+def test_a_running_trial_of_ours_is_read_again_once_we_write_to_it_or_its_state_changes(tmp_path):
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    study = optuna.create_study(storage=owned_trials.wrap(optuna.storages.RDBStorage(url)), study_name="s")
+    other = optuna.load_study(study_name="s", storage=url)
+    mine = study.ask()
+    study.get_trials()  # read once
+    other._storage.set_trial_user_attr(mine._trial_id, "note", "from elsewhere")
+    cached = study.get_trials(deepcopy=False)[0]
+    assert cached.user_attrs == {}  # not read again: nothing of ours changed it
+    mine.set_user_attr("mine", 1)
+    assert study.get_trials(deepcopy=False)[0].user_attrs == {"note": "from elsewhere", "mine": 1}
+    other._storage.set_trial_user_attr(mine._trial_id, "note", "again")
+    other._storage.set_trial_state_values(mine._trial_id, TrialState.FAIL)
+    read = study.get_trials(deepcopy=False)[0]
+    assert (read.state, read.user_attrs["note"]) == (TrialState.FAIL, "again")
+
+
+def test_another_optuna_version_or_schema_gets_optunas_own_storage(tmp_path, monkeypatch):
+    backend = optuna.storages.RDBStorage(f"sqlite:///{tmp_path / f'{uuid.uuid4().hex}.db'}")
+    assert isinstance(owned_trials.wrap(backend), owned_trials.OwnedTrialsStorage)
+    monkeypatch.setattr(optuna, "__version__", "6.0.0")
+    assert owned_trials.wrap(backend) is backend
