@@ -86,9 +86,8 @@ def main() -> None:
     args = parser.parse_args()
     limits = {"tpe": args.tpe_max, "gp": args.gp_max}
     results = []
-    print(
-        "| storage | sampler | P | cache | first batch, ms an ask | second batch, ms an ask | second batch, s |"
-    )
+    print("| storage | sampler | P | cache | first batch, ms an ask | second batch, ms an ask | "
+          "second batch, s |")  # fmt: skip
     print("| --- | --- | --- | --- | --- | --- | --- |")
     with tempfile.TemporaryDirectory() as folder:
         for storage in args.storages.split(","):
