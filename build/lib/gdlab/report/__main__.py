@@ -1,3 +1,0 @@
-from gdlab.entry import report
-
-report()
