@@ -39,8 +39,8 @@ def run_scenario(url: str, sampler: str, owned: bool) -> list:
     backend = optuna.storages.RDBStorage(url)
     storage = owned_trials.wrap(backend) if owned else backend
     assert isinstance(storage, owned_trials.OwnedTrialsStorage) == owned
-    study = optuna.create_study(storage=storage, sampler=SAMPLERS[sampler](), study_name="s",
-                                pruner=optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=0))  # fmt: skip
+    pruner = optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=0)
+    study = optuna.create_study(storage=storage, sampler=SAMPLERS[sampler](), study_name="s", pruner=pruner)
     other = optuna.load_study(study_name="s", storage=url)  # another process on the same database
     seen = []
     for batch in range(3):

@@ -12,7 +12,7 @@ def __getattr__(name: str):
 
         return run
     if name == "RunResult":
-        from gdlab.fit import RunResult
+        from gdlab.record import RunResult
 
         return RunResult
     if name == "ReplicatedResult":

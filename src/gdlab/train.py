@@ -1,7 +1,7 @@
 """Entry points: `gdlab-train` (a Hydra app) and `gdlab.run([...])` for notebooks.
 
-conf → compose (gdlab.compose) → validate (gdlab.config) → fit (gdlab.fit: build, train, record,
-outputs, tracking) → summary and the objective a sweeper optimizes.
+conf → compose (gdlab.compose) → validate (gdlab.config) → fit (gdlab.fit: build, train) → record
+(gdlab.record: results, outputs, the MLflow run's end) → summary and the objective a sweeper optimizes.
 """
 
 from __future__ import annotations
@@ -35,9 +35,9 @@ from gdlab.tracking import (
 )
 
 if TYPE_CHECKING:
-    from gdlab.fit import RunResult
     from gdlab.pbt_rules import PBTSettings
     from gdlab.progress import Progress
+    from gdlab.record import RunResult
 
 __all__ = ["RunResult", "main", "run", "summary"]
 last_mlflow_run_id: str | None = None  # the MLflow run of gdlab-train's last job (Hydra multirun notes it)
@@ -201,7 +201,7 @@ def scheduled(cfg: DictConfig) -> str:
 
 
 def summary(result: RunResult) -> str:
-    from gdlab.fit import ALL_LINE_SEARCHES_FAILED
+    from gdlab.record import ALL_LINE_SEARCHES_FAILED
 
     f, cfg = result.final, result.config
     parts = [f"{k}={f[k]:.6g}" for k in SPLIT_METRICS if k in f]
@@ -239,7 +239,8 @@ def main(cfg: DictConfig) -> float:
         sys.exit(2)
     from pytorch_lightning.utilities.exceptions import SIGTERMException
 
-    from gdlab.fit import fit, record_error
+    from gdlab.fit import fit
+    from gdlab.record import record_error
 
     overrides = list(hydra_cfg.overrides.task)
     ctrl_c = InterruptHandler().install((signal.SIGINT,))  # SIGTERM is Lightning's (below)
@@ -287,7 +288,7 @@ def multirun_tags(hydra_cfg, overrides: list[str], cfg: DictConfig) -> dict | No
 
 def __getattr__(name: str):
     if name == "RunResult":  # gdlab.train.RunResult, without importing Lightning at import
-        from gdlab.fit import RunResult
+        from gdlab.record import RunResult
 
         return RunResult
     raise AttributeError(f"module 'gdlab.train' has no attribute {name!r}")
