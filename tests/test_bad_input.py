@@ -4,7 +4,8 @@ import pytest
 from omegaconf import OmegaConf
 
 from gdlab.compose import compose_config
-from gdlab.config import ConfigError, member_bytes, validate
+from gdlab.config import ConfigError, validate
+from gdlab.memory import member_bytes
 from gdlab.population import Population, check_population, member_sections
 
 CONFIG = [
