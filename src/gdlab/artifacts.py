@@ -51,7 +51,7 @@ class HistoryFiles:
 
     def complete(self, recorded: np.ndarray) -> np.ndarray:
         """Which members' files hold exactly their histories' rows (`recorded`: (epochs, P), as
-        EpochTable.final_recorded)."""
+        gdlab.epoch_table.EpochTable.final_recorded)."""
         counts = recorded.sum(axis=0) if len(recorded) else np.zeros(len(self.rows), dtype=np.int64)
         return self.has_directory & (self.rows == counts) & (counts > 0) & (not self.failed)
 

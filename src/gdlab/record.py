@@ -18,9 +18,10 @@ from omegaconf import DictConfig
 
 from gdlab.artifacts import write_history, write_run_outputs
 from gdlab.data import Dataset
+from gdlab.epoch_table import EpochTable
 from gdlab.masking import mask_passwords, masked_config_yaml
 from gdlab.model import MLP
-from gdlab.module import EpochTable, PopulationOutcome
+from gdlab.module import PopulationOutcome
 from gdlab.pbt import PopulationBasedTraining
 from gdlab.population import Population
 from gdlab.tracking import MlflowRun, run_name, tracking_uri

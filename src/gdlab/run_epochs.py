@@ -1,14 +1,13 @@
 """A population's epochs to its MLflow runs in bulk: the epoch sink behind every tracked population.
 
-Each epoch's rows are already columns ((n_columns, P) arrays, gdlab.module.EpochTable). `RunEpochs` keeps them
-as they are and, every `tracking.flush_seconds`, hands the metric writer process one message holding every
-tracked member's new epochs (gdlab.metric_writer's "columns" message), so the training process does no
+Each epoch's rows are already columns ((n_columns, P) arrays, gdlab.epoch_table.EpochTable). `RunEpochs` keeps
+them as they are and, every `tracking.flush_seconds`, hands the metric writer process one message holding
+every tracked member's new epochs (gdlab.metric_writer's "columns" message), so the training process does no
 per-member Python on the epoch path, whatever P is. Which values become MLflow rows is decided here, for all
 members at once, by the rules a single run's `MlflowRun.log_epoch_rows` applies row by row: no row for an
 unlogged column or a NaN; a LOGGED_ON_CHANGE column only where it differs from the member's last logged value.
 A single run (not run by the writer from its start) keeps `log_epoch`, so a short run never waits for the
-writer process to start.
-"""
+writer process to start."""
 
 from __future__ import annotations
 
