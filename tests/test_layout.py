@@ -67,3 +67,9 @@ def test_imports_between_gdlab_modules_go_one_way():
 
 def test_circles_are_found():
     assert circles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+
+
+def test_no_module_is_over_450_lines():
+    lengths = {name: len(path.read_text().splitlines()) for name, path in module_files().items()}
+    assert lengths["gdlab.sweep.trials"] > 100  # counted
+    assert {name: n for name, n in lengths.items() if n > 450} == {}
