@@ -172,6 +172,8 @@ class MlflowSweepCallback(Callback):
 
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
         mask_saved_hydra_configs(Path(str(config.hydra.sweep.dir)))
+        if config.hydra.runtime.choices.get("hydra/sweeper") == "gdlab":
+            return  # gdlab.sweep.hydra_sweeper: gdlab-sweep's engine checks and records the sweep itself
         cfg = _task_config(config)
         check_multirun_selection(cfg)
         check_optuna_study(config, cfg)

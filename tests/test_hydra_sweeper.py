@@ -1,0 +1,93 @@
+"""`gdlab-train -m +sweep=NAME hydra/sweeper=gdlab`: Hydra multirun through gdlab-sweep's engine (pruning,
+the budget across invocations, the record, signals). Real processes, real SQLite stores."""
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import optuna
+import pytest
+from mlflow import MlflowClient
+from optuna.trial import TrialState
+
+from test_record import finish, gdlab, wait_for_running_trial
+
+BIN = Path(sys.executable).parent
+GDLAB = ["-m", "hydra/sweeper=gdlab"]
+
+pytestmark = pytest.mark.usefixtures("clean_tracking_env")
+
+
+def stores(cwd: Path) -> tuple[str, MlflowClient]:
+    return f"sqlite:///{cwd / 'mlruns' / 'optuna.db'}", MlflowClient(
+        f"sqlite:///{cwd / 'mlruns' / 'mlflow.db'}"
+    )
+
+
+@pytest.mark.slow
+def test_multirun_through_the_gdlab_sweeper_prunes_adds_to_the_budget_and_names_each_trials_run(tmp_path):
+    first = [*GDLAB, "+sweep=lr_depth", "trainer.max_epochs=60", "hydra.sweeper.n_trials=8"]
+    code, out, err = finish(gdlab("gdlab-train", *first, cwd=tmp_path))
+    assert code == 0, err[-3000:]
+    assert "done: 8/8 finished trials" in out and "result: test/loss=" in out
+    storage, client = stores(tmp_path)
+    trials = optuna.load_study(study_name="lr_depth", storage=storage).get_trials(deepcopy=False)
+    assert [t.number for t in trials] == list(range(8))
+    assert TrialState.PRUNED in {t.state for t in trials}  # the sweep file's MedianPruner, as gdlab-sweep
+    experiment = client.get_experiment_by_name("sweep-lr_depth").experiment_id
+    runs = {r.info.run_id: r for r in client.search_runs([experiment])}
+    (parent,) = [r for r in runs.values() if "mlflow.parentRunId" not in r.data.tags]  # no second parent
+    assert parent.data.tags["gdlab.kind"] == "sweep" and parent.info.status == "FINISHED"
+    for trial in trials:
+        run = runs[trial.user_attrs["mlflow_run_id"]]  # the trial's own run, by id
+        assert run.data.tags["optuna.trial"] == str(trial.number)
+        assert run.data.tags["mlflow.parentRunId"] == parent.info.run_id and run.info.status == "FINISHED"
+        if trial.state == TrialState.PRUNED:
+            assert run.data.tags["optuna.state"] == "PRUNED"
+        else:
+            assert run.data.metrics["final/val/loss"] == pytest.approx(trial.value)
+
+    again = [*GDLAB, "+sweep=lr_depth", "trainer.max_epochs=60", "hydra.sweeper.n_trials=10"]
+    code, out, err = finish(gdlab("gdlab-train", *again, cwd=tmp_path))
+    assert code == 0, err[-3000:]
+    trials = optuna.load_study(study_name="lr_depth", storage=storage).get_trials(deepcopy=False)
+    assert [t.number for t in trials] == list(range(10))  # two more: the budget is the study's
+    assert len({tuple(sorted(t.params.items())) for t in trials}) == 10  # none replayed
+    code, out, _ = finish(gdlab("gdlab-train", *again, cwd=tmp_path))
+    assert code == 0 and "budget reached" in out
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_group_leaves_no_trial_or_run_running(tmp_path):
+    process = gdlab("gdlab-train", *GDLAB, "+sweep=lr", "trainer.max_epochs=200000", "tracking.plots=false",
+                    cwd=tmp_path, start_new_session=True)  # fmt: skip
+    storage, client = stores(tmp_path)
+    wait_for_running_trial(storage, "lr", process)
+    os.killpg(process.pid, signal.SIGTERM)
+    code, _, err = finish(process, timeout=300)
+    assert code == 143, err[-3000:]
+    assert "interrupted by SIGTERM" in err and "Traceback" not in err, err[-3000:]
+    trials = optuna.load_study(study_name="lr", storage=storage).get_trials(deepcopy=False)
+    assert len(trials) == 64 and {t.state for t in trials} == {TrialState.FAIL}  # the sweep's population
+    runs = client.search_runs([client.get_experiment_by_name("sweep-lr").experiment_id])
+    assert {r.info.status for r in runs} == {"KILLED"} and len(runs) == 65  # the trials and the parent
+
+
+@pytest.mark.parametrize(
+    ("arguments", "line"),
+    [
+        (["+sweep=lr", "hydra/launcher=submitit_local"],
+         "gdlab-train: error: hydra/launcher=submitit_local is not allowed with hydra/sweeper=gdlab"),
+        (["optimizer.lr=0.1,0.2"], "gdlab-train: error: hydra/sweeper=gdlab runs a sweep file: add +sweep=NAME"),
+        (["+sweep=lr", "hydra.sweeper.n_trials=0"],
+         "gdlab-sweep: error: sweeps/lr.yaml: hydra.sweeper.n_trials=0 is out of range"),
+    ],
+)  # fmt: skip
+def test_what_the_gdlab_sweeper_cannot_run_is_one_line_before_any_work(tmp_path, arguments, line):
+    proc = subprocess.run([str(BIN / "gdlab-train"), *GDLAB, *arguments], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=300)  # fmt: skip
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1].startswith(line), proc.stderr
+    assert "Traceback" not in proc.stderr and not (tmp_path / "mlruns" / "optuna.db").exists()
