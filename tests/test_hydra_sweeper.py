@@ -21,9 +21,8 @@ pytestmark = pytest.mark.usefixtures("clean_tracking_env")
 
 
 def stores(cwd: Path) -> tuple[str, MlflowClient]:
-    return f"sqlite:///{cwd / 'mlruns' / 'optuna.db'}", MlflowClient(
-        f"sqlite:///{cwd / 'mlruns' / 'mlflow.db'}"
-    )
+    client = MlflowClient(f"sqlite:///{cwd / 'mlruns' / 'mlflow.db'}")
+    return f"sqlite:///{cwd / 'mlruns' / 'optuna.db'}", client
 
 
 @pytest.mark.slow
@@ -80,7 +79,8 @@ def test_sigterm_to_the_group_leaves_no_trial_or_run_running(tmp_path):
     [
         (["+sweep=lr", "hydra/launcher=submitit_local"],
          "gdlab-train: error: hydra/launcher=submitit_local is not allowed with hydra/sweeper=gdlab"),
-        (["optimizer.lr=0.1,0.2"], "gdlab-train: error: hydra/sweeper=gdlab runs a sweep file: add +sweep=NAME"),
+        (["optimizer.lr=0.1,0.2"],
+         "gdlab-train: error: hydra/sweeper=gdlab runs a sweep file: add +sweep=NAME"),
         (["+sweep=lr", "hydra.sweeper.n_trials=0"],
          "gdlab-sweep: error: sweeps/lr.yaml: hydra.sweeper.n_trials=0 is out of range"),
     ],
