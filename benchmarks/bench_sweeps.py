@@ -6,14 +6,16 @@ to run its trials, all measured by this one invocation, each in a fresh study in
       on fewer trials (--process-trials): each one pays a few seconds of process start-up;
   (g) gdlab-sweep in one process, trial by trial (--population 1);
   (h) gdlab-sweep's population mode: the trials trained together as one batched model (--population 64);
-  (u) (h) again with tracking=none, run by default when --tracking is local: what tracking costs (h).
+  (u) (h) again with tracking=none, run by default when --tracking is local: what tracking costs (h);
+  (m) gdlab-train -m +sweep=lr hydra/sweeper=gdlab: Hydra multirun through the same engine as (h).
 Throughput = epochs trained by the study's trials (their history.csv) / (first trial's start to the last
 trial's end), times read from the Optuna storage: the start-up of the command is left out, but in (f) every
 trial's own process start-up counts. Targets: (h) >= 3x (g) and >= 20x (f), both tracked as --tracking says,
-and tracked (h) >= 0.6x untracked (u); the whole tracked (h) command (start-up and final report included)
->= 0.8x the untracked one as a speed (untracked seconds / tracked seconds).
-Usage: python benchmarks/bench_sweeps.py [--modes f,g,h] [--trials 64] [--process-trials 8] [--population 64]
-       [--tracking local|none] [--json out.json] [--keep DIR]
+tracked (h) >= 0.6x untracked (u), and (m) within 20% of (h) (>= 0.8x); the whole tracked (h) command
+(start-up and final report included) >= 0.8x the untracked one as a speed (untracked seconds / tracked
+seconds).
+Usage: python benchmarks/bench_sweeps.py [--modes f,g,h,u,m] [--trials 64] [--process-trials 8]
+       [--population 64] [--tracking local|none] [--json out.json] [--keep DIR]
 """
 
 from __future__ import annotations
@@ -38,9 +40,10 @@ MODES = {
     "g": "(g) gdlab-sweep --population 1",
     "h": "(h) gdlab-sweep --population {population}",
     "u": "(u) = (h) with tracking=none",  # the untracked baseline of (h), when tracking is on
+    "m": "(m) gdlab-train -m hydra/sweeper=gdlab, population {population}",
 }
 # (mode, against, at least this many times faster): tracking must keep the population's speed
-TARGETS = [("h", "g", 3.0), ("h", "f", 20.0), ("h", "u", 0.6)]
+TARGETS = [("h", "g", 3.0), ("h", "f", 20.0), ("h", "u", 0.6), ("m", "h", 0.8)]
 WHOLE_TARGET = 0.8  # the whole tracked (h) command against the untracked (u) one, as speeds
 # Nothing of the caller's environment may send the runs elsewhere than the temporary directory.
 SCRUBBED_ENV = ["MLFLOW_TRACKING_URI", "GDLAB_OPTUNA_STORAGE", "GDLAB_MLFLOW_PARENT_RUN_ID"]
@@ -64,6 +67,11 @@ def mode_command(mode: str, trials: int, population: int, tracking: str, workdir
     if mode == "u":
         mode, tracking = "h", "none"
     common = [f"tracking={tracking}", f"tracking.dir={workdir / 'mlruns'}"]
+    if mode == "m":
+        return [entry_point("gdlab-train"), "-m", f"+sweep={SWEEP}", "hydra/sweeper=gdlab",
+                f"hydra.sweeper.n_trials={trials}", f"hydra.sweeper.storage={storage}",
+                f"hydra.sweeper.study_name={study}", f"gdlab_sweep.population={population}",
+                "hydra.sweep.dir=multirun", *common]  # fmt: skip
     if mode == "f":
         return [entry_point("gdlab-train"), "-m", f"+sweep={SWEEP}", "hydra/launcher=submitit_local",
                 "hydra.launcher.timeout_min=60", "hydra.sweeper.n_jobs=1", f"hydra.sweeper.n_trials={trials}",
@@ -179,7 +187,7 @@ def run_mode(mode: str, trials: int, population: int, tracking: str, root: Path)
 
 
 def ratios(results: dict) -> dict[str, float]:
-    pairs = (("h", "g"), ("h", "f"), ("g", "f"), ("h", "u"))
+    pairs = (("h", "g"), ("h", "f"), ("g", "f"), ("h", "u"), ("m", "h"))
     return {f"{a}/{b}": results[a]["trial_epochs_per_s"] / results[b]["trial_epochs_per_s"]
             for a, b in pairs if a in results and b in results}  # fmt: skip
 
@@ -235,7 +243,7 @@ def machine_info() -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
-        "--modes", default="f,g,h,u", help="any of f,g,h,u (default all; u only when tracked)"
+        "--modes", default="f,g,h,u,m", help="any of f,g,h,u,m (default all; u only when tracked)"
     )
     parser.add_argument("--trials", type=int, default=64, help="trials of (g) and (h) (default 64)")
     parser.add_argument("--process-trials", type=int, default=8, help="trials of (f) (default 8)")
@@ -246,7 +254,7 @@ def main() -> None:
     args = parser.parse_args()
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     if not modes or set(modes) - set(MODES):
-        parser.error(f"--modes {args.modes!r}: pick from f,g,h,u")
+        parser.error(f"--modes {args.modes!r}: pick from f,g,h,u,m")
     if args.tracking == "none" and "u" in modes:
         modes.remove("u")  # (h) is already untracked
     started, busy = datetime.datetime.now().astimezone(), busy_cores()
@@ -262,7 +270,7 @@ def main() -> None:
         root = Path(root_context.name)
     results: dict = {}
     try:
-        for mode in ("f", "g", "h", "u"):
+        for mode in ("f", "g", "h", "u", "m"):
             if mode in modes:
                 trials = args.process_trials if mode == "f" else args.trials
                 results[mode] = run_mode(mode, trials, args.population, args.tracking, root)
