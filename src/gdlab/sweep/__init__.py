@@ -1,7 +1,9 @@
-"""gdlab-sweep: a named sweep's trials run in-process through Optuna, each tracked as an MLflow child run.
+"""The sweep engine: a named sweep's trials run in-process through Optuna, each tracked as an MLflow child run.
 
-spec (the sweep file, parsed and checked), trials (drawing, training and telling trials), study (storage,
-heartbeats, lock), parent_run (the MLflow parent run; also Hydra multirun's callback) and cli (gdlab-sweep).
+spec (the sweep file, parsed and checked), trials (drawing, training and telling trials), pruning, trial_runs,
+study (storage, heartbeats, lock), owned_trials (the study's storage), parent_run (the MLflow parent run; also
+the callback of Hydra's own sweepers) and cli (the engine's entry, `main(argv)`). Its two fronts: the
+gdlab-sweep command and hydra_sweeper (`hydra/sweeper=gdlab` for `gdlab-train -m`).
 Lazy, so that Hydra's callback (gdlab.sweep.parent_run) does not import Optuna and the trial machinery.
 """
 
