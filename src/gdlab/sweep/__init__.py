@@ -1,4 +1,4 @@
-"""The sweep engine: a named sweep's trials run in-process through Optuna, each tracked as an MLflow child run.
+"""The sweep engine: a named sweep's trials run in-process through Optuna, each an MLflow child run.
 
 spec (the sweep file, parsed and checked), trials (drawing, training and telling trials), pruning, trial_runs,
 study (storage, heartbeats, lock), owned_trials (the study's storage), parent_run (the MLflow parent run; also
