@@ -62,3 +62,31 @@ def test_python_dash_m_is_the_same_app(tmp_path):
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     assert "epochs=3 evals=3 " in proc.stdout
+
+
+EXIT_SCRIPT = """
+import concurrent.futures, sys, threading
+from pathlib import Path
+from gdlab.process_exit import exit_now
+
+def command():
+    pool = concurrent.futures.ThreadPoolExecutor(1)  # kept: its worker stays alive and idle
+    print(pool.submit(sum, [1, 2]).result(), flush=True)
+    command.pool = pool
+    def slow_record():  # a non-daemon thread still writing when the command returns
+        for i in range(200_000):
+            pass
+        Path(sys.argv[1]).write_text("complete")
+    threading.Thread(target=slow_record).start()
+    return 3
+
+exit_now(command)
+"""
+
+
+def test_exit_now_joins_a_writing_thread_and_stops_idle_pool_workers(tmp_path):
+    record = tmp_path / "record.txt"
+    done = subprocess.run([sys.executable, "-c", EXIT_SCRIPT, str(record)], capture_output=True, text=True,
+                          timeout=120)  # fmt: skip
+    assert (done.returncode, done.stdout, done.stderr) == (3, "3\n", "")
+    assert record.read_text() == "complete"

@@ -24,9 +24,7 @@ def exit_now(command: Callable[[], int | None]) -> NoReturn:
     if status is not None and not isinstance(status, int):  # sys.exit("message"): printed, status 1
         print(status, file=sys.stderr)
         status = 1
-    for thread in threading.enumerate():
-        if thread is not threading.current_thread() and not thread.daemon:
-            thread.join()
+    join_threads()
     atexit._run_exitfuncs()
     for stream in (sys.stdout, sys.stderr):
         try:
@@ -34,3 +32,16 @@ def exit_now(command: Callable[[], int | None]) -> NoReturn:
         except (OSError, ValueError):  # a closed pipe: nothing more can reach it
             pass
     os._exit(status or 0)
+
+
+def join_threads() -> None:
+    """What the interpreter does first at exit (CPython's `threading._shutdown`): the threading module's own
+    exit calls, which stop idle ThreadPoolExecutor workers (MLflow keeps one per artifact repository), then
+    every non-daemon thread joined. Joining those workers without them would wait forever."""
+    shutdown = getattr(threading, "_shutdown", None)
+    if shutdown is not None and threading.current_thread() is threading.main_thread():
+        shutdown()
+        return
+    for thread in threading.enumerate():
+        if thread is not threading.current_thread() and not thread.daemon:
+            thread.join()
