@@ -362,3 +362,30 @@ def test_a_new_sqlite_store_is_made_by_another_process_and_an_existing_one_opene
     stores.open_in_background(again)
     assert [type(o) for o in stores._OPENING[again]] == [threading.Thread]
     assert stores.mlflow_client(again).get_run(run.info.run_id).data.metrics == {"x": 1.5}
+
+
+MAKE_STORE_THEN_WAIT = """
+import sys, time
+from gdlab import stores
+stores.open_in_background(sys.argv[1])
+print(next(o for o in stores._OPENING[sys.argv[1]] if hasattr(o, "pid")).pid, flush=True)
+time.sleep(600)
+"""
+
+
+def test_sigterm_to_the_group_while_a_new_store_is_made_leaves_a_whole_store(tmp_path):
+    import sqlite3
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    command = subprocess.Popen([sys.executable, "-c", MAKE_STORE_THEN_WAIT, uri], stdout=subprocess.PIPE,
+                               text=True, start_new_session=True)  # fmt: skip
+    maker = int(command.stdout.readline())
+    os.killpg(command.pid, signal.SIGTERM)  # the command's group, as systemd or SLURM would
+    assert command.wait(timeout=60) == -signal.SIGTERM
+    deadline = time.monotonic() + 300
+    while Path(f"/proc/{maker}").exists() and time.monotonic() < deadline:  # the maker finishes its work
+        time.sleep(0.1)
+    with sqlite3.connect(tmp_path / "mlflow.db") as db:
+        (revision,) = db.execute("select version_num from alembic_version").fetchone()
+    client = MlflowClient(tracking_uri=uri)  # MLflow itself accepts the store: its schema is at head
+    assert [e.name for e in client.search_experiments()] == ["Default"] and revision

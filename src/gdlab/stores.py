@@ -74,8 +74,10 @@ def open_in_background(uri: str | None) -> None:
     opening = []
     if is_new_sqlite_store(uri):
         command = [sys.executable, "-m", "gdlab.stores", uri]  # a file path: no credential to hide
+        # In its own session: a SIGTERM or Ctrl-C to the command's process group must not stop MLflow's
+        # migrations halfway (a half-made store refuses every later command); they take seconds.
         opening.append(subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                        stderr=subprocess.DEVNULL))  # fmt: skip
+                                        stderr=subprocess.DEVNULL, start_new_session=True))  # fmt: skip
     opening.append(threading.Thread(target=import_mlflow if opening else open_quietly, daemon=True,
                                     name="gdlab-open-store"))  # fmt: skip
     opening[-1].start()
