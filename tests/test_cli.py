@@ -8,12 +8,13 @@ from pathlib import Path
 import pytest
 
 import gdlab
+import warm
 
 GDLAB_TRAIN = str(Path(sys.executable).with_name("gdlab-train"))
 
 
 def train(*args, cwd):
-    return subprocess.run([GDLAB_TRAIN, *args], capture_output=True, text=True, cwd=cwd, timeout=300)
+    return warm.run([GDLAB_TRAIN, *args], capture_output=True, text=True, cwd=cwd, timeout=300)
 
 
 def parse_final(stdout: str) -> dict:
@@ -55,7 +56,7 @@ def test_unknown_group_option_lists_the_available_ones(tmp_path):
 
 
 def test_python_dash_m_is_the_same_app(tmp_path):
-    proc = subprocess.run(
+    proc = warm.run(
         [sys.executable, "-m", "gdlab.train", "dataset=xor", "trainer.max_epochs=3",
          f"hydra.run.dir={tmp_path}"],
         capture_output=True, text=True, cwd=tmp_path, timeout=300,

@@ -16,6 +16,7 @@ import pytest
 from mlflow import MlflowClient
 from optuna.trial import TrialState
 
+import warm
 from conftest import ADMIN, free_port, postgres_available, start_mlflow_server, stop_process_group
 
 BIN = Path(sys.executable).parent
@@ -38,12 +39,12 @@ def mlflow_server(make_database, tmp_path):
 
 
 def sweep(*args, cwd, env=None, timeout=900):
-    return subprocess.run([str(BIN / "gdlab-sweep"), *args], capture_output=True, text=True, cwd=cwd,
+    return warm.run([str(BIN / "gdlab-sweep"), *args], capture_output=True, text=True, cwd=cwd,
                           env={**os.environ, **(env or {})}, timeout=timeout)  # fmt: skip
 
 
 def pg_dump(database: str) -> str:
-    return subprocess.run(["pg_dump", "-h", "127.0.0.1", "-U", "postgres", database], capture_output=True,
+    return warm.run(["pg_dump", "-h", "127.0.0.1", "-U", "postgres", database], capture_output=True,
                           text=True, check=True).stdout  # fmt: skip
 
 
@@ -117,7 +118,7 @@ def test_kill_9_of_a_worker_mid_trial_is_failed_retried_and_repaired(tmp_path, m
     )  # fmt: skip
     heartbeat = ["--heartbeat-interval", "1", "--grace-period", "3", "--storage", storage,
                  "--config-dir", str(tmp_path / "cfg")]  # fmt: skip
-    victim = subprocess.Popen(
+    victim = warm.Popen(
         [str(BIN / "gdlab-sweep"), "long", "gdlab_sweep.report_every=1000000", "--budget", "3", *heartbeat],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=tmp_path, start_new_session=True,
     )  # fmt: skip
@@ -216,7 +217,7 @@ def test_two_search_spaces_on_one_study_are_refused(tmp_path, make_database):
 
 def test_submitit_launcher_runs_jobs_as_processes_under_one_parent(tmp_path):
     """hydra-submitit-launcher's local executor: what gdlab_slurm does on a cluster, on this machine."""
-    proc = subprocess.run(
+    proc = warm.run(
         [str(BIN / "gdlab-train"), "-m", "hydra/launcher=submitit_local", "optimizer.lr=0.1,1",
          "trainer.max_epochs=5"],
         capture_output=True, text=True, cwd=tmp_path, timeout=600,
@@ -277,7 +278,7 @@ def test_no_form_of_a_password_reaches_disk_logs_databases_or_a_command_line(tmp
     in_userinfo = f"postgresql+psycopg://postgres:{odd}@127.0.0.1:5432/{databases[0]}"
     in_query = f"postgresql+psycopg://postgres@127.0.0.1:5432/{databases[1]}?password=Qv7-query"
     quick = ["lr_depth", "trainer.max_epochs=30", "tracking.plots=true"]
-    workers = subprocess.Popen([str(BIN / "gdlab-sweep"), *quick, "--budget", "4", "--workers", "2"],
+    workers = warm.Popen([str(BIN / "gdlab-sweep"), *quick, "--budget", "4", "--workers", "2"],
                                env={**os.environ, "GDLAB_OPTUNA_STORAGE": in_userinfo}, cwd=tmp_path,
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
     seen = []
@@ -290,7 +291,7 @@ def test_no_form_of_a_password_reaches_disk_logs_databases_or_a_command_line(tmp
     proc = sweep(*quick, "--budget", "2", "--storage", in_query, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
     logs += proc.stdout + proc.stderr
-    hydra = subprocess.run([str(BIN / "gdlab-train"), "-m", "+sweep=lr_depth", "trainer.max_epochs=30",
+    hydra = warm.run([str(BIN / "gdlab-train"), "-m", "+sweep=lr_depth", "trainer.max_epochs=30",
                             "hydra.sweeper.n_trials=2", f"hydra.sweeper.storage='{in_userinfo}'"],
                            cwd=tmp_path, capture_output=True, text=True, timeout=600)  # fmt: skip
     assert hydra.returncode == 0, hydra.stderr[-3000:]

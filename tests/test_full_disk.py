@@ -4,7 +4,6 @@ Each test mounts a real tmpfs of a chosen size as the run's output folder (root 
 """
 
 import csv
-import subprocess
 import sys
 import uuid
 from pathlib import Path
@@ -15,6 +14,7 @@ from mlflow import MlflowClient
 from optuna.trial import TrialState
 
 import gdlab
+import warm
 
 BIN = Path(sys.executable).parent
 pytestmark = pytest.mark.usefixtures("clean_tracking_env")
@@ -29,7 +29,7 @@ def small_disk(tmp_path):
     def mount(kib: int) -> Path:
         folder = tmp_path / f"disk-{uuid.uuid4().hex[:6]}"
         folder.mkdir()
-        done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={kib}k", "tmpfs", str(folder)],
+        done = warm.run(["mount", "-t", "tmpfs", "-o", f"size={kib}k", "tmpfs", str(folder)],
                               capture_output=True, text=True)  # fmt: skip
         if done.returncode != 0:
             pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
@@ -38,7 +38,7 @@ def small_disk(tmp_path):
 
     yield mount
     for folder in mounted:
-        subprocess.run(["umount", "-l", str(folder)], check=False)
+        warm.run(["umount", "-l", str(folder)], check=False)
 
 
 def rows(path: Path) -> list[dict]:
@@ -68,7 +68,7 @@ def test_a_full_disk_at_the_end_keeps_the_appended_history_whole_and_fails_the_r
 
 def test_gdlab_train_on_a_disk_that_fills_during_training_ends_failed_in_one_line(tmp_path, small_disk):
     disk = small_disk(64)  # Hydra's .hydra/ files and a few hundred history rows
-    done = subprocess.run([str(BIN / "gdlab-train"), "trainer.max_epochs=20000", f"hydra.run.dir={disk}/run",
+    done = warm.run([str(BIN / "gdlab-train"), "trainer.max_epochs=20000", f"hydra.run.dir={disk}/run",
                            f"tracking.dir={tmp_path / 'mlruns'}", "tracking.plots=false"],
                           cwd=tmp_path, capture_output=True, text=True, timeout=600)  # fmt: skip
     assert done.returncode == 1, done.stderr[-2000:]
@@ -87,7 +87,7 @@ def test_a_population_sweep_whose_outputs_fill_up_ends_every_trial_and_run(tmp_p
     outputs = small_disk(48)
     (tmp_path / "outputs").rmdir() if (tmp_path / "outputs").exists() else None
     (tmp_path / "outputs").symlink_to(outputs)  # the trials' folders fill up; the stores stay where they are
-    done = subprocess.run([str(BIN / "gdlab-sweep"), "lr", "--population", "4", "--budget", "4",
+    done = warm.run([str(BIN / "gdlab-sweep"), "lr", "--population", "4", "--budget", "4",
                            "trainer.max_epochs=5000", "--progress", "0"],
                           cwd=tmp_path, capture_output=True, text=True, timeout=600)  # fmt: skip
     assert done.returncode == 1, done.stderr[-2000:]
@@ -108,19 +108,19 @@ def test_a_population_sweep_whose_outputs_fill_up_ends_every_trial_and_run(tmp_p
 def test_a_read_only_store_is_one_line_from_either_command(tmp_path, small_disk):
     store = small_disk(20 * 1024)
     quick = ["trainer.max_epochs=3", "tracking.plots=false", f"tracking.dir={store}"]
-    made = subprocess.run([str(BIN / "gdlab-sweep"), "lr", "--budget", "2", "--population", "2", "--no-refit",
+    made = warm.run([str(BIN / "gdlab-sweep"), "lr", "--budget", "2", "--population", "2", "--no-refit",
                            f"--storage=sqlite:///{store}/optuna.db", *quick],
                           cwd=tmp_path, capture_output=True, text=True, timeout=600)  # fmt: skip
     assert made.returncode == 0, made.stderr[-2000:]
-    subprocess.run(["mount", "-o", "remount,ro", str(store)], check=True)
-    sweep = subprocess.run([str(BIN / "gdlab-sweep"), "lr", "--study", "another", f"--storage=sqlite:///{store}/optuna.db",
+    warm.run(["mount", "-o", "remount,ro", str(store)], check=True)
+    sweep = warm.run([str(BIN / "gdlab-sweep"), "lr", "--study", "another", f"--storage=sqlite:///{store}/optuna.db",
                             *quick], cwd=tmp_path, capture_output=True, text=True, timeout=600)  # fmt: skip
     assert sweep.returncode == 2 and "Traceback" not in sweep.stderr
     assert sweep.stderr.strip().splitlines() == [
         "gdlab-sweep: error: study 'another': the Optuna storage refused it: attempt to write a readonly "
         "database"
     ]
-    train = subprocess.run([str(BIN / "gdlab-train"), *quick, f"hydra.run.dir={tmp_path}/run"],
+    train = warm.run([str(BIN / "gdlab-train"), *quick, f"hydra.run.dir={tmp_path}/run"],
                            cwd=tmp_path, capture_output=True, text=True, timeout=600)  # fmt: skip
     assert train.returncode == 3 and "Traceback" not in train.stderr
     assert train.stderr.strip().splitlines() == [

@@ -3,7 +3,6 @@ the budget across invocations, the record, signals). Real processes, real SQLite
 
 import os
 import signal
-import subprocess
 import sys
 from pathlib import Path
 
@@ -12,6 +11,7 @@ import pytest
 from mlflow import MlflowClient
 from optuna.trial import TrialState
 
+import warm
 from test_record import finish, gdlab, wait_for_running_trial
 
 BIN = Path(sys.executable).parent
@@ -86,7 +86,7 @@ def test_sigterm_to_the_group_leaves_no_trial_or_run_running(tmp_path):
     ],
 )  # fmt: skip
 def test_what_the_gdlab_sweeper_cannot_run_is_one_line_before_any_work(tmp_path, arguments, line):
-    proc = subprocess.run([str(BIN / "gdlab-train"), *GDLAB, *arguments], cwd=tmp_path, capture_output=True,
+    proc = warm.run([str(BIN / "gdlab-train"), *GDLAB, *arguments], cwd=tmp_path, capture_output=True,
                           text=True, timeout=300)  # fmt: skip
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1].startswith(line), proc.stderr

@@ -15,6 +15,7 @@ import torch
 from mlflow import MlflowClient
 from optuna.distributions import FloatDistribution
 
+import warm
 from gdlab.compose import compose_config
 from gdlab.config import ConfigError, validate
 from gdlab.fit import fit_population
@@ -343,7 +344,7 @@ def test_gdlab_run_trains_a_population_with_pbt_for_a_notebook():
 
 def sweep(cwd: Path, *args: str) -> subprocess.CompletedProcess:
     command = [str(Path(sys.executable).with_name("gdlab-sweep")), *args]
-    return subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=600)
+    return warm.run(command, cwd=cwd, capture_output=True, text=True, timeout=600)
 
 
 BAD_PBT_BLOCKS = [
@@ -385,7 +386,7 @@ def test_hydra_multirun_refuses_a_pbt_sweep_in_one_line(tmp_path: Path):
         "+sweep=lr_pbt",
         "hydra.sweeper.n_trials=1",
     ]
-    done = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    done = warm.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert done.stderr.strip().splitlines() == [
         "gdlab-train: error: this sweep has a gdlab_sweep.pbt block, which gdlab-sweep runs (PBT needs its "

@@ -1,7 +1,6 @@
 """Population mode: each member trains exactly as it would alone, and retires alone."""
 
 import math
-import subprocess
 import sys
 from pathlib import Path
 
@@ -11,6 +10,7 @@ import pytest
 from mlflow import MlflowClient
 from optuna.trial import TrialState
 
+import warm
 from gdlab.compose import VariantComposer, compose_config
 from gdlab.config import ConfigError, validate
 from gdlab.fit import fit_population
@@ -125,7 +125,7 @@ def test_variant_composer_matches_hydra_compose():
 @pytest.mark.slow
 def test_gdlab_sweep_population_mode_tells_each_trial_and_tracks_each_member(tmp_path: Path):
     bin_dir = Path(sys.executable).parent
-    done = subprocess.run(
+    done = warm.run(
         [str(bin_dir / "gdlab-sweep"), "lr", "--population", "4", "--budget", "6", "trainer.max_epochs=25"],
         capture_output=True, text=True, cwd=tmp_path, timeout=600,
     )  # fmt: skip
@@ -161,7 +161,7 @@ def test_gdlab_sweep_population_mode_tells_each_trial_and_tracks_each_member(tmp
 @pytest.mark.slow
 def test_the_seeds_grid_sweep_trains_its_ten_seeds_as_one_population(tmp_path: Path):
     bin_dir = Path(sys.executable).parent
-    done = subprocess.run([str(bin_dir / "gdlab-sweep"), "seeds", "trainer.max_epochs=50", "tracking=none"],
+    done = warm.run([str(bin_dir / "gdlab-sweep"), "seeds", "trainer.max_epochs=50", "tracking=none"],
                           capture_output=True, text=True, cwd=tmp_path, timeout=600)  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     study = optuna.load_study(study_name="seeds", storage=f"sqlite:///{tmp_path / 'mlruns' / 'optuna.db'}")
@@ -212,7 +212,7 @@ def test_a_mixed_population_batch_fails_only_the_diverging_trials(tmp_path: Path
     (tmp_path / "conf" / "sweep").mkdir(parents=True)
     (tmp_path / "conf" / "sweep" / "mixed.yaml").write_text(MIXED_SWEEP)
     bin_dir = Path(sys.executable).parent
-    done = subprocess.run([str(bin_dir / "gdlab-sweep"), "mixed", "--config-dir", str(tmp_path / "conf")],
+    done = warm.run([str(bin_dir / "gdlab-sweep"), "mixed", "--config-dir", str(tmp_path / "conf")],
                           capture_output=True, text=True, cwd=tmp_path, timeout=600)  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     study = optuna.load_study(study_name="mixed", storage=f"sqlite:///{tmp_path / 'mlruns' / 'optuna.db'}")

@@ -13,6 +13,7 @@ import pandas as pd
 import pytest
 from mlflow import MlflowClient
 
+import warm
 from gdlab.metric_writer import MetricWriter
 
 BIN = Path(sys.executable).parent
@@ -22,9 +23,12 @@ QUICK = ["tracking=none", "trainer.max_epochs=3"]
 pytestmark = pytest.mark.usefixtures("clean_tracking_env")
 
 
-def gdlab(command: str, *args, cwd: Path, **kwargs):
-    return subprocess.Popen([str(BIN / command), *args], cwd=cwd, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, **kwargs)  # fmt: skip
+def gdlab(command: str, *args, cwd: Path, cold: bool = False, **kwargs):
+    """The command started by the suite's warm server (tests/warm.py), or `cold` by a new interpreter, for
+    tests of what happens while it imports."""
+    start = subprocess.Popen if cold else warm.Popen
+    pipe = subprocess.PIPE
+    return start([str(BIN / command), *args], cwd=cwd, stdout=pipe, stderr=pipe, text=True, **kwargs)
 
 
 def finish(process, timeout=600) -> tuple[int, str, str]:
@@ -148,7 +152,7 @@ def wait_for_sigterm_handler(process, timeout: float = 60) -> None:
 @pytest.mark.slow
 def test_sigterm_during_start_up_ends_the_run_killed_not_by_the_default_action(tmp_path: Path):
     process = gdlab("gdlab-train", "dataset=xor", "trainer.max_epochs=200000", "tracking.plots=false",
-                    cwd=tmp_path, start_new_session=True)  # fmt: skip
+                    cwd=tmp_path, start_new_session=True, cold=True)  # fmt: skip
     wait_for_sigterm_handler(process)
     os.killpg(process.pid, signal.SIGTERM)  # while it imports torch, Lightning and Hydra
     code, _, err = finish(process, timeout=300)
@@ -162,7 +166,7 @@ def test_sigterm_during_start_up_ends_the_run_killed_not_by_the_default_action(t
 
 
 def test_sigterm_during_start_up_stops_gdlab_sweep_before_any_trial(tmp_path: Path):
-    process = gdlab("gdlab-sweep", "lr", cwd=tmp_path, start_new_session=True)
+    process = gdlab("gdlab-sweep", "lr", cwd=tmp_path, start_new_session=True, cold=True)
     wait_for_sigterm_handler(process)
     os.killpg(process.pid, signal.SIGTERM)
     code, _, err = finish(process, timeout=300)
@@ -184,18 +188,22 @@ def test_the_metric_writer_gets_its_tracking_uri_off_the_command_line(tmp_path: 
 
 
 def wait_for_running_trial(storage: str, name: str, process, timeout=180) -> None:
+    """Until the sweep trains: its trials RUNNING in Optuna, each with its RUNNING child run in MLflow."""
     # Its header comes once the study exists: opening the store before would race its creation.
     assert process.stdout.readline().startswith(f"gdlab-sweep: study {name!r}"), process.stderr.read()[-3000:]
+    client = MlflowClient(storage.replace("optuna.db", "mlflow.db"))
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
             raise AssertionError(f"gdlab-sweep exited {process.returncode}: {process.stderr.read()[-3000:]}")
         try:
             trials = optuna.load_study(study_name=name, storage=storage).get_trials(deepcopy=False)
-            if any(t.state == optuna.trial.TrialState.RUNNING for t in trials):
-                time.sleep(3)  # well into its training
+            running = [t for t in trials if t.state == optuna.trial.TrialState.RUNNING]
+            experiment = client.get_experiment_by_name(f"sweep-{name}").experiment_id
+            runs = client.search_runs([experiment], "attributes.status = 'RUNNING'")
+            if running and sum("mlflow.parentRunId" in r.data.tags for r in runs) >= len(running):
                 return
-        except Exception:  # noqa: BLE001 (the store or the study is not created yet)
+        except Exception:  # noqa: BLE001 (a store, the study or the experiment is not created yet)
             pass
         time.sleep(0.5)
     raise AssertionError("no trial started")
@@ -354,7 +362,7 @@ def test_a_live_run_in_another_pid_namespace_is_not_taken_for_dead(tmp_path: Pat
     uri = f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}"
     command = ["unshare", "--pid", "--fork", "--mount-proc", str(BIN / "gdlab-train"), "dataset=xor",
                "trainer.max_epochs=200000", "tracking.plots=false"]  # fmt: skip
-    process = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    process = warm.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                text=True, start_new_session=True)  # fmt: skip
     try:
         wait_for_history(tmp_path, process, rows=50)
@@ -407,7 +415,7 @@ def test_a_dead_metric_writer_costs_no_metric_and_no_false_finished(tmp_path: Pa
     """kill -9 of the writer child alone (an OOM kill): the training process writes the record itself."""
     script = tmp_path / "population.py"
     script.write_text(WRITER_SCRIPT)
-    process = subprocess.Popen([sys.executable, str(script), str(tmp_path / "mlruns")], cwd=tmp_path,
+    process = warm.Popen([sys.executable, str(script), str(tmp_path / "mlruns")], cwd=tmp_path,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}")
     deadline, writer, written = time.monotonic() + 300, None, 0
@@ -444,9 +452,7 @@ def test_a_worker_suspended_past_the_grace_period_costs_only_its_trial(tmp_path:
                     "--grace-period", "4", "--heartbeat-interval", "1", "--no-refit", "--progress", "0",
                     cwd=tmp_path)  # fmt: skip
     study = wait_for_running_trials(storage, "lr_depth", process, count=2)  # both processes train
-    children = subprocess.run(
-        ["pgrep", "-P", str(process.pid)], capture_output=True, text=True
-    ).stdout.split()
+    children = warm.run(["pgrep", "-P", str(process.pid)], capture_output=True, text=True).stdout.split()
     (worker,) = [int(pid) for pid in children if b"--worker" in Path(f"/proc/{pid}/cmdline").read_bytes()]
     os.kill(worker, signal.SIGSTOP)
     try:  # the other process ends its own trial, then fails the stopped one's by heartbeat and goes on

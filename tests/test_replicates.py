@@ -14,6 +14,7 @@ import pytest
 from scipy import stats
 
 import gdlab
+import warm
 from gdlab.compose import compose_config
 from gdlab.config import ConfigError, validate
 from gdlab.data import split_rows
@@ -94,7 +95,7 @@ def sweep(cwd: Path, *args: str) -> subprocess.CompletedProcess:
     }
     command = [str(Path(sys.executable).with_name("gdlab-sweep")), "lr", "--storage", f"sqlite:///{cwd}/o.db",
                "--progress", "0", "tracking=none", "dataset.n_samples=120", *args]  # fmt: skip
-    return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    return warm.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
 
 
 def history_rows(path: Path) -> list[dict]:

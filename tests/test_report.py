@@ -11,6 +11,7 @@ import torch
 from mlflow import MlflowClient
 
 import gdlab
+import warm
 from gdlab.report import TrackedRun, build_report
 from gdlab.report.tables import make_final_table
 
@@ -43,9 +44,7 @@ def train(directory: Path, experiment: str, overrides: list[str]) -> gdlab.RunRe
 
 def report_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
-    return subprocess.run(
-        [GDLAB_REPORT, *args], capture_output=True, text=True, cwd=cwd, env=env, timeout=300
-    )
+    return warm.run([GDLAB_REPORT, *args], capture_output=True, text=True, cwd=cwd, env=env, timeout=300)
 
 
 @pytest.fixture(scope="module")

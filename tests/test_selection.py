@@ -1,6 +1,5 @@
 """Sweeps choose on validation and measure the test split once: refusals, the refit and its record."""
 
-import subprocess
 import sys
 from pathlib import Path
 
@@ -8,6 +7,7 @@ import optuna
 import pytest
 from mlflow import MlflowClient
 
+import warm
 from gdlab.sweep.spec import available_sweeps, load_sweep
 
 BIN = Path(sys.executable).parent
@@ -88,7 +88,7 @@ def test_gdlab_sweep_refuses_a_test_objective_in_one_line(refused, tmp_path):
 
 
 def test_gdlab_train_multirun_refuses_a_test_objective_in_one_line(tmp_path):
-    done = subprocess.run([str(BIN / "gdlab-train"), "-m", "optimizer.lr=0.1,1", "objective=test/loss",
+    done = warm.run([str(BIN / "gdlab-train"), "-m", "optimizer.lr=0.1,1", "objective=test/loss",
                            "trainer.max_epochs=3"], cwd=tmp_path, capture_output=True, text=True)  # fmt: skip
     assert done.returncode == 2
     assert done.stderr.strip().splitlines() == [
@@ -105,7 +105,7 @@ def test_select_on_test_runs_knowingly_and_says_so(tmp_path):
     config_dir = write_sweep(
         tmp_path / "cfg", TEST_SWEEP.replace("gdlab_sweep:\n", "gdlab_sweep:\n  select_on_test: true\n")
     )
-    done = subprocess.run([str(BIN / "gdlab-sweep"), "on_test", "--config-dir", str(config_dir)],
+    done = warm.run([str(BIN / "gdlab-sweep"), "on_test", "--config-dir", str(config_dir)],
                           cwd=tmp_path, capture_output=True, text=True, timeout=600)  # fmt: skip
     assert done.returncode == 0, done.stderr
     parent, trials, refits = sweep_runs(tmp_path, "sweep-on-test")
@@ -122,7 +122,7 @@ def test_select_on_test_runs_knowingly_and_says_so(tmp_path):
 
 @pytest.mark.slow
 def test_the_winner_is_refit_on_train_and_val_and_its_test_metrics_are_the_result(tmp_path):
-    done = subprocess.run([str(BIN / "gdlab-sweep"), "lr", "trainer.max_epochs=40", "--budget", "6",
+    done = warm.run([str(BIN / "gdlab-sweep"), "lr", "trainer.max_epochs=40", "--budget", "6",
                            "--population", "3"], cwd=tmp_path, capture_output=True, text=True,
                           timeout=600)  # fmt: skip
     assert done.returncode == 0, done.stderr
@@ -168,7 +168,7 @@ def test_the_winner_is_refit_on_train_and_val_and_its_test_metrics_are_the_resul
 
 @pytest.mark.slow
 def test_no_refit_reports_the_best_trials_own_test_metrics(tmp_path):
-    done = subprocess.run([str(BIN / "gdlab-sweep"), "lr", "trainer.max_epochs=20", "--budget", "3",
+    done = warm.run([str(BIN / "gdlab-sweep"), "lr", "trainer.max_epochs=20", "--budget", "3",
                            "--population", "3", "--no-refit"], cwd=tmp_path, capture_output=True, text=True,
                           timeout=600)  # fmt: skip
     assert done.returncode == 0, done.stderr
@@ -182,7 +182,7 @@ def test_no_refit_reports_the_best_trials_own_test_metrics(tmp_path):
 
 @pytest.mark.slow
 def test_gdlab_train_multirun_refits_its_best_job(tmp_path):
-    done = subprocess.run([str(BIN / "gdlab-train"), "-m", "+sweep=lr_depth", "hydra.sweeper.n_trials=2",
+    done = warm.run([str(BIN / "gdlab-train"), "-m", "+sweep=lr_depth", "hydra.sweeper.n_trials=2",
                            "trainer.max_epochs=20"], cwd=tmp_path, capture_output=True, text=True,
                           timeout=600)  # fmt: skip
     assert done.returncode == 0, done.stderr
@@ -199,7 +199,7 @@ def test_gdlab_train_multirun_refits_its_best_job(tmp_path):
 def test_a_pbt_winner_is_refit_by_replaying_its_schedule(tmp_path):
     command = [str(BIN / "gdlab-sweep"), "lr_pbt", "trainer.max_epochs=40", "gdlab_sweep.pbt.interval=10",
                "--budget", "6", "--population", "6"]  # fmt: skip
-    done = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    done = warm.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr
     study = optuna.load_study(study_name="lr_pbt", storage=f"sqlite:///{tmp_path / 'mlruns' / 'optuna.db'}")
     replay = study.best_trial.user_attrs["pbt.replay"].split()

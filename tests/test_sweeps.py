@@ -10,6 +10,7 @@ import pytest
 from mlflow import MlflowClient
 from optuna.trial import TrialState
 
+import warm
 from gdlab.sweep import load_sweep
 from gdlab.sweep.spec import available_sweeps
 from gdlab.tracking import short_number
@@ -22,7 +23,7 @@ pytestmark = pytest.mark.usefixtures("clean_tracking_env")
 
 
 def sweep(*args, cwd, timeout=600):
-    return subprocess.run([str(BIN / "gdlab-sweep"), *args], capture_output=True, text=True, cwd=cwd,
+    return warm.run([str(BIN / "gdlab-sweep"), *args], capture_output=True, text=True, cwd=cwd,
                           timeout=timeout)  # fmt: skip
 
 
@@ -100,7 +101,7 @@ def test_every_shipped_sweep_parses_and_validates():
 def test_hydra_multirun_sweep_tracks_trials_and_resumes(tmp_path):
     command = [str(BIN / "gdlab-train"), "-m", "+sweep=lr_depth", "hydra.sweeper.n_trials=3", *SHORT]
     for _ in range(2):
-        proc = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, timeout=600)
+        proc = warm.run(command, capture_output=True, text=True, cwd=tmp_path, timeout=600)
         assert proc.returncode == 0, proc.stderr
         time.sleep(1.1)  # each invocation gets its own multirun/<date>/<time> directory
     trials = study(tmp_path, "lr_depth").trials
@@ -195,7 +196,7 @@ def test_two_workers_lose_and_duplicate_nothing(tmp_path):
 def test_exclusive_declines_on_stderr_and_plain_invocations_join(tmp_path):
     common = ["lr_depth", "trainer.max_epochs=2000", "gdlab_sweep.pruner.n_startup_trials=100"]
     command = [str(BIN / "gdlab-sweep"), *common, "--budget", "50", "--exclusive"]
-    first = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+    first = warm.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
     try:
         assert first.stdout.readline().startswith("gdlab-sweep: study 'lr_depth'")  # the lock is held
         declined = sweep(*common, "--exclusive", cwd=tmp_path)

@@ -12,6 +12,8 @@ import optuna
 import pytest
 from mlflow import MlflowClient
 
+import warm
+
 BIN = Path(sys.executable).parent
 PROGRESS = re.compile(
     r"^trials #0-#7: epoch (\d+)/4000, (\d+) training, (\d+) retired, (\d+) pruned; best val/loss "
@@ -29,7 +31,7 @@ def test_population_sweep_shows_progress_and_records_every_epoch_with_its_own_ti
     command = [str(BIN / "gdlab-sweep"), "lr", "--population", "8", "--budget", "8", "--n-trials", "8",
                "--progress", "0.5", "trainer.max_epochs=4000", "trainer.stop_loss=0.1",
                "--no-refit"]  # fmt: skip
-    sweep = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    sweep = warm.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     lines: list = []
     reader = threading.Thread(target=read_lines, args=(sweep.stdout, lines), daemon=True)
     reader.start()

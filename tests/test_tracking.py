@@ -12,6 +12,7 @@ import pytest
 from mlflow import MlflowClient
 
 import gdlab
+import warm
 from conftest import free_port, start_mlflow_server, stop_process_group
 
 BIN = Path(sys.executable).parent
@@ -111,7 +112,7 @@ def test_passwords_appear_nowhere_in_the_store_or_outputs(tmp_path):
     secret = "s3cretPW"
     storage = f"postgresql://alice:{secret}@db.example:5432/optuna"
     for mode in (["hydra.run.dir=run"], ["-m", "optimizer.lr=0.1,1", "hydra.sweep.dir=sweep"]):
-        proc = subprocess.run(
+        proc = warm.run(
             [str(BIN / "gdlab-train"), "dataset=xor", "trainer.max_epochs=5", f"+storage={storage}", *mode],
             capture_output=True, text=True, cwd=tmp_path, timeout=300,
         )  # fmt: skip
@@ -128,7 +129,7 @@ def test_passwords_appear_nowhere_in_the_store_or_outputs(tmp_path):
 
 
 def test_multirun_makes_one_parent_with_a_child_per_job(tmp_path):
-    proc = subprocess.run(
+    proc = warm.run(
         [str(BIN / "gdlab-train"), "-m", "optimizer.lr=0.01,0.1,1", "trainer.max_epochs=15",
          "hydra.sweep.dir=sweep"],
         capture_output=True, text=True, cwd=tmp_path, timeout=600,
@@ -163,7 +164,7 @@ def wait_for_metrics(client: MlflowClient, key: str, at_least: int, timeout: flo
 
 @pytest.mark.slow
 def test_sigterm_mid_run_ends_killed_with_the_partial_curve(tmp_path):
-    proc = subprocess.Popen(
+    proc = warm.Popen(
         [str(BIN / "gdlab-train"), "dataset=xor", "trainer.max_epochs=200000", "tracking.flush_seconds=0.2",
          "hydra.run.dir=run"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
@@ -205,7 +206,7 @@ def test_tracking_server_end_to_end_and_an_outage_mid_run(tmp_path, mlflow_serve
     assert "curves.png" in {a.path for a in client.list_artifacts(run.info.run_id)}
 
     env = {**os.environ, "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "GDLAB_TRACKING_RETRY_SECONDS": "3"}
-    train = subprocess.Popen(  # a server gone for good: waited out 3 s here (120 s by default), then given up
+    train = warm.Popen(  # a server gone for good: waited out 3 s here (120 s by default), then given up
         [str(BIN / "gdlab-train"), "dataset=xor", "trainer.max_epochs=6000", "tracking=server",
          f"tracking.uri={url}", "tracking.flush_seconds=0.2", "hydra.run.dir=run"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path, env=env,
@@ -225,7 +226,7 @@ def test_tracking_server_end_to_end_and_an_outage_mid_run(tmp_path, mlflow_serve
 
 def test_unreachable_server_at_start_is_one_clear_error_before_training(tmp_path):
     env = {**os.environ, "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0"}
-    proc = subprocess.run(
+    proc = warm.run(
         [str(BIN / "gdlab-train"), "tracking=server", f"tracking.uri=http://127.0.0.1:{free_port()}",
          "hydra.run.dir=run"],
         capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300,
@@ -312,7 +313,7 @@ def test_a_tracking_server_restart_mid_run_loses_nothing(tmp_path, monkeypatch):
         "print([r.final['tracking_outage'] for r in results])\n"
     )
     env = {**os.environ, "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0"}
-    train = subprocess.Popen([sys.executable, str(script), url], cwd=tmp_path, env=env,
+    train = warm.Popen([sys.executable, str(script), url], cwd=tmp_path, env=env,
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
     try:
         wait_for_metrics(MlflowClient(tracking_uri=url), "train/loss", 50)
@@ -377,7 +378,7 @@ def test_sigterm_to_the_group_while_a_new_store_is_made_leaves_a_whole_store(tmp
     import sqlite3
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    command = subprocess.Popen([sys.executable, "-c", MAKE_STORE_THEN_WAIT, uri], stdout=subprocess.PIPE,
+    command = warm.Popen([sys.executable, "-c", MAKE_STORE_THEN_WAIT, uri], stdout=subprocess.PIPE,
                                text=True, start_new_session=True)  # fmt: skip
     maker = int(command.stdout.readline())
     os.killpg(command.pid, signal.SIGTERM)  # the command's group, as systemd or SLURM would

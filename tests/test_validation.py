@@ -1,6 +1,5 @@
 """The validation split: test rows that never move, three disjoint splits, val metrics everywhere."""
 
-import subprocess
 import sys
 from pathlib import Path
 
@@ -10,6 +9,7 @@ import torch
 from omegaconf import OmegaConf
 
 import gdlab
+import warm
 from gdlab.compose import compose_config
 from gdlab.config import ConfigError, validate
 from gdlab.data import make_arrays, split_rows
@@ -86,7 +86,7 @@ def test_bad_validation_sizes_name_the_key(overrides, message):
 
 
 def test_gdlab_train_refuses_a_bad_val_size_in_one_line_with_exit_2(tmp_path):
-    done = subprocess.run([str(Path(sys.executable).with_name("gdlab-train")), "dataset.val_size=1.5",
+    done = warm.run([str(Path(sys.executable).with_name("gdlab-train")), "dataset.val_size=1.5",
                            "tracking=none"], cwd=tmp_path, capture_output=True, text=True)  # fmt: skip
     assert done.returncode == 2
     assert done.stderr.strip().splitlines() == [
