@@ -1,5 +1,6 @@
 """MLflow tracking against real stores: an SQLite file and a real `mlflow server` subprocess."""
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -149,17 +150,24 @@ def test_multirun_makes_one_parent_with_a_child_per_job(tmp_path):
     assert parent.data.metrics["sweep/trials"] == 3
 
 
-def wait_for_metrics(client: MlflowClient, key: str, at_least: int, timeout: float = 120) -> str:
-    deadline = time.monotonic() + timeout
+def wait_for_metrics(client: MlflowClient, key: str, at_least: int, process, timeout: float = 300) -> str:
+    """Until a run of `process` has logged `at_least` values of `key`; its stderr if it exits first."""
+    deadline, last_error = time.monotonic() + timeout, None
     while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise AssertionError(f"exited {process.returncode} first: {process.stderr.read()[-3000:]}")
+        store = client.tracking_uri.removeprefix("sqlite:///")
+        if client.tracking_uri.startswith("sqlite:///") and not Path(store).exists():
+            time.sleep(0.3)  # gdlab makes the store: the test opening it first would race its creation
+            continue
         try:
             for run in all_runs(client):
                 if len(client.get_metric_history(run.info.run_id, key)) >= at_least:
                     return run.info.run_id
-        except Exception:
-            pass  # the store may not exist yet
+        except Exception as error:  # noqa: BLE001 (the store may not be made yet)
+            last_error = error
         time.sleep(0.3)
-    raise AssertionError(f"no run logged {at_least} values of {key} within {timeout} s")
+    raise AssertionError(f"no run logged {at_least} values of {key} within {timeout} s ({last_error!r})")
 
 
 @pytest.mark.slow
@@ -171,7 +179,7 @@ def test_sigterm_mid_run_ends_killed_with_the_partial_curve(tmp_path):
     )  # fmt: skip
     try:
         client = sqlite_client(tmp_path / "mlruns")
-        run_id = wait_for_metrics(client, "train/loss", 50)
+        run_id = wait_for_metrics(client, "train/loss", 50, proc)
         proc.send_signal(signal.SIGTERM)
         _, stderr = proc.communicate(timeout=120)
     finally:
@@ -212,7 +220,7 @@ def test_tracking_server_end_to_end_and_an_outage_mid_run(tmp_path, mlflow_serve
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path, env=env,
     )  # fmt: skip
     try:
-        wait_for_metrics(client, "train/loss", 100)
+        wait_for_metrics(client, "train/loss", 100, train)
         stop_process_group(server)  # the server dies mid-run
         stdout, stderr = train.communicate(timeout=300)
     finally:
@@ -316,7 +324,7 @@ def test_a_tracking_server_restart_mid_run_loses_nothing(tmp_path, monkeypatch):
     train = warm.Popen([sys.executable, str(script), url], cwd=tmp_path, env=env,
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
     try:
-        wait_for_metrics(MlflowClient(tracking_uri=url), "train/loss", 50)
+        wait_for_metrics(MlflowClient(tracking_uri=url), "train/loss", 50, train)
         stop_process_group(server)  # the restart: down, then up again on the same port and store
         url, server = start_mlflow_server(backend, artifacts, port=port)
         stdout, stderr = train.communicate(timeout=600)
@@ -363,6 +371,39 @@ def test_a_new_sqlite_store_is_made_by_another_process_and_an_existing_one_opene
     stores.open_in_background(again)
     assert [type(o) for o in stores._OPENING[again]] == [threading.Thread]
     assert stores.mlflow_client(again).get_run(run.info.run_id).data.metrics == {"x": 1.5}
+
+
+def store_state(database: Path) -> tuple | None:
+    """None (no file) or the alembic revisions a read-only look at the file finds (none: being made)."""
+    import sqlite3
+
+    if not database.exists():
+        return None
+    with contextlib.closing(sqlite3.connect(f"file:{database}?mode=ro", uri=True)) as db:
+        try:
+            return tuple(db.execute("select version_num from alembic_version").fetchall())
+        except sqlite3.OperationalError:  # no such table yet
+            return ()
+
+
+def test_a_new_sqlite_store_appears_whole_to_whoever_opens_it_meanwhile(tmp_path):
+    """The MLflow UI or a script opening the path while gdlab makes the store finds no file, or MLflow's
+    tables at their head revision: never a store halfway through its migrations."""
+    from gdlab import stores
+
+    database = tmp_path / "mlflow.db"
+    stores.open_in_background(f"sqlite:///{database}")
+    maker = next(o for o in stores._OPENING[f"sqlite:///{database}"] if isinstance(o, subprocess.Popen))
+    seen = []
+    while True:
+        made = maker.poll() is not None
+        seen.append(store_state(database))
+        if made:
+            break
+    assert maker.returncode == 0
+    states = [state for state in seen if state is not None]
+    assert states and len(set(states)) == 1 and len(states[0]) == 1  # the head revision, every time
+    stores.wait_for_opening(f"sqlite:///{database}")
 
 
 MAKE_STORE_THEN_WAIT = """

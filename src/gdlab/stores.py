@@ -112,9 +112,29 @@ def open_client(uri: str):
         database = Path(uri[len("sqlite:///") :])
         database.parent.mkdir(parents=True, exist_ok=True)
         with store_lock(database):
+            if is_new_sqlite_store(uri):
+                make_whole_store(database)
             client = MlflowClient(tracking_uri=uri)
-            client.search_experiments(max_results=1)  # opens the store: creates its tables once
+            client.search_experiments(max_results=1)  # opens the store (migrates an old one)
     return client
+
+
+def make_whole_store(database: Path) -> None:
+    """A new SQLite store made beside its path, then renamed onto it: whoever opens the path meanwhile (the
+    MLflow UI, a script, another tool) finds no store or a whole one, never MLflow's migrations halfway."""
+    from mlflow import MlflowClient
+
+    staging = database.with_name(f".{database.name}.{os.getpid()}.new")
+    staging.unlink(missing_ok=True)
+    try:
+        client = MlflowClient(tracking_uri=f"sqlite:///{staging}")
+        client.search_experiments(max_results=1)  # creates the tables and the Default experiment
+        engine = getattr(getattr(client._tracking_client, "store", None), "engine", None)
+        if engine is not None:
+            engine.dispose()  # every connection closed before the file moves
+        os.replace(staging, database)
+    finally:
+        staging.unlink(missing_ok=True)
 
 
 def is_database(uri: str) -> bool:
