@@ -191,7 +191,6 @@ def wait_for_running_trial(storage: str, name: str, process, timeout=180) -> Non
     """Until the sweep trains: its trials RUNNING in Optuna, each with its RUNNING child run in MLflow."""
     # Its header comes once the study exists: opening the store before would race its creation.
     assert process.stdout.readline().startswith(f"gdlab-sweep: study {name!r}"), process.stderr.read()[-3000:]
-    client = MlflowClient(storage.replace("optuna.db", "mlflow.db"))
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
@@ -199,10 +198,12 @@ def wait_for_running_trial(storage: str, name: str, process, timeout=180) -> Non
         try:
             trials = optuna.load_study(study_name=name, storage=storage).get_trials(deepcopy=False)
             running = [t for t in trials if t.state == optuna.trial.TrialState.RUNNING]
-            experiment = client.get_experiment_by_name(f"sweep-{name}").experiment_id
-            runs = client.search_runs([experiment], "attributes.status = 'RUNNING'")
-            if running and sum("mlflow.parentRunId" in r.data.tags for r in runs) >= len(running):
-                return
+            if running:  # the parent run, and so the MLflow store, came first: a client here makes none
+                client = MlflowClient(storage.replace("optuna.db", "mlflow.db"))
+                experiment = client.get_experiment_by_name(f"sweep-{name}").experiment_id
+                runs = client.search_runs([experiment], "attributes.status = 'RUNNING'")
+                if sum("mlflow.parentRunId" in r.data.tags for r in runs) >= len(running):
+                    return
         except Exception:  # noqa: BLE001 (a store, the study or the experiment is not created yet)
             pass
         time.sleep(0.5)

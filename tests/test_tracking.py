@@ -150,21 +150,29 @@ def test_multirun_makes_one_parent_with_a_child_per_job(tmp_path):
     assert parent.data.metrics["sweep/trials"] == 3
 
 
-def wait_for_metrics(client: MlflowClient, key: str, at_least: int, process, timeout: float = 300) -> str:
-    """Until a run of `process` has logged `at_least` values of `key`; its stderr if it exits first."""
-    deadline, last_error = time.monotonic() + timeout, None
+def wait_for_metrics(
+    uri: str, key: str, at_least: int, process, timeout: float = 300
+) -> tuple[MlflowClient, str]:
+    """Until a run of `process` has logged `at_least` values of `key` in the store at `uri`: (a client on it,
+    the run id); its stderr if it exits first. A SQLite store is opened only once it exists: an MlflowClient
+    on a path makes a store there at once, racing the one gdlab makes."""
+    deadline, last_error, client = time.monotonic() + timeout, None, None
     while time.monotonic() < deadline:
         if process.poll() is not None:
             raise AssertionError(f"exited {process.returncode} first: {process.stderr.read()[-3000:]}")
-        store = client.tracking_uri.removeprefix("sqlite:///")
-        if client.tracking_uri.startswith("sqlite:///") and not Path(store).exists():
-            time.sleep(0.3)  # gdlab makes the store: the test opening it first would race its creation
+        if (
+            client is None
+            and uri.startswith("sqlite:///")
+            and not Path(uri.removeprefix("sqlite:///")).exists()
+        ):
+            time.sleep(0.3)
             continue
         try:
+            client = client or MlflowClient(tracking_uri=uri)
             for run in all_runs(client):
                 if len(client.get_metric_history(run.info.run_id, key)) >= at_least:
-                    return run.info.run_id
-        except Exception as error:  # noqa: BLE001 (the store may not be made yet)
+                    return client, run.info.run_id
+        except Exception as error:  # noqa: BLE001 (no run yet)
             last_error = error
         time.sleep(0.3)
     raise AssertionError(f"no run logged {at_least} values of {key} within {timeout} s ({last_error!r})")
@@ -178,8 +186,9 @@ def test_sigterm_mid_run_ends_killed_with_the_partial_curve(tmp_path):
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
     )  # fmt: skip
     try:
-        client = sqlite_client(tmp_path / "mlruns")
-        run_id = wait_for_metrics(client, "train/loss", 50, proc)
+        client, run_id = wait_for_metrics(
+            f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}", "train/loss", 50, proc
+        )
         proc.send_signal(signal.SIGTERM)
         _, stderr = proc.communicate(timeout=120)
     finally:
@@ -220,7 +229,7 @@ def test_tracking_server_end_to_end_and_an_outage_mid_run(tmp_path, mlflow_serve
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path, env=env,
     )  # fmt: skip
     try:
-        wait_for_metrics(client, "train/loss", 100, train)
+        wait_for_metrics(url, "train/loss", 100, train)
         stop_process_group(server)  # the server dies mid-run
         stdout, stderr = train.communicate(timeout=300)
     finally:
@@ -324,7 +333,7 @@ def test_a_tracking_server_restart_mid_run_loses_nothing(tmp_path, monkeypatch):
     train = warm.Popen([sys.executable, str(script), url], cwd=tmp_path, env=env,
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
     try:
-        wait_for_metrics(MlflowClient(tracking_uri=url), "train/loss", 50, train)
+        wait_for_metrics(url, "train/loss", 50, train)
         stop_process_group(server)  # the restart: down, then up again on the same port and store
         url, server = start_mlflow_server(backend, artifacts, port=port)
         stdout, stderr = train.communicate(timeout=600)

@@ -1,11 +1,10 @@
 """Opening MLflow stores: one `MlflowClient` per process and URI, and a new SQLite store made while the
 caller goes on.
 
-A new SQLite store runs MLflow's ~50 schema migrations (seconds of pure Python). A thread would hold the GIL
-against the caller's own imports, so a new store is made by a separate process (`python -m gdlab.stores
-URI`, MLflow's own SqlAlchemyStore under the store's lock) on another core; an existing one is opened in a
-thread. `mlflow_client` waits for either. The first client a process opens on a store also ends the runs
-that dead gdlab processes of this host left RUNNING (gdlab.repair).
+A new SQLite store is made by a separate process (`python -m gdlab.stores URI`: gdlab.new_store, under the
+store's lock), so that making it never holds this process's GIL against its own imports; an existing one is
+opened in a thread. `mlflow_client` waits for either. The first client a process opens on a store also ends
+the runs that dead gdlab processes of this host left RUNNING (gdlab.repair).
 """
 
 from __future__ import annotations
@@ -20,6 +19,7 @@ import threading
 import warnings
 from pathlib import Path
 
+from gdlab.new_store import make_sqlite_store
 from gdlab.repair import repair_dead_runs
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")  # no network calls from a lab tool
@@ -113,28 +113,10 @@ def open_client(uri: str):
         database.parent.mkdir(parents=True, exist_ok=True)
         with store_lock(database):
             if is_new_sqlite_store(uri):
-                make_whole_store(database)
+                make_sqlite_store(database)
             client = MlflowClient(tracking_uri=uri)
             client.search_experiments(max_results=1)  # opens the store (migrates an old one)
     return client
-
-
-def make_whole_store(database: Path) -> None:
-    """A new SQLite store made beside its path, then renamed onto it: whoever opens the path meanwhile (the
-    MLflow UI, a script, another tool) finds no store or a whole one, never MLflow's migrations halfway."""
-    from mlflow import MlflowClient
-
-    staging = database.with_name(f".{database.name}.{os.getpid()}.new")
-    staging.unlink(missing_ok=True)
-    try:
-        client = MlflowClient(tracking_uri=f"sqlite:///{staging}")
-        client.search_experiments(max_results=1)  # creates the tables and the Default experiment
-        engine = getattr(getattr(client._tracking_client, "store", None), "engine", None)
-        if engine is not None:
-            engine.dispose()  # every connection closed before the file moves
-        os.replace(staging, database)
-    finally:
-        staging.unlink(missing_ok=True)
 
 
 def is_database(uri: str) -> bool:
@@ -190,6 +172,15 @@ def repair_once(client, uri: str) -> None:
               file=sys.stderr)  # fmt: skip
 
 
-if __name__ == "__main__":  # open_in_background's process: make the new store, then exit
+def make_new_store(uri: str) -> None:
+    """open_in_background's process: make the new store (gdlab.new_store), under its lock."""
+    database = Path(uri[len("sqlite:///") :])
+    database.parent.mkdir(parents=True, exist_ok=True)
+    with store_lock(database):
+        if is_new_sqlite_store(uri):
+            make_sqlite_store(database)
+
+
+if __name__ == "__main__":
     with contextlib.suppress(Exception):
-        open_client(sys.argv[1])
+        make_new_store(sys.argv[1])
