@@ -1,5 +1,6 @@
 """gdlab-train as a user runs it: a subprocess with overrides."""
 
+import os
 import re
 import subprocess
 import sys
@@ -91,3 +92,22 @@ def test_exit_now_joins_a_writing_thread_and_stops_idle_pool_workers(tmp_path):
                           timeout=120)  # fmt: skip
     assert (done.returncode, done.stdout, done.stderr) == (3, "3\n", "")
     assert record.read_text() == "complete"
+
+
+def test_a_warm_started_command_is_the_command(tmp_path):
+    """The suite's warm server (tests/warm.py) runs a command as the installed script does: the same output
+    and exit status, in a process of its own session."""
+    args = [GDLAB_TRAIN, "dataset=xor", "trainer.max_epochs=3", "tracking=none", "model.depth=oops"]
+    cold = subprocess.run(args, capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    hot = warm.run(args, capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert (hot.returncode, hot.stdout, hot.stderr) == (cold.returncode, cold.stdout, cold.stderr)
+    assert cold.returncode == 2 and "model.depth" in cold.stderr
+    process = warm.Popen([GDLAB_TRAIN, "dataset=xor", "trainer.max_epochs=3", "tracking=none",
+                          f"hydra.run.dir={tmp_path}/run"], cwd=tmp_path, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)  # fmt: skip
+    assert os.getsid(process.pid) == process.pid  # its own session: a signal to its group reaches it alone
+    out, err = process.communicate(timeout=300)
+    assert process.returncode == 0, err
+    again = [*args[:-1], f"hydra.run.dir={tmp_path}/c"]
+    assert parse_final(out) == parse_final(subprocess.run(again, capture_output=True, text=True, cwd=tmp_path,
+                                                          timeout=300).stdout)  # fmt: skip

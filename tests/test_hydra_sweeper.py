@@ -62,7 +62,7 @@ def test_multirun_through_the_gdlab_sweeper_prunes_adds_to_the_budget_and_names_
 def test_sigterm_to_the_group_leaves_no_trial_or_run_running(tmp_path):
     process = gdlab("gdlab-train", *GDLAB, "+sweep=lr", "trainer.max_epochs=200000", "tracking.plots=false",
                     cwd=tmp_path, start_new_session=True)  # fmt: skip
-    storage, client = stores(tmp_path)
+    storage = f"sqlite:///{tmp_path / 'mlruns' / 'optuna.db'}"
     wait_for_running_trial(storage, "lr", process)
     os.killpg(process.pid, signal.SIGTERM)
     code, _, err = finish(process, timeout=300)
@@ -70,6 +70,7 @@ def test_sigterm_to_the_group_leaves_no_trial_or_run_running(tmp_path):
     assert "interrupted by SIGTERM" in err and "Traceback" not in err, err[-3000:]
     trials = optuna.load_study(study_name="lr", storage=storage).get_trials(deepcopy=False)
     assert len(trials) == 64 and {t.state for t in trials} == {TrialState.FAIL}  # the sweep's population
+    _, client = stores(tmp_path)  # made by gdlab: an MlflowClient on a path makes a store there at once
     runs = client.search_runs([client.get_experiment_by_name("sweep-lr").experiment_id])
     assert {r.info.status for r in runs} == {"KILLED"} and len(runs) == 65  # the trials and the parent
 

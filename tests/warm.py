@@ -10,6 +10,7 @@ every command when GDLAB_TEST_COLD=1 (the suite as it was, for comparison)."""
 from __future__ import annotations
 
 import atexit
+import contextlib
 import io
 import json
 import os
@@ -119,6 +120,7 @@ class Popen:
             self._conn.sendall(payload)
             self._answers = b""
             self.pid = int(self._answer(None))
+            self._wait_for_own_session()
         finally:
             for end in ends:
                 if end[2] is not None:
@@ -135,6 +137,13 @@ class Popen:
             return stream
         return io.TextIOWrapper(stream, encoding=encoding or "utf-8", errors=errors or "strict",
                                 write_through=mode == "wb")  # fmt: skip
+
+    def _wait_for_own_session(self) -> None:
+        """Until the child has called setsid (its first step): as with subprocess, a signal to its group
+        right after starting it reaches it alone."""
+        with contextlib.suppress(ProcessLookupError):
+            while os.getsid(self.pid) != self.pid:
+                time.sleep(0.001)
 
     def _answer(self, timeout: float | None) -> bytes | None:
         """The server's next line, or None if it has not come within `timeout` seconds."""
