@@ -6,6 +6,15 @@ import pytest
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
+def live_study(name: str, url: str):
+    """An Optuna study read while gdlab's processes write it, waiting for SQLite's lock as long as gdlab
+    does (60 s): pysqlite's default 5 s runs out on a loaded machine."""
+    import optuna
+
+    engine = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
+    return optuna.load_study(study_name=name, storage=optuna.storages.RDBStorage(url, engine_kwargs=engine))
+
+
 @pytest.fixture(autouse=True)
 def _single_thread():
     import torch

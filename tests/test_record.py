@@ -14,6 +14,7 @@ import pytest
 from mlflow import MlflowClient
 
 import warm
+from conftest import live_study
 from gdlab.metric_writer import MetricWriter
 
 BIN = Path(sys.executable).parent
@@ -196,7 +197,7 @@ def wait_for_running_trial(storage: str, name: str, process, timeout=180) -> Non
         if process.poll() is not None:
             raise AssertionError(f"gdlab-sweep exited {process.returncode}: {process.stderr.read()[-3000:]}")
         try:
-            trials = optuna.load_study(study_name=name, storage=storage).get_trials(deepcopy=False)
+            trials = live_study(name, storage).get_trials(deepcopy=False)
             running = [t for t in trials if t.state == optuna.trial.TrialState.RUNNING]
             if running:  # the parent run, and so the MLflow store, came first: a client here makes none
                 client = MlflowClient(storage.replace("optuna.db", "mlflow.db"))
@@ -487,7 +488,7 @@ def wait_for_running_trials(
 ) -> optuna.Study:
     # Its header comes once the study exists: opening the store before would race its creation.
     assert process.stdout.readline().startswith(f"gdlab-sweep: study {name!r}"), process.stderr.read()[-3000:]
-    study, deadline = optuna.load_study(study_name=name, storage=storage), time.monotonic() + timeout
+    study, deadline = live_study(name, storage), time.monotonic() + timeout
     while time.monotonic() < deadline and process.poll() is None:
         if len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))) >= count:
             return study
