@@ -1,6 +1,7 @@
 """`gdlab-train -m +sweep=NAME hydra/sweeper=gdlab`: Hydra multirun through gdlab-sweep's engine (pruning,
 the budget across invocations, the record, signals). Real processes, real SQLite stores."""
 
+import collections
 import os
 import signal
 import sys
@@ -16,6 +17,8 @@ from test_record import finish, gdlab, wait_for_running_trial
 
 BIN = Path(sys.executable).parent
 GDLAB = ["-m", "hydra/sweeper=gdlab"]
+# Trials trained in this process (Hydra's basic launcher), or in jobs of a process launcher.
+LAUNCHERS = {"basic": [], "submitit_local": ["hydra/launcher=submitit_local", "hydra.sweeper.n_jobs=2"]}
 
 pytestmark = pytest.mark.usefixtures("clean_tracking_env")
 
@@ -26,15 +29,20 @@ def stores(cwd: Path) -> tuple[str, MlflowClient]:
 
 
 @pytest.mark.slow
-def test_multirun_through_the_gdlab_sweeper_prunes_adds_to_the_budget_and_names_each_trials_run(tmp_path):
-    first = [*GDLAB, "+sweep=lr_depth", "trainer.max_epochs=60", "hydra.sweeper.n_trials=8"]
+@pytest.mark.parametrize("launcher", LAUNCHERS)
+def test_multirun_through_the_gdlab_sweeper_prunes_adds_to_the_budget_and_names_each_trials_run(
+    tmp_path, launcher
+):
+    sweep = [*GDLAB, *LAUNCHERS[launcher], "+sweep=lr_depth", "trainer.max_epochs=60",
+             "gdlab_sweep.pruner.n_startup_trials=2"]  # fmt: skip
+    first = [*sweep, "hydra.sweeper.n_trials=8"]
     code, out, err = finish(gdlab("gdlab-train", *first, cwd=tmp_path))
     assert code == 0, err[-3000:]
     assert "done: 8/8 finished trials" in out and "result: test/loss=" in out
     storage, client = stores(tmp_path)
     trials = optuna.load_study(study_name="lr_depth", storage=storage).get_trials(deepcopy=False)
     assert [t.number for t in trials] == list(range(8))
-    assert TrialState.PRUNED in {t.state for t in trials}  # the sweep file's MedianPruner, as gdlab-sweep
+    assert TrialState.PRUNED in {t.state for t in trials}  # the sweep file's MedianPruner, in the jobs too
     experiment = client.get_experiment_by_name("sweep-lr_depth").experiment_id
     runs = {r.info.run_id: r for r in client.search_runs([experiment])}
     (parent,) = [r for r in runs.values() if "mlflow.parentRunId" not in r.data.tags]  # no second parent
@@ -48,7 +56,7 @@ def test_multirun_through_the_gdlab_sweeper_prunes_adds_to_the_budget_and_names_
         else:
             assert run.data.metrics["final/val/loss"] == pytest.approx(trial.value)
 
-    again = [*GDLAB, "+sweep=lr_depth", "trainer.max_epochs=60", "hydra.sweeper.n_trials=10"]
+    again = [*sweep, "hydra.sweeper.n_trials=10"]
     code, out, err = finish(gdlab("gdlab-train", *again, cwd=tmp_path))
     assert code == 0, err[-3000:]
     trials = optuna.load_study(study_name="lr_depth", storage=storage).get_trials(deepcopy=False)
@@ -59,17 +67,25 @@ def test_multirun_through_the_gdlab_sweeper_prunes_adds_to_the_budget_and_names_
 
 
 @pytest.mark.slow
-def test_sigterm_to_the_group_leaves_no_trial_or_run_running(tmp_path):
-    process = gdlab("gdlab-train", *GDLAB, "+sweep=lr", "trainer.max_epochs=200000", "tracking.plots=false",
-                    cwd=tmp_path, start_new_session=True)  # fmt: skip
+@pytest.mark.parametrize(
+    ("launcher", "signum"),
+    [("basic", signal.SIGTERM), ("submitit_local", signal.SIGTERM), ("submitit_local", signal.SIGINT)],
+)
+def test_a_signal_to_the_group_leaves_no_trial_or_run_running(tmp_path, launcher, signum):
+    """SIGTERM (systemd, SLURM) or Ctrl-C to the group: in a launcher's job too, the population's trials end
+    FAIL and their runs KILLED (submitit's controller follows Ctrl-C with SIGKILL: the sweep ends them)."""
+    process = gdlab("gdlab-train", *GDLAB, *LAUNCHERS[launcher], "+sweep=lr", "trainer.max_epochs=200000",
+                    "tracking.plots=false", cwd=tmp_path, start_new_session=True)  # fmt: skip
     storage = f"sqlite:///{tmp_path / 'mlruns' / 'optuna.db'}"
     wait_for_running_trial(storage, "lr", process)
-    os.killpg(process.pid, signal.SIGTERM)
+    os.killpg(process.pid, signum)
     code, _, err = finish(process, timeout=300)
-    assert code == 143, err[-3000:]
-    assert "interrupted by SIGTERM" in err and "Traceback" not in err, err[-3000:]
+    assert code == 128 + signum, err[-3000:]
+    assert f"interrupted by {signal.Signals(signum).name}" in err, err[-3000:]
+    assert "/gdlab/" not in err, err[-3000:]  # no traceback through gdlab (submitit's controller prints one)
     trials = optuna.load_study(study_name="lr", storage=storage).get_trials(deepcopy=False)
-    assert len(trials) == 64 and {t.state for t in trials} == {TrialState.FAIL}  # the sweep's population
+    states = collections.Counter(t.state.name for t in trials)
+    assert states == {"FAIL": 64}, (states, err[-3000:])  # the sweep's population
     _, client = stores(tmp_path)  # made by gdlab: an MlflowClient on a path makes a store there at once
     runs = client.search_runs([client.get_experiment_by_name("sweep-lr").experiment_id])
     assert {r.info.status for r in runs} == {"KILLED"} and len(runs) == 65  # the trials and the parent
@@ -78,8 +94,10 @@ def test_sigterm_to_the_group_leaves_no_trial_or_run_running(tmp_path):
 @pytest.mark.parametrize(
     ("arguments", "line"),
     [
-        (["+sweep=lr", "hydra/launcher=submitit_local"],
-         "gdlab-train: error: hydra/launcher=submitit_local is not allowed with hydra/sweeper=gdlab"),
+        (["+sweep=lr", "hydra/launcher=submitit_local", "tracking=server", "tracking.uri=http://u:pw@localhost:1"],
+         "gdlab-train: error: tracking.uri holds a password, which hydra/launcher=submitit_local would"),
+        (["+sweep=lr", "hydra/launcher=submitit_local", "hydra.sweeper.n_jobs=0"],
+         "gdlab-train: error: hydra.sweeper.n_jobs=0 is not allowed with hydra/launcher=submitit_local"),
         (["optimizer.lr=0.1,0.2"],
          "gdlab-train: error: hydra/sweeper=gdlab runs a sweep file: add +sweep=NAME"),
         (["+sweep=lr", "hydra.sweeper.n_trials=0"],
@@ -92,3 +110,4 @@ def test_what_the_gdlab_sweeper_cannot_run_is_one_line_before_any_work(tmp_path,
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1].startswith(line), proc.stderr
     assert "Traceback" not in proc.stderr and not (tmp_path / "mlruns" / "optuna.db").exists()
+    assert ":pw@" not in proc.stderr + proc.stdout

@@ -1,8 +1,10 @@
 """A record you can trust: distinct trials, concurrent first runs, SIGTERM to the process group, no
 secret on a command line. Real processes, real signals, real SQLite stores."""
 
+import contextlib
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -456,7 +458,7 @@ def test_a_worker_suspended_past_the_grace_period_costs_only_its_trial(tmp_path:
     study = wait_for_running_trials(storage, "lr_depth", process, count=2)  # both processes train
     children = warm.run(["pgrep", "-P", str(process.pid)], capture_output=True, text=True).stdout.split()
     (worker,) = [int(pid) for pid in children if b"--worker" in Path(f"/proc/{pid}/cmdline").read_bytes()]
-    os.kill(worker, signal.SIGSTOP)
+    suspend_holding_no_lock(worker, [tmp_path / "mlruns" / "optuna.db", tmp_path / "mlruns" / "mlflow.db"])
     try:  # the other process ends its own trial, then fails the stopped one's by heartbeat and goes on
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline and process.poll() is None and not retried_after_heartbeat(study):
@@ -474,6 +476,25 @@ def test_a_worker_suspended_past_the_grace_period_costs_only_its_trial(tmp_path:
     taken = [r for r in runs if "was failed by heartbeat" in r.data.tags.get("failure.reason", "")]
     assert len(taken) == 1 and taken[0].info.status == "KILLED"
     assert not [r for r in runs if r.info.status == "RUNNING"]
+
+
+def suspend_holding_no_lock(pid: int, databases: list[Path]) -> None:
+    """SIGSTOP `pid` at a moment it is not inside a write to a SQLite file: a process stopped there holds
+    the file's lock, and every process on the file waits for it (SQLite's, see the README); what this test
+    is about is the heartbeat of a process stopped anywhere else."""
+    while True:
+        os.kill(pid, signal.SIGSTOP)
+        while Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "T":
+            time.sleep(0.01)
+        try:
+            for database in databases:  # a write needs every other process out of the file
+                with contextlib.closing(sqlite3.connect(database, timeout=10)) as connection:
+                    version = connection.execute("PRAGMA user_version").fetchone()[0]
+                    connection.execute(f"PRAGMA user_version = {version}")
+            return
+        except sqlite3.OperationalError:  # locked: the stopped process holds it
+            os.kill(pid, signal.SIGCONT)
+            time.sleep(0.1)
 
 
 def retried_after_heartbeat(study: optuna.Study) -> bool:

@@ -25,6 +25,7 @@ from gdlab.config import TEST_METRICS, ConfigError
 from gdlab.interrupts import PENDING, InterruptHandler, failure_reason
 from gdlab.masking import error_line, install_log_masking, mask_passwords
 from gdlab.stores import open_in_background
+from gdlab.sweep.jobs import JobLauncher, end_what_jobs_left, run_in_jobs
 from gdlab.sweep.parent_run import (
     end_parent_run,
     finish_parent_run,
@@ -163,12 +164,14 @@ def trial_shares(n_trials: int | None, workers: int) -> list[int | None]:
     return [n_trials // workers + (i < n_trials % workers) for i in range(workers)]
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, jobs: JobLauncher | None = None) -> int:
+    """gdlab-sweep. With `jobs` (hydra/sweeper=gdlab under a process launcher) the trials train in the
+    launcher's jobs (gdlab.sweep.jobs), not in this process."""
     interrupts = InterruptHandler().install()
     try:
         if PENDING.signum is not None:  # a SIGTERM while this process imported: stop now
             interrupts(PENDING.signum, None)
-        return sweep_main(argv, interrupts)
+        return sweep_main(argv, interrupts, jobs)
     except (KeyboardInterrupt, SystemExit):
         if interrupts.signum is None:
             raise
@@ -176,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
         return interrupts.exit_code
 
 
-def sweep_main(argv: list[str] | None, interrupts: InterruptHandler) -> int:
+def sweep_main(argv: list[str] | None, interrupts: InterruptHandler, jobs: JobLauncher | None) -> int:
     args = parse_args(argv)
     if args.worker and OVERRIDES_ENV in os.environ:
         args.overrides = json.loads(os.environ[OVERRIDES_ENV])
@@ -222,7 +225,7 @@ def sweep_main(argv: list[str] | None, interrupts: InterruptHandler) -> int:
         print(f"gdlab-sweep: error: {error}", file=sys.stderr)
         return 2
     try:
-        return run_sweep(args, spec, study, storage, storage_url, budget, interrupts)
+        return run_sweep(args, spec, study, storage, storage_url, budget, interrupts, jobs)
     except TrackingUnavailable as error:
         print(f"gdlab-sweep: error: {error}", file=sys.stderr)
         return 3
@@ -241,7 +244,7 @@ def create_or_load_study(name: str, storage, spec: SweepSpec) -> tuple[optuna.St
 
 
 def run_sweep(args, spec: SweepSpec, study: optuna.Study, storage, storage_url: str, budget: int,
-              interrupts: InterruptHandler) -> int:  # fmt: skip
+              interrupts: InterruptHandler, jobs: JobLauncher | None) -> int:  # fmt: skip
     finished = len(study.get_trials(deepcopy=False, states=FINISHED))
     if finished >= budget:
         print(f"gdlab-sweep: study {study.study_name!r} holds {finished}/{budget} finished trials: "
@@ -251,7 +254,8 @@ def run_sweep(args, spec: SweepSpec, study: optuna.Study, storage, storage_url: 
           f"{finished}/{budget} finished trials", flush=True)  # fmt: skip
     if not args.parent_run_id:  # a new store is created while Lightning loads
         open_in_background(tracking_uri(spec.task))
-    from gdlab.sweep.trials import TrialLogger  # Lightning loads here, not inside the first trial
+    if jobs is None:  # Lightning loads here, not inside the first trial
+        import gdlab.sweep.trials  # noqa: F401
 
     parent_run_id, workers = args.parent_run_id, []
     try:  # from here on a signal ends what was started: trials FAIL, runs and the parent run KILLED
@@ -263,25 +267,23 @@ def run_sweep(args, spec: SweepSpec, study: optuna.Study, storage, storage_url: 
                 tags={"optuna.study": study.study_name, "optuna.storage": storage_url, "sweep": spec.name},
             )  # fmt: skip
             repair_killed_runs(spec.task, study)
-        shares = trial_shares(args.n_trials, args.workers)
-        args.n_trials = shares[0]
-        for index, share in enumerate(shares[1:], start=1):
-            if share != 0:
-                workers.append(start_worker(args, spec, study.study_name, storage_url, budget, parent_run_id,
-                                            index, share))  # fmt: skip
-        logger = TrialLogger(budget, spec.max_failure_rate)
-        run_trials(args, spec, study, storage, budget, logger)
-        worker_failed = any(worker.wait() != 0 for worker in workers)
+        if jobs is not None:
+            failure = run_in_jobs(
+                jobs, study, budget, spec.population,
+                lambda n: worker_arguments(args, spec, study.study_name, budget, parent_run_id, n),
+                worker_environment(args, storage_url),
+            )  # fmt: skip
+        else:
+            failure = run_here(args, spec, study, storage, storage_url, budget, parent_run_id, workers)
         result = None if args.worker else sweep_result(args, spec, study, parent_run_id)
         if not args.worker and parent_run_id:
             finish_sweep(spec, study, parent_run_id, result)
     except (KeyboardInterrupt, SystemExit):
         if interrupts.signum is None:
             raise
-        return stop_interrupted(args, spec, parent_run_id, workers, interrupts)
-    if logger.failure_rate > spec.max_failure_rate or worker_failed:
-        print(f"gdlab-sweep: failure rate {logger.failure_rate:.0%} is over {spec.max_failure_rate:.0%}",
-              file=sys.stderr)  # fmt: skip
+        return stop_interrupted(args, spec, parent_run_id, workers, interrupts, (jobs, study, storage))
+    if failure:
+        print(f"gdlab-sweep: {failure}", file=sys.stderr)
         return 1
     total = len(study.get_trials(deepcopy=False, states=FINISHED))
     try:
@@ -294,6 +296,28 @@ def run_sweep(args, spec: SweepSpec, study: optuna.Study, storage, storage_url: 
     if result is not None:
         print(f"gdlab-sweep: {result.line()}", flush=True)
     return 0
+
+
+def run_here(args, spec: SweepSpec, study: optuna.Study, storage, storage_url: str, budget: int,
+             parent_run_id: str | None, workers: list) -> str | None:  # fmt: skip
+    """Trials trained by this process and its --workers (K-1 more processes, appended to `workers`) until
+    the budget; a failure line, or None."""
+    shares = trial_shares(args.n_trials, args.workers)
+    args.n_trials = shares[0]
+    for index, share in enumerate(shares[1:], start=1):
+        if share != 0:
+            workers.append(start_worker(args, spec, study.study_name, storage_url, budget, parent_run_id,
+                                        index, share))  # fmt: skip
+    from gdlab.sweep.trials import TrialLogger
+
+    logger = TrialLogger(budget, spec.max_failure_rate)
+    run_trials(args, spec, study, storage, budget, logger)
+    failed = [code for code in (worker.wait() for worker in workers) if code != 0]
+    if logger.failure_rate > spec.max_failure_rate:
+        return f"failure rate {logger.failure_rate:.0%} is over {spec.max_failure_rate:.0%}"
+    if failed:
+        return f"{len(failed)} worker process(es) failed (exit status {failed[0]})"
+    return None
 
 
 def sweep_result(args, spec: SweepSpec, study: optuna.Study, parent_run_id: str | None) -> SweepResult | None:
@@ -345,9 +369,17 @@ def run_trials(args, spec: SweepSpec, study: optuna.Study, storage, budget: int,
 
 
 def stop_interrupted(args, spec: SweepSpec, parent_run_id: str | None, workers: list,
-                     interrupts: InterruptHandler) -> int:  # fmt: skip
-    """After SIGTERM/SIGINT: the workers get the same signal (a `kill PID` reaches this process only),
-    the parent run ends KILLED, one line says what happened, exit 128 + signal."""
+                     interrupts: InterruptHandler, launched: tuple = (None, None, None)) -> int:  # fmt: skip
+    """After SIGTERM/SIGINT: the workers (or the launcher's jobs) get the same signal (a `kill PID` reaches
+    this process only), the parent run ends KILLED, one line says what happened, exit 128 + signal."""
+    jobs, study, storage = launched
+    if jobs is not None:
+        jobs.stop()
+        try:
+            end_what_jobs_left(tracking_uri(spec.task), study, storage, parent_run_id,
+                               failure_reason(interrupts))  # fmt: skip
+        except Exception as error:  # an outage: the heartbeat and the next gdlab command repair them
+            print(f"gdlab-sweep: could not end the jobs' trials: {error_line(error)}", file=sys.stderr)
     for worker in workers:
         if worker.poll() is None:
             worker.send_signal(interrupts.signum)
@@ -369,21 +401,33 @@ def stop_interrupted(args, spec: SweepSpec, parent_run_id: str | None, workers: 
 
 def start_worker(args, spec: SweepSpec, study_name: str, storage_url: str, budget: int,
                  parent_run_id: str | None, index: int, n_trials: int | None):  # fmt: skip
-    command = [sys.executable, "-m", "gdlab.sweep", args.name, "--worker",
-               *(["--config-dir", str(args.config_dir)] if args.config_dir else []),
-               "--study", study_name, "--budget", str(budget),
-               "--heartbeat-interval", str(args.heartbeat_interval),
-               "--grace-period", str(args.grace_period), "--population", str(spec.population),
-               "--replicates", str(spec.replicates),
-               "--progress", str(args.progress)]  # fmt: skip
+    command = [sys.executable, "-m", "gdlab.sweep",
+               *worker_arguments(args, spec, study_name, budget, parent_run_id, n_trials),
+               "--worker-index", str(index)]  # fmt: skip
+    return subprocess.Popen(command, env={**os.environ, **worker_environment(args, storage_url)})
+
+
+def worker_arguments(args, spec: SweepSpec, study_name: str, budget: int, parent_run_id: str | None,
+                     n_trials: int | None) -> list[str]:  # fmt: skip
+    """A worker's gdlab-sweep arguments (all but its --worker-index): it joins this invocation's study,
+    budget and parent run. Its overrides and storage URL go by environment (worker_environment)."""
+    arguments = [args.name, "--worker",
+                 *(["--config-dir", str(args.config_dir)] if args.config_dir else []),
+                 "--study", study_name, "--budget", str(budget),
+                 "--heartbeat-interval", str(args.heartbeat_interval),
+                 "--grace-period", str(args.grace_period), "--population", str(spec.population),
+                 "--replicates", str(spec.replicates),
+                 "--progress", str(args.progress)]  # fmt: skip
     if parent_run_id:
-        command += ["--parent-run-id", parent_run_id]
-    command += ["--worker-index", str(index)]
+        arguments += ["--parent-run-id", parent_run_id]
     if n_trials:
-        command += ["--n-trials", str(n_trials)]
+        arguments += ["--n-trials", str(n_trials)]
     if args.timeout:
-        command += ["--timeout", str(args.timeout)]
-    # The storage URL (it may hold a password) goes by environment, so `ps` never shows it.
-    # So do the overrides: a tracking.uri=... among them may hold one too.
-    environment = {**os.environ, STORAGE_ENV: storage_url, OVERRIDES_ENV: json.dumps(args.overrides)}
-    return subprocess.Popen(command, env=environment)
+        arguments += ["--timeout", str(args.timeout)]
+    return arguments
+
+
+def worker_environment(args, storage_url: str) -> dict[str, str]:
+    """The storage URL (it may hold a password) goes by environment, so `ps` never shows it. So do the
+    overrides: a tracking.uri=... among them may hold one too."""
+    return {STORAGE_ENV: storage_url, OVERRIDES_ENV: json.dumps(args.overrides)}

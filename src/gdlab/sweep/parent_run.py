@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 import os
 import time
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -389,6 +390,7 @@ def log_study_plots(task: DictConfig, parent_run_id: str, study: optuna.Study) -
     import tempfile
 
     import matplotlib.pyplot as plt  # optuna's plots draw through pyplot
+    import optuna
     from optuna.visualization import matplotlib as plots
 
     makers = {
@@ -400,7 +402,10 @@ def log_study_plots(task: DictConfig, parent_run_id: str, study: optuna.Study) -
     }
     if len({name for trial in study.get_trials(deepcopy=False) for name in trial.params}) < 2:
         makers = {name: make for name, make in makers.items() if name not in MULTI_PARAM_PLOTS}
-    with tempfile.TemporaryDirectory() as folder:
+    verbosity = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.ERROR)  # "Param X unique value length is less than 2."
+    with tempfile.TemporaryDirectory() as folder, warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # matplotlib's, on the axis of a one-valued parameter
         for name, make in makers.items():
             try:
                 make(study)
@@ -410,5 +415,6 @@ def log_study_plots(task: DictConfig, parent_run_id: str, study: optuna.Study) -
                 print(f"gdlab-sweep: no {name} plot: {error_line(error)}")
             finally:
                 plt.close("all")
+        optuna.logging.set_verbosity(verbosity)
         client = mlflow_client(tracking_uri(task))
         client.log_artifacts(parent_run_id, folder, "optuna")
