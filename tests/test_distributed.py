@@ -291,12 +291,14 @@ def test_no_form_of_a_password_reaches_disk_logs_databases_or_a_command_line(tmp
     proc = sweep(*quick, "--budget", "2", "--storage", in_query, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
     logs += proc.stdout + proc.stderr
-    hydra = warm.run([str(BIN / "gdlab-train"), "-m", "+sweep=lr_depth", "trainer.max_epochs=30",
-                            "hydra.sweeper.n_trials=2", f"hydra.sweeper.storage='{in_userinfo}'"],
-                           cwd=tmp_path, capture_output=True, text=True, timeout=600)  # fmt: skip
-    assert hydra.returncode == 0, hydra.stderr[-3000:]
-    logs += hydra.stdout + hydra.stderr
-    assert len(optuna.load_study(study_name="lr_depth", storage=in_userinfo).trials) >= 6
+    # gdlab-train -m through gdlab's engine (a budget of 6: 2 more), then Hydra's Optuna sweeper (2 more)
+    for front in (["hydra.sweeper.n_trials=6"], ["hydra/sweeper=optuna", "hydra.sweeper.n_trials=2"]):
+        hydra = warm.run([str(BIN / "gdlab-train"), "-m", "+sweep=lr_depth", "trainer.max_epochs=30", *front,
+                          f"hydra.sweeper.storage='{in_userinfo}'"],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=600)  # fmt: skip
+        assert hydra.returncode == 0, hydra.stderr[-3000:]
+        logs += hydra.stdout + hydra.stderr
+    assert len(optuna.load_study(study_name="lr_depth", storage=in_userinfo).trials) >= 8
 
     files = [p for p in tmp_path.rglob("*") if p.is_file()]
     assert any(p.suffix == ".png" for p in files) and any(p.name == "hydra.yaml" for p in files)

@@ -111,3 +111,33 @@ def test_what_the_gdlab_sweeper_cannot_run_is_one_line_before_any_work(tmp_path,
     assert proc.stderr.strip().splitlines()[-1].startswith(line), proc.stderr
     assert "Traceback" not in proc.stderr and not (tmp_path / "mlruns" / "optuna.db").exists()
     assert ":pw@" not in proc.stderr + proc.stdout
+
+
+ONE_ENGINE = {  # a sweep, its budget, its settings
+    "pruning": ("lr_depth", 6, ["trainer.max_epochs=60", "gdlab_sweep.pruner.n_startup_trials=2"]),
+    "population, replicates and folds": ("lr", 6, ["trainer.max_epochs=30", "gdlab_sweep.population=3",
+                                                   "++gdlab_sweep.replicates=2", "++gdlab_sweep.cv_folds=2"]),
+    "pbt": ("lr_pbt", 8, ["trainer.max_epochs=40", "gdlab_sweep.pbt.interval=10",
+                          "gdlab_sweep.population=8"]),
+}  # fmt: skip
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", ONE_ENGINE)
+def test_both_fronts_run_one_engine(tmp_path, case):
+    """`gdlab-sweep NAME` and `gdlab-train -m +sweep=NAME` on a new study: the same trials, states, values
+    and members, trial by trial."""
+    name, budget, settings = ONE_ENGINE[case]
+    settings = [*settings, f"hydra.sweeper.n_trials={budget}", "tracking=none", "++gdlab_sweep.refit=false"]
+    fronts = {"sweep": ["gdlab-sweep", name], "multirun": ["gdlab-train", "-m", f"+sweep={name}"]}
+    seen = {}
+    for front, command in fronts.items():
+        (tmp_path / front).mkdir()
+        code, _, err = finish(gdlab(*command, *settings, cwd=tmp_path / front))
+        assert code == 0, err[-3000:]
+        storage = f"sqlite:///{tmp_path / front / 'mlruns' / 'optuna.db'}"
+        trials = optuna.load_study(study_name=name, storage=storage).get_trials(deepcopy=False)
+        replay = [sorted(t.user_attrs.get("pbt.replay", "").split()) for t in trials]  # overrides, any order
+        seen[front] = [(t.number, t.state, t.params, t.value, t.user_attrs.get("members"), r)
+                       for t, r in zip(trials, replay, strict=True)]  # fmt: skip
+    assert len(seen["sweep"]) == budget and seen["sweep"] == seen["multirun"]

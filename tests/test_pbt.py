@@ -379,19 +379,20 @@ def test_a_bad_pbt_block_is_refused_in_one_line_before_any_trial(tmp_path: Path,
     assert not (tmp_path / "mlruns" / "optuna.db").exists()
 
 
-def test_hydra_multirun_refuses_a_pbt_sweep_in_one_line(tmp_path: Path):
+def test_hydras_optuna_sweeper_refuses_a_pbt_sweep_in_one_line(tmp_path: Path):
     command = [
         str(Path(sys.executable).with_name("gdlab-train")),
         "-m",
+        "hydra/sweeper=optuna",
         "+sweep=lr_pbt",
         "hydra.sweeper.n_trials=1",
     ]
     done = warm.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert done.stderr.strip().splitlines() == [
-        "gdlab-train: error: this sweep has a gdlab_sweep.pbt block, which gdlab-sweep runs (PBT needs its "
-        "trials trained together); gdlab-train -m would train them one by one without PBT. Use "
-        "gdlab-sweep NAME"
+        "gdlab-train: error: this sweep has a gdlab_sweep.pbt block, which gdlab's engine runs (PBT needs "
+        "its trials trained together); hydra/sweeper=optuna would train them one by one without PBT. Use "
+        "hydra/sweeper=gdlab (the sweep files' default) or gdlab-sweep NAME"
     ]
     assert not (tmp_path / "mlruns" / "optuna.db").exists()
 

@@ -251,19 +251,21 @@ def test_a_study_refuses_another_experiment_from_either_sweep_path(tmp_path: Pat
     )
     assert code == 2 and "Traceback" not in err and "trial " not in out
     assert "trainer.max_epochs=7 here, 5 in the study" in err and "--study" in err, err
-    hydra = ["-m", "+sweep=lr_depth", "hydra.sweeper.n_trials=1", "tracking=none"]
-    code, _, err = finish(
-        gdlab("gdlab-train", *hydra, "trainer.max_epochs=7", "dataset.noise=0.3", cwd=tmp_path)
-    )
-    assert code == 2 and "Traceback" not in err, err[-2000:]
-    assert "dataset.noise=0.3 here, 0.2 in the study; trainer.max_epochs=7 here, 5 in the study" in err
-    code, _, err = finish(gdlab("gdlab-train", *hydra, "trainer.max_epochs=5", cwd=tmp_path))
-    assert code == 0, err[-2000:]  # Hydra's sweeper writes and checks the same signature: it joins
+    # gdlab-train -m through gdlab's engine (budget 2: one more), and Hydra's Optuna sweeper (one more)
+    fronts = [["hydra.sweeper.n_trials=2"], ["hydra/sweeper=optuna", "hydra.sweeper.n_trials=1"]]
+    for hydra in (["-m", "+sweep=lr_depth", "tracking=none", *front] for front in fronts):
+        code, _, err = finish(
+            gdlab("gdlab-train", *hydra, "trainer.max_epochs=7", "dataset.noise=0.3", cwd=tmp_path)
+        )
+        assert code == 2 and "Traceback" not in err, err[-2000:]
+        assert "dataset.noise=0.3 here, 0.2 in the study; trainer.max_epochs=7 here, 5 in the study" in err
+        code, _, err = finish(gdlab("gdlab-train", *hydra, "trainer.max_epochs=5", cwd=tmp_path))
+        assert code == 0, err[-2000:]  # either front writes and checks the same signature: it joins
     other = ["lr_depth", "trainer.max_epochs=7", *one_trial, "--study", "other"]
     code, _, err = finish(gdlab("gdlab-sweep", *other, cwd=tmp_path))
     assert code == 0, err[-2000:]
     storage = f"sqlite:///{tmp_path / 'mlruns' / 'optuna.db'}"
-    assert len(optuna.load_study(study_name="lr_depth", storage=storage).trials) == 2
+    assert len(optuna.load_study(study_name="lr_depth", storage=storage).trials) == 3
 
 
 def start_long_training(cwd: Path) -> subprocess.Popen:

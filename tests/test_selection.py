@@ -182,7 +182,8 @@ def test_no_refit_reports_the_best_trials_own_test_metrics(tmp_path):
 
 @pytest.mark.slow
 def test_gdlab_train_multirun_refits_its_best_job(tmp_path):
-    done = warm.run([str(BIN / "gdlab-train"), "-m", "+sweep=lr_depth", "hydra.sweeper.n_trials=2",
+    done = warm.run([str(BIN / "gdlab-train"), "-m", "hydra/sweeper=optuna", "+sweep=lr_depth",
+                     "hydra.sweeper.n_trials=2",
                            "trainer.max_epochs=20"], cwd=tmp_path, capture_output=True, text=True,
                           timeout=600)  # fmt: skip
     assert done.returncode == 0, done.stderr

@@ -303,13 +303,14 @@ def same_values(params: dict, overrides: dict[str, str]) -> bool:
 def check_optuna_study(config: DictConfig, task: DictConfig) -> None:
     """Hydra's Optuna sweeper on a stored study: the same experiment signature as gdlab-sweep writes and
     checks (gdlab.sweep.signature); a different one is one line on stderr and exit status 2. So is a sweep
-    with a gdlab_sweep.pbt block: only gdlab-sweep trains its populations with PBT."""
+    with a gdlab_sweep.pbt block: only gdlab's engine trains its populations with PBT."""
     import sys
 
     if OmegaConf.select(task, "gdlab_sweep.pbt") is not None:
-        print("gdlab-train: error: this sweep has a gdlab_sweep.pbt block, which gdlab-sweep runs (PBT needs "
-              "its trials trained together); gdlab-train -m would train them one by one without PBT. Use "
-              "gdlab-sweep NAME", file=sys.stderr)  # fmt: skip
+        print("gdlab-train: error: this sweep has a gdlab_sweep.pbt block, which gdlab's engine runs (PBT "
+              "needs its trials trained together); hydra/sweeper=optuna would train them one by one without "
+              "PBT. Use hydra/sweeper=gdlab (the sweep files' default) or gdlab-sweep NAME",
+              file=sys.stderr)  # fmt: skip
         sys.exit(2)
     sweeper = config.hydra.sweeper
     if "optuna" not in str(sweeper.get("_target_", "")) or not sweeper.get("storage"):
