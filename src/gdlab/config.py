@@ -409,6 +409,13 @@ def _check_tracking(cfg) -> None:
     if not (isinstance(plots, bool) or plots == "auto"):
         raise ConfigError(f"tracking.plots={plots!r} is not allowed; choose one of true, false, auto (a "
                           "single run's PNGs, not a population's)")  # fmt: skip
+    for key in ("tracking.log_model", "tracking.system_metrics"):
+        if not isinstance(OmegaConf.select(cfg, key, default=False), bool):
+            raise ConfigError(f"{key}={select(cfg, key)!r} is not allowed; choose one of true, false")
+    name = OmegaConf.select(cfg, "tracking.registered_model", default=None)
+    if name is not None and (not isinstance(name, str) or not name.strip() or len(name.encode()) > MAX_NAME):
+        raise ConfigError(f"tracking.registered_model={name!r} is not allowed; use a model name (a non-empty "
+                          f"string of at most {MAX_NAME} bytes) or null")  # fmt: skip
 
 
 def _check_trainer(cfg) -> None:

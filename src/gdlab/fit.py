@@ -33,11 +33,14 @@ from gdlab.record import (
     RunResult,
     default_output_dir,
     finish_tracking,
+    log_inputs,
+    log_trained_model,
     record,
     record_pbt,
     save_outputs,
     start_runs,
     status,
+    wants_model,
 )
 from gdlab.run_epochs import RunEpochs
 from gdlab.schedules import schedules_of
@@ -206,6 +209,7 @@ def fit_population(
     with quiet_lightning():
         trainer = make_trainer(first, [c for c in (pbt, progress) if c is not None])
     runs = start_runs(population, tags or [None] * n, str(trainer.strategy.root_device))
+    log_inputs(runs, population, data)
     directories = [Path(output_dirs[p]) if output_dirs else default_output_dir(population.view(p), runs[p])
                    for p in range(n)]  # fmt: skip
     history_files, run_epochs = HistoryFiles(directories), RunEpochs(runs)
@@ -233,6 +237,8 @@ def fit_population(
                 record_pbt(pbt, module.table, results, overrides, directories, runs)
             except Exception as error:  # never at the cost of the members' histories and statuses
                 log.warning("gdlab: could not write the PBT record: %s", error)
+        if ending is None and n == 1 and runs[0] is not None and wants_model(first):
+            log_trained_model(runs[0], results[0])
         complete = history_files.complete(module.table.final_recorded)
         for p, result in enumerate(results):
             if directories[p] is not None:

@@ -4,6 +4,7 @@ The writer process is `python -m gdlab.metric_writer`, with the tracking URI in 
 (never on a command line: `ps` shows those). It reads JSON lines on stdin, to log:
   {"run": ID, "metrics": [[key, value, timestamp, step], ...]}, {"run": ID, "params": [[key, value], ...]},
   {"run": ID, "tags": [[key, value], ...]}, {"run": ID, "artifacts": FOLDER},
+  {"run": ID, "inputs": [DATASET, ...]} (gdlab.run_inputs: MLflow's Dataset.to_dict() and its context),
   {"run": ID, "end": STATUS, "end_time": MS};
   {"columns": {"runs": [ID, ...], "keys": [KEY, ...], "timestamps": [MS per epoch],
   "steps": ARRAY (epochs, runs), "values": ARRAY (epochs, keys, runs)}}: a population's epochs in bulk
@@ -264,6 +265,10 @@ class RunWriter:
             if "tags" in message:
                 tags = [RunTag(key, value) for key, value in message["tags"]]
                 self.attempt(run_id, self.client.log_batch, run_id, tags=tags)
+            elif "inputs" in message:
+                from gdlab.run_inputs import dataset_inputs
+
+                self.attempt(run_id, self.client.log_inputs, run_id, dataset_inputs(message["inputs"]))
             elif "artifacts" in message and run_id in artifact_uris:
                 self.attempt(
                     run_id, log_artifacts_at, artifact_uris[run_id], self.client, message["artifacts"]

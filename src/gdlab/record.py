@@ -19,7 +19,7 @@ from omegaconf import DictConfig
 from gdlab.artifacts import write_history, write_run_outputs
 from gdlab.data import Dataset
 from gdlab.epoch_table import EpochTable
-from gdlab.masking import mask_passwords, masked_config_yaml
+from gdlab.masking import error_line, mask_passwords, masked_config_yaml
 from gdlab.model import MLP
 from gdlab.module import PopulationOutcome
 from gdlab.pbt import PopulationBasedTraining
@@ -95,6 +95,39 @@ def start_runs(population: Population, tags, device: str) -> list[MlflowRun | No
     # a population's runs are created together and recorded by the writer: training never waits
     views = [population.view(p) for p in range(len(population))]
     return MlflowRun.create_many(views, population.overrides, device, tags)
+
+
+def log_inputs(runs: list[MlflowRun | None], population: Population, data: Dataset) -> None:
+    """Each tracked member's splits as MLflow datasets (gdlab.run_inputs), made once per set of rows."""
+    if all(run is None for run in runs):
+        return
+    from gdlab.run_inputs import RunInputs
+
+    inputs = RunInputs(population.shared.dataset, data, population.folds())
+    for member, run in enumerate(runs):
+        if run is not None:
+            run.log_inputs(inputs.of_member(member))
+
+
+def wants_model(cfg: DictConfig) -> bool:
+    """Whether a run logs its network as an MLflow model: tracking.log_model, or a name to register."""
+    tracking = cfg.tracking
+    return bool(tracking.get("log_model")) or tracking.get("registered_model") is not None
+
+
+def log_trained_model(run: MlflowRun, result: RunResult) -> None:
+    """The run's trained network as an MLflow model (gdlab.logged_model), before the run ends; registered
+    as a new version of tracking.registered_model where it names one. A failure is the run's outage."""
+    from gdlab.logged_model import log_model
+
+    try:
+        name = result.config.tracking.get("registered_model")
+        uri, version = log_model(run.uri, run.run_id, result.model, result.data.train.X.numpy(), name)
+        result.final["model_uri"] = uri
+        if version is not None:
+            result.final["registered_model"] = f"{name} version {version}"
+    except Exception as error:
+        run.outage = run.outage or f"its model could not be logged: {error_line(error)}"
 
 
 def status(result: RunResult) -> str:

@@ -21,7 +21,9 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from gdlab import system_metrics
 from gdlab.data import SPLIT_METRICS
+from gdlab.experiments import experiment_of_run, get_or_create_experiment
 from gdlab.masking import error_line, mask_passwords
 from gdlab.metric_store import log_metrics, log_params
 from gdlab.metric_writer import MetricWriter, Outage
@@ -227,9 +229,11 @@ class MlflowRun:
         self.last_values: dict = {}
         self.sent_tags: dict = {}  # tags handed to the writer: written again should it die
         self.writer_died = False  # the writer exited with some of this run's record in hand (see `rewrite`)
+        self.inputs: list[dict] = []  # its datasets (gdlab.run_inputs), once logged
         self.params = list(flatten(cfg).items())
         if not background:
             self._call(log_params, self.client, self.run_id, self.params)
+            system_metrics.start(cfg, self.uri, self.run_id)
         elif created is None:  # a run made by `create_many` got its params with it
             self._send({"params": self.params})
 
@@ -317,6 +321,16 @@ class MlflowRun:
             self._send({"metrics": self.buffer})
             self.buffer = []
 
+    def log_inputs(self, datasets: list[dict]) -> None:
+        """The run's datasets (gdlab.run_inputs): a member's through the writer, a single run's now."""
+        from gdlab.run_inputs import dataset_inputs
+
+        self.inputs = datasets
+        if self.background:
+            self._send({"inputs": datasets})
+        else:
+            self._call(self.client.log_inputs, self.run_id, dataset_inputs(datasets))
+
     def set_tags(self, tags: dict) -> None:
         from mlflow.entities import RunTag
 
@@ -343,6 +357,7 @@ class MlflowRun:
         self.buffer = []
         if directory is not None:
             self._call(self.client.log_artifacts, self.run_id, str(directory))
+        self._call(system_metrics.stop, self.run_id)
         self._call(self.client.set_terminated, self.run_id, status=status, end_time=end_ms)
 
     def wait(self) -> str | None:
@@ -375,6 +390,10 @@ class MlflowRun:
 
             tags = {**self.sent_tags, "gdlab.writer": "died; the record was written by the training process"}
             self.client.log_batch(self.run_id, tags=[RunTag(key, value) for key, value in tags.items()])
+            if self.inputs and self.background:
+                from gdlab.run_inputs import dataset_inputs
+
+                self.client.log_inputs(self.run_id, dataset_inputs(self.inputs))  # MLflow skips a repeat
             if directory is not None:
                 self.client.log_artifacts(self.run_id, str(directory))
         except Exception as error:  # the store is out of reach too: say so on the run, if it takes that
@@ -401,24 +420,3 @@ class MlflowRun:
         logged = self.client.get_run(self.run_id).data.metrics
         return {key: max(m.step for m in self.client.get_metric_history(self.run_id, key))
                 for key in keys if key in logged}  # fmt: skip
-
-
-@functools.lru_cache(maxsize=64)
-def experiment_of_run(client, run_id: str) -> str:
-    """The experiment of a (parent) run: asked once per process, not once per trial."""
-    return client.get_run(run_id).info.experiment_id
-
-
-def get_or_create_experiment(client, name: str, artifact_location: str | None) -> str:
-    experiment = client.get_experiment_by_name(name)
-    if experiment is not None:
-        if experiment.lifecycle_stage == "deleted":
-            client.restore_experiment(experiment.experiment_id)
-        return experiment.experiment_id
-    try:
-        return client.create_experiment(name, artifact_location=artifact_location)
-    except Exception:  # created meanwhile by a concurrent run
-        experiment = client.get_experiment_by_name(name)
-        if experiment is None:
-            raise
-        return experiment.experiment_id

@@ -215,6 +215,9 @@ def summary(result: RunResult) -> str:
     if f.get("mlflow_run_id"):
         experiment = cfg.tracking.experiment or cfg.dataset.name
         lines.append(f"mlflow run {f['mlflow_run_id']} in experiment '{experiment}' at {f['tracking_uri']}")
+    if f.get("model_uri"):
+        registered = f" (registered: {f['registered_model']})" if f.get("registered_model") else ""
+        lines.append(f"mlflow model {f['model_uri']}{registered}")
     if f.get("tracking_outage"):
         lines.append(f"tracking outage: {f['tracking_outage']}; full history kept in {f['output_dir']}")
     if f.get("ls_all_failed"):

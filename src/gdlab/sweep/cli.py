@@ -55,6 +55,7 @@ from gdlab.sweep.study import (
     check_same_search_space,
     make_storage,
 )
+from gdlab.sweep.ui_link import sweep_view_lines
 from gdlab.tracking import PARENT_ENV, TrackingUnavailable, tracking_uri
 
 STUDY_NAME = re.compile(r"[A-Za-z0-9_\-][A-Za-z0-9_.\-]{0,99}")
@@ -127,6 +128,12 @@ def parse_args(argv):
         help="report the best trial's own test metrics instead of refitting its configuration on the "
         "training and validation rows and measuring the test split once (gdlab_sweep.refit: false)",
     )
+    parser.add_argument(
+        "--register",
+        metavar="NAME",
+        help="register the chosen model (the refit's) in MLflow's Model registry as a new version of NAME "
+        "(as tracking.registered_model=NAME does)",
+    )
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--worker-index", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--parent-run-id", help=argparse.SUPPRESS)
@@ -198,6 +205,10 @@ def sweep_main(argv: list[str] | None, interrupts: InterruptHandler, jobs: JobLa
         storage_url = args.storage or os.environ.get(STORAGE_ENV) or spec.storage
         check_counts(args)
         check_study_name(study_name)
+        if args.register is not None and (not args.register.strip() or tracking_uri(spec.task) is None):
+            raise SweepError(f"--register={args.register!r} is not allowed here; use a model name, with "
+                             "tracking on (tracking=local or tracking=server): the model is on the refit's "
+                             "run")  # fmt: skip
         if args.population is not None:
             spec.population = args.population
             if spec.pbt is not None:  # PBT copies within the population: its size is part of the experiment
@@ -293,6 +304,8 @@ def run_sweep(args, spec: SweepSpec, study: optuna.Study, storage, storage_url: 
         )
     except ValueError:
         print(f"gdlab-sweep: done: {total}/{budget} finished trials; none completed")
+    if result is not None and result.model:
+        print(f"gdlab-sweep: the chosen model: {result.model}")
     if result is not None:
         print(f"gdlab-sweep: {result.line()}", flush=True)
     return 0
@@ -335,8 +348,9 @@ def sweep_result(args, spec: SweepSpec, study: optuna.Study, parent_run_id: str 
         print(f"gdlab-sweep: refit of {trial} ({spec.task.objective} {best.value:.6g}) on its train + val "
               "rows", flush=True)  # fmt: skip
         output_dir = Path("outputs") / "sweeps" / study.study_name / f"refit-{time.strftime('%Y%m%d-%H%M%S')}"
+        register = args.register or spec.task.tracking.get("registered_model")
         try:
-            return refit(cfg, overrides, output_dir, trial, parent_run_id)
+            return refit(cfg, overrides, output_dir, trial, parent_run_id, register)
         except TrackingUnavailable:
             raise
         except Exception as error:  # the trials stand; the result falls back to the best trial's own
@@ -359,6 +373,8 @@ def finish_sweep(spec: SweepSpec, study: optuna.Study, parent_run_id: str,
     report_dir = Path("outputs") / "sweeps" / study.study_name / f"report-{time.strftime('%Y%m%d-%H%M%S')}"
     finish_parent_run(spec.task, parent_run_id, report_dir, result)
     log_study_plots(spec.task, parent_run_id, study)
+    for line in sweep_view_lines(spec.task, parent_run_id, list(spec.distributions)):
+        print(f"gdlab-sweep: {line}", flush=True)
 
 
 def run_trials(args, spec: SweepSpec, study: optuna.Study, storage, budget: int, logger) -> None:

@@ -22,6 +22,7 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
+from gdlab import system_metrics
 from gdlab.masking import error_line, install_log_masking, mask_passwords, mask_saved_hydra_configs
 from gdlab.stores import mlflow_client
 from gdlab.sweep.selection import refit_enabled, selected_on
@@ -63,6 +64,7 @@ def start_parent_run(cfg: DictConfig, name: str, tags: dict | None = None) -> st
             f"cannot reach the MLflow tracking backend at {mask_passwords(uri)}: {error_line(error)}"
         ) from error
     os.environ[PARENT_ENV] = run.info.run_id
+    system_metrics.start(cfg, uri, run.info.run_id)
     return run.info.run_id
 
 
@@ -100,6 +102,7 @@ def finish_parent_run(cfg: DictConfig, parent_run_id: str, report_dir: str | Pat
         log_result(client, parent_run_id, result)
     if children:
         attach_report(cfg, parent_run_id, report_dir, every_child)
+    system_metrics.stop(parent_run_id)
     client.set_terminated(parent_run_id, status="FINISHED" if finished or not children else "FAILED")
     return summary
 
@@ -125,6 +128,7 @@ def end_parent_run(cfg: DictConfig, parent_run_id: str, status: str, reason: str
     os.environ.pop(PARENT_ENV, None)
     client = mlflow_client(tracking_uri(cfg))
     client.set_tag(parent_run_id, "failure.reason", reason)
+    system_metrics.stop(parent_run_id)
     client.set_terminated(parent_run_id, status=status)
 
 

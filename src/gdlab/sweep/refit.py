@@ -37,6 +37,7 @@ class SweepResult:
     train_rows: int | None = None  # the rows the measured model trained on
     test_rows: int | None = None
     run_id: str | None = None  # the MLflow run that measured them (the refit, or the best trial)
+    model: str | None = None  # the chosen network as an MLflow model (the refit's): its URI, registration
 
     def line(self) -> str:
         """The sweep's last line: the test metrics and how they were obtained."""
@@ -79,19 +80,25 @@ def refit_overrides(overrides: list[str], cfg: DictConfig) -> list[str]:
 
 
 def refit(cfg: DictConfig, overrides: list[str], output_dir: Path, trial: str,
-          parent_run_id: str | None) -> SweepResult:  # fmt: skip
-    """Train the chosen trial's config (validated) on train + val, as a child of `parent_run_id`."""
+          parent_run_id: str | None, register: str | None = None) -> SweepResult:  # fmt: skip
+    """Train the chosen trial's config (validated) on train + val, as a child of `parent_run_id`; its run
+    holds the chosen network as an MLflow model, registered as a new version of `register` if given."""
     from gdlab.fit import fit
 
     refit_cfg = refit_config(cfg)
+    refit_cfg.tracking.log_model, refit_cfg.tracking.registered_model = True, register
+    refit_cfg.tracking.system_metrics = False  # the sweep's parent run has them
     name = f"refit {trial.replace('trial ', '')} {run_name(refit_cfg)}"  # refit #12 moons-gd-...
     tags = {ROLE_TAG: REFIT_ROLE, "mlflow.runName": name}
     with parent_run(parent_run_id):
         result = fit(refit_cfg, refit_overrides(overrides, cfg), output_dir, tags=tags)
     metrics = {key: result.final[key] for key in TEST_METRICS if key in result.final}
+    final = result.final
+    model = final.get("model_uri") and (final["model_uri"] + (
+        f" (registered: {final['registered_model']})" if final.get("registered_model") else ""))  # fmt: skip
     return SweepResult(metrics, trial, True, cfg.objective.split("/", 1)[0], len(result.data.train),
                        len(result.data.test) if result.data.test is not None else None,
-                       result.final.get("mlflow_run_id"))  # fmt: skip
+                       final.get("mlflow_run_id"), model)  # fmt: skip
 
 
 @contextlib.contextmanager

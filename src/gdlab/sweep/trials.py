@@ -65,7 +65,10 @@ def trial_config(spec: SweepSpec, params: dict) -> tuple[DictConfig, list[str]]:
     values = [f"{k}={v}" for k, v in {**params, **spec.fixed_params}.items()]
     if spec.composer is None:
         spec.composer = VariantComposer(base)
-    return spec.composer(values), [*base, *values]
+    cfg = spec.composer(values)
+    # a trial logs no model (the refit does) and no system metrics (its sweep's parent run may)
+    cfg.tracking.log_model, cfg.tracking.registered_model, cfg.tracking.system_metrics = False, None, False
+    return cfg, [*base, *values]
 
 
 def chosen_config(spec: SweepSpec, trial: optuna.trial.FrozenTrial) -> tuple[DictConfig, list[str]]:

@@ -1,0 +1,57 @@
+"""A trained network as an MLflow model (the UI's Models column, the Model registry).
+
+`mlflow.pytorch.log_model` of the MLP behind its head: features in as the run trained on them (its
+`train` dataset: standardized where `dataset.standardize`), the head's probabilities out, as
+`MLP.predict_proba` gives them. It is exported with torch.export (MLflow's `pt2` format), so loading it
+needs torch, not gdlab; its signature and input example come from the training split. Logged on the run
+before the run ends, so a FINISHED run holds its model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+
+import numpy as np
+import torch
+from torch import nn
+
+from gdlab.model import MLP, head_output
+
+MODEL_NAME = "model"
+INPUT_EXAMPLE_ROWS = 5
+
+
+class Probabilities(nn.Module):
+    """An MLP with its head: what `mlflow.pyfunc.load_model(uri).predict(X)` returns."""
+
+    def __init__(self, mlp: MLP):
+        super().__init__()
+        self.mlp = mlp.member(0) if mlp.layers[0][0].dim() == 3 else mlp  # one member, 2-D weights
+        self.head = mlp.head
+
+    def forward(self, X: torch.Tensor) -> torch.Tensor:
+        return head_output(self.mlp(X), self.head)
+
+
+def log_model(uri: str, run_id: str, mlp: MLP, X_train: np.ndarray,
+              registered_name: str | None = None) -> tuple[str, str | None]:  # fmt: skip
+    """Log `mlp` on run `run_id` (and register it as a new version of `registered_name`): its model URI and
+    registered version. MLflow's own "Successfully registered ..." lines are gdlab's to say."""
+    import mlflow
+    import mlflow.pytorch
+    from mlflow.models import infer_signature
+
+    model = Probabilities(mlp).eval()
+    example = np.ascontiguousarray(X_train[:INPUT_EXAMPLE_ROWS])
+    with torch.no_grad():
+        signature = infer_signature(X_train, model(torch.as_tensor(X_train)).numpy())
+    mlflow.set_tracking_uri(uri)  # MLflow's model logging reads the process's tracking URI
+    with contextlib.redirect_stderr(io.StringIO()):
+        info = mlflow.pytorch.log_model(
+            model, name=MODEL_NAME, run_id=run_id, signature=signature, input_example=example,
+            serialization_format="pt2", pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
+            registered_model_name=registered_name,
+        )  # fmt: skip
+    version = info.registered_model_version
+    return info.model_uri, None if version is None else str(version)

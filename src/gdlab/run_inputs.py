@@ -1,0 +1,80 @@
+"""A run's data as MLflow datasets, the UI's Dataset column: one per split the run trains on, selects on
+and is tested on (input contexts train, val, test), built with `mlflow.data.from_numpy` from the arrays it
+trains on. Runs on the same rows share a digest; members of a population share the entities (one per
+split and fold, not one per member).
+
+A single run logs its inputs itself (`MlflowClient.log_inputs`); a population member's go through the
+metric writer as plain dicts, so training never waits on the store.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from omegaconf import DictConfig
+
+from gdlab.data import Dataset, Split
+
+CONTEXT_TAG = "mlflow.data.context"  # MLflow's own input tag (mlflow.utils.mlflow_tags)
+
+
+def dataset_name(dataset: DictConfig) -> str:
+    """moons-n500-noise0.2-rs42: what generates the rows (a split is the context, the rows the digest)."""
+    parts = [str(dataset.name)]
+    if dataset.name == "xor":
+        parts.append(f"x{dataset.repeats}")
+    elif dataset.get("n_samples") is not None:
+        parts.append(f"n{dataset.n_samples}")
+    if dataset.get("noise"):
+        parts.append(f"noise{dataset.noise:g}")
+    parts.append(f"rs{dataset.random_state}")
+    return "-".join(parts)
+
+
+def split_arrays(split: Split, member: int | None) -> tuple[np.ndarray, np.ndarray]:
+    """A split's features (as trained on: standardized) and class labels, for one member where each has
+    its own rows (k-fold weights) or its own standardization."""
+    X, y, rows = split.X, split.y, slice(None)
+    if X.dim() == 3:
+        X = X[member or 0]
+    if split.weights is not None:
+        rows = (split.weights[member or 0, :, 0] > 0).numpy()
+    return X.numpy()[rows], np.asarray(y)[rows]
+
+
+class RunInputs:
+    """The MLflow datasets of a population's members, made once per distinct set of rows, as plain dicts
+    (MLflow's `Dataset.to_dict()` and the input's context): what the metric writer's pipe carries."""
+
+    def __init__(self, dataset: DictConfig, data: Dataset, folds: list[int] | None):
+        self.name, self.data, self.folds = dataset_name(dataset), data, folds
+        self._made: dict = {}
+
+    def of_member(self, member: int) -> list[dict]:
+        """Member `member`'s datasets: train, val, test (those that exist)."""
+        key = None if self.folds is None else self.folds[member]
+        if key not in self._made:
+            self._made[key] = self._make(member)
+        return self._made[key]
+
+    def _make(self, member: int) -> list[dict]:
+        import mlflow.data
+        from mlflow.data.code_dataset_source import CodeDatasetSource
+
+        splits = {"train": self.data.train, **self.data.evaluation_splits()}
+        source = CodeDatasetSource({"mlflow.source.name": "gdlab.data", "dataset": self.name})
+        made = []
+        for context, split in splits.items():
+            features, targets = split_arrays(split, member if self.folds is not None else None)
+            dataset = mlflow.data.from_numpy(features, source=source, targets=targets, name=self.name)
+            made.append({**dataset.to_dict(), "context": context})
+        return made
+
+
+def dataset_inputs(datasets: list[dict]) -> list:
+    """`RunInputs` dicts as the DatasetInputs `MlflowClient.log_inputs` takes."""
+    from mlflow.entities import Dataset as DatasetEntity
+    from mlflow.entities import DatasetInput, InputTag
+
+    return [DatasetInput(DatasetEntity(d["name"], d["digest"], d["source_type"], d["source"], d.get("schema"),
+                                       d.get("profile")), [InputTag(CONTEXT_TAG, d["context"])])
+            for d in datasets]  # fmt: skip

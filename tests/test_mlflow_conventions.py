@@ -1,0 +1,158 @@
+"""MLflow's own conventions, read back through MLflow's client: the training view, datasets, models, the
+Model registry, the sweep's link, system metrics, and quiet first runs. Real SQLite stores."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from urllib.parse import parse_qs, urlsplit
+
+import mlflow
+import numpy as np
+import pytest
+import torch
+from mlflow import MlflowClient
+
+import gdlab
+import warm
+
+BIN = Path(sys.executable).parent
+SHORT = ["dataset=moons", "trainer.max_epochs=20", "dataset.val_size=0.2"]
+
+pytestmark = pytest.mark.usefixtures("clean_tracking_env")
+
+
+def client_of(store: Path) -> MlflowClient:
+    return MlflowClient(f"sqlite:///{store / 'mlflow.db'}")
+
+
+def test_experiments_open_in_mlflows_training_view(tmp_path):
+    r = gdlab.run([*SHORT, f"tracking.dir={tmp_path}"])
+    client = client_of(tmp_path)
+    experiment = client.get_experiment(client.get_run(r.final["mlflow_run_id"]).info.experiment_id)
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+    # made before gdlab tagged its experiments, or guessed by the UI: tagged when gdlab next writes to it
+    old = client.create_experiment("old")
+    guessed = client.create_experiment(
+        "guessed", tags={"mlflow.experimentKind": "genai_development_inferred"}
+    )
+    for name in ("old", "guessed"):
+        gdlab.run([*SHORT, f"tracking.dir={tmp_path}", f"tracking.experiment={name}"])
+    for experiment_id in (old, guessed):
+        assert (
+            client.get_experiment(experiment_id).tags["mlflow.experimentKind"] == "custom_model_development"
+        )
+
+
+def inputs_of(client: MlflowClient, run_id: str) -> dict[str, tuple[str, str]]:
+    """context -> (dataset name, digest)"""
+    dataset_inputs = client.get_run(run_id).inputs.dataset_inputs
+    return {i.tags[0].value: (i.dataset.name, i.dataset.digest) for i in dataset_inputs}
+
+
+def test_runs_log_their_splits_as_mlflow_datasets(tmp_path):
+    single = gdlab.run([*SHORT, f"tracking.dir={tmp_path}"])
+    client = client_of(tmp_path)
+    logged = inputs_of(client, single.final["mlflow_run_id"])
+    assert set(logged) == {"train", "val", "test"}
+    assert {name for name, _ in logged.values()} == {"moons-n500-noise0.2-rs42"}
+    for context, split in (
+        ("train", single.data.train),
+        ("val", single.data.val),
+        ("test", single.data.test),
+    ):
+        expected = mlflow.data.from_numpy(split.X.numpy(), targets=split.y, name="moons-n500-noise0.2-rs42")
+        assert logged[context][1] == expected.digest, context  # the arrays the run trained and measured on
+    members = gdlab.run(
+        [*SHORT, f"tracking.dir={tmp_path}"], population=[{"optimizer.lr": lr} for lr in (0.1, 1)]
+    )
+    for member in members:  # logged by the writer, the same rows: the same digests
+        assert inputs_of(client, member.final["mlflow_run_id"]) == logged
+    folds = ["dataset=moons", "trainer.max_epochs=5", "dataset.cv_folds=3", f"tracking.dir={tmp_path}"]
+    by_fold = gdlab.run(folds, population=[{"dataset.cv_fold": k} for k in range(3)])
+    fold_inputs = [inputs_of(client, member.final["mlflow_run_id"]) for member in by_fold]
+    assert len({inputs["train"][1] for inputs in fold_inputs}) == 3  # each fold trains on its own rows
+    assert len({inputs["val"][1] for inputs in fold_inputs}) == 3
+    assert {len(i) for i in fold_inputs} == {3} and logged["train"] not in [i["train"] for i in fold_inputs]
+
+
+def test_a_logged_model_predicts_as_gdlab_does_and_is_registered(tmp_path):
+    r = gdlab.run([*SHORT, f"tracking.dir={tmp_path}", "tracking.log_model=true",
+                   "tracking.registered_model=moons-net"])  # fmt: skip
+    client = client_of(tmp_path)
+    run = client.get_run(r.final["mlflow_run_id"])
+    assert run.info.status == "FINISHED" and len(run.outputs.model_outputs) == 1
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    model = mlflow.pyfunc.load_model(r.final["model_uri"])
+    X = r.data.test.X.numpy()
+    expected = r.model.predict_proba(torch.as_tensor(X)).numpy().reshape(len(X), -1)
+    np.testing.assert_allclose(np.asarray(model.predict(X)).reshape(len(X), -1), expected, rtol=1e-12)
+    (version,) = client.search_model_versions("name='moons-net'")
+    assert int(version.version) == 1 and version.run_id == run.info.run_id
+    assert r.final["registered_model"] == "moons-net version 1"
+
+
+def test_system_metrics_are_opt_in(tmp_path, monkeypatch):
+    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.5")
+    client = client_of(tmp_path)
+    plain = gdlab.run([*SHORT, f"tracking.dir={tmp_path}"])
+    sampled = gdlab.run(["dataset=moons", "trainer.max_epochs=4000", f"tracking.dir={tmp_path}",
+                         "tracking.system_metrics=true"])  # fmt: skip
+    assert not [
+        k for k in client.get_run(plain.final["mlflow_run_id"]).data.metrics if k.startswith("system/")
+    ]
+    metrics = client.get_run(sampled.final["mlflow_run_id"]).data.metrics
+    assert (
+        metrics["system/cpu_utilization_percentage"] >= 0
+        and metrics["system/system_memory_usage_megabytes"] > 0
+    )
+
+
+def test_a_first_run_on_a_new_store_prints_only_gdlabs_lines(tmp_path):
+    """A fresh user: no matplotlib font cache, no store template, no store (a cold process, not the suite's
+    warm one, which has imported everything already)."""
+    environment = {
+        **os.environ,
+        "MPLCONFIGDIR": str(tmp_path / "mpl"),
+        "GDLAB_CACHE_DIR": str(tmp_path / "cache"),
+    }
+    command = [str(BIN / "gdlab-train"), "trainer.max_epochs=5", "tracking.system_metrics=true"]
+    done = subprocess.run(command, cwd=tmp_path, env=environment, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0 and done.stderr == "", done.stderr
+    assert all(
+        line.startswith(("gdlab:", "final:", "epochs=", "mlflow run", "objective"))
+        for line in done.stdout.splitlines()
+    )
+
+
+@pytest.mark.slow
+def test_a_sweep_links_its_ranked_trials_and_registers_the_chosen_model(tmp_path):
+    done = warm.run([str(BIN / "gdlab-sweep"), "lr", "trainer.max_epochs=30", "hydra.sweeper.n_trials=6",
+                     "gdlab_sweep.population=6", "--register", "lr-net", "--progress", "0"],
+                    cwd=tmp_path, capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    client = client_of(tmp_path / "mlruns")
+    (link,) = [line.rsplit(" ", 1)[1] for line in done.stdout.splitlines() if "in the MLflow UI: " in line]
+    address = urlsplit(link)
+    assert address.netloc == "127.0.0.1:5000" and "mlflow ui --backend-store-uri" in done.stdout
+    route, _, query = address.fragment.partition("?")
+    experiment_id = route.split("/")[2]
+    assert route == f"/experiments/{experiment_id}/runs"
+    (key,) = parse_qs(query)["viewStateShareKey"]
+    view = json.loads(client.get_experiment(experiment_id).tags[f"mlflow.sharedViewState.{key}"])
+    assert view["orderByKey"] == "metrics.`final/val/loss`" and view["orderByAsc"] is True
+    assert view["selectedColumns"][:2] == ["metrics.`final/val/loss`", "params.`optimizer.lr`"]
+    shown = client.search_runs(
+        [experiment_id], view["searchFilter"], order_by=["metrics.`final/val/loss` ASC"]
+    )
+    assert len(shown) == 6 and all("optuna.trial" in r.data.tags for r in shown)  # the trials, no refit
+    values = [r.data.metrics["final/val/loss"] for r in shown]
+    assert values == sorted(values)
+    (parent,) = client.search_runs([experiment_id], "tags.`gdlab.kind` = 'sweep'")
+    assert parent.data.tags["gdlab.ui_link"] == link
+    (refit,) = client.search_runs([experiment_id], "tags.`gdlab.role` = 'refit'")
+    (version,) = client.search_model_versions("name='lr-net'")
+    assert version.run_id == refit.info.run_id and len(refit.outputs.model_outputs) == 1
+    assert not [r for r in shown if r.outputs and r.outputs.model_outputs]  # trials log no model
+    assert "the chosen model: models:/" in done.stdout and "(registered: lr-net version 1)" in done.stdout
