@@ -156,3 +156,20 @@ def test_a_sweep_links_its_ranked_trials_and_registers_the_chosen_model(tmp_path
     assert version.run_id == refit.info.run_id and len(refit.outputs.model_outputs) == 1
     assert not [r for r in shown if r.outputs and r.outputs.model_outputs]  # trials log no model
     assert "the chosen model: models:/" in done.stdout and "(registered: lr-net version 1)" in done.stdout
+
+
+def test_without_a_refit_the_best_trials_own_network_is_the_model(tmp_path):
+    command = [str(BIN / "gdlab-sweep"), "lr_depth", "trainer.max_epochs=20", "hydra.sweeper.n_trials=2",
+               "--no-refit", "--progress", "0"]  # fmt: skip
+    done = warm.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    client = client_of(tmp_path / "mlruns")
+    (parent,) = client.search_runs([client.get_experiment_by_name("sweep-lr_depth").experiment_id],
+                                   "tags.`gdlab.kind` = 'sweep'")  # fmt: skip
+    best = client.get_run(parent.data.tags["best.run_id"])
+    (output,) = best.outputs.model_outputs
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}")
+    model = mlflow.pyfunc.load_model(f"models:/{output.model_id}")
+    X = np.random.default_rng(0).normal(size=(7, 2))
+    assert np.asarray(model.predict(X)).shape[0] == 7
+    assert f"the chosen model: models:/{output.model_id}" in done.stdout

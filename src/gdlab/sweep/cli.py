@@ -13,7 +13,6 @@ import logging
 import math
 import os
 import re
-import subprocess
 import sys
 import time
 import warnings
@@ -33,7 +32,7 @@ from gdlab.sweep.parent_run import (
     repair_killed_runs,
     start_parent_run,
 )
-from gdlab.sweep.refit import SweepResult, refit, wants_refit
+from gdlab.sweep.refit import SweepResult, best_trial_model, refit, wants_refit
 from gdlab.sweep.selection import refit_enabled, selected_on
 from gdlab.sweep.signature import ExperimentMismatch, check_same_experiment
 from gdlab.sweep.spec import (
@@ -56,10 +55,16 @@ from gdlab.sweep.study import (
     make_storage,
 )
 from gdlab.sweep.ui_link import sweep_view_lines
+from gdlab.sweep.workers import (
+    OVERRIDES_ENV,
+    start_worker,
+    trial_shares,
+    worker_arguments,
+    worker_environment,
+)
 from gdlab.tracking import PARENT_ENV, TrackingUnavailable, tracking_uri
 
 STUDY_NAME = re.compile(r"[A-Za-z0-9_\-][A-Za-z0-9_.\-]{0,99}")
-OVERRIDES_ENV = "GDLAB_SWEEP_OVERRIDES"  # a worker's overrides, off its command line
 
 
 def parse_args(argv):
@@ -162,13 +167,6 @@ def check_study_name(name: str) -> None:
     if not STUDY_NAME.fullmatch(name):
         raise SweepError(f"--study={name!r} is not allowed; use letters, digits, '_', '-' and '.' "
                          "(not starting with '.'), at most 100 characters")  # fmt: skip
-
-
-def trial_shares(n_trials: int | None, workers: int) -> list[int | None]:
-    """--n-trials N caps the whole invocation: N split over its processes (None: no cap)."""
-    if n_trials is None:
-        return [None] * workers
-    return [n_trials // workers + (i < n_trials % workers) for i in range(workers)]
 
 
 def main(argv: list[str] | None = None, jobs: JobLauncher | None = None) -> int:
@@ -344,11 +342,11 @@ def sweep_result(args, spec: SweepSpec, study: optuna.Study, parent_run_id: str 
 
     cfg, overrides = chosen_config(spec, best)
     trial = f"trial #{best.number}"
+    register = args.register or spec.task.tracking.get("registered_model")
     if wants_refit(cfg) and refit_enabled(spec.task) and not args.no_refit:
         print(f"gdlab-sweep: refit of {trial} ({spec.task.objective} {best.value:.6g}) on its train + val "
               "rows", flush=True)  # fmt: skip
         output_dir = Path("outputs") / "sweeps" / study.study_name / f"refit-{time.strftime('%Y%m%d-%H%M%S')}"
-        register = args.register or spec.task.tracking.get("registered_model")
         try:
             return refit(cfg, overrides, output_dir, trial, parent_run_id, register)
         except TrackingUnavailable:
@@ -361,7 +359,9 @@ def sweep_result(args, spec: SweepSpec, study: optuna.Study, parent_run_id: str 
     if not metrics:
         return None
     run_id = best.user_attrs.get("mlflow_run_id")
-    return SweepResult(metrics, trial, False, selected_on(spec.task), run_id=run_id)
+    weights = Path("outputs") / "sweeps" / study.study_name / f"trial-{best.number}" / "weights.pt"
+    model = best_trial_model(cfg, run_id, weights, register) if parent_run_id else None
+    return SweepResult(metrics, trial, False, selected_on(spec.task), run_id=run_id, model=model)
 
 
 def finish_sweep(spec: SweepSpec, study: optuna.Study, parent_run_id: str,
@@ -413,37 +413,3 @@ def stop_interrupted(args, spec: SweepSpec, parent_run_id: str | None, workers: 
     print(f"gdlab-sweep: {reason}: the running trial(s) are FAIL in Optuna, {runs} ended KILLED; "
           "finished trials are kept", file=sys.stderr)  # fmt: skip
     return interrupts.exit_code
-
-
-def start_worker(args, spec: SweepSpec, study_name: str, storage_url: str, budget: int,
-                 parent_run_id: str | None, index: int, n_trials: int | None):  # fmt: skip
-    command = [sys.executable, "-m", "gdlab.sweep",
-               *worker_arguments(args, spec, study_name, budget, parent_run_id, n_trials),
-               "--worker-index", str(index)]  # fmt: skip
-    return subprocess.Popen(command, env={**os.environ, **worker_environment(args, storage_url)})
-
-
-def worker_arguments(args, spec: SweepSpec, study_name: str, budget: int, parent_run_id: str | None,
-                     n_trials: int | None) -> list[str]:  # fmt: skip
-    """A worker's gdlab-sweep arguments (all but its --worker-index): it joins this invocation's study,
-    budget and parent run. Its overrides and storage URL go by environment (worker_environment)."""
-    arguments = [args.name, "--worker",
-                 *(["--config-dir", str(args.config_dir)] if args.config_dir else []),
-                 "--study", study_name, "--budget", str(budget),
-                 "--heartbeat-interval", str(args.heartbeat_interval),
-                 "--grace-period", str(args.grace_period), "--population", str(spec.population),
-                 "--replicates", str(spec.replicates),
-                 "--progress", str(args.progress)]  # fmt: skip
-    if parent_run_id:
-        arguments += ["--parent-run-id", parent_run_id]
-    if n_trials:
-        arguments += ["--n-trials", str(n_trials)]
-    if args.timeout:
-        arguments += ["--timeout", str(args.timeout)]
-    return arguments
-
-
-def worker_environment(args, storage_url: str) -> dict[str, str]:
-    """The storage URL (it may hold a password) goes by environment, so `ps` never shows it. So do the
-    overrides: a tracking.uri=... among them may hold one too."""
-    return {STORAGE_ENV: storage_url, OVERRIDES_ENV: json.dumps(args.overrides)}

@@ -21,6 +21,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from gdlab.config import TEST_METRICS, validate
+from gdlab.masking import error_line
 from gdlab.tracking import PARENT_ENV, REFIT_ROLE, ROLE_TAG, run_name
 
 REFIT_OVERRIDE = "dataset.val_size=0"
@@ -119,3 +120,26 @@ def parent_run(parent_run_id: str | None) -> Iterator[None]:
 def wants_refit(cfg: DictConfig) -> bool:
     """A refit measures something new only where trials were ranked on a validation split."""
     return cfg.objective.startswith("val/") and cfg.dataset.test_size > 0
+
+
+def best_trial_model(cfg: DictConfig, run_id: str | None, weights: Path, register: str | None) -> str | None:
+    """Without a refit, the chosen model is the best trial's own network: read back from its weights.pt
+    (a trial of one member trained on this machine) and logged on its run. What it could not, in one line."""
+    import torch
+
+    from gdlab.fit import build
+    from gdlab.logged_model import log_model
+    from gdlab.tracking import tracking_uri
+
+    if run_id is None or not weights.is_file():
+        print(f"gdlab-sweep: no model logged: {weights} is not here (a trial of several members, or trained "
+              "elsewhere); a refit logs one")  # fmt: skip
+        return None
+    try:
+        data, model = build(cfg)
+        model.load_state_dict(torch.load(weights, weights_only=True))
+        uri, version = log_model(tracking_uri(cfg), run_id, model, data.train.X.numpy(), register)
+    except Exception as error:  # the sweep's answer stands without it
+        print(f"gdlab-sweep: no model logged: {error_line(error)}")
+        return None
+    return uri + (f" (registered: {register} version {version})" if version else "")
