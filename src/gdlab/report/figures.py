@@ -105,7 +105,7 @@ class Palette:
         from matplotlib import colormaps
         from matplotlib.colors import LogNorm, Normalize
 
-        self.runs, self.objective = runs, objective
+        self.runs, self.objective, self.varied = runs, objective, varied
         self.top = ranked(runs, objective, direction)[:TOP_K]
         self.legend = len(runs) <= LEGEND_RUNS
         # the colour bar's parameter: the numeric one with the most distinct values (lr, not depth)
@@ -163,6 +163,13 @@ def top_box(ax, lines: list[str], title: str) -> None:
             family="monospace", bbox={"boxstyle": "round", "facecolor": "white", "alpha": 0.85})  # fmt: skip
 
 
+def top_name(run: TrackedRun, varied: list[str]) -> str:
+    """A top run as the values it differs in: every varied parameter it has (a parameter such as init.std
+    exists only for some runs of a sweep), else its label."""
+    values = [f"{key}={short_number(run.params[key])}" for key in varied if key in run.params]
+    return " ".join(values) or run.label
+
+
 def label_top(ax, palette: Palette, x: dict, y: dict, objective: str) -> None:
     """Rank the top runs at their last point, and list them with their value and objective."""
     if palette.legend or not palette.top:
@@ -171,7 +178,7 @@ def label_top(ax, palette: Palette, x: dict, y: dict, objective: str) -> None:
     for rank, run in enumerate(palette.top, 1):
         if run.run_id in x:
             mark_rank(ax, rank, x[run.run_id], y[run.run_id])
-        name = f"{palette.key}={short_number(run.params[palette.key])}" if palette.key else run.label
+        name = top_name(run, palette.varied)
         lines.append(f"#{rank} {name}: {run.latest.get(objective, math.nan):.3g}")
     top_box(ax, lines, f"top {len(lines)} by {objective}")
 
