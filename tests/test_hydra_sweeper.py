@@ -42,6 +42,7 @@ def test_multirun_through_the_gdlab_sweeper_prunes_adds_to_the_budget_and_names_
     storage, client = stores(tmp_path)
     trials = optuna.load_study(study_name="lr_depth", storage=storage).get_trials(deepcopy=False)
     assert [t.number for t in trials] == list(range(8))
+    assert optuna.load_study(study_name="lr_depth", storage=storage).metric_names == ["val/loss"]  # dashboard
     assert TrialState.PRUNED in {t.state for t in trials}  # the sweep file's MedianPruner, in the jobs too
     experiment = client.get_experiment_by_name("sweep-lr_depth").experiment_id
     runs = {r.info.run_id: r for r in client.search_runs([experiment])}

@@ -245,9 +245,12 @@ def create_or_load_study(name: str, storage, spec: SweepSpec) -> tuple[optuna.St
     arguments = dict(study_name=name, storage=storage, sampler=spec.sampler, pruner=spec.pruner)
     try:
         try:
-            return optuna.create_study(**arguments, direction=spec.direction), True
+            study, created = optuna.create_study(**arguments, direction=spec.direction), True
         except optuna.exceptions.DuplicatedStudyError:
-            return optuna.load_study(**arguments), False
+            study, created = optuna.load_study(**arguments), False
+        if study.metric_names is None:  # optuna-dashboard's name for the value, not "Objective 0"
+            study.set_metric_names([str(spec.task.objective)])
+        return study, created
     except Exception as error:  # a read-only or full store: one line, not Optuna's traceback
         raise SweepError(f"study {name!r}: the Optuna storage refused it: {error_line(error)}") from error
 

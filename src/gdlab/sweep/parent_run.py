@@ -214,9 +214,16 @@ class MlflowSweepCallback(Callback):
                 print(f"gdlab-train: no refit: {error_line(error)}")
                 result = None
             finish_parent_run(task, self.parent_run_id, sweep_dir / "report", result)
+            print(f"gdlab-train: {parent_line(task, self.parent_run_id)}")
             if result is not None:
                 print(f"gdlab-train: {result.line()}", flush=True)
             self.parent_run_id = None
+
+
+def parent_line(task: DictConfig, parent_run_id: str) -> str:
+    """Where a sweep's record is, and the command that compares its trials."""
+    where = f"experiment '{experiment_name(task)}' at {mask_passwords(tracking_uri(task))}"
+    return f"parent run {parent_run_id} in {where}; compare its trials: gdlab-report {parent_run_id}"
 
 
 def multirun_result(task: DictConfig, parent_run_id: str, output_dir: Path) -> SweepResult | None:

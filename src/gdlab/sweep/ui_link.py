@@ -91,5 +91,8 @@ def sweep_view_lines(task, parent_run_id: str, params: list[str]) -> list[str]:
         from gdlab.masking import error_line
 
         return [f"no MLflow UI link: {error_line(error)}"]
+    from gdlab.sweep.parent_run import parent_line
+
     lines = [f"the trials ranked by {task.objective} in the MLflow UI: {url}"]
-    return lines if command is None else [*lines, f"(start the UI first: {command})"]
+    lines += [] if command is None else [f"(start the UI first: {command})"]
+    return [parent_line(task, parent_run_id), *lines]
