@@ -151,6 +151,7 @@ def test_a_sweep_links_its_ranked_trials_and_registers_the_chosen_model(tmp_path
     assert values == sorted(values)
     (parent,) = client.search_runs([experiment_id], "tags.`gdlab.kind` = 'sweep'")
     assert parent.data.tags["gdlab.ui_link"] == link
+    assert f"compare its trials: gdlab-report {parent.info.run_id}" in done.stdout
     (refit,) = client.search_runs([experiment_id], "tags.`gdlab.role` = 'refit'")
     (version,) = client.search_model_versions("name='lr-net'")
     assert version.run_id == refit.info.run_id and len(refit.outputs.model_outputs) == 1

@@ -239,3 +239,31 @@ def test_bad_sweep_input_is_refused_before_any_trial(tmp_path, refused):
     assert code == 2 and len(err.strip().splitlines()) == 1
     assert "optimizer.lr=-1" in err and "allowed: a number > 0" in err
     assert not (tmp_path / "mlruns" / "optuna.db").exists()
+
+
+def readme_section_commands(section: str) -> list[list[str]]:
+    """The `.venv/bin/...` commands of a README section's bash blocks, continuation lines joined, comments
+    dropped."""
+    import shlex
+
+    text = (Path(__file__).parents[1] / "README.md").read_text()
+    body = text.split(f"\n## {section}\n", 1)[1].split("\n## ", 1)[0]
+    blocks = [block.split("\n", 1)[1] for block in body.split("```bash")[1:]]
+    commands = []
+    for block in (block.split("```", 1)[0] for block in blocks):
+        for line in block.replace("\\\n", " ").splitlines():
+            if line.startswith(".venv/bin/"):
+                commands.append(shlex.split(line, comments=True))
+    return commands
+
+
+@pytest.mark.slow
+def test_the_readme_sweep_commands_run_in_order(tmp_path):
+    commands = readme_section_commands("Sweeps")
+    assert len(commands) >= 5
+    for command in commands:
+        executable = str(BIN / Path(command[0]).name)
+        proc = warm.run([executable, *command[1:], "trainer.max_epochs=3", "tracking.plots=false"],
+                        capture_output=True, text=True, cwd=tmp_path, timeout=900)  # fmt: skip
+        assert proc.returncode == 0, (command, proc.stderr[-3000:])
+        assert "budget reached" not in proc.stdout, command  # each adds what its comment says
