@@ -302,3 +302,34 @@ def test_every_shipped_sweeps_parent_gets_its_report(tmp_path, name):
     (parent,) = client.search_runs(experiments, "tags.`gdlab.kind` = 'sweep'")
     report = {Path(a.path).name for a in client.list_artifacts(parent.info.run_id, "report")}
     assert {"report.md", "objective_vs_params.png", "loss_curves.png"} <= report, report
+
+
+def test_a_mixed_experiment_is_labelled_by_run_names_and_its_runs_without_the_objective_are_not_failed(
+    tmp_path,
+):
+    """The labs' kind of experiment: runs that differ in many params, some without the objective's metric."""
+    from gdlab.report.figures import write_figures
+    from gdlab.report.tables import assign_labels, differing_params
+
+    def run(i: int, params: dict, latest: dict) -> TrackedRun:
+        curves = pd.DataFrame({"train/loss": [0.7, 0.5, 0.4], "train/acc": [0.5, 0.7, 0.8]})
+        return TrackedRun(f"id{i}", f"moons-gd-d{i}-w16-lr0.1-s42", params, curves, "FINISHED", None,
+                          latest={"final/train/loss": 0.4, **latest})  # fmt: skip
+
+    many = {
+        "dataset.name": "moons",
+        "model.depth": "1",
+        "model.width": "16",
+        "optimizer.lr": "0.1",
+        "seed": "1",
+    }
+    varied = [{"model.depth": str(i), "seed": str(i), "optimizer.lr": str(i / 10), "model.width": str(8 * i),
+               "init.name": f"i{i}"} for i in range(4)]  # fmt: skip
+    runs = [run(i, {**many, **varied[i]}, {"final/val/loss": 0.3 + i / 100} if i else {}) for i in range(4)]
+    assign_labels(runs)
+    assert [r.label for r in runs] == [r.name for r in runs]  # 5 params differ: the names say it shortest
+    figures = {d.path.name: d for d in write_figures(runs, tmp_path, differing_params(runs), "final/val/loss",
+                                                     "minimize")}  # fmt: skip
+    by_param = figures["objective_vs_params.png"]
+    assert by_param.no_objective == [runs[0].label] and by_param.failed == []
+    assert by_param.legend == ["finished", "no objective", "top 3 (minimize)"]  # no "pruned", no "failed"

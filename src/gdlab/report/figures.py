@@ -40,6 +40,8 @@ class Drawn:
     runs: list[str] = field(default_factory=list)
     pruned: list[str] = field(default_factory=list)
     failed: list[str] = field(default_factory=list)
+    no_objective: list[str] = field(default_factory=list)  # finished, without the objective's metric
+    legend: list[str] = field(default_factory=list)  # its legend's entries
     top: list[str] = field(default_factory=list)  # best first
     colour_by: str | None = None  # the parameter of the colour bar, if any
     ylim: tuple[float, float] | None = None  # a loss axis' limits, set so diverging runs cannot flatten it
@@ -230,6 +232,15 @@ def plot_curves(
     return drawn
 
 
+def legend_kind(state: str, score: float) -> str:
+    """How a run is drawn against the params: the legend's entry."""
+    if state == FAILED:
+        return "failed (no objective)"
+    if not math.isfinite(score):
+        return "no objective"
+    return "pruned" if state == PRUNED else "finished"
+
+
 def plot_objective_vs_params(runs, varied: list[str], objective: str, direction: str,
                              path: Path, note: str = "") -> Drawn:  # fmt: skip
     """One panel per varied parameter (at most 4): each run's objective at that parameter's value."""
@@ -251,8 +262,10 @@ def plot_objective_vs_params(runs, varied: list[str], objective: str, direction:
                 continue
             x = categories.index(run.params[key]) if categorical else float(run.params[key])
             state = run_state(run)
-            if state == FAILED or not math.isfinite(score):  # no objective: marked on the top edge
+            if state == FAILED:  # no objective: marked on the top edge
                 ax.scatter(x, ceiling, marker="x", color="tab:red", s=40, zorder=2)
+            elif not math.isfinite(score):  # finished without this metric (another kind of run)
+                ax.scatter(x, ceiling, marker="|", color="0.5", s=60, zorder=2)
             elif state == PRUNED:
                 ax.scatter(x, score, facecolors="none", edgecolors="0.5", s=30, zorder=2)
             else:
@@ -283,12 +296,18 @@ def plot_objective_vs_params(runs, varied: list[str], objective: str, direction:
         drawn.xscale = xscale if key == keys[0] else drawn.xscale
     from matplotlib.lines import Line2D
 
+    kinds = {legend_kind(run_state(run), score) for run, score in zip(runs, scores, strict=True)}
     handles = [Line2D([], [], marker="o", linestyle="", color="tab:blue", label="finished"),
                Line2D([], [], marker="o", linestyle="", markerfacecolor="none", color="0.5", label="pruned"),
                Line2D([], [], marker="x", linestyle="", color="tab:red", label="failed (no objective)"),
+               Line2D([], [], marker="|", linestyle="", color="0.5", markersize=10, label="no objective"),
                Line2D([], [], marker="*", linestyle="", color="tab:orange", markersize=12,
                       label=f"top {len(top)} ({direction})")]  # fmt: skip
-    axes[0].legend(handles=handles, fontsize="small", loc="lower left")
+    handles = [h for h in handles if h.get_label() in kinds or h.get_label().startswith("top")]
+    axes[0].legend(handles=handles, fontsize="small", loc="lower left")  # only what the figure shows
+    drawn.legend = [h.get_label() for h in handles]
+    drawn.no_objective = [run.label for run, score in zip(runs, scores, strict=True)
+                          if legend_kind(run_state(run), score) == "no objective"]  # fmt: skip
     bars = " (bars: 95% interval over each trial's folds and seeds)" if drawn.spread else ""
     drawn.title = f"{objective} against what the runs vary ({len(runs)} runs){bars}"
     drawn.title += f"\n{note}" if note else ""

@@ -39,11 +39,16 @@ def differing_keys(param_sets: list[dict]) -> list[str]:
     return sorted(differing, key=lambda key: (key.split(".")[0], not key.endswith(".name"), key))
 
 
+MAX_LABEL_KEYS = 4  # more differing params than this (a mixed experiment, the labs): the run's own name
+
+
 def assign_labels(runs: list[TrackedRun]) -> None:
+    """Each run's row label: the params its runs differ in (lr=0.1 depth=2); where more than MAX_LABEL_KEYS
+    differ, its name, which gdlab composes from the same things (moons-backtracking-d1-w16-lr1-s42)."""
     keys = differing_params(runs)
     for run in runs:
         parts = [f"{key}={short_number(run.params[key])}" for key in keys if key in run.params]
-        run.label = " ".join(parts) or run.name
+        run.label = " ".join(parts) if parts and len(keys) <= MAX_LABEL_KEYS else run.name
     counts = Counter(run.label for run in runs)
     for run in runs:
         if counts[run.label] > 1:  # the same config run twice: the run id tells them apart
