@@ -134,8 +134,10 @@ def test_both_fronts_run_one_engine(tmp_path, case):
     seen = {}
     for front, command in fronts.items():
         (tmp_path / front).mkdir()
-        code, _, err = finish(gdlab(*command, *settings, cwd=tmp_path / front))
+        code, out, err = finish(gdlab(*command, *settings, cwd=tmp_path / front))
         assert code == 0, err[-3000:]
+        if case == "population, replicates and folds":  # TPE's first batch is said to be random, not silently
+            assert "has nothing to learn from yet, so this batch is its start-up draws (random)" in out
         storage = f"sqlite:///{tmp_path / front / 'mlruns' / 'optuna.db'}"
         trials = optuna.load_study(study_name=name, storage=storage).get_trials(deepcopy=False)
         replay = [sorted(t.user_attrs.get("pbt.replay", "").split()) for t in trials]  # overrides, any order

@@ -174,8 +174,18 @@ def run_population_batches(spec: SweepSpec, study: optuna.Study, storage, args, 
                 tell_study(study, trial, None, TrialState.FAIL)
             raise
         asked += size
+        if size > 1 and finished == 0:
+            say_drawn_blind(study.sampler, size)
         with Heartbeats(storage, trials, args.heartbeat_interval):
             run_trial_batch(spec, study, trials, output_root, logger)
+
+
+def say_drawn_blind(sampler, size: int) -> None:
+    """A model-based sampler's batch asked before any trial finished is its start-up draws: said aloud."""
+    samplers = optuna.samplers
+    if not isinstance(sampler, samplers.RandomSampler | samplers.QMCSampler | samplers.GridSampler):
+        print(f"gdlab-sweep: {size} trials asked before any finished: {type(sampler).__name__} has nothing "
+              "to learn from yet, so this batch is its start-up draws (random)", flush=True)  # fmt: skip
 
 
 def run_trial_batch(spec: SweepSpec, study: optuna.Study, trials: list, output_root: Path,
