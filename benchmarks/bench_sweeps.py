@@ -73,7 +73,8 @@ def mode_command(mode: str, trials: int, population: int, tracking: str, workdir
                 f"hydra.sweeper.study_name={study}", f"gdlab_sweep.population={population}",
                 "hydra.sweep.dir=multirun", *common]  # fmt: skip
     if mode == "f":
-        return [entry_point("gdlab-train"), "-m", f"+sweep={SWEEP}", "hydra/launcher=submitit_local",
+        return [entry_point("gdlab-train"), "-m", f"+sweep={SWEEP}", "hydra/sweeper=optuna",
+                "hydra/launcher=submitit_local",
                 "hydra.launcher.timeout_min=60", "hydra.sweeper.n_jobs=1", f"hydra.sweeper.n_trials={trials}",
                 f"hydra.sweeper.storage={storage}", f"hydra.sweeper.study_name={study}",
                 f"hydra.sweep.dir={workdir / 'multirun'}", *common]  # fmt: skip

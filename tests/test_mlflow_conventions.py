@@ -83,6 +83,10 @@ def test_a_logged_model_predicts_as_gdlab_does_and_is_registered(tmp_path):
     client = client_of(tmp_path)
     run = client.get_run(r.final["mlflow_run_id"])
     assert run.info.status == "FINISHED" and len(run.outputs.model_outputs) == 1
+    logged = client.get_logged_model(run.outputs.model_outputs[0].model_id)
+    assert logged.experiment_id == run.info.experiment_id and logged.artifact_location.startswith(
+        client.get_experiment(run.info.experiment_id).artifact_location
+    )
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
     model = mlflow.pyfunc.load_model(r.final["model_uri"])
     X = r.data.test.X.numpy()
@@ -140,6 +144,7 @@ def test_a_sweep_links_its_ranked_trials_and_registers_the_chosen_model(tmp_path
     experiment_id = route.split("/")[2]
     assert route == f"/experiments/{experiment_id}/runs"
     (key,) = parse_qs(query)["viewStateShareKey"]
+    assert parse_qs(query)["workflowType"] == ["machine_learning"]  # MLflow's "Model training", not GenAI
     view = json.loads(client.get_experiment(experiment_id).tags[f"mlflow.sharedViewState.{key}"])
     assert view["orderByKey"] == "metrics.`final/val/loss`" and view["orderByAsc"] is True
     assert view["selectedColumns"][:2] == ["metrics.`final/val/loss`", "params.`optimizer.lr`"]
@@ -155,6 +160,8 @@ def test_a_sweep_links_its_ranked_trials_and_registers_the_chosen_model(tmp_path
     (refit,) = client.search_runs([experiment_id], "tags.`gdlab.role` = 'refit'")
     (version,) = client.search_model_versions("name='lr-net'")
     assert version.run_id == refit.info.run_id and len(refit.outputs.model_outputs) == 1
+    logged = client.get_logged_model(refit.outputs.model_outputs[0].model_id)
+    assert logged.experiment_id == experiment_id  # under the refit's experiment: its run page lists it
     assert not [r for r in shown if r.outputs and r.outputs.model_outputs]  # trials log no model
     assert "the chosen model: models:/" in done.stdout and "(registered: lr-net version 1)" in done.stdout
 

@@ -72,7 +72,10 @@ def sweep_link(tracking_uri: str, experiment_id: str, key: str) -> tuple[str, st
     if base is None:
         base = "http://127.0.0.1:5000"
         command = f"mlflow ui --backend-store-uri '{mask_passwords(tracking_uri)}'"
-    return f"{base}/#/experiments/{quote(experiment_id)}/runs?viewStateShareKey={key}", command
+    # workflowType: MLflow 3.17's UI takes the experiment's view from the browser's last choice (GenAI at
+    # first), not from the experiment's tag; the URL's choice is applied without being stored.
+    view = f"runs?viewStateShareKey={key}&workflowType=machine_learning"
+    return f"{base}/#/experiments/{quote(experiment_id)}/{view}", command
 
 
 def sweep_view_lines(task, parent_run_id: str, params: list[str]) -> list[str]:
