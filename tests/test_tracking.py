@@ -440,3 +440,21 @@ def test_sigterm_to_the_group_while_a_new_store_is_made_leaves_a_whole_store(tmp
         (revision,) = db.execute("select version_num from alembic_version").fetchone()
     client = MlflowClient(tracking_uri=uri)  # MLflow itself accepts the store: its schema is at head
     assert [e.name for e in client.search_experiments()] == ["Default"] and revision
+
+
+@pytest.mark.parametrize(("stop", "status"), [(KeyboardInterrupt, "KILLED"), (MemoryError, "FAILED")])
+def test_runs_made_for_a_batch_that_stops_before_training_are_ended(tmp_path, monkeypatch, stop, status):
+    """Ctrl-C (or an error) between creating a population's runs and its first epoch: no run left RUNNING."""
+    import gdlab.fit
+
+    def stopped(*args, **kwargs):
+        raise stop()
+
+    monkeypatch.setattr(gdlab.fit, "make_loader", stopped)  # the last step before training
+    with pytest.raises(stop):
+        gdlab.run(
+            ["trainer.max_epochs=5", f"tracking.dir={tmp_path}"], population=[{"seed": s} for s in (1, 2, 3)]
+        )
+    runs = all_runs(sqlite_client(tmp_path))
+    assert len(runs) == 3 and {r.info.status for r in runs} == {status}
+    assert all(r.data.tags["failure.reason"].startswith("before training: ") for r in runs)

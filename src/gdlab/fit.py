@@ -32,6 +32,7 @@ from gdlab.progress import Progress
 from gdlab.record import (
     RunResult,
     default_output_dir,
+    end_before_training,
     finish_tracking,
     log_inputs,
     log_trained_model,
@@ -209,16 +210,20 @@ def fit_population(
     with quiet_lightning():
         trainer = make_trainer(first, [c for c in (pbt, progress) if c is not None])
     runs = start_runs(population, tags or [None] * n, str(trainer.strategy.root_device))
-    log_inputs(runs, population, data)
-    directories = [Path(output_dirs[p]) if output_dirs else default_output_dir(population.view(p), runs[p])
-                   for p in range(n)]  # fmt: skip
-    history_files, run_epochs = HistoryFiles(directories), RunEpochs(runs)
-    sinks = [history_files, run_epochs]
-    module = TrainingModule(model, optimizer_factory(population), first.backprop, data.evaluation_splits(),
-                            stops, callbacks, schedules, logged_numbers, sinks,
-                            group_callbacks or (), data.train.weights)  # fmt: skip
-    # mini-batch members share their seed (gdlab.members.architecture_key): member 0's orders the batches
-    loader = make_loader(data.train, first.optimizer.get("batch_size"), population.members[0]["seed"])
+    try:  # a signal (or an error) before training still ends the runs just created
+        log_inputs(runs, population, data)
+        directories = [Path(output_dirs[p]) if output_dirs else
+                       default_output_dir(population.view(p), runs[p]) for p in range(n)]  # fmt: skip
+        history_files, run_epochs = HistoryFiles(directories), RunEpochs(runs)
+        sinks = [history_files, run_epochs]
+        module = TrainingModule(model, optimizer_factory(population), first.backprop,
+                                data.evaluation_splits(), stops, callbacks, schedules, logged_numbers, sinks,
+                                group_callbacks or (), data.train.weights)  # fmt: skip
+        # mini-batch members share their seed (gdlab.members.architecture_key): member 0's orders the batches
+        loader = make_loader(data.train, first.optimizer.get("batch_size"), population.members[0]["seed"])
+    except BaseException as stop:
+        end_before_training(runs, stop)
+        raise
     ending, reason, started = "FAILED", None, time.perf_counter()
     try:
         with quiet_lightning(), torch_threads(first.trainer.get("threads")):

@@ -109,6 +109,22 @@ def log_inputs(runs: list[MlflowRun | None], population: Population, data: Datas
             run.log_inputs(inputs.of_member(member))
 
 
+def end_before_training(runs: list[MlflowRun | None], stop: BaseException) -> None:
+    """Runs created for a batch that stopped before training (a signal, an error): ended KILLED (a signal)
+    or FAILED, with the reason, not left RUNNING."""
+    from gdlab.interrupts import interruption_reason
+
+    signal = isinstance(stop, KeyboardInterrupt | SystemExit)
+    reason = interruption_reason(stop) if signal else f"{type(stop).__name__}: {error_line(stop)}"
+    for run in runs:
+        if run is not None:
+            run.set_tags({"failure.reason": f"before training: {reason}"})
+            run.close("KILLED" if signal else "FAILED", None)
+    for run in runs:
+        if run is not None:
+            run.wait()
+
+
 def wants_model(cfg: DictConfig) -> bool:
     """Whether a run logs its network as an MLflow model: tracking.log_model, or a name to register."""
     tracking = cfg.tracking
