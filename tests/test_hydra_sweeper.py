@@ -70,7 +70,12 @@ def test_multirun_through_the_gdlab_sweeper_prunes_adds_to_the_budget_and_names_
 @pytest.mark.slow
 @pytest.mark.parametrize(
     ("launcher", "signum"),
-    [("basic", signal.SIGTERM), ("submitit_local", signal.SIGTERM), ("submitit_local", signal.SIGINT)],
+    [
+        ("basic", signal.SIGTERM),
+        ("basic", signal.SIGINT),
+        ("submitit_local", signal.SIGTERM),
+        ("submitit_local", signal.SIGINT),
+    ],
 )
 def test_a_signal_to_the_group_leaves_no_trial_or_run_running(tmp_path, launcher, signum):
     """SIGTERM (systemd, SLURM) or Ctrl-C to the group: in a launcher's job too, the population's trials end

@@ -243,9 +243,20 @@ class MlflowRun:
         """A population's runs, each recorded by the writer (`background`). The first is created alone, so
         an unreachable store stops the batch before anything else; the rest in one transaction where the
         store has a verified bulk path (gdlab.run_store), else one by one."""
+        first = cls(cfgs[0], overrides[0], device, extra_tags=extra_tags[0], background=True)
+        try:
+            return [first, *cls._create_rest(first, cfgs, overrides, device, extra_tags)]
+        except BaseException as stop:  # a signal or a refusal meanwhile: the first run does not stay RUNNING
+            with contextlib.suppress(Exception):
+                first.close("KILLED" if isinstance(stop, KeyboardInterrupt | SystemExit) else "FAILED", None)
+                first.wait()
+            raise
+
+    @classmethod
+    def _create_rest(cls, first: MlflowRun, cfgs: list, overrides: list[list[str]], device: str,
+                     extra_tags: list[dict | None]) -> list[MlflowRun]:  # fmt: skip
         from gdlab.run_store import NewRun, create_runs
 
-        first = cls(cfgs[0], overrides[0], device, extra_tags=extra_tags[0], background=True)
         rest = [(cfg, o, t) for cfg, o, t in zip(cfgs[1:], overrides[1:], extra_tags[1:], strict=True)]
         new_runs = []
         for cfg, o, t in rest:
@@ -261,10 +272,10 @@ class MlflowRun:
                 f"cannot create the population's runs at {mask_passwords(first.uri)}: {error_line(error)}"
             ) from error
         if run_ids is None:
-            return [first, *(cls(cfg, o, device, extra_tags=t, background=True) for cfg, o, t in rest)]
+            return [cls(cfg, o, device, extra_tags=t, background=True) for cfg, o, t in rest]
         made = zip(rest, run_ids, new_runs, strict=True)
-        return [first, *(cls(cfg, o, device, background=True, created=(first.client, run_id, new.name))
-                         for (cfg, o, _), run_id, new in made)]  # fmt: skip
+        return [cls(cfg, o, device, background=True, created=(first.client, run_id, new.name))
+                for (cfg, o, _), run_id, new in made]  # fmt: skip
 
     def _create_run(self, tags: dict) -> str:
         try:
