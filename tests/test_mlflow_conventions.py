@@ -23,6 +23,14 @@ SHORT = ["dataset=moons", "trainer.max_epochs=20", "dataset.val_size=0.2"]
 pytestmark = pytest.mark.usefixtures("clean_tracking_env")
 
 
+@pytest.fixture(autouse=True)
+def _mlflows_global_uri_put_back():
+    """These tests load models through MLflow's global tracking URI; setting it also sets
+    MLFLOW_TRACKING_URI for every later child process, so later tests' commands would write here."""
+    yield
+    mlflow.set_tracking_uri(None)
+
+
 def client_of(store: Path) -> MlflowClient:
     return MlflowClient(f"sqlite:///{store / 'mlflow.db'}")
 
@@ -95,6 +103,9 @@ def test_a_logged_model_predicts_as_gdlab_does_and_is_registered(tmp_path):
     (version,) = client.search_model_versions("name='moons-net'")
     assert int(version.version) == 1 and version.run_id == run.info.run_id
     assert r.final["registered_model"] == "moons-net version 1"
+    mlflow.set_tracking_uri(None)
+    gdlab.run([*SHORT, f"tracking.dir={tmp_path}", "tracking.log_model=true"])
+    assert "MLFLOW_TRACKING_URI" not in os.environ  # later commands' runs go where they say, not here
 
 
 def test_system_metrics_are_opt_in(tmp_path, monkeypatch):

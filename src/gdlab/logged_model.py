@@ -36,6 +36,20 @@ class Probabilities(nn.Module):
 
 
 @contextlib.contextmanager
+def tracking_uri_set(uri: str):
+    """MLflow's model logging reads the process's tracking URI, and setting it also sets
+    MLFLOW_TRACKING_URI for every later child process: both put back afterwards."""
+    import mlflow
+
+    before = os.environ.get("MLFLOW_TRACKING_URI")
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(before)
+
+
+@contextlib.contextmanager
 def run_experiment(experiment_id: str):
     """... and files the model under the process's experiment (Default, 0, in gdlab), not its run's: the
     run's meanwhile, so the UI's Models column and the run's page show it, its files under that
@@ -64,9 +78,8 @@ def log_model(uri: str, run_id: str, mlp: MLP, X_train: np.ndarray,
     with torch.no_grad():
         signature = infer_signature(X_train, model(torch.as_tensor(X_train)).numpy())
         traced = torch.jit.trace(model, torch.as_tensor(example))
-    mlflow.set_tracking_uri(uri)  # MLflow's model logging reads the process's tracking URI ...
     experiment_id = mlflow.MlflowClient(uri).get_run(run_id).info.experiment_id
-    with run_experiment(experiment_id), contextlib.redirect_stderr(io.StringIO()):
+    with tracking_uri_set(uri), run_experiment(experiment_id), contextlib.redirect_stderr(io.StringIO()):
         info = mlflow.pytorch.log_model(
             traced, name=MODEL_NAME, run_id=run_id, signature=signature, input_example=example,
             serialization_format="pickle", pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
