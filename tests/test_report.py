@@ -282,6 +282,12 @@ def test_sweep_figures_at_64_runs_colour_by_lr_mark_pruned_and_failed_and_surviv
     for drawn in figures.values():
         data = drawn.path.read_bytes()
         assert data.startswith(PNG_SIGNATURE) and len(data) > 20_000
+    from gdlab.report.rank_labels import overlaps
+
+    for name in ("objective_vs_params.png", "loss_curves.png"):  # the top 5 are neighbours: close points
+        (boxes,) = figures[name].rank_labels
+        assert len(boxes) == 5
+        assert not any(overlaps(a, b) for i, a in enumerate(boxes) for b in boxes[i + 1 :]), name
 
 
 @pytest.mark.slow

@@ -266,7 +266,7 @@ class RunWriter:
                 tags = [RunTag(key, value) for key, value in message["tags"]]
                 self.attempt(run_id, self.client.log_batch, run_id, tags=tags)
             elif "inputs" in message:
-                from gdlab.run_inputs import dataset_inputs
+                from gdlab.dataset_entities import dataset_inputs
 
                 self.attempt(run_id, self.client.log_inputs, run_id, dataset_inputs(message["inputs"]))
             elif "artifacts" in message and run_id in artifact_uris:

@@ -4,7 +4,8 @@ trains on. Runs on the same rows share a digest; members of a population share t
 split and fold, not one per member).
 
 A single run logs its inputs itself (`MlflowClient.log_inputs`); a population member's go through the
-metric writer as plain dicts, so training never waits on the store.
+metric writer as plain dicts (gdlab.dataset_entities turns them into MLflow's entities there), so
+training never waits on the store.
 """
 
 from __future__ import annotations
@@ -13,8 +14,6 @@ import numpy as np
 from omegaconf import DictConfig
 
 from gdlab.data import Dataset, Split
-
-CONTEXT_TAG = "mlflow.data.context"  # MLflow's own input tag (mlflow.utils.mlflow_tags)
 
 
 def dataset_name(dataset: DictConfig) -> str:
@@ -68,13 +67,3 @@ class RunInputs:
             dataset = mlflow.data.from_numpy(features, source=source, targets=targets, name=self.name)
             made.append({**dataset.to_dict(), "context": context})
         return made
-
-
-def dataset_inputs(datasets: list[dict]) -> list:
-    """`RunInputs` dicts as the DatasetInputs `MlflowClient.log_inputs` takes."""
-    from mlflow.entities import Dataset as DatasetEntity
-    from mlflow.entities import DatasetInput, InputTag
-
-    return [DatasetInput(DatasetEntity(d["name"], d["digest"], d["source_type"], d["source"], d.get("schema"),
-                                       d.get("profile")), [InputTag(CONTEXT_TAG, d["context"])])
-            for d in datasets]  # fmt: skip

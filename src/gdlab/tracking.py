@@ -334,7 +334,7 @@ class MlflowRun:
 
     def log_inputs(self, datasets: list[dict]) -> None:
         """The run's datasets (gdlab.run_inputs): a member's through the writer, a single run's now."""
-        from gdlab.run_inputs import dataset_inputs
+        from gdlab.dataset_entities import dataset_inputs
 
         self.inputs = datasets
         if self.background:
@@ -402,7 +402,7 @@ class MlflowRun:
             tags = {**self.sent_tags, "gdlab.writer": "died; the record was written by the training process"}
             self.client.log_batch(self.run_id, tags=[RunTag(key, value) for key, value in tags.items()])
             if self.inputs and self.background:
-                from gdlab.run_inputs import dataset_inputs
+                from gdlab.dataset_entities import dataset_inputs
 
                 self.client.log_inputs(self.run_id, dataset_inputs(self.inputs))  # MLflow skips a repeat
             if directory is not None:

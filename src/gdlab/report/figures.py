@@ -18,6 +18,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import numpy as np
+
+from gdlab.report.rank_labels import mark_ranks, top_box
 from gdlab.tracking import short_number
 
 if TYPE_CHECKING:
@@ -50,6 +53,7 @@ class Drawn:
     )  # PBT: the members whose slots trained the best's weights
     title: str = ""  # the figure's title, where it carries the sweep's result or caveat
     spread: list[str] = field(default_factory=list)  # runs drawn with their members' spread (bands, bars)
+    rank_labels: list[list[tuple]] = field(default_factory=list)  # each panel's "#rank" label boxes (points)
 
 
 def run_state(run: TrackedRun) -> str:
@@ -114,15 +118,17 @@ class Palette:
         candidates = [k for k in varied if numeric(runs, k) is not None] if not self.legend else []
         self.key = max(candidates, key=lambda k: len(set(numeric(runs, k))), default=None)
         self.norm = self.cmap = None
+        self.colours = {}  # run id: its colour bar colour, mapped for every run at once
         if self.key is not None:
             values = numeric(runs, self.key)
             self.norm = (LogNorm if log_spaced(values) else Normalize)(min(values), max(values))
             self.cmap = colormaps["viridis"]
+            coloured = [run for run in runs if self.key in run.params]
+            rgba = self.cmap(self.norm([float(run.params[self.key]) for run in coloured]))
+            self.colours = {run.run_id: tuple(colour) for run, colour in zip(coloured, rgba, strict=True)}
 
     def colour(self, index: int, run: TrackedRun):
-        if self.key is not None and self.key in run.params:
-            return self.cmap(self.norm(float(run.params[self.key])))
-        return f"C{index % 10}"
+        return self.colours.get(run.run_id, f"C{index % 10}")
 
     def style(self, index: int, run: TrackedRun) -> dict:
         state = run_state(run)
@@ -152,19 +158,6 @@ class Palette:
         drawn.top = [run.label for run in self.top]
 
 
-def mark_rank(ax, rank: int, x: float, y: float) -> None:
-    """ "#rank" beside a point, staggered so that close neighbours stay legible."""
-    ax.annotate(f"#{rank}", (x, y), fontsize=8, fontweight="bold", xytext=(5, 9 * (rank - 3)),
-                textcoords="offset points", va="center",
-                arrowprops={"arrowstyle": "-", "color": "0.4", "linewidth": 0.5})  # fmt: skip
-
-
-def top_box(ax, lines: list[str], title: str) -> None:
-    """The top runs, in full, in a box in the corner."""
-    ax.text(0.99, 0.99, "\n".join([title, *lines]), transform=ax.transAxes, ha="right", va="top", fontsize=8,
-            family="monospace", bbox={"boxstyle": "round", "facecolor": "white", "alpha": 0.85})  # fmt: skip
-
-
 def top_name(run: TrackedRun, varied: list[str]) -> str:
     """A top run as the values it differs in: every varied parameter it has (a parameter such as init.std
     exists only for some runs of a sweep), else its label."""
@@ -172,17 +165,39 @@ def top_name(run: TrackedRun, varied: list[str]) -> str:
     return " ".join(values) or run.label
 
 
-def label_top(ax, palette: Palette, x: dict, y: dict, objective: str) -> None:
-    """Rank the top runs at their last point, and list them with their value and objective."""
+def label_top(ax, palette: Palette, x: dict, y: dict, objective: str) -> list[tuple]:
+    """Rank the top runs at their last point, and list them with their value and objective; the rank
+    labels' boxes (mark_ranks)."""
     if palette.legend or not palette.top:
-        return
+        return []
     lines = []
     for rank, run in enumerate(palette.top, 1):
-        if run.run_id in x:
-            mark_rank(ax, rank, x[run.run_id], y[run.run_id])
         name = top_name(run, palette.varied)
         lines.append(f"#{rank} {name}: {run.latest.get(objective, math.nan):.3g}")
     top_box(ax, lines, f"top {len(lines)} by {objective}")
+    ends = [
+        (rank, x[run.run_id], y[run.run_id]) for rank, run in enumerate(palette.top, 1) if run.run_id in x
+    ]
+    return mark_ranks(ax, ends)
+
+
+def add_lines(ax, lines: list[tuple]) -> None:
+    """Many runs' curves as one LineCollection: the same picture as a Line2D each, drawn in a fraction of
+    the time (a 64-trial sweep's report has five such figures)."""
+    if not lines:
+        return
+    from matplotlib.collections import LineCollection
+    from matplotlib.colors import to_rgba
+
+    styles = [style for _, style in lines]
+    collection = LineCollection(
+        [points for points, _ in lines],
+        colors=[to_rgba(style["color"], style["alpha"]) for style in styles],
+        linewidths=[style["linewidth"] for style in styles],
+        linestyles=[style.get("linestyle", "-") for style in styles],
+    )
+    ax.add_collection(collection, autolim=True)
+    ax.autoscale_view()
 
 
 def loss_limits(runs: list[TrackedRun], metric: str) -> tuple[float, float] | None:
@@ -202,6 +217,7 @@ def plot_curves(
     figure, (ax,) = new_figure(10 if not palette.legend else 9)
     drawn = Drawn(path, yscale="log" if metric.endswith("loss") else "linear")
     ends_x, ends_y = {}, {}
+    plain: list[tuple] = []  # (points, style) of the runs drawn together as one collection
     for index, run in enumerate(runs):
         columns = [metric] + ([x_metric] if x_metric else [])
         if not set(columns) <= set(run.curves):
@@ -212,20 +228,27 @@ def plot_curves(
         else:
             x = curve.index.to_numpy()
         y = curve[metric].to_numpy()
-        if len(x):
-            (line,) = ax.plot(x, y, **palette.style(index, run))
-            ends_x[run.run_id], ends_y[run.run_id] = x[-1], y[-1]
-            spread = f"{metric}_std"
-            if spread in run.curves and not x_metric:  # a trial's members: their mean, and a band of one std
-                std = run.curves[spread].reindex(curve.index).to_numpy()
-                ax.fill_between(x, y - std, y + std, color=line.get_color(), alpha=0.15, linewidth=0)
-                drawn.spread.append(run.label)
-    label_top(ax, palette, ends_x, ends_y, palette.objective)
+        if not len(x):
+            continue
+        ends_x[run.run_id], ends_y[run.run_id] = x[-1], y[-1]
+        style = palette.style(index, run)
+        spread = f"{metric}_std"
+        banded = spread in run.curves and not x_metric  # a trial's members: their mean, and a band of one std
+        if not (palette.legend or banded or run in palette.top):
+            plain.append((np.column_stack([x, y]), style))
+            continue
+        (line,) = ax.plot(x, y, **style)
+        if banded:
+            std = run.curves[spread].reindex(curve.index).to_numpy()
+            ax.fill_between(x, y - std, y + std, color=line.get_color(), alpha=0.15, linewidth=0)
+            drawn.spread.append(run.label)
+    add_lines(ax, plain)
     ax.set(yscale=drawn.yscale, xlabel=x_metric or "epoch (step k: the weights after k steps)", ylabel=metric,
            **axis)  # fmt: skip
     if drawn.yscale == "log" and (limits := loss_limits(runs, metric)):
         ax.set_ylim(*limits)
         drawn.ylim = limits
+    drawn.rank_labels = [label_top(ax, palette, ends_x, ends_y, palette.objective)]
     ax.grid(True, alpha=0.3)
     palette.finish(figure, ax, drawn)
     save(figure, path)
@@ -239,6 +262,15 @@ def legend_kind(state: str, score: float) -> str:
     if not math.isfinite(score):
         return "no objective"
     return "pruned" if state == PRUNED else "finished"
+
+
+MARKS = {  # how plot_objective_vs_params marks each legend_kind
+    "finished": {"color": "tab:blue", "s": 30},
+    "pruned": {"facecolors": "none", "edgecolors": "0.5", "s": 30},
+    "failed (no objective)": {"marker": "x", "color": "tab:red", "s": 40},
+    "no objective": {"marker": "|", "color": "0.5", "s": 60},
+}
+EDGE_KINDS = ("failed (no objective)", "no objective")  # drawn on the top edge: they have no value
 
 
 def plot_objective_vs_params(runs, varied: list[str], objective: str, direction: str,
@@ -257,32 +289,33 @@ def plot_objective_vs_params(runs, varied: list[str], objective: str, direction:
         xscale = "log" if not categorical and log_spaced(values) else "linear"
         categories = sorted({run.params[key] for run in runs if key in run.params}) if categorical else []
         ceiling = max(finite) * (2 if yscale == "log" else 1.05) if finite else 1.0
+        points: dict[str, list] = {kind: [] for kind in MARKS}  # one scatter per kind: 64 runs, 4 artists
+        bars = []  # (x, score, below, above): a trial's members' 95% interval
         for run, score in zip(runs, scores, strict=True):
             if key not in run.params:
                 continue
             x = categories.index(run.params[key]) if categorical else float(run.params[key])
-            state = run_state(run)
-            if state == FAILED:  # no objective: marked on the top edge
-                ax.scatter(x, ceiling, marker="x", color="tab:red", s=40, zorder=2)
-            elif not math.isfinite(score):  # finished without this metric (another kind of run)
-                ax.scatter(x, ceiling, marker="|", color="0.5", s=60, zorder=2)
-            elif state == PRUNED:
-                ax.scatter(x, score, facecolors="none", edgecolors="0.5", s=30, zorder=2)
-            else:
-                ax.scatter(x, score, color="tab:blue", s=30, zorder=2)
-                low, high = (run.latest.get(f"{objective}_ci_{end}", math.nan) for end in ("low", "high"))
-                if math.isfinite(low) and math.isfinite(high):  # a trial's members: a 95% interval
-                    ax.errorbar(x, score, yerr=[[max(score - low, 0)], [max(high - score, 0)]], fmt="none",
-                                ecolor="tab:blue", alpha=0.5, capsize=2, zorder=1)  # fmt: skip
-                    if key == keys[0]:
-                        drawn.spread.append(run.label)
-        lines = []
+            kind = legend_kind(run_state(run), score)
+            points[kind].append((x, ceiling if kind in EDGE_KINDS else score))  # no objective: the top edge
+            low, high = (run.latest.get(f"{objective}_ci_{end}", math.nan) for end in ("low", "high"))
+            if kind == "finished" and math.isfinite(low) and math.isfinite(high):
+                bars.append((x, score, max(score - low, 0), max(high - score, 0)))
+                if key == keys[0]:
+                    drawn.spread.append(run.label)
+        for kind, xy in points.items():
+            if xy:
+                ax.scatter(*zip(*xy, strict=True), zorder=2, **MARKS[kind])
+        if bars:
+            x, y, below, above = zip(*bars, strict=True)
+            ax.errorbar(x, y, yerr=[below, above], fmt="none", ecolor="tab:blue", alpha=0.5, capsize=2,
+                        zorder=1)  # fmt: skip
+        lines, stars = [], []
         for rank, run in enumerate(top, 1):
             if key in run.params:
                 x = categories.index(run.params[key]) if categorical else float(run.params[key])
                 score = objective_value(run, objective)
                 ax.scatter(x, score, marker="*", color="tab:orange", edgecolors="k", s=160, zorder=3)
-                mark_rank(ax, rank, x, score)
+                stars.append((rank, x, score))
                 lines.append(f"#{rank} {short_number(run.params[key])}: {score:.3g}")
         top_box(ax, lines, f"top {len(lines)}: {key.rsplit('.', 1)[-1]}: {objective.rsplit('/', 1)[-1]}")
         if categorical:
@@ -293,6 +326,7 @@ def plot_objective_vs_params(runs, varied: list[str], objective: str, direction:
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set(xscale=xscale, yscale=yscale, xlabel=key, ylabel=objective)
         ax.grid(True, alpha=0.3)
+        drawn.rank_labels.append(mark_ranks(ax, stars))
         drawn.xscale = xscale if key == keys[0] else drawn.xscale
     from matplotlib.lines import Line2D
 
