@@ -85,6 +85,13 @@ class MetricWriter:
     _instances: dict[str, MetricWriter] = {}
 
     @classmethod
+    def start(cls, uri: str | None) -> None:
+        """Start the writer for `uri` now (if tracking is on), so that its imports (MLflow's, ~5 s) overlap
+        the command's own instead of delaying the first epochs' rows; unused, it is killed at exit."""
+        if uri is not None:
+            cls.for_uri(uri)
+
+    @classmethod
     def for_uri(cls, uri: str) -> MetricWriter:
         writer = cls._instances.get(uri)
         if writer is None or writer.process.poll() is not None:
@@ -187,13 +194,20 @@ def main(uri: str) -> None:
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     from mlflow import MlflowClient
 
+    if uri.partition(":")[0].split("+")[0] in ("sqlite", "postgresql", "mysql", "mssql"):
+        import mlflow.store.tracking.sqlalchemy_store  # noqa: F401 (its ~1.5 s of imports, before any message)
     from gdlab.metric_store import MetricSink
 
-    client = MlflowClient(tracking_uri=uri)
-    writer = RunWriter(client, MetricSink(client, uri))
     inbox: queue.Queue = queue.Queue()
     threading.Thread(target=read_messages, args=(sys.stdin, inbox), daemon=True).start()
-    ended = False
+    # The store is opened at the first message, not before: a writer started early (MetricWriter.start)
+    # imports while the command does, and a new store is still being made then (gdlab.stores).
+    messages, ended = take_messages(inbox)
+    if not messages:  # started early, never used
+        return
+    client = MlflowClient(tracking_uri=uri)
+    writer = RunWriter(client, MetricSink(client, uri))
+    writer.write(messages)
     while not ended:
         messages, ended = take_messages(inbox)
         writer.write(messages)

@@ -23,6 +23,7 @@ import optuna
 from gdlab.config import TEST_METRICS, ConfigError
 from gdlab.interrupts import PENDING, InterruptHandler, failure_reason
 from gdlab.masking import error_line, install_log_masking, mask_passwords
+from gdlab.metric_writer import MetricWriter
 from gdlab.stores import open_in_background
 from gdlab.sweep.jobs import JobLauncher, end_what_jobs_left, run_in_jobs
 from gdlab.sweep.parent_run import (
@@ -266,6 +267,8 @@ def run_sweep(args, spec: SweepSpec, study: optuna.Study, storage, storage_url: 
           f"{finished}/{budget} finished trials", flush=True)  # fmt: skip
     if not args.parent_run_id:  # a new store is created while Lightning loads
         open_in_background(tracking_uri(spec.task))
+    if jobs is None:  # the metric writer imports MLflow on the other core meanwhile
+        MetricWriter.start(tracking_uri(spec.task))
     if jobs is None:  # Lightning loads here, not inside the first trial
         import gdlab.sweep.trials  # noqa: F401
 
