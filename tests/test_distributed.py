@@ -52,12 +52,12 @@ def test_four_workers_on_postgres_lose_and_duplicate_nothing(tmp_path, make_data
     optuna_db = make_database()
     tracking = mlflow_server.replace("http://", f"http://gdlab:{PASSWORD}@")
     proc = sweep("lr_depth", "trainer.max_epochs=8", "gdlab_sweep.pruner.n_startup_trials=1000",
-                 "tracking=server", f"tracking.uri={tracking}", "--budget", "40", "--workers", "4",
+                 "tracking=server", f"tracking.uri={tracking}", "--budget", "16", "--workers", "4",
                  "--storage", storage_url(optuna_db), cwd=tmp_path)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     study = optuna.load_study(study_name="lr_depth", storage=storage_url(optuna_db))
     trials = study.get_trials()
-    assert 40 <= len(trials) <= 43  # running workers may each finish one trial past the budget
+    assert 16 <= len(trials) <= 19  # running workers may each finish one trial past the budget
     assert all(t.state == TrialState.COMPLETE for t in trials)
     assert len({t.number for t in trials}) == len(trials)
 

@@ -259,11 +259,13 @@ def readme_section_commands(section: str) -> list[list[str]]:
 
 @pytest.mark.slow
 def test_the_readme_sweep_commands_run_in_order(tmp_path):
+    """What this checks is the order (each study's signature and budget): untracked, 3 epochs, so that its
+    ~300 trials cost half as much; the tracked fronts have their own tests."""
     commands = readme_section_commands("Sweeps")
     assert len(commands) >= 5
     for command in commands:
         executable = str(BIN / Path(command[0]).name)
-        proc = warm.run([executable, *command[1:], "trainer.max_epochs=3", "tracking.plots=false"],
+        proc = warm.run([executable, *command[1:], "trainer.max_epochs=3", "tracking=none"],
                         capture_output=True, text=True, cwd=tmp_path, timeout=900)  # fmt: skip
         assert proc.returncode == 0, (command, proc.stderr[-3000:])
         assert "budget reached" not in proc.stdout, command  # each adds what its comment says

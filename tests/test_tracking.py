@@ -314,14 +314,16 @@ def test_what_sqlalchemy_and_urllib_read_as_a_secret_is_masked(url, form):
 @pytest.mark.slow
 def test_a_tracking_server_restart_mid_run_loses_nothing(tmp_path, monkeypatch):
     """A server restart (here ~10 s: a new `mlflow server` on the same port and store) is waited out: every
-    run ends FINISHED with every epoch, not RUNNING with what came before the restart."""
+    run ends FINISHED with every epoch, not RUNNING with what came before the restart. The training is
+    held (SIGSTOP) while the server goes down, so the outage begins mid-run however fast it trains; it may
+    end before the new server is up, and then its last rows wait out the outage."""
     port = free_port()
     backend, artifacts = f"sqlite:///{tmp_path / 'server.db'}", tmp_path / "server-artifacts"
     url, server = start_mlflow_server(backend, artifacts, port=port)
     script = tmp_path / "population.py"
     script.write_text(
         "import sys, gdlab\n"
-        "results = gdlab.run(['dataset=xor', 'trainer.max_epochs=8000', 'tracking=server',\n"
+        "results = gdlab.run(['dataset=xor', 'trainer.max_epochs=1500', 'tracking=server',\n"
         "                     'tracking.plots=false', f'tracking.uri={sys.argv[1]}',\n"
         "                     'tracking.flush_seconds=0.2'],\n"
         "                    population=[{'optimizer.lr': lr} for lr in (0.05, 0.1)])\n"
@@ -334,7 +336,11 @@ def test_a_tracking_server_restart_mid_run_loses_nothing(tmp_path, monkeypatch):
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
     try:
         wait_for_metrics(url, "train/loss", 50, train)
-        stop_process_group(server)  # the restart: down, then up again on the same port and store
+        train.send_signal(signal.SIGSTOP)
+        try:
+            stop_process_group(server)  # the restart: down, then up again on the same port and store
+        finally:
+            train.send_signal(signal.SIGCONT)
         url, server = start_mlflow_server(backend, artifacts, port=port)
         stdout, stderr = train.communicate(timeout=600)
     finally:
