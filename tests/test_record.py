@@ -453,7 +453,7 @@ def test_a_worker_suspended_past_the_grace_period_costs_only_its_trial(tmp_path:
     """SIGSTOP (scontrol suspend, a paused VM) of one worker: the other fails its trial by heartbeat and
     goes on; the resumed worker ends that trial's run KILLED, says so, and goes on with new trials."""
     storage = f"sqlite:///{tmp_path / 'mlruns' / 'optuna.db'}"
-    process = gdlab("gdlab-sweep", "lr_depth", "trainer.max_epochs=3000",
+    process = gdlab("gdlab-sweep", "lr_depth", "trainer.max_epochs=1000",
                     "gdlab_sweep.pruner.n_startup_trials=1000", "--workers", "2", "--budget", "4",
                     "--grace-period", "4", "--heartbeat-interval", "1", "--no-refit", "--progress", "0",
                     cwd=tmp_path)  # fmt: skip

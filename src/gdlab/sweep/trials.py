@@ -196,6 +196,7 @@ def run_trial_batch(spec: SweepSpec, study: optuna.Study, trials: list, output_r
     def tell(trial, value=None, state=None, error: Exception | None = None) -> None:
         if state == TAKEN or (error is not None and not still_ours(trial)):  # failed by heartbeat meanwhile
             told.append(study._storage.get_trial(trial._trial_id))
+            logger.taken.add(trial.number)
             return
         if error is not None:
             trial.set_user_attr("failure", f"{type(error).__name__}: {mask_passwords(str(error))}"[:500])
@@ -408,7 +409,8 @@ class TrialLogger:
 
     def __init__(self, budget: int, max_failure_rate: float, out=sys.stdout):
         self.budget, self.max_failure_rate, self.out = budget, max_failure_rate, out
-        self.states: list[TrialState] = []
+        self.states: list[TrialState] = []  # of this process' trials, for the failure rate
+        self.taken: set[int] = set()  # failed by heartbeat while this process was stopped: retried elsewhere
         self.stopping = False
 
     def log(self, study: optuna.Study, trials: list[optuna.trial.FrozenTrial]) -> None:
@@ -421,7 +423,8 @@ class TrialLogger:
                 best = trial
             if trial.number not in numbers:
                 continue
-            self.states.append(trial.state)
+            if trial.number not in self.taken:
+                self.states.append(trial.state)
             finished += trial.state in FINISHED
             value = "" if trial.value is None else f" value={trial.value:.6g}"
             reason = trial.user_attrs.get("failure", "")
