@@ -394,12 +394,20 @@ def test_a_live_run_in_another_pid_namespace_is_not_taken_for_dead(tmp_path: Pat
 WRITER_SCRIPT = """
 import sys
 import gdlab
-overrides = ["dataset=xor", "trainer.max_epochs=6000", "tracking.plots=false", "tracking.flush_seconds=0.1",
+overrides = ["dataset=xor", "trainer.max_epochs=2000", "tracking.plots=false", "tracking.flush_seconds=0.1",
              f"tracking.dir={sys.argv[1]}"]
 results = gdlab.run(overrides, population=[{"optimizer.lr": lr} for lr in (0.05, 0.1, 0.2)])
 print(" ".join(r.final["mlflow_run_id"] for r in results))
 print(" ".join(str(len(r.history)) for r in results))
 """
+
+
+def process_state(pid: int) -> str | None:
+    """A process' state letter (R, S, T, Z, ...), None once it is gone."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return None
 
 
 def writer_of(process) -> int | None:
@@ -434,7 +442,13 @@ def test_a_dead_metric_writer_costs_no_metric_and_no_false_finished(tmp_path: Pa
         written = sum(len(client.get_metric_history(r.info.run_id, "train/loss")) for r in runs)
         time.sleep(0.1)
     assert writer is not None and written > 0, "the writer never wrote"
-    os.kill(writer, signal.SIGKILL)  # mid-training, with rows in its hands
+    process.send_signal(signal.SIGSTOP)  # held while its writer dies: mid-training, however fast it trains
+    try:
+        os.kill(writer, signal.SIGKILL)
+        while process_state(writer) not in (None, "Z", "X"):  # dead (a zombie until its parent runs)
+            time.sleep(0.01)
+    finally:
+        process.send_signal(signal.SIGCONT)
     code, out, err = finish(process, timeout=600)
     assert code == 0, err[-3000:]
     run_ids, lengths = (line.split() for line in out.strip().splitlines()[-2:])
