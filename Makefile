@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.gdlab-installed
 
-.PHONY: install demo test test-parallel lint format bench bench-sweeps bench-writer bench-pbt bench-population bench-replicates clean
+.PHONY: install demo test test-parallel lint format bench bench-sweeps bench-writer bench-pbt bench-population bench-replicates bench-time-to-quality clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -51,6 +51,10 @@ bench-population: install
 
 bench-replicates: install
 	$(BIN)/python benchmarks/bench_replicates.py
+
+# Hours on 2 cores with every sweep, P and seed: see the script's --help to measure a part.
+bench-time-to-quality: install
+	$(BIN)/python benchmarks/bench_time_to_quality.py --json time_to_quality.json --plot docs/time_to_quality.png
 
 clean:
 	rm -rf $(VENV) outputs multirun .pytest_cache

@@ -9,6 +9,7 @@ from the command's start, so start-up and asking are in it.
 
 Strategies (samplers that fit batches):
   tpe     Optuna 5's TPESampler (multivariate, constant liar): the sweep files' default
+  tpe-sobol  the same, a new study's first batch a scrambled Sobol cover (gdlab_sweep.first_batch=sobol)
   gp      GPSampler (its batch acquisition accounts for running trials), 10 random start-up trials
   qmc-gp  GPSampler whose start-up is a scrambled Sobol batch of P trials (independent_sampler=QMCSampler)
   random  RandomSampler: the floor
@@ -37,12 +38,14 @@ from pathlib import Path
 
 STRATEGIES = {
     "tpe": [],
+    "tpe-sobol": ["++gdlab_sweep.first_batch=sobol"],
     "gp": ["hydra/sweeper/sampler=gp"],
     "qmc-gp": ["hydra/sweeper/sampler=gp", "+hydra.sweeper.sampler.independent_sampler._target_="
                "optuna.samplers.QMCSampler", "+hydra.sweeper.sampler.independent_sampler.scramble=true"],
     "random": ["hydra/sweeper/sampler=random"],
 }  # fmt: skip
-LINE_STYLES = {"tpe": "-", "gp": "--", "qmc-gp": "-.", "random": ":"}  # one style per strategy
+# one line style per strategy
+LINE_STYLES = {"tpe": "-", "tpe-sobol": (0, (5, 1, 1, 1)), "gp": "--", "qmc-gp": "-.", "random": ":"}
 REFERENCE = (1, "tpe")
 TARGET_RATIO = 1 / 3
 SCRUBBED_ENV = ["MLFLOW_TRACKING_URI", "GDLAB_OPTUNA_STORAGE", "GDLAB_MLFLOW_PARENT_RUN_ID"]
@@ -165,7 +168,8 @@ def plot(all_runs: dict, path: Path) -> None:
             median = np.median(np.array(curves), axis=0)
             median[~np.isfinite(median)] = np.nan
             colour = f"C{sorted({p for p, _ in runs}).index(population)}"  # one colour per P
-            ax.plot(grid, median, LINE_STYLES[strategy], color=colour, label=f"P={population} {strategy}")
+            ax.plot(grid, median, linestyle=LINE_STYLES[strategy], color=colour,
+                    label=f"P={population} {strategy}")  # fmt: skip
         ax.set(title=f"{sweep}: best validation objective so far (median of seeds)", xlabel="seconds",
                ylabel="best objective", yscale="log")  # fmt: skip
         ax.grid(True, alpha=0.3)

@@ -269,3 +269,31 @@ def test_the_readme_sweep_commands_run_in_order(tmp_path):
                         capture_output=True, text=True, cwd=tmp_path, timeout=900)  # fmt: skip
         assert proc.returncode == 0, (command, proc.stderr[-3000:])
         assert "budget reached" not in proc.stdout, command  # each adds what its comment says
+
+
+@pytest.mark.slow
+def test_a_new_studys_first_batch_covers_the_search_space_evenly(tmp_path, refused):
+    """TPE asked for 16 trials before any finished draws 16 random lrs (`first_batch=sampler`, the default);
+    with `first_batch=sobol` gdlab enqueues a scrambled Sobol batch instead: one lr in each sixteenth of the
+    log range."""
+    import math
+
+    for first_batch, folder in (("sobol", tmp_path / "sobol"), ("sampler", tmp_path / "sampler")):
+        folder.mkdir()
+        proc = sweep("lr", "trainer.max_epochs=3", "tracking=none", "--no-refit", "--population", "16",
+                     "--budget", "16", f"++gdlab_sweep.first_batch={first_batch}", cwd=folder)  # fmt: skip
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        trials = study(folder, "lr").get_trials(deepcopy=False)
+        bins = sorted(int((math.log10(t.params["optimizer.lr"]) + 3) / 4 * 16) for t in trials)
+        marked = [t.user_attrs.get("first_batch") for t in trials]
+        if first_batch == "sobol":  # the log range [1e-3, 10] in 16 equal parts, one lr in each
+            assert bins == list(range(16)) and marked == ["sobol"] * 16
+            assert "16 of them are a scrambled Sobol cover of the search space" in proc.stdout
+        else:
+            assert len(set(bins)) < 16 and marked == [None] * 16  # random draws clump
+            assert "this batch is its start-up draws (random)" in proc.stdout
+    code, err = refused("lr", "++gdlab_sweep.first_batch=qmc")
+    assert code == 2 and err.strip().splitlines()[-1] == (
+        "gdlab-sweep: error: sweeps/lr.yaml: gdlab_sweep.first_batch='qmc' is not allowed; choose one of "
+        "sobol|sampler"
+    )

@@ -25,6 +25,7 @@ from gdlab.interrupts import PENDING, InterruptHandler, failure_reason
 from gdlab.masking import error_line, install_log_masking, mask_passwords
 from gdlab.metric_writer import MetricWriter
 from gdlab.stores import open_in_background
+from gdlab.sweep.first_batch import enqueue_first_batch
 from gdlab.sweep.jobs import JobLauncher, end_what_jobs_left, run_in_jobs
 from gdlab.sweep.parent_run import (
     end_parent_run,
@@ -229,6 +230,8 @@ def sweep_main(argv: list[str] | None, interrupts: InterruptHandler, jobs: JobLa
         check_same_search_space(study, spec)
         check_same_experiment(study, spec.signature)
         first_stream = created and not args.worker  # only the process that made the study reproduces it
+        if first_stream:
+            enqueue_first_batch(study, spec)
         study.sampler = sampler_for_stream(spec, len(study.get_trials(deepcopy=False)), args.worker_index,
                                            first_stream)  # fmt: skip
     except (SweepError, ConfigError, ExperimentMismatch) as error:

@@ -29,6 +29,7 @@ from gdlab.config import MAX_FOLDS, ConfigError, check_fits, check_number, valid
 from gdlab.pbt_rules import PBTSettings, settings_problem
 from gdlab.replicates import AGGREGATES
 from gdlab.schedules import SCHEDULABLE, SCHEDULE_SUFFIX
+from gdlab.sweep.first_batch import FIRST_BATCH
 from gdlab.sweep.selection import check_selection, refit_enabled
 from gdlab.sweep.signature import experiment_signature
 
@@ -58,6 +59,7 @@ class SweepSpec:
     max_failure_rate: float
     custom_search_space: object | None
     population: int  # trials asked and trained together as one batched model (1: one at a time)
+    first_batch: str = "sampler"  # gdlab_sweep.first_batch: how a new study's first batch is drawn
     signature: dict = field(default_factory=dict)  # gdlab.sweep.signature: what a trial computes
     composer: VariantComposer | None = field(default=None, repr=False)  # made on first use
     progress_every: float = 10.0  # seconds between progress lines in a log (gdlab-sweep --progress)
@@ -130,6 +132,10 @@ def load_sweep(name: str, overrides: list[str] | None = None, config_dir: Path |
     population = extra.get("population", 1)
     if isinstance(population, bool) or not isinstance(population, int) or population < 1:
         raise SweepError(f"{source}: gdlab_sweep.population={population!r} must be an integer >= 1")
+    first_batch = extra.get("first_batch", "sampler")
+    if first_batch not in FIRST_BATCH:
+        raise SweepError(f"{source}: gdlab_sweep.first_batch={first_batch!r} is not allowed; choose one of "
+                         f"{'|'.join(FIRST_BATCH)}")  # fmt: skip
     aggregate = extra.get("aggregate", "mean")
     if aggregate not in AGGREGATES:
         raise SweepError(f"{source}: gdlab_sweep.aggregate={aggregate!r} is not allowed; choose one of "
@@ -151,6 +157,7 @@ def load_sweep(name: str, overrides: list[str] | None = None, config_dir: Path |
         max_failure_rate=float(extra.get("max_failure_rate", 0.5)),
         custom_search_space=custom,
         population=population,
+        first_batch=first_batch,
         signature=experiment_signature(task, sweeper.params, overrides),
         pbt=parse_pbt(source, extra.get("pbt"), task, distributions, pruner, custom),
         source=source,

@@ -30,6 +30,7 @@ from gdlab.members import POPULATION_OPTIMIZERS, group_by_architecture
 from gdlab.population import Population
 from gdlab.progress import Progress
 from gdlab.replicates import aggregate, summarize
+from gdlab.sweep.first_batch import say_drawn_blind
 from gdlab.sweep.pruning import PruningReporter, group_reporters
 from gdlab.sweep.spec import SweepError, SweepSpec
 from gdlab.sweep.study import FINISHED, Heartbeats
@@ -175,17 +176,9 @@ def run_population_batches(spec: SweepSpec, study: optuna.Study, storage, args, 
             raise
         asked += size
         if size > 1 and finished == 0:
-            say_drawn_blind(study.sampler, size)
+            say_drawn_blind(study.sampler, trials)
         with Heartbeats(storage, trials, args.heartbeat_interval):
             run_trial_batch(spec, study, trials, output_root, logger)
-
-
-def say_drawn_blind(sampler, size: int) -> None:
-    """A model-based sampler's batch asked before any trial finished is its start-up draws: said aloud."""
-    samplers = optuna.samplers
-    if not isinstance(sampler, samplers.RandomSampler | samplers.QMCSampler | samplers.GridSampler):
-        print(f"gdlab-sweep: {size} trials asked before any finished: {type(sampler).__name__} has nothing "
-              "to learn from yet, so this batch is its start-up draws (random)", flush=True)  # fmt: skip
 
 
 def run_trial_batch(spec: SweepSpec, study: optuna.Study, trials: list, output_root: Path,
