@@ -182,7 +182,10 @@ def test_the_metric_writer_gets_its_tracking_uri_off_the_command_line(tmp_path: 
     uri = f"sqlite:///{tmp_path / 'a-secret-place' / 'mlflow.db'}"
     writer = MetricWriter(uri)
     try:
-        command_line = Path(f"/proc/{writer.process.pid}/cmdline").read_bytes().decode()
+        command_line, deadline = "", time.monotonic() + 60
+        while not command_line and writer.process.poll() is None and time.monotonic() < deadline:
+            command_line = Path(f"/proc/{writer.process.pid}/cmdline").read_bytes().decode()  # "" mid-exec
+        assert writer.process.poll() is None, "the writer exited before it was given anything"
         assert "gdlab.metric_writer" in command_line and "a-secret-place" not in command_line
         assert uri in Path(f"/proc/{writer.process.pid}/environ").read_bytes().decode()
     finally:
@@ -236,9 +239,9 @@ def test_a_signalled_sweep_fails_its_running_trials_and_kills_its_runs(
     assert sorted(r.info.status for r in runs) == ["KILLED"] * (int(population) + 1)  # children + parent
     (parent,) = [r for r in runs if r.data.tags.get("gdlab.kind") == "sweep"]
     assert parent.data.tags["failure.reason"] == f"interrupted by {signum.name}"
-    assert {r.data.tags["failure.reason"] for r in runs} == {
-        f"interrupted by {signum.name}"
-    }  # the trials' too
+    # the trials' too (said "before training: ..." where the signal came before their first epoch)
+    reasons = {r.data.tags["failure.reason"] for r in runs}
+    assert reasons <= {f"interrupted by {signum.name}", f"before training: interrupted by {signum.name}"}
 
 
 @pytest.mark.slow
