@@ -172,6 +172,9 @@ def plot(all_runs: dict, path: Path) -> None:
                     label=f"P={population} {strategy}")  # fmt: skip
         ax.set(title=f"{sweep}: best validation objective so far (median of seeds)", xlabel="seconds",
                ylabel="best objective", yscale="log")  # fmt: skip
+        finals = [best_so_far(r["points"], r["maximize"])[-1][1] for rs in runs.values() for r in rs]
+        if finals and min(finals) > 0:  # where the strategies differ: from the best found to 1.5x the worst
+            ax.set_ylim(min(finals) * 0.95, max(finals) * 1.5)
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize="small")
     figure.tight_layout()
