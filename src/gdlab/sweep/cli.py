@@ -270,9 +270,8 @@ def run_sweep(args, spec: SweepSpec, study: optuna.Study, storage, storage_url: 
           f"{finished}/{budget} finished trials", flush=True)  # fmt: skip
     if not args.parent_run_id:  # a new store is created while Lightning loads
         open_in_background(tracking_uri(spec.task))
-    if jobs is None:  # the metric writer imports MLflow on the other core meanwhile
+    if jobs is None:  # the metric writer imports MLflow on the other core while Lightning loads here
         MetricWriter.start(tracking_uri(spec.task))
-    if jobs is None:  # Lightning loads here, not inside the first trial
         import gdlab.sweep.trials  # noqa: F401
 
     parent_run_id, workers = args.parent_run_id, []

@@ -57,7 +57,9 @@ def say_drawn_blind(sampler, trials: list) -> None:
     (gdlab.sweep.first_batch's Sobol points, or the sampler's random start-up draws)."""
     if isinstance(sampler, BLIND_SAMPLERS):
         return
-    sobol = sum(trial.user_attrs.get("first_batch") == "sobol" for trial in trials)
+    numbers = {trial.number for trial in trials}  # one storage read for the batch, not one per trial
+    sobol = sum(t.number in numbers and t.user_attrs.get("first_batch") == "sobol"
+                for t in trials[0].study.get_trials(deepcopy=False))  # fmt: skip
     how = (f"{sobol} of them are a scrambled Sobol cover of the search space (gdlab_sweep.first_batch)"
            if sobol else "this batch is its start-up draws (random)")  # fmt: skip
     print(f"gdlab-sweep: {len(trials)} trials asked before any finished: {type(sampler).__name__} has "
