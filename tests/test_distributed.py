@@ -104,6 +104,7 @@ def test_backend_database_of_the_server_holds_no_password(tmp_path, make_databas
         assert PASSWORD not in pg_dump(database), database
 
 
+@pytest.mark.alone
 def test_kill_9_of_a_worker_mid_trial_is_failed_retried_and_repaired(tmp_path, make_database):
     storage = storage_url(make_database())
     # One experiment for both invocations (the study refuses another): long trials that the victim never

@@ -397,8 +397,8 @@ def test_a_live_run_in_another_pid_namespace_is_not_taken_for_dead(tmp_path: Pat
 WRITER_SCRIPT = """
 import sys
 import gdlab
-overrides = ["dataset=xor", "trainer.max_epochs=2000", "tracking.plots=false", "tracking.flush_seconds=0.1",
-             f"tracking.dir={sys.argv[1]}"]
+overrides = ["dataset=xor", f"trainer.max_epochs={sys.argv[2]}", "tracking.plots=false",
+             "tracking.flush_seconds=0.1", f"tracking.dir={sys.argv[1]}"]
 results = gdlab.run(overrides, population=[{"optimizer.lr": lr} for lr in (0.05, 0.1, 0.2)])
 print(" ".join(r.final["mlflow_run_id"] for r in results))
 print(" ".join(str(len(r.history)) for r in results))
@@ -427,14 +427,13 @@ def writer_of(process) -> int | None:
     return None
 
 
-@pytest.mark.slow
-def test_a_dead_metric_writer_costs_no_metric_and_no_false_finished(tmp_path: Path):
-    """kill -9 of the writer child alone (an OOM kill): the training process writes the record itself."""
+def start_and_kill_the_writer(tmp_path: Path, epochs: int, client) -> tuple[object, bool]:
+    """The population script's process, and whether its writer was killed (kill -9) mid-training: not when
+    it trained to its end before the test saw its writer write (a loaded machine, a fast population)."""
     script = tmp_path / "population.py"
     script.write_text(WRITER_SCRIPT)
-    process = warm.Popen([sys.executable, str(script), str(tmp_path / "mlruns")], cwd=tmp_path,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
-    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}")
+    process = warm.Popen([sys.executable, str(script), str(tmp_path / "mlruns"), str(epochs)], cwd=tmp_path,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
     deadline, writer, written = time.monotonic() + 300, None, 0
     while time.monotonic() < deadline and process.poll() is None and not written:
         writer = writer or writer_of(process)
@@ -444,15 +443,33 @@ def test_a_dead_metric_writer_costs_no_metric_and_no_false_finished(tmp_path: Pa
         runs = client.search_runs([experiment.experiment_id]) if experiment else []
         written = sum(len(client.get_metric_history(r.info.run_id, "train/loss")) for r in runs)
         time.sleep(0.1)
+    if process.poll() is not None:
+        return process, False
     assert writer is not None and written > 0, "the writer never wrote"
     process.send_signal(signal.SIGSTOP)  # held while its writer dies: mid-training, however fast it trains
     try:
+        if process_state(writer) in (None, "Z", "X"):  # it had ended: the training too, already
+            return process, False
         os.kill(writer, signal.SIGKILL)
         while process_state(writer) not in (None, "Z", "X"):  # dead (a zombie until its parent runs)
             time.sleep(0.01)
     finally:
         process.send_signal(signal.SIGCONT)
-    code, out, err = finish(process, timeout=600)
+    return process, True
+
+
+@pytest.mark.slow
+def test_a_dead_metric_writer_costs_no_metric_and_no_false_finished(tmp_path: Path):
+    """kill -9 of the writer child alone (an OOM kill): the training process writes the record itself."""
+    for epochs in (2000, 8000, 32000):  # longer where the training outran the test's first look
+        folder = tmp_path / str(epochs)
+        folder.mkdir()
+        client = MlflowClient(tracking_uri=f"sqlite:///{folder / 'mlruns' / 'mlflow.db'}")
+        process, killed = start_and_kill_the_writer(folder, epochs, client)
+        code, out, err = finish(process, timeout=600)
+        if killed:
+            break
+    assert killed, "the training always ended before the test could kill its writer"
     assert code == 0, err[-3000:]
     run_ids, lengths = (line.split() for line in out.strip().splitlines()[-2:])
     assert "the metric writer process died" in err
@@ -466,6 +483,7 @@ def test_a_dead_metric_writer_costs_no_metric_and_no_false_finished(tmp_path: Pa
 
 
 @pytest.mark.slow
+@pytest.mark.alone
 def test_a_worker_suspended_past_the_grace_period_costs_only_its_trial(tmp_path: Path):
     """SIGSTOP (scontrol suspend, a paused VM) of one worker: the other fails its trial by heartbeat and
     goes on; the resumed worker ends that trial's run KILLED, says so, and goes on with new trials."""
