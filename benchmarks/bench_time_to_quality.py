@@ -200,6 +200,8 @@ def main() -> int:
         runs: dict = {}
         for population in map(int, args.populations.split(",")):
             for strategy in strategies:
+                if population == 1 and strategy == "tpe-sobol":  # no batch to spread: tpe's own trials
+                    continue
                 for seed in range(args.seeds):
                     result = run_one(sweep, population, strategy, seed, args.budget, args.overrides)
                     runs.setdefault((population, strategy), []).append(result)

@@ -13,6 +13,7 @@ from pathlib import Path
 import optuna
 import psycopg
 import pytest
+import sqlalchemy
 from mlflow import MlflowClient
 from optuna.trial import TrialState
 
@@ -131,8 +132,8 @@ def test_kill_9_of_a_worker_mid_trial_is_failed_retried_and_repaired(tmp_path, m
             try:
                 study = optuna.load_study(study_name="lr_depth", storage=storage)
                 running = study.get_trials(states=(TrialState.RUNNING,))
-            except KeyError:
-                pass  # the study does not exist yet
+            except (KeyError, sqlalchemy.exc.SQLAlchemyError):
+                pass  # the study does not exist yet, or the victim is creating Optuna's tables this moment
         assert running, "no trial started"
         time.sleep(2)  # mid-trial: its MLflow run exists and is RUNNING
     finally:
@@ -157,6 +158,30 @@ def test_kill_9_of_a_worker_mid_trial_is_failed_retried_and_repaired(tmp_path, m
     assert runs and all(r.info.status == "KILLED" for r in runs)
     still = client.search_runs([experiment.experiment_id], filter_string="attributes.status = 'RUNNING'")
     assert not still, proc.stdout[-2000:]
+
+
+def test_sweeps_started_in_the_same_second_on_new_databases_all_run(tmp_path, make_database):
+    """Three invocations at once on a new Optuna database and a new MLflow one: each store's tables are
+    created once (an advisory lock), not three times at the cost of two failed starts."""
+    storage, tracking = storage_url(make_database()), storage_url(make_database())
+    processes = []
+    for index in range(3):
+        folder = tmp_path / f"invocation-{index}"
+        folder.mkdir()
+        processes.append(warm.Popen(
+            [str(BIN / "gdlab-sweep"), "lr_depth", "trainer.max_epochs=3", "--n-trials", "1", "--no-refit",
+             "--progress", "0", "--storage", storage, "tracking=local"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=folder,
+            env={**os.environ, "MLFLOW_TRACKING_URI": tracking},
+        ))  # fmt: skip
+    for process in processes:
+        _, err = process.communicate(timeout=600)
+        assert process.returncode == 0, err[-3000:]
+    study = optuna.load_study(study_name="lr_depth", storage=storage)
+    assert len(study.get_trials(states=(TrialState.COMPLETE, TrialState.PRUNED))) == 3
+    client = MlflowClient(tracking_uri=tracking)
+    runs = client.search_runs([client.get_experiment_by_name("sweep-lr_depth").experiment_id])
+    assert sorted(run.info.status for run in runs) == ["FINISHED"] * 6  # three parents, three trials
 
 
 def test_tracking_server_down_when_the_sweep_starts(tmp_path, make_database):

@@ -106,7 +106,11 @@ def open_client(uri: str):
 
     if is_database(uri) and not uri.startswith("sqlite"):
         probe_database(uri)
-    if not uri.startswith("sqlite:///"):
+    if uri.startswith("postgresql"):
+        with advisory_lock(uri):  # MLflow's migrations of a new database, by one process at a time
+            client = MlflowClient(tracking_uri=uri)
+            client.search_experiments(max_results=1)
+    elif not uri.startswith("sqlite:///"):
         client = MlflowClient(tracking_uri=uri)
     else:
         database = Path(uri[len("sqlite:///") :])
@@ -135,6 +139,39 @@ def probe_database(uri: str, timeout: int = 10) -> None:
             pass
     finally:
         engine.dispose()
+
+
+# pg_advisory_lock's key (any bigint; advisory locks are the database's own): "gdlab" in ASCII.
+ADVISORY_KEY = 0x67646C6162
+
+
+@contextlib.contextmanager
+def advisory_lock(url: str):
+    """PostgreSQL's advisory lock on the database at `url` while a store's tables are created: processes
+    started in the same second on a new database would otherwise each create them (Optuna's and MLflow's
+    schema creation is not safe against itself; one of them fails on "type ... already exists")."""
+    import sqlalchemy
+
+    engine = sqlalchemy.create_engine(url)
+    try:
+        with engine.connect() as connection:
+            connection.execute(sqlalchemy.text("SELECT pg_advisory_lock(:key)"), {"key": ADVISORY_KEY})
+            try:
+                yield
+            finally:
+                connection.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:key)"), {"key": ADVISORY_KEY})
+    finally:
+        engine.dispose()
+
+
+def schema_lock(url: str):
+    """What makes opening a store safe for processes starting together: a file lock beside a SQLite file,
+    an advisory lock on PostgreSQL, nothing elsewhere."""
+    if url.startswith("sqlite:///"):
+        return store_lock(Path(url[len("sqlite:///") :]))
+    if url.startswith("postgresql"):
+        return advisory_lock(url)
+    return contextlib.nullcontext()
 
 
 @contextlib.contextmanager

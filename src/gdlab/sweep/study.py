@@ -6,7 +6,6 @@ with --exclusive, one gdlab-sweep per study runs on a machine (StudyLock).
 
 from __future__ import annotations
 
-import contextlib
 import fcntl
 import hashlib
 import os
@@ -18,7 +17,7 @@ import optuna
 from optuna.trial import TrialState
 
 from gdlab.masking import error_line, mask_passwords
-from gdlab.stores import store_lock
+from gdlab.stores import schema_lock
 from gdlab.sweep import owned_trials
 from gdlab.sweep.spec import SweepError, SweepSpec, search_space_signature
 
@@ -37,8 +36,8 @@ def make_storage(url: str, heartbeat: int = HEARTBEAT_SECONDS, grace: int = GRAC
     try:
         if database is not None:
             database.parent.mkdir(parents=True, exist_ok=True)
-        # Processes started together on a new SQLite file create Optuna's tables once, under a lock.
-        with store_lock(database) if database is not None else contextlib.nullcontext():
+        # Processes started together on a new database create Optuna's tables once, under a lock.
+        with schema_lock(url):
             check_is_optuna_database(url)
             return owned_trials.wrap(optuna.storages.RDBStorage(
                 url,
