@@ -170,10 +170,14 @@ def plot(all_runs: dict, path: Path) -> None:
             colour = f"C{sorted({p for p, _ in runs}).index(population)}"  # one colour per P
             ax.plot(grid, median, linestyle=LINE_STYLES[strategy], color=colour,
                     label=f"P={population} {strategy}")  # fmt: skip
+        maximize = next(iter(runs.values()))[0]["maximize"]
         ax.set(title=f"{sweep}: best validation objective so far (median of seeds)", xlabel="seconds",
-               ylabel="best objective", yscale="log")  # fmt: skip
+               ylabel="best objective", yscale="linear" if maximize else "log")  # fmt: skip
         finals = [best_so_far(r["points"], r["maximize"])[-1][1] for rs in runs.values() for r in rs]
-        if finals and min(finals) > 0:  # where the strategies differ: from the best found to 1.5x the worst
+        if finals and maximize:  # an accuracy: from a little below the worst final best to the best
+            spread = max(max(finals) - min(finals), 0.005)
+            ax.set_ylim(min(finals) - 3 * spread, max(finals) + 0.5 * spread)
+        elif finals and min(finals) > 0:  # a loss: from the best found to 1.5x the worst
             ax.set_ylim(min(finals) * 0.95, max(finals) * 1.5)
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize="small")
