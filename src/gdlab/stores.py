@@ -106,20 +106,14 @@ def open_client(uri: str):
 
     if is_database(uri) and not uri.startswith("sqlite"):
         probe_database(uri)
-    if uri.startswith("postgresql"):
-        with advisory_lock(uri):  # MLflow's migrations of a new database, by one process at a time
-            client = MlflowClient(tracking_uri=uri)
-            client.search_experiments(max_results=1)
-    elif not uri.startswith("sqlite:///"):
+    if uri.startswith("sqlite:///"):
+        Path(uri[len("sqlite:///") :]).parent.mkdir(parents=True, exist_ok=True)
+    with schema_lock(uri):  # a new store's tables, made by one process at a time
+        if uri.startswith("sqlite:///") and is_new_sqlite_store(uri):
+            make_sqlite_store(Path(uri[len("sqlite:///") :]))
         client = MlflowClient(tracking_uri=uri)
-    else:
-        database = Path(uri[len("sqlite:///") :])
-        database.parent.mkdir(parents=True, exist_ok=True)
-        with store_lock(database):
-            if is_new_sqlite_store(uri):
-                make_sqlite_store(database)
-            client = MlflowClient(tracking_uri=uri)
-            client.search_experiments(max_results=1)  # opens the store (migrates an old one)
+        if is_database(uri):
+            client.search_experiments(max_results=1)  # opens the store (migrates a new or an old one)
     return client
 
 
