@@ -14,7 +14,7 @@ from mlflow import MlflowClient
 
 from conftest import postgres_available
 from gdlab.metric_store import BulkMetricStore, LogBatchSink, MetricSink
-from gdlab.metric_writer import MetricWriter
+from gdlab.metric_writer import MetricWriter, transient
 
 KEYS = ["train/loss", "test/acc", "grad_norm/layer1", "step"]
 
@@ -186,3 +186,15 @@ def test_the_writer_ends_many_runs_together_and_a_refused_one_alone(tmp_path):
     assert [info.end_time for info in ended if info.status != "RUNNING"] == [
         1_700_000_000_000 + p for p in (0, 1, 3, 4, 5)
     ]
+
+
+def test_a_server_going_down_mid_response_is_an_outage_to_wait_out_and_a_refusal_is_not():
+    """What MLflow's REST client said when the tracking server was restarted mid-request (seen in CI), against
+    what it says when the server refuses a request."""
+    broken = ("API request to http://127.0.0.1:56925/api/2.0/mlflow/runs/log-batch failed with exception "
+              "('Connection broken: IncompleteRead(0 bytes read, 2 more expected)', IncompleteRead(0 bytes "
+              "read, 2 more expected))")  # fmt: skip
+    refused = ("INVALID_PARAMETER_VALUE: Changing param values is not allowed. Param with key='lr' was "
+               "already logged")  # fmt: skip
+    assert transient(RuntimeError(broken))
+    assert not transient(RuntimeError(refused))

@@ -38,8 +38,9 @@ RETRY_ENV, RETRY_SECONDS = "GDLAB_TRACKING_RETRY_SECONDS", 120.0
 _TRANSIENT = re.compile(
     r"(?i)max retries exceeded|connection (?:refused|reset|aborted)|could not connect|server closed|"
     r"timed? ?out|temporarily unavailable|database is locked|bad gateway|service unavailable|"
-    r"newconnectionerror|remotedisconnected|\b50[234]\b"
-)
+    r"newconnectionerror|remotedisconnected|connection broken|incompleteread|\b50[234]\b"
+)  # "connection broken: IncompleteRead": a server that went down mid-response (a retried log-batch is
+# idempotent: MLflow's store skips a metric row it already holds, params and tags are set to the same values)
 
 
 def transient(error: BaseException) -> bool:
