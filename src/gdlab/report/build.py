@@ -19,7 +19,7 @@ from pathlib import Path
 import pandas as pd
 
 from gdlab.masking import error_line, mask_passwords
-from gdlab.report.figures import write_figures
+from gdlab.report.figures import curve_figures, objective_figure, write_figures
 from gdlab.report.pbt import (
     best_member,
     load_pbt_records,
@@ -118,6 +118,18 @@ def log_to_parent(client, parent_run_id: str, out_dir: Path) -> None:
         ) from error
 
 
+@dataclass
+class PendingReport:
+    """A report read and tabled, whose curve figures a forked child draws (gdlab.forked) while the caller
+    goes on (a sweep: its refit); `finish_report` ends it."""
+
+    report: Report
+    target: str
+    client: object  # MLflow's client on the store the runs were read from
+    out_dir: Path
+    curves: object  # gdlab.forked.Forked: the curve figures' `Drawn`s
+
+
 def build_report(
     target: str,
     tracking_uri: str | None = None,
@@ -134,6 +146,42 @@ def build_report(
     gets them as artifacts under report/ unless `log` is False. Raises ReportError for what a user must
     fix (exit status 2 in the CLI; 1 when only logging to the parent run failed).
     """
+    report, client, out_dir = read_report(target, tracking_uri, out, epochs, objective, children)
+    report.figures = write_figures(report.runs, out_dir, differing_params(report.runs), report.objective,
+                                   report.direction, note=note_of(report))  # fmt: skip
+    return write_report(report, target, client, out_dir, log)
+
+
+def start_report(target: str, tracking_uri: str | None = None, out: str | Path | None = None,
+                 objective: str | None = None, children: list | None = None) -> PendingReport:  # fmt: skip
+    """`build_report`'s first part: the runs read and tabled, the curve figures started in a forked child.
+    The objective figure waits for `finish_report`: its title carries the parent's result, set meanwhile."""
+    from gdlab.forked import Forked
+
+    report, client, out_dir = read_report(target, tracking_uri, out, None, objective, children)
+    drawings = curve_figures(report.runs, out_dir, differing_params(report.runs), report.objective,
+                             report.direction)  # fmt: skip
+    curves = Forked(lambda: [draw() for draw in drawings])
+    return PendingReport(report, target, client, out_dir, curves)
+
+
+def finish_report(pending: PendingReport, log: bool = True) -> Report:
+    """`build_report`'s second part: the parent's caveats read again, the objective figure, the files."""
+    report = pending.report
+    try:
+        if report.parent_run_id:
+            read_caveats(pending.client, report)
+        drawings = objective_figure(report.runs, pending.out_dir, differing_params(report.runs),
+                                    report.objective, report.direction, note_of(report))  # fmt: skip
+        report.figures = [draw() for draw in drawings] + pending.curves.result()
+    finally:
+        pending.curves.cancel()
+    return write_report(report, pending.target, pending.client, pending.out_dir, log)
+
+
+def read_report(target: str, tracking_uri: str | None, out: str | Path | None, epochs: list[int] | None,
+                objective: str | None, children: list | None) -> tuple[Report, object, Path]:  # fmt: skip
+    """The runs (without the refit) and both tables, the parent's caveats, and a writable output folder."""
     uri = tracking_uri or default_tracking_uri()
     client = make_client(uri)
     runs, parent_run_id = read_runs(client, uri, target, children)
@@ -151,9 +199,7 @@ def build_report(
     report = Report(epoch_table, final_table, objective=objective, direction=direction, runs=runs,
                     parent_run_id=parent_run_id, refit=refits[-1] if refits else None)  # fmt: skip
     if parent_run_id:
-        tags = client.get_run(parent_run_id).data.tags
-        report.selected_on, report.result = tags.get(SELECTED_ON_TAG), tags.get(RESULT_TAG)
-
+        read_caveats(client, report)
     out_dir = Path(out) if out is not None else default_out_dir(target)
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -162,8 +208,22 @@ def build_report(
         probe.unlink()
     except OSError as error:
         raise ReportError(f"--out {out_dir}: {(error.strerror or str(error)).lower()}") from error
-    report.figures = write_figures(runs, out_dir, differing_params(runs), objective, direction,
-                                   note=" ".join(report.caveats()).replace("**", ""))  # fmt: skip
+    return report, client, out_dir
+
+
+def read_caveats(client, report: Report) -> None:
+    tags = client.get_run(report.parent_run_id).data.tags
+    report.selected_on, report.result = tags.get(SELECTED_ON_TAG), tags.get(RESULT_TAG)
+
+
+def note_of(report: Report) -> str:
+    """What the objective figure's title says under it: the caveats, in plain text."""
+    return " ".join(report.caveats()).replace("**", "")
+
+
+def write_report(report: Report, target: str, client, out_dir: Path, log: bool) -> Report:
+    """The PBT lineage (where there is one), report.md, the tables, and the folder on the parent run."""
+    runs, objective, direction = report.runs, report.objective, report.direction
     figures = [drawn.path for drawn in report.figures]
     extra = []
     if best := best_member(runs, objective, direction):
@@ -176,8 +236,8 @@ def build_report(
                   file=sys.stderr)  # fmt: skip
     markdown = write_markdown(report, target, figures, out_dir / "report.md")
     report.paths = [markdown, *write_tables(report, out_dir), *figures, *extra]
-    if parent_run_id and log:
-        log_to_parent(client, parent_run_id, out_dir)
+    if report.parent_run_id and log:
+        log_to_parent(client, report.parent_run_id, out_dir)
         report.logged_to_parent = True
     return report
 

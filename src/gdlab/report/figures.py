@@ -14,6 +14,7 @@ member cannot flatten the others. Each figure comes with a `Drawn`: the data beh
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -396,29 +397,46 @@ def optimizers_differ(runs: list[TrackedRun]) -> bool:
     return len({run.params.get("optimizer.name") for run in runs}) > 1
 
 
-def write_figures(runs: list[TrackedRun], out_dir: Path, varied: list[str], objective: str,
-                  direction: str, note: str = "") -> list[Drawn]:  # fmt: skip
-    """Every figure of the report; `varied`: the params the runs differ in, most telling first; `note`: the
-    sweep's result or caveat, on the objective figure's title."""
+def objective_figure(runs: list[TrackedRun], out_dir: Path, varied: list[str], objective: str,
+                     direction: str, note: str = "") -> list[Callable[[], Drawn]]:  # fmt: skip
+    """The objective against the varied parameters (none for a single run or nothing varied), as a drawing
+    still to be done; `note`: the sweep's result or caveat, on its title."""
+    if not varied or len(runs) < 2:
+        return []
+    path = out_dir / "objective_vs_params.png"
+    return [lambda: plot_objective_vs_params(runs, varied, objective, direction, path, note)]
+
+
+def curve_figures(runs: list[TrackedRun], out_dir: Path, varied: list[str], objective: str,
+                  direction: str) -> list[Callable[[], Drawn]]:  # fmt: skip
+    """The curve figures, as drawings still to be done (gdlab.forked draws them on other cores)."""
     palette = Palette(runs, varied, objective, direction)
-    drawn = []
-    if varied and len(runs) > 1:
-        path = out_dir / "objective_vs_params.png"
-        drawn.append(plot_objective_vs_params(runs, varied, objective, direction, path, note))
-    drawn += [
-        plot_curves(runs, "train/loss", palette, out_dir / "loss_curves.png", title="train loss"),
-        plot_curves(runs, "train/acc", palette, out_dir / "accuracy_curves.png", title="train accuracy"),
+    drawings = [
+        lambda: plot_curves(runs, "train/loss", palette, out_dir / "loss_curves.png", title="train loss"),
+        lambda: plot_curves(
+            runs, "train/acc", palette, out_dir / "accuracy_curves.png", title="train accuracy"
+        ),
     ]
     selected_curve = objective.removeprefix("final/")
     if selected_curve.startswith("val/") and any(selected_curve in run.curves for run in runs):
         name = "validation loss" if selected_curve.endswith("loss") else "validation accuracy"
-        drawn.append(plot_curves(runs, selected_curve, palette, out_dir / "validation_curves.png",
-                                 title=f"{name}: what the trials are ranked on"))  # fmt: skip
+        drawings.append(lambda: plot_curves(runs, selected_curve, palette, out_dir / "validation_curves.png",
+                                            title=f"{name}: what the trials are ranked on"))  # fmt: skip
     if all("evals/total" in run.curves for run in runs):
         path = out_dir / "loss_vs_evals.png"
         if optimizers_differ(runs):
-            drawn.append(plot_loss_vs_evals(runs, path))
+            drawings.append(lambda: plot_loss_vs_evals(runs, path))
         elif len(runs) > 1:
-            drawn.append(plot_curves(runs, "train/loss", palette, path, x_metric="evals/total",
-                                     title="train loss against function evaluations"))  # fmt: skip
-    return drawn
+            drawings.append(lambda: plot_curves(runs, "train/loss", palette, path, x_metric="evals/total",
+                                                title="train loss against function evaluations"))  # fmt: skip
+    return drawings
+
+
+def write_figures(runs: list[TrackedRun], out_dir: Path, varied: list[str], objective: str,
+                  direction: str, note: str = "") -> list[Drawn]:  # fmt: skip
+    """Every figure of the report, drawn on the cores this process may use; `varied`: the params the runs
+    differ in, most telling first; `note`: the sweep's result or caveat, on the objective figure's title."""
+    from gdlab.forked import in_parallel
+
+    return in_parallel([*objective_figure(runs, out_dir, varied, objective, direction, note),
+                        *curve_figures(runs, out_dir, varied, objective, direction)])  # fmt: skip

@@ -28,9 +28,9 @@ from gdlab.stores import open_in_background
 from gdlab.sweep.first_batch import enqueue_first_batch
 from gdlab.sweep.jobs import JobLauncher, end_what_jobs_left, run_in_jobs
 from gdlab.sweep.parent_run import (
+    SweepEnd,
     end_parent_run,
     finish_parent_run,
-    log_study_plots,
     repair_killed_runs,
     start_parent_run,
 )
@@ -274,7 +274,7 @@ def run_sweep(args, spec: SweepSpec, study: optuna.Study, storage, storage_url: 
         MetricWriter.start(tracking_uri(spec.task))
         import gdlab.sweep.trials  # noqa: F401
 
-    parent_run_id, workers = args.parent_run_id, []
+    parent_run_id, workers, end = args.parent_run_id, [], None
     try:  # from here on a signal ends what was started: trials FAIL, runs and the parent run KILLED
         if parent_run_id:
             os.environ[PARENT_ENV] = parent_run_id
@@ -292,10 +292,13 @@ def run_sweep(args, spec: SweepSpec, study: optuna.Study, storage, storage_url: 
             )  # fmt: skip
         else:
             failure = run_here(args, spec, study, storage, storage_url, budget, parent_run_id, workers)
+        end = start_sweep_end(spec, study, parent_run_id) if not args.worker and parent_run_id else None
         result = None if args.worker else sweep_result(args, spec, study, parent_run_id)
-        if not args.worker and parent_run_id:
-            finish_sweep(spec, study, parent_run_id, result)
+        if end is not None:
+            finish_sweep(spec, parent_run_id, result, end)
     except (KeyboardInterrupt, SystemExit):
+        if end is not None:
+            end.cancel()
         if interrupts.signum is None:
             raise
         return stop_interrupted(args, spec, parent_run_id, workers, interrupts, (jobs, study, storage))
@@ -372,15 +375,19 @@ def sweep_result(args, spec: SweepSpec, study: optuna.Study, parent_run_id: str 
     return SweepResult(metrics, trial, False, selected_on(spec.task), run_id=run_id, model=model)
 
 
-def finish_sweep(spec: SweepSpec, study: optuna.Study, parent_run_id: str,
-                 result: SweepResult | None) -> None:  # fmt: skip
-    """The parent run's end: repairs, the best child, the comparison report, Optuna's plots."""
+def start_sweep_end(spec: SweepSpec, study: optuna.Study, parent_run_id: str) -> SweepEnd:
+    """Once the trials are done: runs dead processes left RUNNING repaired, then the children read and the
+    report's figures and Optuna's plots drawn while the refit trains (gdlab.sweep.parent_run.SweepEnd)."""
     repaired = repair_killed_runs(spec.task, study)
     if repaired:
         print(f"gdlab-sweep: ended {repaired} MLflow run(s) left RUNNING by dead processes as KILLED")
     report_dir = Path("outputs") / "sweeps" / study.study_name / f"report-{time.strftime('%Y%m%d-%H%M%S')}"
-    finish_parent_run(spec.task, parent_run_id, report_dir, result)
-    log_study_plots(spec.task, parent_run_id, study)
+    return SweepEnd(spec.task, parent_run_id, report_dir, study)
+
+
+def finish_sweep(spec: SweepSpec, parent_run_id: str, result: SweepResult | None, end: SweepEnd) -> None:
+    """The parent run's end: the best child, the result, the comparison report, Optuna's plots."""
+    finish_parent_run(spec.task, parent_run_id, result=result, end=end)
     for line in sweep_view_lines(spec.task, parent_run_id, list(spec.distributions)):
         print(f"gdlab-sweep: {line}", flush=True)
 

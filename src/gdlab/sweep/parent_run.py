@@ -14,7 +14,6 @@ from __future__ import annotations
 import math
 import os
 import time
-import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -68,20 +67,42 @@ def start_parent_run(cfg: DictConfig, name: str, tags: dict | None = None) -> st
     return run.info.run_id
 
 
+class SweepEnd:
+    """A sweep's end, begun as soon as its trials are done: its child runs read once, and the report's curve
+    figures and Optuna's plots (with `study`) drawn in forked children while the refit trains here
+    (gdlab.forked); `finish_parent_run` ends it."""
+
+    def __init__(self, cfg: DictConfig, parent_run_id: str, report_dir: str | Path | None = None,
+                 study: optuna.Study | None = None):  # fmt: skip
+        from gdlab.report.runs import search_all_runs
+
+        client = mlflow_client(tracking_uri(cfg))
+        experiment_id = client.get_run(parent_run_id).info.experiment_id
+        self.children = search_all_runs(client, experiment_id, f"tags.mlflow.parentRunId = '{parent_run_id}'")
+        self.report = start_parent_report(cfg, parent_run_id, report_dir, self.children)
+        self.plots = None
+        if study is not None:
+            from gdlab.sweep.study_plots import StudyPlots
+
+            self.plots = StudyPlots(study)
+
+    def cancel(self) -> None:
+        """Stop what is being drawn (the sweep ends without its record)."""
+        if self.report is not None:
+            self.report.curves.cancel()
+        if self.plots is not None:
+            self.plots.cancel()
+
+
 def finish_parent_run(cfg: DictConfig, parent_run_id: str, report_dir: str | Path | None = None,
-                      result: SweepResult | None = None) -> dict:  # fmt: skip
+                      result: SweepResult | None = None, end: SweepEnd | None = None) -> dict:  # fmt: skip
     """Record the best child (by cfg.objective and cfg.direction), the sweep's result (the refit's test
-    metrics, gdlab.sweep.refit) and the comparison report on the parent, and close it."""
+    metrics, gdlab.sweep.refit), the comparison report and Optuna's plots on the parent, and close it."""
 
     os.environ.pop(PARENT_ENV, None)
     client = mlflow_client(tracking_uri(cfg))
-    from gdlab.report.runs import search_all_runs
-
-    parent = client.get_run(parent_run_id)
-    every_child = search_all_runs(
-        client, parent.info.experiment_id, f"tags.mlflow.parentRunId = '{parent_run_id}'"
-    )
-    children = trial_runs(every_child)
+    end = end or SweepEnd(cfg, parent_run_id, report_dir)
+    children = trial_runs(end.children)
     client.set_tag(parent_run_id, SELECTED_ON_TAG, selected_on(cfg))
     summary = best_child(children, f"final/{cfg.objective}", cfg.direction)
     finished = sum(run.info.status == "FINISHED" for run in children)
@@ -100,8 +121,12 @@ def finish_parent_run(cfg: DictConfig, parent_run_id: str, report_dir: str | Pat
             client.set_tag(parent_run_id, "best.pbt.replay", best.data.tags["pbt.replay"])
     if result is not None:
         log_result(client, parent_run_id, result)
-    if children:
-        attach_report(cfg, parent_run_id, report_dir, every_child)
+    finish_parent_report(end.report)
+    if end.plots is not None:
+        try:
+            end.plots.log(client, parent_run_id)
+        except Exception as error:  # the plots are extra: the run's record is its children and the report
+            print(f"gdlab-sweep: no Optuna plots: {error_line(error)}")
     system_metrics.stop(parent_run_id)
     client.set_terminated(parent_run_id, status="FINISHED" if finished or not children else "FAILED")
     return summary
@@ -132,17 +157,33 @@ def end_parent_run(cfg: DictConfig, parent_run_id: str, status: str, reason: str
     client.set_terminated(parent_run_id, status=status)
 
 
-def attach_report(cfg: DictConfig, parent_run_id: str, report_dir: str | Path | None,
-                  children: list | None = None) -> None:  # fmt: skip
-    """gdlab-report on the sweep's children (all of them, where the caller has read them), logged to the
-    parent; a failure here costs only the report."""
-    from gdlab.report import ReportError, build_report
+def start_parent_report(cfg: DictConfig, parent_run_id: str, report_dir: str | Path | None,
+                        children: list):  # fmt: skip
+    """gdlab-report on the sweep's children, begun (gdlab.report.build.start_report); None without
+    children or where it cannot be made (a failure here costs only the report)."""
+    if not children:
+        return None
+    from gdlab.report.build import start_report
 
     try:
-        report = build_report(parent_run_id, tracking_uri=tracking_uri(cfg), out=report_dir,
-                              objective=f"final/{cfg.objective}", children=children)  # fmt: skip
+        return start_report(parent_run_id, tracking_uri=tracking_uri(cfg), out=report_dir,
+                            objective=f"final/{cfg.objective}", children=children)  # fmt: skip
+    except Exception as error:
+        print(f"gdlab: no sweep report: {error_line(error)}")
+        return None
+
+
+def finish_parent_report(pending) -> None:
+    """The begun report ended (its objective figure carries the result the parent holds now) and logged
+    to the parent."""
+    if pending is None:
+        return
+    from gdlab.report.build import finish_report
+
+    try:
+        report = finish_report(pending)
         print(f"gdlab: sweep report in {report.paths[0].parent}")
-    except (ReportError, Exception) as error:
+    except Exception as error:
         print(f"gdlab: no sweep report: {error_line(error)}")
 
 
@@ -208,12 +249,13 @@ class MlflowSweepCallback(Callback):
         mask_saved_hydra_configs(Path(str(config.hydra.sweep.dir)))  # Hydra's multirun.yaml
         if self.parent_run_id:
             sweep_dir, task = Path(str(config.hydra.sweep.dir)), _task_config(config)
+            end = SweepEnd(task, self.parent_run_id, sweep_dir / "report")  # drawn while the refit trains
             try:
-                result = multirun_result(task, self.parent_run_id, sweep_dir / "refit")
+                result = multirun_result(task, self.parent_run_id, sweep_dir / "refit", end.children)
             except Exception as error:  # the jobs stand; the parent still ends with its best child and report
                 print(f"gdlab-train: no refit: {error_line(error)}")
                 result = None
-            finish_parent_run(task, self.parent_run_id, sweep_dir / "report", result)
+            finish_parent_run(task, self.parent_run_id, sweep_dir / "report", result, end)
             print(f"gdlab-train: {parent_line(task, self.parent_run_id)}")
             if result is not None:
                 print(f"gdlab-train: {result.line()}", flush=True)
@@ -226,17 +268,16 @@ def parent_line(task: DictConfig, parent_run_id: str) -> str:
     return f"parent run {parent_run_id} in {where}; compare its trials: gdlab-report {parent_run_id}"
 
 
-def multirun_result(task: DictConfig, parent_run_id: str, output_dir: Path) -> SweepResult | None:
-    """`gdlab-train -m`'s result: its best job (by the objective, from MLflow) refit from the config and
-    overrides Hydra saved in the job's folder, or that job's own test metrics. None without a finished job."""
+def multirun_result(task: DictConfig, parent_run_id: str, output_dir: Path,
+                    children: list) -> SweepResult | None:  # fmt: skip
+    """`gdlab-train -m`'s result: its best job among the parent's `children` (by the objective, from MLflow)
+    refit from the config and overrides Hydra saved in the job's folder, or that job's own test metrics.
+    None without a finished job."""
     from gdlab.config import TEST_METRICS, validate
     from gdlab.sweep.refit import SweepResult, refit, wants_refit
     from gdlab.tracking import OUTPUT_DIR_TAG
 
-    client = mlflow_client(tracking_uri(task))
-    experiment = client.get_run(parent_run_id).info.experiment_id
-    children = trial_runs(client.search_runs([experiment], f"tags.mlflow.parentRunId = '{parent_run_id}'"))
-    best = best_child(children, f"final/{task.objective}", task.direction).get("run")
+    best = best_child(trial_runs(children), f"final/{task.objective}", task.direction).get("run")
     if best is None:
         return None
     job_dir = Path(best.data.tags.get(OUTPUT_DIR_TAG, ""))
@@ -390,43 +431,3 @@ def _repair(client, study: optuna.Study) -> int:
                 client.set_terminated(run.info.run_id, status="KILLED")
                 repaired += 1
     return repaired
-
-
-# Optuna's plots that compare parameters: with one searched parameter there is nothing to compare (its
-# importance is 1, one axis, no pair); the slice plot already shows it.
-MULTI_PARAM_PLOTS = ("param_importances", "parallel_coordinate", "contour")
-
-
-def log_study_plots(task: DictConfig, parent_run_id: str, study: optuna.Study) -> None:
-    """Optuna's own plots, as PNGs on the parent run; a plot that needs more trials is skipped."""
-    import tempfile
-
-    import matplotlib.pyplot as plt  # optuna's plots draw through pyplot
-    import optuna
-    from optuna.visualization import matplotlib as plots
-
-    makers = {
-        "optimization_history": plots.plot_optimization_history,
-        "param_importances": plots.plot_param_importances,
-        "parallel_coordinate": plots.plot_parallel_coordinate,
-        "slice": plots.plot_slice,
-        "contour": plots.plot_contour,
-    }
-    if len({name for trial in study.get_trials(deepcopy=False) for name in trial.params}) < 2:
-        makers = {name: make for name, make in makers.items() if name not in MULTI_PARAM_PLOTS}
-    verbosity = optuna.logging.get_verbosity()
-    optuna.logging.set_verbosity(optuna.logging.ERROR)  # "Param X unique value length is less than 2."
-    with tempfile.TemporaryDirectory() as folder, warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # matplotlib's, on the axis of a one-valued parameter
-        for name, make in makers.items():
-            try:
-                make(study)
-                plt.gcf().set_size_inches(10, 6)
-                plt.savefig(Path(folder) / f"{name}.png", dpi=80, bbox_inches="tight")
-            except Exception as error:  # e.g. importances need two completed trials
-                print(f"gdlab-sweep: no {name} plot: {error_line(error)}")
-            finally:
-                plt.close("all")
-        optuna.logging.set_verbosity(verbosity)
-        client = mlflow_client(tracking_uri(task))
-        client.log_artifacts(parent_run_id, folder, "optuna")

@@ -1,0 +1,70 @@
+"""gdlab.forked: work done in a forked child, its value (or error) back in the parent, and the fallbacks."""
+
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from gdlab.forked import Forked, in_parallel
+
+
+def test_the_work_runs_in_another_process_and_its_value_comes_back():
+    parent = os.getpid()
+    forked = Forked(lambda: {"pid": os.getpid(), "values": list(range(5))})
+    answer = forked.result()
+    assert answer["pid"] != parent and answer["values"] == [0, 1, 2, 3, 4]
+
+
+def test_the_works_error_is_raised_in_the_parent():
+    def fails():
+        raise ValueError("no such figure")
+
+    with pytest.raises(ValueError, match="no such figure"):
+        Forked(fails).result()
+
+
+def test_a_child_killed_before_it_answers_leaves_the_work_to_the_parent(tmp_path: Path):
+    started = tmp_path / "started"
+
+    def work():
+        if os.getpid() != parent:
+            started.write_text("")
+            time.sleep(60)  # killed here
+        return os.getpid()
+
+    parent = os.getpid()
+    forked = Forked(work)
+    while not started.exists():
+        time.sleep(0.01)
+    os.kill(forked.pid, signal.SIGKILL)
+    assert forked.result() == parent
+
+
+def test_a_child_never_runs_the_parents_exit_handlers(tmp_path: Path):
+    marker = tmp_path / "exit-handler"
+
+    def work():
+        import atexit
+
+        atexit.register(lambda: marker.write_text("ran"))
+        return 1
+
+    assert Forked(work).result() == 1
+    assert not marker.exists()
+
+
+def test_in_parallel_keeps_the_order_and_spreads_the_work_over_processes():
+    values = in_parallel([lambda i=i: (i, os.getpid()) for i in range(7)], processes=3)
+    assert [i for i, _ in values] == list(range(7))
+    assert len({pid for _, pid in values}) == 3
+    assert {pid for i, pid in values if i % 3 == 0} == {os.getpid()}  # the first share is done here
+
+
+def test_cancel_stops_the_child(tmp_path: Path):
+    forked = Forked(lambda: time.sleep(60))
+    pid = forked.pid
+    forked.cancel()
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)  # reaped: no such process
