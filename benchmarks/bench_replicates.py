@@ -33,6 +33,7 @@ def run_sweep(extra: list[str], trials: int) -> float:
     }
     with tempfile.TemporaryDirectory() as folder:
         command = [gdlab_sweep, "lr", "--budget", str(trials), "--n-trials", str(trials), "--progress", "0",
+                   "--population", str(trials),  # one population, as measured (the README's figures)
                    "--storage", f"sqlite:///{folder}/optuna.db", "tracking=none", *extra]  # fmt: skip
         started = time.perf_counter()
         proc = subprocess.run(command, cwd=folder, env=env, capture_output=True, text=True)

@@ -4,7 +4,7 @@
 For each sampler seed s, two gdlab-sweep commands in a fresh directory (untracked), with
 hydra.sweeper.sampler.seed=s: both ask their 64 trials as one population before any finished, so both
 draw the same 64 learning rates, trial by trial.
-  single  gdlab-sweep lr  (as shipped: one seed, ranked on a 20% validation split)
+  single  gdlab-sweep lr --population 64  (one seed, ranked on a 20% validation split)
   cv      gdlab-sweep lr ++gdlab_sweep.cv_folds=5 --replicates 2  (ranked on the mean over 10 members)
 Each refits its winner on the 400 non-test rows and measures the 100 test rows once. Printed as Markdown:
 per seed, each way's chosen lr, the cv way's 95% interval for its winner, both refits' test loss, and where
@@ -40,7 +40,8 @@ def ranking(cwd: Path, study: str) -> list[optuna.trial.FrozenTrial]:
 
 
 def run_seed(seed: int, cwd: Path) -> dict:
-    common = [f"hydra.sweeper.sampler.seed={seed}", "tracking=none", "--progress", "0"]
+    # one batch of 64: both ways draw the same 64 learning rates (the shipped default was 64 when measured)
+    common = [f"hydra.sweeper.sampler.seed={seed}", "tracking=none", "--progress", "0", "--population", "64"]
     single = gdlab_sweep("lr", *common, "--study", f"single-{seed}", cwd=cwd)
     cv = gdlab_sweep("lr", *common, *CV, "--study", f"cv-{seed}", cwd=cwd)
     single_rank, cv_rank = ranking(cwd, f"single-{seed}"), ranking(cwd, f"cv-{seed}")
