@@ -20,7 +20,7 @@ demo: install
 # then the tests marked `alone` one at a time: their heartbeats' grace periods are a few seconds, which a
 # second busy test on a 2-core machine can stretch. ~11 minutes on 2 cores against ~18 serially.
 test: install
-	$(BIN)/python -m pytest -n 2 --dist worksteal -m "not alone"
+	$(BIN)/python -m pytest -n 2 --dist worksteal -m "not alone" --durations=20
 	$(BIN)/python -m pytest -m alone
 
 # Every test one at a time, as `pytest` alone does.
