@@ -272,6 +272,18 @@ def test_the_readme_sweep_commands_run_in_order(tmp_path):
 
 
 @pytest.mark.slow
+def test_a_sobol_first_batch_leaves_no_trial_waiting_past_the_invocations_n_trials(tmp_path):
+    """lr_depth ships with batches of 8 and a Sobol first batch: `--n-trials 3` enqueues 3 points, not 8,
+    so the study holds the 3 trials this invocation ran and nothing waiting for a later one."""
+    proc = sweep("lr_depth", "trainer.max_epochs=3", "tracking=none", "--no-refit", "--n-trials", "3",
+                 cwd=tmp_path)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    trials = study(tmp_path, "lr_depth").get_trials(deepcopy=False)
+    assert [t.state for t in trials] == [optuna.trial.TrialState.COMPLETE] * 3
+    assert [t.user_attrs.get("first_batch") for t in trials] == ["sobol"] * 3
+
+
+@pytest.mark.slow
 def test_a_new_studys_first_batch_covers_the_search_space_evenly(tmp_path, refused):
     """TPE asked for 16 trials before any finished draws 16 random lrs (`first_batch=sampler`, the default);
     with `first_batch=sobol` gdlab enqueues a scrambled Sobol batch instead: one lr in each sixteenth of the
