@@ -231,7 +231,7 @@ def sweep_main(argv: list[str] | None, interrupts: InterruptHandler, jobs: JobLa
         check_same_experiment(study, spec.signature)
         first_stream = created and not args.worker  # only the process that made the study reproduces it
         if first_stream:
-            enqueue_first_batch(study, spec, args.n_trials)
+            enqueue_first_batch(study, spec, min(budget, args.n_trials or budget))
         study.sampler = sampler_for_stream(spec, len(study.get_trials(deepcopy=False)), args.worker_index,
                                            first_stream)  # fmt: skip
     except (SweepError, ConfigError, ExperimentMismatch) as error:

@@ -40,12 +40,12 @@ def sobol_points(distributions: dict, count: int, seed: int | None) -> list[dict
     return points
 
 
-def enqueue_first_batch(study: optuna.Study, spec, n_trials: int | None = None) -> int:
+def enqueue_first_batch(study: optuna.Study, spec, n_trials: int) -> int:
     """On a study this process has just created: enqueue its first batch as Sobol points (as many as
-    one population batch, within the budget and this invocation's `n_trials`: none is left waiting for a
-    later invocation), when the sweep asks for it and its sampler would draw blind. Whichever process asks
-    first (this one, a worker, a launcher's job) trains them. Returns how many."""
-    size = min(spec.population, spec.budget, n_trials or spec.budget)
+    one population batch, and at most the `n_trials` this invocation will run, within its budget: none is
+    left waiting for a later invocation), when the sweep asks for it and its sampler would draw blind.
+    Whichever process asks first (this one, a worker, a launcher's job) trains them. Returns how many."""
+    size = min(spec.population, n_trials)
     if spec.first_batch != "sobol" or size < 2 or isinstance(spec.sampler, BLIND_SAMPLERS):
         return 0
     for params in sobol_points(spec.distributions, size, spec.sampler_cfg.get("seed")):
