@@ -273,10 +273,10 @@ def test_the_readme_sweep_commands_run_in_order(tmp_path):
 
 @pytest.mark.slow
 def test_a_sobol_first_batch_leaves_no_trial_waiting_past_the_invocations_n_trials(tmp_path):
-    """lr_depth ships with batches of 8 and a Sobol first batch: `--n-trials 3` enqueues 3 points, not 8,
-    so the study holds the 3 trials this invocation ran and nothing waiting for a later one."""
+    """Batches of 8 with a Sobol first batch: `--n-trials 3` enqueues 3 points, not 8, so the study holds
+    the 3 trials this invocation ran and nothing waiting for a later one."""
     proc = sweep("lr_depth", "trainer.max_epochs=3", "tracking=none", "--no-refit", "--n-trials", "3",
-                 cwd=tmp_path)  # fmt: skip
+                 "--population", "8", "++gdlab_sweep.first_batch=sobol", cwd=tmp_path)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     trials = study(tmp_path, "lr_depth").get_trials(deepcopy=False)
     assert [t.state for t in trials] == [optuna.trial.TrialState.COMPLETE] * 3
