@@ -302,6 +302,10 @@ def run_sweep(args, spec: SweepSpec, study: optuna.Study, storage, storage_url: 
         if interrupts.signum is None:
             raise
         return stop_interrupted(args, spec, parent_run_id, workers, interrupts, (jobs, study, storage))
+    except Exception:
+        if end is not None:  # the drawing children and the plots' folder go with the command
+            end.cancel()
+        raise
     if failure:
         print(f"gdlab-sweep: {failure}", file=sys.stderr)
         return 1
