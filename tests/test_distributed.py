@@ -118,8 +118,9 @@ def test_kill_9_of_a_worker_mid_trial_is_failed_retried_and_repaired(tmp_path, m
         .replace("n_startup_trials: 5", "upper: 0.0").replace("n_warmup_steps: 30", "n_warmup_steps: 0")
         .replace("max_epochs: 300", "max_epochs: 100000")
     )  # fmt: skip
+    # One batch of 3: the victim holds 3 trials when it is killed.
     heartbeat = ["--heartbeat-interval", "1", "--grace-period", "3", "--storage", storage,
-                 "--config-dir", str(tmp_path / "cfg")]  # fmt: skip
+                 "--population", "3", "--config-dir", str(tmp_path / "cfg")]  # fmt: skip
     victim = warm.Popen(
         [str(BIN / "gdlab-sweep"), "long", "gdlab_sweep.report_every=1000000", "--budget", "3", *heartbeat],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=tmp_path, start_new_session=True,
@@ -139,22 +140,27 @@ def test_kill_9_of_a_worker_mid_trial_is_failed_retried_and_repaired(tmp_path, m
     finally:
         os.killpg(victim.pid, signal.SIGKILL)  # the worker and its metric writer
         victim.wait()
-    killed = running[0].number
+    killed = [t.number for t in study.get_trials(states=(TrialState.RUNNING,))]  # its whole batch
+    assert len(killed) == 3
     time.sleep(4)  # past the grace period
 
     proc = sweep("long", "--budget", "3", *heartbeat, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     study = optuna.load_study(study_name="lr_depth", storage=storage)
     by_number = {t.number: t for t in study.get_trials()}
-    assert by_number[killed].state == TrialState.FAIL
-    retried = [t for t in by_number.values() if t.system_attrs.get("failed_trial") == killed]
-    assert len(retried) == 1 and retried[0].params == by_number[killed].params
-    assert retried[0].state in (TrialState.COMPLETE, TrialState.PRUNED)
+    for number in killed:
+        assert by_number[number].state == TrialState.FAIL
+        retried = [t for t in by_number.values() if t.system_attrs.get("failed_trial") == number]
+        assert len(retried) == 1 and retried[0].params == by_number[number].params
+        assert retried[0].state in (TrialState.COMPLETE, TrialState.PRUNED)
     assert len(study.get_trials(states=(TrialState.COMPLETE, TrialState.PRUNED))) == 3
 
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("sweep-lr_depth")
-    runs = client.search_runs([experiment.experiment_id], filter_string=f"tags.`optuna.trial` = '{killed}'")
+    # A batch trains one architecture group after another: the group that was training has runs, and
+    # they are repaired to KILLED; a group that had not started has none.
+    runs = [run for number in killed for run in client.search_runs(
+        [experiment.experiment_id], filter_string=f"tags.`optuna.trial` = '{number}'")]  # fmt: skip
     assert runs and all(r.info.status == "KILLED" for r in runs)
     still = client.search_runs([experiment.experiment_id], filter_string="attributes.status = 'RUNNING'")
     assert not still, proc.stdout[-2000:]
