@@ -102,6 +102,13 @@ def test_a_logged_model_predicts_as_gdlab_does_and_is_registered(tmp_path):
     np.testing.assert_allclose(np.asarray(model.predict(X)).reshape(len(X), -1), expected, rtol=1e-12)
     (version,) = client.search_model_versions("name='moons-net'")
     assert int(version.version) == 1 and version.run_id == run.info.run_id
+    # Logging skips MLflow's scan of the installed distributions (gdlab.logged_model.no_requirement_scan):
+    # the model's requirements, as MLflow reads them back, pass MLflow's own check of each requirement.
+    from mlflow.utils.requirements_utils import _check_requirement_satisfied
+
+    requirements = Path(mlflow.pyfunc.get_model_dependencies(r.final["model_uri"])).read_text().split()
+    assert {line.split("==")[0] for line in requirements} >= {"mlflow", "torch"}
+    assert [_check_requirement_satisfied(line) for line in requirements] == [None] * len(requirements)
     assert r.final["registered_model"] == "moons-net version 1"
     mlflow.set_tracking_uri(None)
     gdlab.run([*SHORT, f"tracking.dir={tmp_path}", "tracking.log_model=true"])
