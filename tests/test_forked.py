@@ -2,6 +2,8 @@
 
 import os
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -68,3 +70,42 @@ def test_cancel_stops_the_child(tmp_path: Path):
     forked.cancel()
     with pytest.raises(ProcessLookupError):
         os.kill(pid, 0)  # reaped: no such process
+
+
+ORPHAN = """
+import pathlib, shutil, sys, time
+from gdlab.forked import Forked
+folder, go = pathlib.Path(sys.argv[1]), pathlib.Path(sys.argv[2])
+def work():
+    while not go.exists():
+        time.sleep(0.01)
+    (folder / "plot.png").write_text("drawn")
+    return 1
+forked = Forked(work, orphaned=lambda: shutil.rmtree(folder))
+print(forked.pid, flush=True)
+time.sleep(600)
+"""
+
+
+def test_a_child_whose_parent_was_killed_cleans_up_what_the_parent_would_have(tmp_path: Path):
+    """kill -9 of the parent mid-work: the child finishes, finds nobody to answer, and runs `orphaned`
+    (gdlab.sweep.study_plots removes its temporary folder so)."""
+    folder, go = tmp_path / "plots", tmp_path / "go"
+    folder.mkdir()
+    parent = subprocess.Popen([sys.executable, "-c", ORPHAN, str(folder), str(go)], stdout=subprocess.PIPE,
+                              text=True)  # fmt: skip
+    child = int(parent.stdout.readline())
+    parent.kill()
+    parent.wait()
+    go.write_text("")  # the child draws only now, with its parent gone
+    while has_not_exited(child):
+        time.sleep(0.05)
+    assert not folder.exists()
+
+
+def has_not_exited(pid: int) -> bool:
+    """Alive and not a zombie (the reparented child waits for its new parent to reap it)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False

@@ -26,8 +26,10 @@ T = TypeVar("T")
 class Forked(Generic[T]):
     """`work()` started in a child process now; `result()` waits for its value (or raises its error)."""
 
-    def __init__(self, work: Callable[[], T]):
-        self.work = work
+    def __init__(self, work: Callable[[], T], orphaned: Callable[[], None] | None = None):
+        """`orphaned()` runs in the child when the parent is gone before the answer (kill -9 of the
+        parent): what the parent would have cleaned up, e.g. a temporary folder the work filled."""
+        self.work, self.orphaned = work, orphaned
         self.pid: int | None = None
         self.reader: int | None = None
         if hasattr(os, "fork") and sys.platform != "darwin":  # macOS: fork after threads can crash the child
@@ -57,8 +59,12 @@ class Forked(Generic[T]):
                 data = pickle.dumps(answer)
             except Exception as error:  # noqa: BLE001
                 data = pickle.dumps((False, RuntimeError(f"unpicklable result: {error}")))
-            with open(writer, "wb") as pipe:
-                pipe.write(data)
+            try:
+                with open(writer, "wb") as pipe:
+                    pipe.write(data)
+            except BrokenPipeError:  # nobody reads: the parent is gone
+                if self.orphaned is not None:
+                    self.orphaned()
         finally:
             os._exit(0)
 
