@@ -245,6 +245,38 @@ def test_a_signalled_sweep_fails_its_running_trials_and_kills_its_runs(
 
 
 @pytest.mark.slow
+def test_sigterm_during_the_refit_ends_it_killed_and_leaves_no_drawing_child_or_folder(tmp_path: Path):
+    """SIGTERM to the group while the refit trains and the sweep's end is drawn in forked children: the
+    refit's and the parent's runs end KILLED, the trials' runs stay FINISHED, no process of the group is
+    left, and Optuna's plots leave no temporary folder."""
+    temporary = tmp_path / "tmp"
+    temporary.mkdir()
+    process = gdlab("gdlab-sweep", "lr", "trainer.max_epochs=2000", "--n-trials", "2", "--population", "2",
+                    "--progress", "0", cwd=tmp_path, start_new_session=True,
+                    env={**os.environ, "TMPDIR": str(temporary)})  # fmt: skip
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}")
+    deadline, refit = time.monotonic() + 600, []
+    while time.monotonic() < deadline and process.poll() is None and not refit:
+        time.sleep(0.2)
+        with contextlib.suppress(Exception):  # the store or the experiment may not exist yet
+            experiment = client.get_experiment_by_name("sweep-lr")
+            refit = client.search_runs([experiment.experiment_id], "tags.`gdlab.role` = 'refit'")
+    assert refit and refit[0].info.status == "RUNNING", "no refit seen training"
+    os.killpg(process.pid, signal.SIGTERM)
+    code, _, err = finish(process, timeout=300)
+    assert code == 143 and "interrupted by SIGTERM" in err and "Traceback" not in err, err[-3000:]
+    left = warm.run(["pgrep", "-g", str(process.pid)], capture_output=True, text=True).stdout.split()
+    assert left == []  # the drawing children went with the command
+    assert not list(temporary.glob("gdlab-optuna-plots-*"))
+    runs = client.search_runs([experiment.experiment_id])
+    by_kind = {}
+    for run in runs:
+        kind = run.data.tags.get("gdlab.role") or run.data.tags.get("gdlab.kind") or "trial"
+        by_kind.setdefault(kind, []).append(run.info.status)
+    assert by_kind == {"refit": ["KILLED"], "sweep": ["KILLED"], "trial": ["FINISHED", "FINISHED"]}, by_kind
+
+
+@pytest.mark.slow
 def test_a_study_refuses_another_experiment_from_either_sweep_path(tmp_path: Path):
     one_trial = ["--n-trials", "1", "tracking=none"]
     code, _, err = finish(gdlab("gdlab-sweep", "lr_depth", "trainer.max_epochs=5", *one_trial, cwd=tmp_path))
