@@ -519,9 +519,9 @@ def test_a_dead_metric_writer_costs_no_metric_and_no_false_finished(tmp_path: Pa
 def test_a_worker_suspended_past_the_grace_period_costs_only_its_trial(tmp_path: Path):
     """SIGSTOP (scontrol suspend, a paused VM) of one worker: the other fails its trial by heartbeat and
     goes on; the resumed worker ends that trial's run KILLED, says so, and goes on with new trials.
-    Trial by trial (--population 1): with batches, the first process to ask would take the whole budget
-    of 4 and train it before the worker has started; test_kill_9_of_a_worker_mid_trial_is_failed_retried_
-    and_repaired fails a dead process's batch by heartbeat."""
+    Trial by trial (--population 1): with batches, the first process to ask trains its share of the budget
+    (2 of 4) as one batch, which can end before the worker has started; test_kill_9_of_a_worker_mid_trial_
+    is_failed_retried_and_repaired fails a dead process's batch by heartbeat."""
     storage = f"sqlite:///{tmp_path / 'mlruns' / 'optuna.db'}"
     process = gdlab("gdlab-sweep", "lr_depth", "trainer.max_epochs=1000",
                     "gdlab_sweep.pruner.n_startup_trials=1000", "--workers", "2", "--budget", "4",

@@ -283,6 +283,31 @@ def test_a_sobol_first_batch_leaves_no_trial_waiting_past_the_invocations_n_tria
     assert [t.user_attrs.get("first_batch") for t in trials] == ["sobol"] * 3
 
 
+def test_a_batch_is_at_most_an_even_share_of_what_the_budget_leaves_among_the_workers():
+    from gdlab.sweep.trials import batch_size
+
+    assert batch_size(8, left=40, running=0, processes=1) == 8  # one process: a whole batch
+    assert batch_size(8, left=4, running=0, processes=1) == 4  # at most what the budget leaves
+    assert batch_size(8, left=4, running=0, processes=2) == 2  # the first of two takes half, not all
+    assert batch_size(8, left=4, running=2, processes=2) == 2  # and the second the rest
+    assert batch_size(8, left=8, running=0, processes=4) == 2  # the budget's end, spread over 4
+    assert batch_size(8, left=40, running=8, processes=4) == 8  # a whole batch where there is room
+    assert batch_size(8, left=3, running=3, processes=2) == 0  # all under way: wait
+    assert batch_size(1, left=5, running=0, processes=3) == 1  # trial by trial as before
+
+
+@pytest.mark.slow
+def test_two_workers_with_batches_larger_than_the_budget_share_it(tmp_path):
+    """`--workers 2 --budget 4` with batches of 8: whichever process asks first takes 2 trials, not all 4
+    (it used to take the whole budget while the worker started), and the study ends with exactly 4."""
+    proc = sweep("lr_depth", "trainer.max_epochs=20", "tracking=none", "--no-refit", "--workers", "2",
+                 "--budget", "4", "--population", "8", cwd=tmp_path)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "2 trials asked before any finished" in proc.stdout and "4 trials asked" not in proc.stdout
+    trials = study(tmp_path, "lr_depth").get_trials(deepcopy=False)
+    assert len(trials) == 4 and all(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in trials)
+
+
 @pytest.mark.slow
 def test_a_new_studys_first_batch_covers_the_search_space_evenly(tmp_path, refused):
     """TPE asked for 16 trials before any finished draws 16 random lrs (`first_batch=sampler`, the default);

@@ -143,6 +143,7 @@ def parse_args(argv):
     )
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--worker-index", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--processes", type=int, default=None, help=argparse.SUPPRESS)  # the invocation's
     parser.add_argument("--parent-run-id", help=argparse.SUPPRESS)
     return parser.parse_intermixed_args(argv)  # overrides may come before or after the options
 

@@ -156,7 +156,7 @@ def run_population_batches(spec: SweepSpec, study: optuna.Study, storage, args, 
         optuna.storages.fail_stale_trials(study)  # dead workers' trials: FAIL, and retried as WAITING
         finished = len(study.get_trials(deepcopy=False, states=FINISHED))
         running = len(study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)))
-        size = min(spec.population, budget - finished - running)
+        size = batch_size(spec.population, budget - finished, running, args.processes or args.workers)
         if args.n_trials:
             size = min(size, args.n_trials - asked)
         if size <= 0:
@@ -179,6 +179,14 @@ def run_population_batches(spec: SweepSpec, study: optuna.Study, storage, args, 
             say_drawn_blind(study.sampler, trials)
         with Heartbeats(storage, trials, args.heartbeat_interval):
             run_trial_batch(spec, study, trials, output_root, logger)
+
+
+def batch_size(population: int, left: int, running: int, processes: int) -> int:
+    """How many trials a process asks now: a population batch, at most what the budget leaves (`left`
+    finished trials to go, `running` of them under way), and at most an even share of what is left among
+    the invocation's `processes` (--workers), so that with a small budget, or at its end, the first
+    process to ask does not take everything while the others wait."""
+    return min(population, left - running, -(-left // max(processes, 1)))
 
 
 def run_trial_batch(spec: SweepSpec, study: optuna.Study, trials: list, output_root: Path,

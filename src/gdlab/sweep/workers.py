@@ -41,6 +41,7 @@ def worker_arguments(args, spec: SweepSpec, study_name: str, budget: int, parent
                  "--study", study_name, "--budget", str(budget),
                  "--heartbeat-interval", str(args.heartbeat_interval),
                  "--grace-period", str(args.grace_period), "--population", str(spec.population),
+                 "--processes", str(args.processes or args.workers),
                  "--replicates", str(spec.replicates),
                  "--progress", str(args.progress)]  # fmt: skip
     if parent_run_id:
