@@ -136,7 +136,13 @@ def test_kill_9_of_a_worker_mid_trial_is_failed_retried_and_repaired(tmp_path, m
             except (KeyError, sqlalchemy.exc.SQLAlchemyError):
                 pass  # the study does not exist yet, or the victim is creating Optuna's tables this moment
         assert running, "no trial started"
-        time.sleep(2)  # mid-trial: its MLflow run exists and is RUNNING
+        # Mid-trial: the batch's first architecture group has its MLflow runs, RUNNING.
+        client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}")
+        experiment = client.get_experiment_by_name("sweep-lr_depth")
+        while time.monotonic() < deadline and not client.search_runs(
+            [experiment.experiment_id], "tags.`optuna.trial` != '' and attributes.status = 'RUNNING'"
+        ):  # fmt: skip
+            time.sleep(0.2)
     finally:
         os.killpg(victim.pid, signal.SIGKILL)  # the worker and its metric writer
         victim.wait()
@@ -155,8 +161,6 @@ def test_kill_9_of_a_worker_mid_trial_is_failed_retried_and_repaired(tmp_path, m
         assert retried[0].state in (TrialState.COMPLETE, TrialState.PRUNED)
     assert len(study.get_trials(states=(TrialState.COMPLETE, TrialState.PRUNED))) == 3
 
-    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}")
-    experiment = client.get_experiment_by_name("sweep-lr_depth")
     # A batch trains one architecture group after another: the group that was training has runs, and
     # they are repaired to KILLED; a group that had not started has none.
     runs = [run for number in killed for run in client.search_runs(

@@ -73,9 +73,10 @@ def test_cancel_stops_the_child(tmp_path: Path):
 
 
 ORPHAN = """
-import pathlib, shutil, sys, time
+import pathlib, shutil, signal, sys, time
 from gdlab.forked import Forked
 folder, go = pathlib.Path(sys.argv[1]), pathlib.Path(sys.argv[2])
+signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # a host program's choice: the child must not die of it
 def work():
     while not go.exists():
         time.sleep(0.01)
@@ -98,9 +99,10 @@ def test_a_child_whose_parent_was_killed_cleans_up_what_the_parent_would_have(tm
     parent.kill()
     parent.wait()
     go.write_text("")  # the child draws only now, with its parent gone
-    while has_not_exited(child):
+    deadline = time.monotonic() + 120
+    while has_not_exited(child) and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert not folder.exists()
+    assert not has_not_exited(child) and not folder.exists()
 
 
 def has_not_exited(pid: int) -> bool:

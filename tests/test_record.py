@@ -251,17 +251,18 @@ def test_sigterm_during_the_refit_ends_it_killed_and_leaves_no_drawing_child_or_
     left, and Optuna's plots leave no temporary folder."""
     temporary = tmp_path / "tmp"
     temporary.mkdir()
-    process = gdlab("gdlab-sweep", "lr", "trainer.max_epochs=2000", "--n-trials", "2", "--population", "2",
+    process = gdlab("gdlab-sweep", "lr", "trainer.max_epochs=3000", "--n-trials", "2", "--population", "2",
                     "--progress", "0", cwd=tmp_path, start_new_session=True,
                     env={**os.environ, "TMPDIR": str(temporary)})  # fmt: skip
+    # A trial runs once the sweep has made its MLflow store: a client opened before would make it too.
+    wait_for_running_trials(f"sqlite:///{tmp_path / 'mlruns' / 'optuna.db'}", "lr", process, count=1)
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("sweep-lr")
     deadline, refit = time.monotonic() + 600, []
     while time.monotonic() < deadline and process.poll() is None and not refit:
-        time.sleep(0.2)
-        with contextlib.suppress(Exception):  # the store or the experiment may not exist yet
-            experiment = client.get_experiment_by_name("sweep-lr")
-            refit = client.search_runs([experiment.experiment_id], "tags.`gdlab.role` = 'refit'")
-    assert refit and refit[0].info.status == "RUNNING", "no refit seen training"
+        time.sleep(0.05)
+        refit = client.search_runs([experiment.experiment_id], "tags.`gdlab.role` = 'refit'")
+    assert refit and refit[0].info.status == "RUNNING", f"no refit seen: {finish(process)[2][-2000:]}"
     os.killpg(process.pid, signal.SIGTERM)
     code, _, err = finish(process, timeout=300)
     assert code == 143 and "interrupted by SIGTERM" in err and "Traceback" not in err, err[-3000:]

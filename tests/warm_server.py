@@ -19,6 +19,7 @@ import selectors
 import signal
 import socket
 import sys
+import tempfile
 
 
 def preload() -> dict[str, str]:
@@ -53,13 +54,15 @@ def run_child(request: dict, fds: list[int], set_by_imports: dict[str, str]) -> 
     for fd in fds:
         if fd > 2:
             os.close(fd)
-    for signum in (signal.SIGTERM, signal.SIGCHLD, signal.SIGPIPE):
+    for signum in (signal.SIGTERM, signal.SIGCHLD):
         signal.signal(signum, signal.SIG_DFL)
+    signal.signal(signal.SIGPIPE, signal.SIG_IGN)  # as a new interpreter has it
     signal.signal(signal.SIGINT, signal.default_int_handler)
     os.environ.clear()
     os.environ.update(request["env"])
     for key, value in set_by_imports.items():
         os.environ.setdefault(key, value)
+    tempfile.tempdir = None  # the preload's imports chose it from the server's TMPDIR: the command's now
     if os.environ.get("PYTHONUNBUFFERED"):
         sys.stdout.reconfigure(write_through=True)
     os.chdir(request["cwd"])

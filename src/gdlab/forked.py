@@ -51,6 +51,7 @@ class Forked(Generic[T]):
         try:
             for signum in (signal.SIGTERM, signal.SIGINT):  # the parent's handlers raise in the parent's code
                 signal.signal(signum, signal.SIG_DFL)
+            signal.signal(signal.SIGPIPE, signal.SIG_IGN)  # a parent gone: BrokenPipeError below, not death
             try:
                 answer = (True, self.work())
             except Exception as error:  # noqa: BLE001 (handed to the parent, which decides)

@@ -20,6 +20,8 @@ from torch import nn
 from gdlab.model import MLP, head_output
 
 MODEL_NAME = "model"
+# MLflow's requirement check, as mlflow.utils.environment and mlflow.pyfunc each name it
+SCAN_HOOK = "warn_dependency_requirement_mismatches"
 INPUT_EXAMPLE_ROWS = 5
 
 
@@ -58,21 +60,25 @@ def model_requirements() -> list[str]:
 @contextlib.contextmanager
 def no_requirement_scan():
     """MLflow checks a logged model's requirements against the installed distributions and warns of a
-    mismatch: ~1 s a process (it maps every installed distribution to its modules first). gdlab's
-    requirements are the installed versions (model_requirements, and MLflow's own pin), so the check cannot
-    warn; it is skipped while logging. Guarded: where MLflow no longer has the hook, nothing is changed.
-    tests/test_logged_model.py proves the logged requirements satisfied through MLflow's own check."""
+    mismatch, twice: when it writes the requirements and when it loads the model back to validate the
+    input example. The first check in a process costs ~1 s (it maps every installed distribution to its
+    modules). gdlab's requirements are the installed versions (model_requirements, and MLflow's own pin),
+    so the check cannot warn; it is skipped while logging, in both places. Guarded: a module that no
+    longer has the hook is left alone. tests/test_mlflow_conventions.py proves the logged requirements
+    satisfied through MLflow's own check."""
+    import mlflow.pyfunc
     from mlflow.utils import environment
 
-    before = getattr(environment, "warn_dependency_requirement_mismatches", None)
-    if before is None:
-        yield
-        return
-    environment.warn_dependency_requirement_mismatches = lambda requirements: None
+    hooks = [module for module in (environment, mlflow.pyfunc)
+             if callable(getattr(module, SCAN_HOOK, None))]  # fmt: skip
+    saved = [getattr(module, SCAN_HOOK) for module in hooks]
+    for module in hooks:
+        setattr(module, SCAN_HOOK, lambda requirements: None)
     try:
         yield
     finally:
-        environment.warn_dependency_requirement_mismatches = before
+        for module, hook in zip(hooks, saved, strict=True):
+            setattr(module, SCAN_HOOK, hook)
 
 
 @contextlib.contextmanager
