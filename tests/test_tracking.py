@@ -464,3 +464,40 @@ def test_runs_made_for_a_batch_that_stops_before_training_are_ended(tmp_path, mo
     runs = all_runs(sqlite_client(tmp_path))
     assert len(runs) == 3 and {r.info.status for r in runs} == {status}
     assert all(r.data.tags["failure.reason"].startswith("before training: ") for r in runs)
+
+
+@pytest.mark.parametrize("population", [1, 3])
+@pytest.mark.parametrize(("stop", "status"), [(KeyboardInterrupt, "KILLED"), (MemoryError, "FAILED")])
+def test_a_run_whose_start_is_interrupted_after_its_creation_is_ended(tmp_path, monkeypatch, stop, status,
+                                                                      population):  # fmt: skip
+    """Ctrl-C (or an error) after MLflow made the run but before its caller holds it (its writer starting,
+    its params being logged): the run ends with the reason, not RUNNING."""
+    import gdlab.tracking
+
+    def stopped(*args, **kwargs):
+        raise stop()
+
+    monkeypatch.setattr(gdlab.tracking.MetricWriter, "for_uri", stopped)
+    with pytest.raises(stop):
+        gdlab.run(["trainer.max_epochs=5", f"tracking.dir={tmp_path}"],
+                  population=[{"seed": s} for s in range(population)])  # fmt: skip
+    (run,) = all_runs(sqlite_client(tmp_path))  # a population's first run is made alone, before the rest
+    assert run.info.status == status and run.info.end_time is not None
+    assert run.data.tags["failure.reason"].startswith("before training: ")
+
+
+def test_an_interrupted_command_ends_the_runs_it_left_running_and_no_others(tmp_path):
+    from gdlab.repair import PID_TAG, PROCESS_TAG, end_runs_of_this_process, process_tags
+
+    client = sqlite_client(tmp_path)
+    experiment = client.create_experiment("e")
+    mine, other = process_tags(), {**process_tags(), PID_TAG: "1", PROCESS_TAG: "1:1"}
+    left = client.create_run(experiment, tags=mine).info.run_id
+    ended = client.create_run(experiment, tags=mine).info.run_id
+    client.set_terminated(ended, status="FINISHED")
+    anothers = client.create_run(experiment, tags=other).info.run_id
+    assert end_runs_of_this_process(client, experiment, "interrupted by SIGTERM") == 1
+    assert client.get_run(left).info.status == "KILLED"
+    assert client.get_run(left).data.tags["failure.reason"] == "interrupted by SIGTERM"
+    assert client.get_run(ended).info.status == "FINISHED"
+    assert client.get_run(anothers).info.status == "RUNNING"

@@ -102,3 +102,18 @@ def repair_dead_runs(client) -> int:
             client.set_terminated(run.info.run_id, status="KILLED")
             repaired += 1
     return repaired
+
+
+def end_runs_of_this_process(client, experiment_id: str, reason: str) -> int:
+    """End as KILLED the runs this process left RUNNING in an experiment; how many were ended. An interrupted
+    command's last word: a signal that came while a run was being created leaves a run no caller holds."""
+    mine = process_tags()
+    key = PROCESS_TAG if PROCESS_TAG in mine else PID_TAG
+    host = mine[HOST_TAG].replace("'", "")
+    mine_running = (f"attributes.status = 'RUNNING' and tags.`{key}` = '{mine[key]}' "
+                    f"and tags.`{HOST_TAG}` = '{host}'")  # fmt: skip
+    running = client.search_runs([experiment_id], filter_string=mine_running, max_results=5000)
+    for run in running:
+        client.set_tag(run.info.run_id, "failure.reason", reason)
+        client.set_terminated(run.info.run_id, status="KILLED")
+    return len(running)

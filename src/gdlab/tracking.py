@@ -222,6 +222,13 @@ class MlflowRun:
             self.run_id = self._create_run(tags_of(cfg, overrides, device, extra_tags, self.parent_run_id))
         else:
             self.client, self.run_id, self.name = created
+        try:
+            self._start(background, created)
+        except BaseException as stop:  # a signal (or an error) before the caller holds the run: end it here
+            self._abandon(stop)
+            raise
+
+    def _start(self, background: bool, created) -> None:
         # Started now, so its imports overlap Lightning's start-up; kept for the next runs (sweeps).
         self.writer = MetricWriter.for_uri(self.uri)
         self.submitted = False  # whether the writer holds anything of this run: then `wait` drains it
@@ -230,12 +237,23 @@ class MlflowRun:
         self.sent_tags: dict = {}  # tags handed to the writer: written again should it die
         self.writer_died = False  # the writer exited with some of this run's record in hand (see `rewrite`)
         self.inputs: list[dict] = []  # its datasets (gdlab.run_inputs), once logged
-        self.params = list(flatten(cfg).items())
+        self.params = list(flatten(self.cfg).items())
         if not background:
             self._call(log_params, self.client, self.run_id, self.params)
-            system_metrics.start(cfg, self.uri, self.run_id)
+            system_metrics.start(self.cfg, self.uri, self.run_id)
         elif created is None:  # a run made by `create_many` got its params with it
             self._send({"params": self.params})
+
+    def _abandon(self, stop: BaseException) -> None:
+        """End a run whose start was interrupted: KILLED by a signal, else FAILED, with the reason."""
+        from gdlab.interrupts import interruption_reason
+
+        by_signal = isinstance(stop, KeyboardInterrupt | SystemExit)
+        reason = interruption_reason(stop) if by_signal else f"{type(stop).__name__}: {error_line(stop)}"
+        with contextlib.suppress(Exception):
+            system_metrics.stop(self.run_id)
+            self.client.set_tag(self.run_id, "failure.reason", f"before training: {mask_passwords(reason)}")
+            self.client.set_terminated(self.run_id, status="KILLED" if by_signal else "FAILED")
 
     @classmethod
     def create_many(cls, cfgs: list, overrides: list[list[str]], device: str,

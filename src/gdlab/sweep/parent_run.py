@@ -22,7 +22,9 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from gdlab import system_metrics
+from gdlab.experiments import experiment_of_run
 from gdlab.masking import error_line, install_log_masking, mask_passwords, mask_saved_hydra_configs
+from gdlab.repair import end_runs_of_this_process
 from gdlab.stores import mlflow_client
 from gdlab.sweep.selection import refit_enabled, selected_on
 from gdlab.tracking import (
@@ -149,12 +151,14 @@ def log_result(client, parent_run_id: str, result: SweepResult) -> None:
 
 
 def end_parent_run(cfg: DictConfig, parent_run_id: str, status: str, reason: str) -> None:
-    """Close the parent early (an interrupted sweep): `status` with the reason as a tag."""
+    """Close the parent early (an interrupted sweep): `status` with the reason as a tag, and any run this
+    process left RUNNING beside it (gdlab.repair.end_runs_of_this_process)."""
     os.environ.pop(PARENT_ENV, None)
     client = mlflow_client(tracking_uri(cfg))
     client.set_tag(parent_run_id, "failure.reason", reason)
     system_metrics.stop(parent_run_id)
     client.set_terminated(parent_run_id, status=status)
+    end_runs_of_this_process(client, experiment_of_run(client, parent_run_id), reason)
 
 
 def start_parent_report(cfg: DictConfig, parent_run_id: str, report_dir: str | Path | None,
