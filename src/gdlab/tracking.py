@@ -211,9 +211,7 @@ class MlflowRun:
         self.flush_seconds = float(cfg.tracking.get("flush_seconds", 1.0))
         self.drain_timeout = float(cfg.tracking.get("drain_timeout", 600.0))
         self.buffer: list = []
-        self.last_flush: float | None = (
-            None  # the clock starts at the first epoch: a short run needs no writer
-        )
+        self.last_flush: float | None = None  # set at the first epoch: a short run needs no writer
         self.outage: str | None = None
         self.waits = Outage()
         self.parent_run_id = parent_run_id or os.environ.get(PARENT_ENV)
