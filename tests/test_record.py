@@ -245,8 +245,11 @@ def test_a_signalled_sweep_fails_its_running_trials_and_kills_its_runs(
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=False, reason="open: SIGTERM in some window of the refit's start or the sweep's "
-                   "end can leave the refit and the parent RUNNING (CI, 2026-12-04)")
+@pytest.mark.xfail(
+    strict=False,
+    reason="open: SIGTERM in some window of the refit's start or the sweep's "
+    "end can leave the refit and the parent RUNNING (CI, 2026-12-04)",
+)
 def test_sigterm_during_the_refit_ends_it_killed_and_leaves_no_drawing_child_or_folder(tmp_path: Path):
     """SIGTERM to the group while the refit trains and the sweep's end is drawn in forked children: the
     refit's and the parent's runs end KILLED, the trials' runs stay FINISHED, no process of the group is
