@@ -24,6 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 from gdlab import system_metrics
 from gdlab.data import SPLIT_METRICS
 from gdlab.experiments import experiment_of_run, get_or_create_experiment
+from gdlab.interrupts import interruption_reason
 from gdlab.masking import error_line, mask_passwords
 from gdlab.metric_store import log_metrics, log_params
 from gdlab.metric_writer import MetricWriter, Outage
@@ -244,13 +245,12 @@ class MlflowRun:
 
     def _abandon(self, stop: BaseException) -> None:
         """End a run whose start was interrupted: KILLED by a signal, else FAILED, with the reason."""
-        from gdlab.interrupts import interruption_reason
-
         by_signal = isinstance(stop, KeyboardInterrupt | SystemExit)
         reason = interruption_reason(stop) if by_signal else f"{type(stop).__name__}: {error_line(stop)}"
         with contextlib.suppress(Exception):
             system_metrics.stop(self.run_id)
             self.client.set_tag(self.run_id, "failure.reason", f"before training: {mask_passwords(reason)}")
+        with contextlib.suppress(Exception):  # on its own: a tag that failed must not keep the run open
             self.client.set_terminated(self.run_id, status="KILLED" if by_signal else "FAILED")
 
     @classmethod
