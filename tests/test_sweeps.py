@@ -1,5 +1,6 @@
 """Sweeps both ways: Hydra's Optuna sweeper (gdlab-train -m +sweep=NAME) and gdlab-sweep."""
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -334,3 +335,48 @@ def test_a_new_studys_first_batch_covers_the_search_space_evenly(tmp_path, refus
         "gdlab-sweep: error: sweeps/lr.yaml: gdlab_sweep.first_batch='qmc' is not allowed; choose one of "
         "sobol|sampler"
     )
+
+
+@pytest.mark.parametrize("operation", ["ask", "get_trials"])
+@pytest.mark.parametrize("nth", [1, 2, 3])
+def test_a_signal_inside_an_optuna_session_comes_after_it_and_the_trial_can_be_failed(
+    tmp_path, operation, nth
+):
+    """SIGTERM after the n-th statement of one of Optuna's SQLite sessions (an ask, a read): the handler's
+    exception used to keep the session's read open while the cleanup told the running trial FAIL, which then
+    failed ("database is locked") and left the trial RUNNING. Now the session completes first."""
+    import signal
+
+    from sqlalchemy import event
+
+    from gdlab.interrupts import Interrupted, InterruptHandler
+    from gdlab.sweep.study import make_storage
+
+    storage = make_storage(f"sqlite:///{tmp_path / 'optuna.db'}")
+    study = optuna.create_study(storage=storage, study_name="s")
+    running = study.ask()
+    engine = getattr(storage, "_backend", storage).engine
+    seen = []
+
+    def signal_mid_session(*args):
+        seen.append(args)
+        if len(seen) == nth:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    event.listen(engine, "after_cursor_execute", signal_mid_session)
+    before = {signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGINT)}
+    handler = InterruptHandler().install()
+    try:
+        with pytest.raises(Interrupted):
+            try:
+                study.ask() if operation == "ask" else study.get_trials(deepcopy=False)
+            except Interrupted:
+                study.tell(running, state=TrialState.FAIL)
+                raise
+    finally:
+        event.remove(engine, "after_cursor_execute", signal_mid_session)
+        for signum, previous in before.items():
+            signal.signal(signum, previous)
+    assert handler.signum == signal.SIGTERM
+    stored = optuna.load_study(study_name="s", storage=f"sqlite:///{tmp_path / 'optuna.db'}")
+    assert stored.get_trials(deepcopy=False)[running.number].state == TrialState.FAIL

@@ -486,6 +486,34 @@ def test_a_run_whose_start_is_interrupted_after_its_creation_is_ended(tmp_path, 
     assert run.data.tags["failure.reason"].startswith("before training: ")
 
 
+@pytest.mark.parametrize(("stop", "status"), [(KeyboardInterrupt, "KILLED"), (MemoryError, "FAILED")])
+def test_a_batch_stopped_while_its_record_is_written_ends_the_runs_not_yet_closed(tmp_path, monkeypatch, stop,
+                                                                                  status):  # fmt: skip
+    """Ctrl-C (or an error) after training, while the members' records are written one by one (a refit's
+    model being logged, say): the runs already closed keep their state, the rest end with the reason
+    instead of staying RUNNING."""
+    import gdlab.fit
+
+    written = []
+
+    def save_then_stop(*args, **kwargs):
+        if written:
+            raise stop()
+        written.append(gdlab.fit.save_outputs.__wrapped__(*args, **kwargs))
+
+    save_then_stop.__wrapped__ = gdlab.fit.save_outputs
+    monkeypatch.setattr(gdlab.fit, "save_outputs", save_then_stop)
+    with pytest.raises(stop):
+        gdlab.run(
+            ["trainer.max_epochs=5", f"tracking.dir={tmp_path}"], population=[{"seed": s} for s in range(3)]
+        )
+    runs = sorted(all_runs(sqlite_client(tmp_path)), key=lambda run: run.info.start_time)
+    assert [run.info.status for run in runs].count("FINISHED") == 1
+    stopped = [run for run in runs if run.info.status != "FINISHED"]
+    assert [run.info.status for run in stopped] == [status, status]
+    assert all(run.data.tags["failure.reason"].startswith("while recording: ") for run in stopped)
+
+
 def test_an_interrupted_command_ends_the_runs_it_left_running_and_no_others(tmp_path):
     from gdlab.repair import PID_TAG, PROCESS_TAG, end_runs_of_this_process, process_tags
 
@@ -501,3 +529,46 @@ def test_an_interrupted_command_ends_the_runs_it_left_running_and_no_others(tmp_
     assert client.get_run(left).data.tags["failure.reason"] == "interrupted by SIGTERM"
     assert client.get_run(ended).info.status == "FINISHED"
     assert client.get_run(anothers).info.status == "RUNNING"
+
+
+@pytest.mark.parametrize("moment", [("after_cursor_execute", n) for n in range(1, 7)] + [("commit", 1)])
+def test_a_signal_inside_a_store_transaction_comes_after_it_and_the_cleanup_can_write(tmp_path, moment):
+    """SIGTERM while the command's process is inside one of MLflow's SQLite sessions (after its n-th
+    statement, or at its commit): the handler's exception used to leave the session's connection open while
+    the cleanup, in the except block as the commands do, ended the run: "database is locked" after SQLite's
+    20 s wait (CI: a sweep's parent left RUNNING). Now the session completes, the signal arrives right after
+    it, and the cleanup writes."""
+    from sqlalchemy import event
+
+    from gdlab.interrupts import Interrupted, InterruptHandler
+    from gdlab.stores import mlflow_client
+
+    client = mlflow_client(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    run_id = client.create_run(client.create_experiment("e")).info.run_id
+    name, nth = moment
+    seen = []
+
+    def signal_mid_session(*args):
+        seen.append(name)
+        if len(seen) == nth:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    engine = client._tracking_client.store.engine
+    event.listen(engine, name, signal_mid_session)
+    before = {signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGINT)}
+    handler = InterruptHandler().install()
+    try:
+        with pytest.raises(Interrupted):
+            try:
+                client.set_tag(run_id, "during", "the signal")
+            except Interrupted:
+                client.set_terminated(run_id, status="KILLED")
+                raise
+    finally:
+        event.remove(engine, name, signal_mid_session)
+        for signum, previous in before.items():
+            signal.signal(signum, previous)
+    assert len(seen) >= nth and handler.signum == signal.SIGTERM
+    run = client.get_run(run_id)
+    assert run.info.status == "KILLED"
+    assert run.data.tags["during"] == "the signal"  # the session the signal arrived in completed

@@ -32,7 +32,7 @@ from gdlab.progress import Progress
 from gdlab.record import (
     RunResult,
     default_output_dir,
-    end_before_training,
+    end_unclosed,
     finish_tracking,
     log_inputs,
     log_trained_model,
@@ -222,7 +222,7 @@ def fit_population(
         # mini-batch members share their seed (gdlab.members.architecture_key): member 0's orders the batches
         loader = make_loader(data.train, first.optimizer.get("batch_size"), population.members[0]["seed"])
     except BaseException as stop:
-        end_before_training(runs, stop)
+        end_unclosed(runs, stop, "before training")
         raise
     ending, reason, started = "FAILED", None, time.perf_counter()
     try:
@@ -234,25 +234,29 @@ def fit_population(
         raise
     finally:
         wall_time = time.perf_counter() - started
-        history_files.close()
-        run_epochs.close()
-        results = record(population, module.outcomes(), data, wall_time)
-        if pbt is not None:
-            try:
-                record_pbt(pbt, module.table, results, overrides, directories, runs)
-            except Exception as error:  # never at the cost of the members' histories and statuses
-                log.warning("gdlab: could not write the PBT record: %s", error)
-        if ending is None and n == 1 and runs[0] is not None and wants_model(first):
-            log_trained_model(runs[0], results[0])
-        complete = history_files.complete(module.table.final_recorded)
-        for p, result in enumerate(results):
-            if directories[p] is not None:
-                save_outputs(result, overrides[p], directories[p], runs[p], ending or status(result), reason,
-                             config=population.view(p), history_written=bool(complete[p]),
-                             population_size=n)  # fmt: skip
-        for result, run in zip(results, runs, strict=True):  # the writer has worked meanwhile
-            if run is not None:
-                finish_tracking(result, run)
+        try:  # a signal while the record is written: the runs not closed yet end KILLED, not RUNNING
+            history_files.close()
+            run_epochs.close()
+            results = record(population, module.outcomes(), data, wall_time)
+            if pbt is not None:
+                try:
+                    record_pbt(pbt, module.table, results, overrides, directories, runs)
+                except Exception as error:  # never at the cost of the members' histories and statuses
+                    log.warning("gdlab: could not write the PBT record: %s", error)
+            if ending is None and n == 1 and runs[0] is not None and wants_model(first):
+                log_trained_model(runs[0], results[0])
+            complete = history_files.complete(module.table.final_recorded)
+            for p, result in enumerate(results):
+                if directories[p] is not None:
+                    save_outputs(result, overrides[p], directories[p], runs[p], ending or status(result),
+                                 reason, config=population.view(p), history_written=bool(complete[p]),
+                                 population_size=n)  # fmt: skip
+            for result, run in zip(results, runs, strict=True):  # the writer has worked meanwhile
+                if run is not None:
+                    finish_tracking(result, run)
+        except BaseException as stop:
+            end_unclosed(runs, stop, "while recording")
+            raise
     return results
 
 

@@ -9,8 +9,11 @@ cleanup runs.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
+import threading
+from collections.abc import Iterator
 
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
@@ -67,6 +70,45 @@ def interruption_reason(stop: BaseException) -> str:
             return "interrupted by SIGINT"
         seen = seen.__cause__ or seen.__context__
     return "interrupted"
+
+
+@contextlib.contextmanager
+def deferred() -> Iterator[None]:
+    """SIGTERM and SIGINT held back until the block ends, then delivered to the handler that was in place.
+
+    For work a signal must not cut in half: a store's transaction. The exception a handler raises inside
+    one keeps its connection open, through the traceback, while the command's cleanup runs, and SQLite then
+    refuses that cleanup's writes ("database is locked": a sweep's parent left RUNNING). Signals are handled
+    in the main thread only; elsewhere, or where a handler was not set from Python, this holds nothing."""
+    before = {signum: signal.getsignal(signum) for signum in SIGNALS}
+    if threading.current_thread() is not threading.main_thread() or None in before.values():
+        yield
+        return
+    held: list[int] = []
+    for signum in SIGNALS:
+        signal.signal(signum, lambda signum, frame: held.append(signum))
+    try:
+        yield
+    finally:
+        for signum, handler in before.items():
+            signal.signal(signum, handler)
+        if held:
+            signal.raise_signal(held[0])
+
+
+def whole(sessions):
+    """A store's session factory (a context manager) whose sessions each run inside `deferred`: MLflow's
+    `ManagedSessionMaker`, Optuna's `_create_scoped_session`."""
+    if getattr(sessions, "whole", False):
+        return sessions
+
+    @contextlib.contextmanager
+    def whole_session(*args, **kwargs):
+        with deferred(), sessions(*args, **kwargs) as session:
+            yield session
+
+    whole_session.whole = True
+    return whole_session
 
 
 class PendingSigterm:

@@ -109,16 +109,16 @@ def log_inputs(runs: list[MlflowRun | None], population: Population, data: Datas
             run.log_inputs(inputs.of_member(member))
 
 
-def end_before_training(runs: list[MlflowRun | None], stop: BaseException) -> None:
-    """Runs created for a batch that stopped before training (a signal, an error): ended KILLED (a signal)
-    or FAILED, with the reason, not left RUNNING."""
+def end_unclosed(runs: list[MlflowRun | None], stop: BaseException, when: str) -> None:
+    """The runs of a batch that stopped (a signal, an error) `when` ("before training", "while recording")
+    they were closed: ended KILLED (a signal) or FAILED, with the reason, not left RUNNING."""
     from gdlab.interrupts import interruption_reason
 
     signal = isinstance(stop, KeyboardInterrupt | SystemExit)
     reason = interruption_reason(stop) if signal else f"{type(stop).__name__}: {error_line(stop)}"
     for run in runs:
-        if run is not None:
-            run.set_tags({"failure.reason": f"before training: {reason}"})
+        if run is not None and run.closing is None:
+            run.set_tags({"failure.reason": f"{when}: {reason}"})
             run.close("KILLED" if signal else "FAILED", None)
     for run in runs:
         if run is not None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import uuid
 from typing import NamedTuple
 
+from gdlab.interrupts import deferred
 from gdlab.metric_store import verified_sql_store
 
 RUN_NAME_TAG, USER_TAG = "mlflow.runName", "mlflow.user"
@@ -129,7 +130,7 @@ def artifact_uris(client, run_ids: list[str]) -> dict[str, str] | None:
     from sqlalchemy import select
 
     table, uris = SqlRun.__table__, {}
-    with store.engine.connect() as connection:
+    with deferred(), store.engine.connect() as connection:  # gdlab.stores.whole_sessions
         for start in range(0, len(run_ids), CHUNK):
             chunk = run_ids[start : start + CHUNK]
             uris.update(connection.execute(select(table.c.run_uuid, table.c.artifact_uri)

@@ -19,6 +19,7 @@ import threading
 import warnings
 from pathlib import Path
 
+from gdlab.interrupts import whole
 from gdlab.new_store import make_sqlite_store
 from gdlab.repair import repair_dead_runs
 
@@ -113,8 +114,18 @@ def open_client(uri: str):
             make_sqlite_store(Path(uri[len("sqlite:///") :]))
         client = MlflowClient(tracking_uri=uri)
         if is_database(uri):
+            whole_sessions(client)
             client.search_experiments(max_results=1)  # opens the store (migrates a new or an old one)
     return client
+
+
+def whole_sessions(client) -> None:
+    """Every session of the client's SQL store runs with SIGTERM and SIGINT deferred to its end
+    (gdlab.interrupts.deferred): a signal never leaves a transaction or a read open, and its lock held, while
+    the command ends its runs. MLflow keeps one store per URI, so every client on `uri` shares this."""
+    store = getattr(getattr(client, "_tracking_client", None), "store", None)
+    if getattr(store, "ManagedSessionMaker", None) is not None:  # not on a REST store
+        store.ManagedSessionMaker = whole(store.ManagedSessionMaker)
 
 
 def is_database(uri: str) -> bool:

@@ -231,7 +231,7 @@ class MlflowRun:
         # Started now, so its imports overlap Lightning's start-up; kept for the next runs (sweeps).
         self.writer = MetricWriter.for_uri(self.uri)
         self.submitted = False  # whether the writer holds anything of this run: then `wait` drains it
-        self.closing: tuple[str, int] | None = None  # (status, end time in ms) once `close` is called
+        self.closing: tuple[str, int] | None = None  # (status, end time in ms) once `close` has ended it
         self.last_values: dict = {}
         self.sent_tags: dict = {}  # tags handed to the writer: written again should it die
         self.writer_died = False  # the writer exited with some of this run's record in hand (see `rewrite`)
@@ -373,12 +373,12 @@ class MlflowRun:
         or KILLED at `end_time` (time.time(); default now): a population member's own end, not its
         batch's. Where the writer holds this run, it does all that in order; `wait` for it."""
         end_ms = int((time.time() if end_time is None else end_time) * 1000)
-        self.closing = (status, end_ms)
         if self.submitted:
             self.flush()
             if directory is not None:
                 self._send({"artifacts": str(Path(directory).resolve())})
             self._send({"end": status, "end_time": end_ms})
+            self.closing = (status, end_ms)
             return
         self._call(log_metrics, self.client, self.run_id, self.buffer)
         self.buffer = []
@@ -386,6 +386,7 @@ class MlflowRun:
             self._call(self.client.log_artifacts, self.run_id, str(directory))
         self._call(system_metrics.stop, self.run_id)
         self._call(self.client.set_terminated, self.run_id, status=status, end_time=end_ms)
+        self.closing = (status, end_ms)
 
     def wait(self) -> str | None:
         """Wait until the writer has done everything handed to it for this run; the run's outage, if any."""

@@ -16,6 +16,7 @@ from pathlib import Path
 import optuna
 from optuna.trial import TrialState
 
+from gdlab.interrupts import whole
 from gdlab.masking import error_line, mask_passwords
 from gdlab.stores import schema_lock
 from gdlab.sweep import owned_trials
@@ -30,6 +31,7 @@ GRACE_SECONDS = 30
 def make_storage(url: str, heartbeat: int = HEARTBEAT_SECONDS, grace: int = GRACE_SECONDS):
     """RDB storage with heartbeats: a trial whose process died goes FAIL and is retried (twice); a population
     batch's asks do not re-read the batch (gdlab.sweep.owned_trials)."""
+    whole_optuna_sessions()
     is_sqlite = url.startswith("sqlite")
     engine_kwargs = {"connect_args": {"timeout": 60}} if is_sqlite else {"pool_pre_ping": True}
     database = Path(url[len("sqlite:///") :]) if url.startswith("sqlite:///") else None
@@ -51,6 +53,17 @@ def make_storage(url: str, heartbeat: int = HEARTBEAT_SECONDS, grace: int = GRAC
     except Exception as error:
         raise SweepError(f"--storage {mask_passwords(url)} is not a usable Optuna database: "
                          f"{error_line(error)}") from error  # fmt: skip
+
+
+def whole_optuna_sessions() -> None:
+    """Each of Optuna's RDB sessions runs with SIGTERM and SIGINT deferred to its end (gdlab.interrupts):
+    a signal inside one used to keep its read open through the traceback, so the trials' FAIL, told in the
+    command's cleanup, met "database is locked" and the trials stayed RUNNING. Optuna opens every session
+    through this module function; where a version does not, nothing changes."""
+    from optuna.storages._rdb import storage as rdb
+
+    if callable(getattr(rdb, "_create_scoped_session", None)):
+        rdb._create_scoped_session = whole(rdb._create_scoped_session)
 
 
 def check_is_optuna_database(url: str) -> None:
