@@ -239,17 +239,14 @@ def test_a_signalled_sweep_fails_its_running_trials_and_kills_its_runs(
     assert sorted(r.info.status for r in runs) == ["KILLED"] * (int(population) + 1)  # children + parent
     (parent,) = [r for r in runs if r.data.tags.get("gdlab.kind") == "sweep"]
     assert parent.data.tags["failure.reason"] == f"interrupted by {signum.name}"
-    # the trials' too (said "before training: ..." where the signal came before their first epoch)
+    # the trials' too (said "before training: ..." where the signal came before their first epoch, "while
+    # recording: ..." where it came after their last)
     reasons = {r.data.tags["failure.reason"] for r in runs}
-    assert reasons <= {f"interrupted by {signum.name}", f"before training: interrupted by {signum.name}"}
+    said = f"interrupted by {signum.name}"
+    assert reasons <= {said, f"before training: {said}", f"while recording: {said}"}
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    strict=False,
-    reason="open: SIGTERM in some window of the refit's start or the sweep's "
-    "end can leave the refit and the parent RUNNING (CI, 2026-12-04)",
-)
 def test_sigterm_during_the_refit_ends_it_killed_and_leaves_no_drawing_child_or_folder(tmp_path: Path):
     """SIGTERM to the group while the refit trains and the sweep's end is drawn in forked children: the
     refit's and the parent's runs end KILLED, the trials' runs stay FINISHED, no process of the group is
@@ -280,6 +277,38 @@ def test_sigterm_during_the_refit_ends_it_killed_and_leaves_no_drawing_child_or_
         kind = run.data.tags.get("gdlab.role") or run.data.tags.get("gdlab.kind") or "trial"
         by_kind.setdefault(kind, []).append(run.info.status)
     assert by_kind == {"refit": ["KILLED"], "sweep": ["KILLED"], "trial": ["FINISHED", "FINISHED"]}, by_kind
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("signum", "code"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_a_signal_to_a_basic_multirun_ends_its_parent_killed_without_a_refit(tmp_path: Path, signum, code):
+    """`gdlab-train -m` on Hydra's basic sweeper: Hydra ends the multirun in a `finally` after the stopped
+    job's exit, so the callback used to refit the best job and end the parent FINISHED (Ctrl-C), or leave it
+    RUNNING (SIGTERM). Now the job's run and the parent end KILLED, and nothing is refit."""
+    process = gdlab("gdlab-train", "-m", "optimizer.lr=0.1,0.2", "trainer.max_epochs=200000",
+                    "tracking.plots=false", cwd=tmp_path, start_new_session=True)  # fmt: skip
+    store = tmp_path / "mlruns" / "mlflow.db"
+    deadline, running = time.monotonic() + 300, []
+    while time.monotonic() < deadline and process.poll() is None and not running:
+        time.sleep(0.2)
+        if store.exists():
+            with contextlib.suppress(Exception):
+                client = MlflowClient(tracking_uri=f"sqlite:///{store}")
+                experiments = [e.experiment_id for e in client.search_experiments()]
+                running = client.search_runs(experiments, "tags.`mlflow.parentRunId` != '' "
+                                             "and attributes.status = 'RUNNING'")  # fmt: skip
+    assert running, f"no job seen: {finish(process)[2][-2000:]}"
+    os.killpg(process.pid, signum)
+    returncode, _, err = finish(process, timeout=300)
+    assert returncode == code and "Traceback" not in err, err[-3000:]
+    assert "the sweep's parent run" in err and "ended KILLED" in err, err[-3000:]
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+
+    def kind(run) -> str:
+        return run.data.tags.get("gdlab.kind") or run.data.tags.get("gdlab.role") or "job"
+
+    kinds = sorted((kind(run), run.info.status) for run in runs)
+    assert kinds == [("job", "KILLED"), ("sweep", "KILLED")], kinds
 
 
 @pytest.mark.slow

@@ -41,6 +41,9 @@ if TYPE_CHECKING:
 
 __all__ = ["RunResult", "main", "run", "summary"]
 last_mlflow_run_id: str | None = None  # the MLflow run of gdlab-train's last job (Hydra multirun notes it)
+# Why a job stopped ("interrupted by SIGTERM"): Hydra then ends the multirun in a `finally`, and the multirun
+# callback ends the sweep's parent run KILLED instead of refitting (gdlab.sweep.parent_run).
+stopped_by: str | None = None
 # Lightning (torch._dynamo, torchmetrics, scipy.signal: ~3 s) is imported once a config is valid, so bad
 # input is refused at once (gdlab.fit and gdlab.progress are imported where a run starts).
 # Hydra 1.4 warns on every instantiate without an execution whitelist, including the ones it makes itself
@@ -259,12 +262,14 @@ def main(cfg: DictConfig) -> float:
         print(f"gdlab-train: error: {reason}; the run ended FAILED", file=sys.stderr)
         sys.exit(1)
     except SIGTERMException:  # Lightning's: raised at the end of the epoch that received SIGTERM
+        note_stop("interrupted by SIGTERM")
         print(f"gdlab-train: stopped by SIGTERM; the run ended KILLED, its history is in "
               f"{hydra_cfg.runtime.output_dir}", file=sys.stderr)  # fmt: skip
         sys.exit(143)
     except (KeyboardInterrupt, SystemExit):
         if ctrl_c.signum is None:
             raise
+        note_stop("interrupted by SIGINT")
         print(f"gdlab-train: interrupted by SIGINT (Ctrl-C); the run ended KILLED, its history is in "
               f"{hydra_cfg.runtime.output_dir}", file=sys.stderr)  # fmt: skip
         sys.exit(ctrl_c.exit_code)
@@ -275,6 +280,11 @@ def main(cfg: DictConfig) -> float:
     global last_mlflow_run_id
     last_mlflow_run_id = result.final.get("mlflow_run_id")  # for the multirun callback's on_job_end
     return result.final["objective"]
+
+
+def note_stop(reason: str) -> None:
+    global stopped_by
+    stopped_by = reason
 
 
 def multirun_tags(hydra_cfg, overrides: list[str], cfg: DictConfig) -> dict | None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -23,8 +24,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from gdlab import system_metrics
 from gdlab.experiments import experiment_of_run
+from gdlab.interrupts import interruption_reason
 from gdlab.masking import error_line, install_log_masking, mask_passwords, mask_saved_hydra_configs
-from gdlab.repair import end_runs_of_this_process
+from gdlab.repair import end_runs_of_dead_trials, end_runs_of_this_process
 from gdlab.stores import mlflow_client
 from gdlab.sweep.selection import refit_enabled, selected_on
 from gdlab.tracking import (
@@ -250,7 +252,11 @@ class MlflowSweepCallback(Callback):
             note_run_on_trial(config, list(job_return.overrides or []), run_id)
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
+        from gdlab import train
+
         mask_saved_hydra_configs(Path(str(config.hydra.sweep.dir)))  # Hydra's multirun.yaml
+        if self.parent_run_id and train.stopped_by:  # a job was stopped by a signal: no refit, no report
+            self.end_killed(_task_config(config), train.stopped_by)
         if self.parent_run_id:
             sweep_dir, task = Path(str(config.hydra.sweep.dir)), _task_config(config)
             end = SweepEnd(task, self.parent_run_id, sweep_dir / "report")  # drawn while the refit trains
@@ -259,11 +265,24 @@ class MlflowSweepCallback(Callback):
             except Exception as error:  # the jobs stand; the parent still ends with its best child and report
                 print(f"gdlab-train: no refit: {error_line(error)}")
                 result = None
+            except BaseException as stop:  # a signal during the refit
+                end.cancel()
+                self.end_killed(task, interruption_reason(stop))
+                raise
             finish_parent_run(task, self.parent_run_id, sweep_dir / "report", result, end)
             print(f"gdlab-train: {parent_line(task, self.parent_run_id)}")
             if result is not None:
                 print(f"gdlab-train: {result.line()}", flush=True)
             self.parent_run_id = None
+
+    def end_killed(self, task: DictConfig, reason: str) -> None:
+        try:  # the parent, and what this process left RUNNING, ended KILLED with the reason
+            end_parent_run(task, self.parent_run_id, "KILLED", reason)
+        except Exception as error:  # an outage: the next gdlab command repairs the run
+            print(f"gdlab-train: could not end the parent run: {error_line(error)}", file=sys.stderr)
+        print(f"gdlab-train: {reason}: the sweep's parent run {self.parent_run_id} ended KILLED",
+              file=sys.stderr)  # fmt: skip
+        self.parent_run_id = None
 
 
 def parent_line(task: DictConfig, parent_run_id: str) -> str:
@@ -309,7 +328,6 @@ def multirun_result(task: DictConfig, parent_run_id: str, output_dir: Path,
 def check_multirun_selection(task: DictConfig) -> None:
     """A multirun ranks its jobs by the objective (its parent's best child): not on the test split, unless
     it says so knowingly (gdlab.sweep.selection); a refusal is one line on stderr and exit status 2."""
-    import sys
 
     from gdlab.config import ConfigError
     from gdlab.sweep.selection import check_selection, refit_enabled
@@ -360,7 +378,6 @@ def check_optuna_study(config: DictConfig, task: DictConfig) -> None:
     """Hydra's Optuna sweeper on a stored study: the same experiment signature as gdlab-sweep writes and
     checks (gdlab.sweep.signature); a different one is one line on stderr and exit status 2. So is a sweep
     with a gdlab_sweep.pbt block: only gdlab's engine trains its populations with PBT."""
-    import sys
 
     if OmegaConf.select(task, "gdlab_sweep.pbt") is not None:
         print("gdlab-train: error: this sweep has a gdlab_sweep.pbt block, which gdlab's engine runs (PBT "
@@ -407,31 +424,7 @@ def repair_killed_runs(task: DictConfig, study: optuna.Study) -> int:
 
     client = mlflow_client(uri)
     try:
-        return _repair(client, study)
+        return end_runs_of_dead_trials(client, study)
     except Exception as error:  # repairing is housekeeping: it never stops a sweep
         print(f"gdlab-sweep: could not repair MLflow runs: {error_line(error)}")
         return 0
-
-
-def _repair(client, study: optuna.Study) -> int:
-    from optuna.trial import TrialState
-
-    from gdlab.repair import made_by_dead_process
-
-    states = {t.number: t.state for t in study.get_trials(deepcopy=False)}
-    filter_string = f"tags.`optuna.study` = '{study.study_name}' and attributes.status = 'RUNNING'"
-    repaired = 0
-    for experiment in client.search_experiments():
-        for run in client.search_runs([experiment.experiment_id], filter_string=filter_string):
-            tags = run.data.tags
-            if "optuna.trial" in tags:
-                dead = states.get(int(tags["optuna.trial"])) not in (None, TrialState.RUNNING)
-                reason = "its worker died; the trial failed by heartbeat"
-            else:  # a sweep's parent run: dead if its process, on this host, is gone
-                dead = made_by_dead_process(tags)
-                reason = "its gdlab-sweep process died"
-            if dead:
-                client.set_tag(run.info.run_id, "failure.reason", reason)
-                client.set_terminated(run.info.run_id, status="KILLED")
-                repaired += 1
-    return repaired
