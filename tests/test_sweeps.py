@@ -380,3 +380,33 @@ def test_a_signal_inside_an_optuna_session_comes_after_it_and_the_trial_can_be_f
     assert handler.signum == signal.SIGTERM
     stored = optuna.load_study(study_name="s", storage=f"sqlite:///{tmp_path / 'optuna.db'}")
     assert stored.get_trials(deepcopy=False)[running.number].state == TrialState.FAIL
+
+
+def test_a_signal_inside_an_ask_fails_the_trial_it_made(tmp_path, monkeypatch):
+    """SIGTERM inside `study.ask()`, once Optuna has made the trial RUNNING but before the ask returned it:
+    that trial used to stay RUNNING for good (it never got a heartbeat, so nothing would fail it, and a later
+    sweep could wait on it). Now the signal comes once the trial is held, and the sweep FAILs it."""
+    import signal
+
+    from gdlab.sweep import cli, owned_trials
+
+    made = []
+    create = owned_trials.OwnedTrialsStorage.create_new_trial
+
+    def create_then_signal(self, *args, **kwargs):
+        made.append(create(self, *args, **kwargs))
+        os.kill(os.getpid(), signal.SIGTERM)
+        return made[-1]
+
+    monkeypatch.setattr(owned_trials.OwnedTrialsStorage, "create_new_trial", create_then_signal)
+    monkeypatch.chdir(tmp_path)
+    before = {signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        code = cli.main(["lr", "tracking=none", "--n-trials", "2", "--population", "2", "--progress", "0"])
+    finally:
+        for signum, previous in before.items():
+            signal.signal(signum, previous)
+    assert code == 143 and len(made) == 1
+    (database,) = tmp_path.rglob("optuna.db")
+    (trial,) = optuna.load_study(study_name="lr", storage=f"sqlite:///{database}").get_trials(deepcopy=False)
+    assert trial._trial_id == made[0] and trial.state == TrialState.FAIL

@@ -25,6 +25,7 @@ from optuna.trial import TrialState
 from gdlab.compose import VariantComposer, compose_config
 from gdlab.config import validate
 from gdlab.data import SPLIT_METRICS
+from gdlab.interrupts import deferred
 from gdlab.masking import error_line, mask_passwords
 from gdlab.members import POPULATION_OPTIMIZERS, group_by_architecture
 from gdlab.population import Population
@@ -145,9 +146,8 @@ def record_result(trial: optuna.Trial, results: list, spec: SweepSpec, seeds: li
 
 def run_population_batches(spec: SweepSpec, study: optuna.Study, storage, args, budget: int,
                            logger: TrialLogger) -> None:  # fmt: skip
-    """Ask up to `spec.population` trials (1: one at a time), train those that share an architecture as
-    one batched model, tell each trial its own result. Trials whose optimizer has no population form
-    (not in gdlab.members.POPULATION_OPTIMIZERS) run one by one within the batch."""
+    """Ask up to `spec.population` trials (1: one at a time), train those that share an architecture as one
+    batched model, tell each its own result (those without a population optimizer run one by one)."""
     output_root = Path("outputs") / "sweeps" / study.study_name
     started, asked = time.monotonic(), 0
     while not logger.stopping:
@@ -167,16 +167,17 @@ def run_population_batches(spec: SweepSpec, study: optuna.Study, storage, args, 
             time.sleep(min(args.heartbeat_interval, 5))
             continue
         trials = []
-        try:
+        try:  # a signal while asking: what was asked ends FAIL, not RUNNING (without a heartbeat) for good
             for _ in range(size):
-                trials.append(study.ask())
-        except BaseException:  # a signal while asking: what was asked ends FAIL, not RUNNING forever
+                with deferred():  # a signal inside an ask comes once its trial, made RUNNING, is held here
+                    trials.append(study.ask())
+            asked += size
+            if size > 1 and finished == 0:
+                say_drawn_blind(study.sampler, trials)
+        except BaseException:
             for trial in trials:
                 tell_study(study, trial, None, TrialState.FAIL)
             raise
-        asked += size
-        if size > 1 and finished == 0:
-            say_drawn_blind(study.sampler, trials)
         with Heartbeats(storage, trials, args.heartbeat_interval):
             run_trial_batch(spec, study, trials, output_root, logger)
 
