@@ -410,3 +410,23 @@ def test_a_signal_inside_an_ask_fails_the_trial_it_made(tmp_path, monkeypatch):
     (database,) = tmp_path.rglob("optuna.db")
     (trial,) = optuna.load_study(study_name="lr", storage=f"sqlite:///{database}").get_trials(deepcopy=False)
     assert trial._trial_id == made[0] and trial.state == TrialState.FAIL
+
+
+def test_a_sweep_that_fails_on_an_error_ends_its_parent_run_failed(tmp_path, monkeypatch):
+    """An unexpected error after the trials (here: in choosing the result) propagates, but the sweep's
+    parent run ends FAILED with the error as its reason instead of staying RUNNING."""
+    from gdlab.sweep import cli
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("a bug after the trials")
+
+    monkeypatch.setattr(cli, "sweep_result", broken)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(RuntimeError, match="a bug after the trials"):
+        cli.main(["lr", "trainer.max_epochs=3", "tracking.plots=false", "--n-trials", "2", "--progress", "0"])
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("sweep-lr").experiment_id])
+    (parent,) = [run for run in runs if run.data.tags.get("gdlab.kind") == "sweep"]
+    assert parent.info.status == "FAILED"
+    assert parent.data.tags["failure.reason"] == "RuntimeError: a bug after the trials"
+    assert sorted(run.info.status for run in runs if run is not parent) == ["FINISHED", "FINISHED"]

@@ -8,6 +8,7 @@ processes on one study (each one `python -m gdlab.sweep ... --worker`), and a cl
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import math
@@ -303,9 +304,14 @@ def run_sweep(args, spec: SweepSpec, study: optuna.Study, storage, storage_url: 
         if interrupts.signum is None:
             raise
         return stop_interrupted(args, spec, parent_run_id, workers, interrupts, (jobs, study, storage))
-    except Exception:
+    except Exception as error:
         if end is not None:  # the drawing children and the plots' folder go with the command
             end.cancel()
+        if parent_run_id and not args.worker and not isinstance(error, TrackingUnavailable):  # ends FAILED
+            with contextlib.suppress(Exception):
+                end_parent_run(
+                    spec.task, parent_run_id, "FAILED", f"{type(error).__name__}: {error_line(error)}"
+                )
         raise
     if failure:
         print(f"gdlab-sweep: {failure}", file=sys.stderr)
