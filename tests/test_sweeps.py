@@ -430,3 +430,31 @@ def test_a_sweep_that_fails_on_an_error_ends_its_parent_run_failed(tmp_path, mon
     assert parent.info.status == "FAILED"
     assert parent.data.tags["failure.reason"] == "RuntimeError: a bug after the trials"
     assert sorted(run.info.status for run in runs if run is not parent) == ["FINISHED", "FINISHED"]
+
+
+def test_a_signal_while_the_parent_run_is_made_ends_it_killed(tmp_path, monkeypatch):
+    """SIGTERM after MLflow made the sweep's parent run but before gdlab-sweep held its id: it used to stay
+    RUNNING. Now the signal comes once the id is held, and the parent ends KILLED before any trial."""
+    import signal
+
+    from gdlab import system_metrics
+    from gdlab.sweep import cli
+
+    def signal_once_made(cfg, uri, run_id):
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(system_metrics, "start", signal_once_made)  # start_parent_run's last step
+    monkeypatch.chdir(tmp_path)
+    before = {signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        code = cli.main(
+            ["lr", "trainer.max_epochs=3", "tracking.plots=false", "--n-trials", "2", "--progress", "0"]
+        )
+    finally:
+        for signum, previous in before.items():
+            signal.signal(signum, previous)
+    assert code == 143
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}")
+    (parent,) = client.search_runs([client.get_experiment_by_name("sweep-lr").experiment_id])
+    assert parent.data.tags["gdlab.kind"] == "sweep" and parent.info.status == "KILLED"
+    assert parent.data.tags["failure.reason"] == "interrupted by SIGTERM"

@@ -22,7 +22,7 @@ from pathlib import Path
 import optuna
 
 from gdlab.config import TEST_METRICS, ConfigError
-from gdlab.interrupts import PENDING, InterruptHandler, failure_reason
+from gdlab.interrupts import PENDING, InterruptHandler, deferred, failure_reason
 from gdlab.masking import error_line, install_log_masking, mask_passwords
 from gdlab.metric_writer import MetricWriter
 from gdlab.stores import open_in_background
@@ -31,6 +31,7 @@ from gdlab.sweep.jobs import JobLauncher, end_what_jobs_left, run_in_jobs
 from gdlab.sweep.parent_run import (
     SweepEnd,
     end_parent_run,
+    end_runs_left_here,
     finish_parent_run,
     repair_killed_runs,
     start_parent_run,
@@ -281,10 +282,10 @@ def run_sweep(args, spec: SweepSpec, study: optuna.Study, storage, storage_url: 
         if parent_run_id:
             os.environ[PARENT_ENV] = parent_run_id
         elif tracking_uri(spec.task) is not None:
-            parent_run_id = start_parent_run(
-                spec.task, name=f"{study.study_name}-{time.strftime('%Y%m%d-%H%M%S')}",
-                tags={"optuna.study": study.study_name, "optuna.storage": storage_url, "sweep": spec.name},
-            )  # fmt: skip
+            with deferred():  # a signal meanwhile comes once the parent's id is held here, to end it
+                tags = {"optuna.study": study.study_name, "optuna.storage": storage_url, "sweep": spec.name}
+                name = f"{study.study_name}-{time.strftime('%Y%m%d-%H%M%S')}"
+                parent_run_id = start_parent_run(spec.task, name=name, tags=tags)
             repair_killed_runs(spec.task, study)
         if jobs is not None:
             failure = run_in_jobs(
@@ -435,6 +436,9 @@ def stop_interrupted(args, spec: SweepSpec, parent_run_id: str | None, workers: 
         except Exception as error:  # an outage: the next gdlab command repairs the run
             print(f"gdlab-sweep: could not end the parent run: {error_line(error)}",
                   file=sys.stderr)  # fmt: skip
+    elif parent_run_id:  # a worker: the runs it left RUNNING (its own process's), not the parent
+        with contextlib.suppress(Exception):
+            end_runs_left_here(spec.task, parent_run_id, reason)
     runs = "their MLflow runs and the sweep's parent run" if has_parent else "their runs"
     print(f"gdlab-sweep: {reason}: the running trial(s) are FAIL in Optuna, {runs} ended KILLED; "
           "finished trials are kept", file=sys.stderr)  # fmt: skip

@@ -160,7 +160,13 @@ def end_parent_run(cfg: DictConfig, parent_run_id: str, status: str, reason: str
     client.set_tag(parent_run_id, "failure.reason", reason)
     system_metrics.stop(parent_run_id)
     client.set_terminated(parent_run_id, status=status)
-    end_runs_of_this_process(client, experiment_of_run(client, parent_run_id), reason)
+    end_runs_left_here(cfg, parent_run_id, reason)
+
+
+def end_runs_left_here(cfg: DictConfig, parent_run_id: str, reason: str) -> int:
+    """KILLED, with the reason: the runs this process left RUNNING in the sweep's experiment (a worker's)."""
+    client = mlflow_client(tracking_uri(cfg))
+    return end_runs_of_this_process(client, experiment_of_run(client, parent_run_id), reason)
 
 
 def start_parent_report(cfg: DictConfig, parent_run_id: str, report_dir: str | Path | None,
