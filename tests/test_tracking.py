@@ -572,3 +572,17 @@ def test_a_signal_inside_a_store_transaction_comes_after_it_and_the_cleanup_can_
     run = client.get_run(run_id)
     assert run.info.status == "KILLED"
     assert run.data.tags["during"] == "the signal"  # the session the signal arrived in completed
+
+
+def test_the_metric_writer_ignores_a_signal_that_comes_while_it_starts(tmp_path):
+    """Ctrl-C or SIGTERM to the group while the writer's interpreter still imports (before it could set
+    them to be ignored) used to kill it with a KeyboardInterrupt traceback on the command's stderr. It now
+    starts with them blocked, ignores them, and ends normally when its input ends."""
+    from gdlab.metric_writer import MetricWriter
+
+    writer = MetricWriter(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        os.kill(writer.process.pid, signum)  # right after the fork: its interpreter has not started
+    writer.used = True  # close it as one that holds a record: by ending its input, not by killing it
+    writer.close()
+    assert writer.process.returncode == 0

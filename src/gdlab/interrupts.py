@@ -96,6 +96,27 @@ def deferred() -> Iterator[None]:
             signal.raise_signal(held[0])
 
 
+@contextlib.contextmanager
+def held_for_children() -> Iterator[None]:
+    """SIGTERM and SIGINT blocked in this thread while it starts a child process that ignores them (the
+    metric writer): the child inherits the mask, so a signal to the group during its interpreter's start-up
+    waits until it has set them to be ignored (`ignore_here`) instead of killing it with a traceback. This
+    process is not deprived of one: Python handles it as soon as another thread, or this one after the
+    block, takes it."""
+    before = signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, before)
+
+
+def ignore_here() -> None:
+    """This process ignores SIGTERM and SIGINT (those held since it started are dropped)."""
+    for signum in SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, SIGNALS)
+
+
 def whole(sessions):
     """A store's session factory (a context manager) whose sessions each run inside `deferred`: MLflow's
     `ManagedSessionMaker`, Optuna's `_create_scoped_session`."""

@@ -25,11 +25,12 @@ import json
 import os
 import queue
 import re
-import signal
 import subprocess
 import sys
 import threading
 import time
+
+from gdlab.interrupts import held_for_children, ignore_here
 
 URI_ENV = "GDLAB_METRIC_WRITER_URI"
 # How long an outage of the tracking backend (a server restart, a database failover) is waited out, retrying
@@ -100,11 +101,12 @@ class MetricWriter:
         return writer
 
     def __init__(self, uri: str):
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "gdlab.metric_writer"],  # the URI (it may hold a password) by environment
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1,
-            env={**os.environ, URI_ENV: uri},
-        )  # fmt: skip
+        with held_for_children():  # until it ignores them, even while its interpreter starts
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "gdlab.metric_writer"],  # the URI (may hold a password): environment
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1,
+                env={**os.environ, URI_ENV: uri},
+            )  # fmt: skip
         self.used = False
         self.path: str | None = None  # how the writer writes: "bulk" or "log_batch", known after a drain
         self.outbox: queue.Queue = queue.Queue()
@@ -190,8 +192,7 @@ def main(uri: str) -> None:
     """The writer process: take what has arrived, write it in one go, answer its drains; until input ends."""
     # Ctrl-C and SIGTERM reach the whole process group (systemd, docker, SLURM): they are the training
     # process's to handle. The writer writes what it was handed and exits when its input ends.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    ignore_here()
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     from mlflow import MlflowClient
 
