@@ -24,7 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 from gdlab import system_metrics
 from gdlab.data import SPLIT_METRICS
 from gdlab.experiments import experiment_of_run, get_or_create_experiment
-from gdlab.interrupts import interruption_reason
+from gdlab.interrupts import deferred, interruption_reason
 from gdlab.masking import error_line, mask_passwords
 from gdlab.metric_store import log_metrics, log_params
 from gdlab.metric_writer import MetricWriter, Outage
@@ -41,8 +41,7 @@ OUTPUT_DIR_TAG = "gdlab.output_dir"  # a gdlab-train job's folder: its .hydra/ c
 # History columns not sent to MLflow as metrics: the epoch is the step, MLflow stamps each value with
 # its wall time, and the other two repeat a logged one (train/loss, ls_failures).
 UNLOGGED = frozenset({"epoch", "time", "loss_before", "ls_failed"})
-# What a run logs as final/<metric> (gdlab-report's table, gdlab.report.tables.FINAL_TABLE_METRICS, is
-# another list).
+# What a run logs as final/<metric> (gdlab-report's table, FINAL_TABLE_METRICS, is another list).
 LOGGED_FINAL_METRICS = (*SPLIT_METRICS, "objective", "epochs", "evals", "wall_time", "rows/train", "rows/val",
                         "rows/test")  # fmt: skip
 # Curves whose last point (step = epochs) is the final value, so a curve's latest value equals final/<key>.
@@ -52,11 +51,8 @@ LOGGED_ON_CHANGE = frozenset({"trial_step", "step", "backtracks", "ls_failures",
 
 
 def tracking_uri(cfg: DictConfig) -> str | None:
-    """The MLflow tracking URI of a config (None: tracking off).
-
-    local: MLFLOW_TRACKING_URI if set, else a SQLite store under tracking.dir (default mlruns/).
-    server: tracking.uri.
-    """
+    """The MLflow tracking URI of a config (None: tracking off): a server's tracking.uri; a local one's
+    MLFLOW_TRACKING_URI if set, else a SQLite store under tracking.dir (default mlruns/)."""
     backend = cfg.tracking.backend
     if backend == "none":
         return None
@@ -217,14 +213,15 @@ class MlflowRun:
         self.waits = Outage()
         self.parent_run_id = parent_run_id or os.environ.get(PARENT_ENV)
         self.background = background
-        if created is None:
-            self.run_id = self._create_run(tags_of(cfg, overrides, device, extra_tags, self.parent_run_id))
-        else:
-            self.client, self.run_id, self.name = created
-        try:
+        try:  # a signal (or an error) before the caller holds the run: end it here
+            if created is None:
+                self._create_run(tags_of(cfg, overrides, device, extra_tags, self.parent_run_id))
+            else:
+                self.client, self.run_id, self.name = created
             self._start(background, created)
-        except BaseException as stop:  # a signal (or an error) before the caller holds the run: end it here
-            self._abandon(stop)
+        except BaseException as stop:
+            if getattr(self, "run_id", None):
+                self._abandon(stop)
             raise
 
     def _start(self, background: bool, created) -> None:
@@ -293,7 +290,7 @@ class MlflowRun:
         return [cls(cfg, o, device, background=True, created=(first.client, run_id, new.name))
                 for (cfg, o, _), run_id, new in made]  # fmt: skip
 
-    def _create_run(self, tags: dict) -> str:
+    def _create_run(self, tags: dict) -> None:
         try:
             self.client = mlflow_client(self.uri)
             if self.parent_run_id:  # a trial lives in its sweep's experiment
@@ -303,7 +300,8 @@ class MlflowRun:
                     self.client, experiment_name(self.cfg), artifact_root(self.cfg, self.uri)
                 )
             self.name = tags.get("mlflow.runName") or run_name(self.cfg)  # a sweep names its trials
-            return self.client.create_run(experiment_id, run_name=self.name, tags=tags).info.run_id
+            with deferred():  # a signal while MLflow makes it comes once its id is held, to end it
+                self.run_id = self.client.create_run(experiment_id, run_name=self.name, tags=tags).info.run_id
         except Exception as error:  # any transport or store error: refuse before training starts
             raise TrackingUnavailable(
                 f"cannot reach the MLflow tracking backend at {mask_passwords(self.uri)}: {error_line(error)}"
@@ -377,16 +375,18 @@ class MlflowRun:
             self.flush()
             if directory is not None:
                 self._send({"artifacts": str(Path(directory).resolve())})
-            self._send({"end": status, "end_time": end_ms})
-            self.closing = (status, end_ms)
+            with deferred():  # ended once: a signal here must not find it unclosed
+                self._send({"end": status, "end_time": end_ms})
+                self.closing = (status, end_ms)
             return
         self._call(log_metrics, self.client, self.run_id, self.buffer)
         self.buffer = []
         if directory is not None:
             self._call(self.client.log_artifacts, self.run_id, str(directory))
         self._call(system_metrics.stop, self.run_id)
-        self._call(self.client.set_terminated, self.run_id, status=status, end_time=end_ms)
-        self.closing = (status, end_ms)
+        with deferred():
+            self._call(self.client.set_terminated, self.run_id, status=status, end_time=end_ms)
+            self.closing = (status, end_ms)
 
     def wait(self) -> str | None:
         """Wait until the writer has done everything handed to it for this run; the run's outage, if any."""

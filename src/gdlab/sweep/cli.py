@@ -282,10 +282,9 @@ def run_sweep(args, spec: SweepSpec, study: optuna.Study, storage, storage_url: 
         if parent_run_id:
             os.environ[PARENT_ENV] = parent_run_id
         elif tracking_uri(spec.task) is not None:
-            with deferred():  # a signal meanwhile comes once the parent's id is held here, to end it
-                tags = {"optuna.study": study.study_name, "optuna.storage": storage_url, "sweep": spec.name}
-                name = f"{study.study_name}-{time.strftime('%Y%m%d-%H%M%S')}"
-                parent_run_id = start_parent_run(spec.task, name=name, tags=tags)
+            tags = {"optuna.study": study.study_name, "optuna.storage": storage_url, "sweep": spec.name}
+            name = f"{study.study_name}-{time.strftime('%Y%m%d-%H%M%S')}"
+            parent_run_id = start_parent_run(spec.task, name=name, tags=tags)  # ended by it if stopped there
             repair_killed_runs(spec.task, study)
         if jobs is not None:
             failure = run_in_jobs(
@@ -309,7 +308,7 @@ def run_sweep(args, spec: SweepSpec, study: optuna.Study, storage, storage_url: 
         if end is not None:  # the drawing children and the plots' folder go with the command
             end.cancel()
         if parent_run_id and not args.worker and not isinstance(error, TrackingUnavailable):  # ends FAILED
-            with contextlib.suppress(Exception):
+            with deferred(), contextlib.suppress(Exception):  # a signal meanwhile comes after it
                 end_parent_run(
                     spec.task, parent_run_id, "FAILED", f"{type(error).__name__}: {error_line(error)}"
                 )

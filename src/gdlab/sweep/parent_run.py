@@ -11,6 +11,7 @@ callback in every gdlab-train process.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import sys
@@ -24,10 +25,11 @@ from omegaconf import DictConfig, OmegaConf
 
 from gdlab import system_metrics
 from gdlab.experiments import experiment_of_run
-from gdlab.interrupts import interruption_reason
+from gdlab.interrupts import deferred, interruption_reason
 from gdlab.masking import error_line, install_log_masking, mask_passwords, mask_saved_hydra_configs
 from gdlab.repair import end_runs_of_dead_trials, end_runs_of_this_process
 from gdlab.stores import mlflow_client
+from gdlab.sweep.optuna_jobs import note_run_on_trial
 from gdlab.sweep.selection import refit_enabled, selected_on
 from gdlab.tracking import (
     PARENT_ENV,
@@ -58,17 +60,26 @@ def start_parent_run(cfg: DictConfig, name: str, tags: dict | None = None) -> st
 
     masked = {k: mask_passwords(str(v)) for k, v in (tags or {}).items()}
     tags = {"gdlab.kind": "sweep", **process_tags(), **masked}
+    run_id = None
     try:
         client = mlflow_client(uri)
         experiment_id = get_or_create_experiment(client, experiment_name(cfg), artifact_root(cfg, uri))
-        run = client.create_run(experiment_id, run_name=name, tags=tags)
-    except Exception as error:
+        with deferred():  # a signal while MLflow makes it comes once its id is held, to end it
+            run_id = client.create_run(experiment_id, run_name=name, tags=tags).info.run_id
+        os.environ[PARENT_ENV] = run_id
+        system_metrics.start(cfg, uri, run_id)
+    except BaseException as stop:
+        signalled = isinstance(stop, KeyboardInterrupt | SystemExit)
+        if run_id is not None:  # made, but stopped before the caller holds it
+            with contextlib.suppress(Exception):
+                end_parent_run(cfg, run_id, "KILLED" if signalled else "FAILED",
+                               interruption_reason(stop) if signalled else error_line(stop))  # fmt: skip
+        if signalled or run_id is not None:
+            raise
         raise TrackingUnavailable(
-            f"cannot reach the MLflow tracking backend at {mask_passwords(uri)}: {error_line(error)}"
-        ) from error
-    os.environ[PARENT_ENV] = run.info.run_id
-    system_metrics.start(cfg, uri, run.info.run_id)
-    return run.info.run_id
+            f"cannot reach the MLflow tracking backend at {mask_passwords(uri)}: {error_line(stop)}"
+        ) from stop
+    return run_id
 
 
 class SweepEnd:
@@ -157,9 +168,10 @@ def end_parent_run(cfg: DictConfig, parent_run_id: str, status: str, reason: str
     process left RUNNING beside it (gdlab.repair.end_runs_of_this_process)."""
     os.environ.pop(PARENT_ENV, None)
     client = mlflow_client(tracking_uri(cfg))
-    client.set_tag(parent_run_id, "failure.reason", reason)
-    system_metrics.stop(parent_run_id)
-    client.set_terminated(parent_run_id, status=status)
+    if client.get_run(parent_run_id).info.status == "RUNNING":  # not one that ended FINISHED meanwhile
+        client.set_tag(parent_run_id, "failure.reason", reason)
+        system_metrics.stop(parent_run_id)
+        client.set_terminated(parent_run_id, status=status)
     end_runs_left_here(cfg, parent_run_id, reason)
 
 
@@ -229,7 +241,10 @@ class MlflowSweepCallback(Callback):
         install_log_masking()  # Hydra logs every job's overrides
 
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
+        from gdlab import train
+
         mask_saved_hydra_configs(Path(str(config.hydra.sweep.dir)))
+        train.stopped_by = None  # this multirun's
         if config.hydra.runtime.choices.get("hydra/sweeper") == "gdlab":
             return  # gdlab.sweep.hydra_sweeper: gdlab-sweep's engine checks and records the sweep itself
         cfg = _task_config(config)
@@ -261,18 +276,24 @@ class MlflowSweepCallback(Callback):
         from gdlab import train
 
         mask_saved_hydra_configs(Path(str(config.hydra.sweep.dir)))  # Hydra's multirun.yaml
-        if self.parent_run_id and train.stopped_by:  # a job was stopped by a signal: no refit, no report
-            self.end_killed(_task_config(config), train.stopped_by)
+        stop = sys.exc_info()[1]  # Hydra calls this in a `finally`: a Ctrl-C outside the jobs comes as this
+        stopped_by = train.stopped_by or (
+            interruption_reason(stop) if isinstance(stop, KeyboardInterrupt) else None
+        )
+        if self.parent_run_id and stopped_by:  # a job, or the sweep, was stopped by a signal: no refit
+            self.end_killed(_task_config(config), stopped_by)
         if self.parent_run_id:
             sweep_dir, task = Path(str(config.hydra.sweep.dir)), _task_config(config)
-            end = SweepEnd(task, self.parent_run_id, sweep_dir / "report")  # drawn while the refit trains
+            end = None
             try:
+                end = SweepEnd(task, self.parent_run_id, sweep_dir / "report")  # drawn while the refit trains
                 result = multirun_result(task, self.parent_run_id, sweep_dir / "refit", end.children)
             except Exception as error:  # the jobs stand; the parent still ends with its best child and report
                 print(f"gdlab-train: no refit: {error_line(error)}")
                 result = None
             except BaseException as stop:  # a signal during the refit
-                end.cancel()
+                if end is not None:
+                    end.cancel()
                 self.end_killed(task, interruption_reason(stop))
                 raise
             finish_parent_run(task, self.parent_run_id, sweep_dir / "report", result, end)
@@ -344,40 +365,6 @@ def check_multirun_selection(task: DictConfig) -> None:
     except ConfigError as error:
         print(f"gdlab-train: error: {error}", file=sys.stderr)
         sys.exit(2)
-
-
-def note_run_on_trial(config: DictConfig, overrides: list[str], run_id: str) -> None:
-    """Hydra's Optuna sweeper tells its trials itself: find this job's trial (RUNNING, with the job's
-    values) and give it the user attribute mlflow_run_id, as gdlab-sweep does. Best effort."""
-    sweeper = config.hydra.sweeper
-    if "optuna" not in str(sweeper.get("_target_", "")) or not (
-        sweeper.get("storage") and sweeper.get("study_name")
-    ):
-        return
-    import optuna
-
-    from gdlab.sweep.study import make_storage
-
-    values = dict(override.split("=", 1) for override in overrides if "=" in override)
-    try:
-        study = optuna.load_study(study_name=sweeper.study_name, storage=make_storage(str(sweeper.storage)))
-        for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
-            if "mlflow_run_id" not in trial.user_attrs and same_values(trial.params, values):
-                optuna.trial.Trial(study, trial._trial_id).set_user_attr("mlflow_run_id", run_id)
-                return
-    except Exception:  # noqa: BLE001 (the dashboard's convenience never fails the job)
-        return
-
-
-def same_values(params: dict, overrides: dict[str, str]) -> bool:
-    """Whether a trial's typed params are what the job's `key=value` overrides say."""
-    try:
-        return bool(params) and all(
-            key in overrides and (str(value) == overrides[key] or float(overrides[key]) == value)
-            for key, value in params.items()
-        )
-    except (TypeError, ValueError):
-        return False
 
 
 def check_optuna_study(config: DictConfig, task: DictConfig) -> None:
