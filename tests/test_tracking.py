@@ -586,3 +586,24 @@ def test_the_metric_writer_ignores_a_signal_that_comes_while_it_starts(tmp_path)
     writer.used = True  # close it as one that holds a record: by ending its input, not by killing it
     writer.close()
     assert writer.process.returncode == 0
+
+
+def test_ending_a_parent_early_leaves_one_that_finished_meanwhile_alone(tmp_path, monkeypatch):
+    """A signal that arrives as the sweep's parent was just ended FINISHED (its last write) must not turn
+    its complete record into KILLED; the runs this process left RUNNING are still ended."""
+    from omegaconf import OmegaConf
+
+    from gdlab.repair import process_tags
+    from gdlab.sweep.parent_run import end_parent_run
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    cfg = OmegaConf.create({"tracking": {"backend": "local", "dir": str(tmp_path)}})
+    client = sqlite_client(tmp_path)
+    experiment = client.create_experiment("e")
+    parent = client.create_run(experiment, tags=process_tags()).info.run_id
+    left = client.create_run(experiment, tags=process_tags()).info.run_id
+    client.set_terminated(parent, status="FINISHED")
+    end_parent_run(cfg, parent, "KILLED", "interrupted by SIGTERM")
+    assert client.get_run(parent).info.status == "FINISHED"
+    assert "failure.reason" not in client.get_run(parent).data.tags
+    assert client.get_run(left).info.status == "KILLED"
