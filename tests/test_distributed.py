@@ -126,6 +126,12 @@ def test_kill_9_of_a_worker_mid_trial_is_failed_retried_and_repaired(tmp_path, m
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=tmp_path, start_new_session=True,
     )  # fmt: skip
     try:
+        # Its header comes once the study exists: loading it before would create Optuna's tables from here,
+        # racing the victim's own creation (it takes an advisory lock; this process would not).
+        header = victim.stdout.readline().decode()
+        assert header.startswith("gdlab-sweep: study 'lr_depth'"), (
+            header + victim.stderr.read().decode()[-3000:]
+        )
         deadline = time.monotonic() + 120
         running = []
         while time.monotonic() < deadline and not running:
