@@ -458,3 +458,36 @@ def test_a_signal_while_the_parent_run_is_made_ends_it_killed(tmp_path, monkeypa
     (parent,) = client.search_runs([client.get_experiment_by_name("sweep-lr").experiment_id])
     assert parent.data.tags["gdlab.kind"] == "sweep" and parent.info.status == "KILLED"
     assert parent.data.tags["failure.reason"] == "interrupted by SIGTERM"
+
+
+def test_a_study_store_whose_tables_another_process_creates_meanwhile_opens(tmp_path):
+    """Optuna's own processes (optuna-dashboard, a user's script) do not take gdlab's lock. When one creates
+    Optuna's tables while gdlab-sweep creates them on the same new database, gdlab's creation met "table
+    already exists" (PostgreSQL: "duplicate key ... pg_type") and the sweep refused its --storage. It now
+    opens it."""
+    import sqlalchemy
+    from optuna.storages._rdb import models
+
+    from gdlab.sweep.study import make_storage
+
+    url = (
+        f"sqlite:///{tmp_path / 'optuna.db'}"  # (on PostgreSQL both creations would wait on each other here)
+    )
+    other = sqlalchemy.create_engine(url)
+    created = []
+
+    def another_process_first(metadata, connection, **kwargs):
+        if not created:  # the foreign creator commits its tables just before this creation's
+            created.append(True)
+            metadata.create_all(other)
+
+    sqlalchemy.event.listen(models.BaseModel.metadata, "before_create", another_process_first)
+    try:
+        storage = make_storage(url)
+    finally:
+        sqlalchemy.event.remove(models.BaseModel.metadata, "before_create", another_process_first)
+        other.dispose()
+    assert created
+    study = optuna.create_study(storage=storage, study_name="s")
+    study.tell(study.ask(), 1.0)
+    assert [t.value for t in optuna.load_study(study_name="s", storage=url).get_trials()] == [1.0]

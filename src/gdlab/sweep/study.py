@@ -9,6 +9,7 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import os
+import re
 import tempfile
 import threading
 from pathlib import Path
@@ -41,7 +42,7 @@ def make_storage(url: str, heartbeat: int = HEARTBEAT_SECONDS, grace: int = GRAC
         # Processes started together on a new database create Optuna's tables once, under a lock.
         with schema_lock(url):
             check_is_optuna_database(url)
-            return owned_trials.wrap(optuna.storages.RDBStorage(
+            return owned_trials.wrap(rdb_storage(
                 url,
                 engine_kwargs=engine_kwargs,
                 heartbeat_interval=heartbeat,
@@ -53,6 +54,18 @@ def make_storage(url: str, heartbeat: int = HEARTBEAT_SECONDS, grace: int = GRAC
     except Exception as error:
         raise SweepError(f"--storage {mask_passwords(url)} is not a usable Optuna database: "
                          f"{error_line(error)}") from error  # fmt: skip
+
+
+def rdb_storage(url: str, **kwargs) -> optuna.storages.RDBStorage:
+    """Optuna's RDB storage, made once more where another process that does not take gdlab's lock (Optuna's
+    own, optuna-dashboard) created Optuna's tables in the same moment: this creation then met "already
+    exists" (SQLite) or "duplicate key" (PostgreSQL's types), and the tables are now there."""
+    try:
+        return optuna.storages.RDBStorage(url, **kwargs)
+    except Exception as error:  # noqa: BLE001 (SQLAlchemy's error classes differ by database)
+        if not re.search(r"already exists|duplicate key", str(error), re.IGNORECASE):
+            raise
+        return optuna.storages.RDBStorage(url, **kwargs)
 
 
 def whole_optuna_sessions() -> None:
