@@ -102,7 +102,10 @@ def held_for_children() -> Iterator[None]:
     metric writer): the child inherits the mask, so a signal to the group during its interpreter's start-up
     waits until it has set them to be ignored (`ignore_here`) instead of killing it with a traceback. This
     process is not deprived of one: Python handles it as soon as another thread, or this one after the
-    block, takes it."""
+    block, takes it. Where there are no signal masks (Windows), nothing is held."""
+    if not hasattr(signal, "pthread_sigmask"):
+        yield
+        return
     before = signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)
     try:
         yield
@@ -114,7 +117,8 @@ def ignore_here() -> None:
     """This process ignores SIGTERM and SIGINT (those held since it started are dropped)."""
     for signum in SIGNALS:
         signal.signal(signum, signal.SIG_IGN)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, SIGNALS)
+    if hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, SIGNALS)
 
 
 def whole(sessions):
