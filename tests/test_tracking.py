@@ -466,6 +466,29 @@ def test_runs_made_for_a_batch_that_stops_before_training_are_ended(tmp_path, mo
     assert all(r.data.tags["failure.reason"].startswith("before training: ") for r in runs)
 
 
+def test_a_ctrl_c_while_the_store_makes_a_batch_of_runs_ends_every_run_made(tmp_path, monkeypatch):
+    """A real SIGINT (a notebook's interrupt) once the store has committed members 2..P in one transaction,
+    before their ids reached gdlab: those runs used to stay RUNNING; now every run made ends KILLED."""
+    import gdlab.run_store
+
+    create_runs, made = gdlab.run_store.create_runs, []
+
+    def create_then_interrupt(*args, **kwargs):
+        made.extend(create_runs(*args, **kwargs))
+        os.kill(os.getpid(), signal.SIGINT)
+        return made
+
+    monkeypatch.setattr(gdlab.run_store, "create_runs", create_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        gdlab.run(
+            ["trainer.max_epochs=5", f"tracking.dir={tmp_path}"], population=[{"seed": s} for s in range(4)]
+        )
+    runs = all_runs(sqlite_client(tmp_path))
+    assert len(made) == 3 and {run.info.run_id for run in runs} >= set(made)
+    assert len(runs) == 4 and {run.info.status for run in runs} == {"KILLED"}
+    assert {run.data.tags["failure.reason"] for run in runs} == {"before training: interrupted by SIGINT"}
+
+
 @pytest.mark.parametrize("population", [1, 3])
 @pytest.mark.parametrize(("stop", "status"), [(KeyboardInterrupt, "KILLED"), (MemoryError, "FAILED")])
 def test_a_run_whose_start_is_interrupted_after_its_creation_is_ended(tmp_path, monkeypatch, stop, status,

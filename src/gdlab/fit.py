@@ -23,6 +23,7 @@ from omegaconf import DictConfig
 from gdlab.artifacts import HistoryFiles
 from gdlab.data import N_CLASSES, Dataset, load_dataset, load_folds, make_loader
 from gdlab.interrupts import interruption_reason
+from gdlab.member_runs import end_unclosed
 from gdlab.model import MLP, draw_layer, encode_targets, initialize, layer_sizes
 from gdlab.module import GroupCallback, Stops, TrainingModule
 from gdlab.optimizers import GD, Adam, Backtracking, LBFGSStep, MemberOptimizer, member_tensor
@@ -32,7 +33,6 @@ from gdlab.progress import Progress
 from gdlab.record import (
     RunResult,
     default_output_dir,
-    end_unclosed,
     finish_tracking,
     log_inputs,
     log_trained_model,

@@ -20,6 +20,7 @@ from gdlab.artifacts import write_history, write_run_outputs
 from gdlab.data import Dataset
 from gdlab.epoch_table import EpochTable
 from gdlab.masking import error_line, mask_passwords, masked_config_yaml
+from gdlab.member_runs import create_member_runs
 from gdlab.model import MLP
 from gdlab.module import PopulationOutcome
 from gdlab.pbt import PopulationBasedTraining
@@ -94,7 +95,7 @@ def start_runs(population: Population, tags, device: str) -> list[MlflowRun | No
         return [MlflowRun(population.view(0), population.overrides[0], device=device, extra_tags=tags[0])]
     # a population's runs are created together and recorded by the writer: training never waits
     views = [population.view(p) for p in range(len(population))]
-    return MlflowRun.create_many(views, population.overrides, device, tags)
+    return create_member_runs(views, population.overrides, device, tags)
 
 
 def log_inputs(runs: list[MlflowRun | None], population: Population, data: Dataset) -> None:
@@ -107,22 +108,6 @@ def log_inputs(runs: list[MlflowRun | None], population: Population, data: Datas
     for member, run in enumerate(runs):
         if run is not None:
             run.log_inputs(inputs.of_member(member))
-
-
-def end_unclosed(runs: list[MlflowRun | None], stop: BaseException, when: str) -> None:
-    """The runs of a batch that stopped (a signal, an error) `when` ("before training", "while recording")
-    they were closed: ended KILLED (a signal) or FAILED, with the reason, not left RUNNING."""
-    from gdlab.interrupts import interruption_reason
-
-    signal = isinstance(stop, KeyboardInterrupt | SystemExit)
-    reason = interruption_reason(stop) if signal else f"{type(stop).__name__}: {error_line(stop)}"
-    for run in runs:
-        if run is not None and run.closing is None:
-            run.set_tags({"failure.reason": f"{when}: {reason}"})
-            run.close("KILLED" if signal else "FAILED", None)
-    for run in runs:
-        if run is not None:
-            run.wait()
 
 
 def wants_model(cfg: DictConfig) -> bool:

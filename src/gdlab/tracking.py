@@ -201,8 +201,8 @@ class MlflowRun:
     def __init__(self, cfg: DictConfig, overrides: list[str], device: str = "cpu",
                  parent_run_id: str | None = None, extra_tags: dict | None = None,
                  background: bool = False, created: tuple[object, str, str] | None = None):  # fmt: skip
-        """`created`: (client, run id, name) of a run made already with its params (`create_many`); else one
-        is created."""
+        """`created`: (client, run id, name) of a run made already with its params (gdlab.member_runs);
+        else one is created."""
         self.cfg = cfg
         self.uri = tracking_uri(cfg)
         self.flush_seconds = float(cfg.tracking.get("flush_seconds", 1.0))
@@ -237,7 +237,7 @@ class MlflowRun:
         if not background:
             self._call(log_params, self.client, self.run_id, self.params)
             system_metrics.start(self.cfg, self.uri, self.run_id)
-        elif created is None:  # a run made by `create_many` got its params with it
+        elif created is None:  # a run made by gdlab.member_runs got its params with it
             self._send({"params": self.params})
 
     def _abandon(self, stop: BaseException) -> None:
@@ -249,46 +249,6 @@ class MlflowRun:
             self.client.set_tag(self.run_id, "failure.reason", f"before training: {mask_passwords(reason)}")
         with contextlib.suppress(Exception):  # on its own: a tag that failed must not keep the run open
             self.client.set_terminated(self.run_id, status="KILLED" if by_signal else "FAILED")
-
-    @classmethod
-    def create_many(cls, cfgs: list, overrides: list[list[str]], device: str,
-                    extra_tags: list[dict | None]) -> list[MlflowRun]:  # fmt: skip
-        """A population's runs, each recorded by the writer (`background`). The first is created alone, so
-        an unreachable store stops the batch before anything else; the rest in one transaction where the
-        store has a verified bulk path (gdlab.run_store), else one by one."""
-        first = cls(cfgs[0], overrides[0], device, extra_tags=extra_tags[0], background=True)
-        try:
-            return [first, *cls._create_rest(first, cfgs, overrides, device, extra_tags)]
-        except BaseException as stop:  # a signal or a refusal meanwhile: the first run does not stay RUNNING
-            with contextlib.suppress(Exception):
-                first.close("KILLED" if isinstance(stop, KeyboardInterrupt | SystemExit) else "FAILED", None)
-                first.wait()
-            raise
-
-    @classmethod
-    def _create_rest(cls, first: MlflowRun, cfgs: list, overrides: list[list[str]], device: str,
-                     extra_tags: list[dict | None]) -> list[MlflowRun]:  # fmt: skip
-        from gdlab.run_store import NewRun, create_runs
-
-        rest = [(cfg, o, t) for cfg, o, t in zip(cfgs[1:], overrides[1:], extra_tags[1:], strict=True)]
-        new_runs = []
-        for cfg, o, t in rest:
-            tags = tags_of(cfg, o, device, t, first.parent_run_id)
-            new_runs.append(
-                NewRun(tags.get("mlflow.runName") or run_name(cfg), tags, list(flatten(cfg).items()))
-            )
-        experiment_id = experiment_of_run(first.client, first.run_id)
-        try:
-            run_ids = create_runs(first.client, experiment_id, new_runs) if new_runs else []
-        except Exception as error:  # the store refused the batch: say so before any training
-            raise TrackingUnavailable(
-                f"cannot create the population's runs at {mask_passwords(first.uri)}: {error_line(error)}"
-            ) from error
-        if run_ids is None:
-            return [cls(cfg, o, device, extra_tags=t, background=True) for cfg, o, t in rest]
-        made = zip(rest, run_ids, new_runs, strict=True)
-        return [cls(cfg, o, device, background=True, created=(first.client, run_id, new.name))
-                for (cfg, o, _), run_id, new in made]  # fmt: skip
 
     def _create_run(self, tags: dict) -> None:
         try:
@@ -360,7 +320,7 @@ class MlflowRun:
         from mlflow.entities import RunTag
 
         masked = [(key, mask_passwords(str(value))) for key, value in tags.items()]
-        if self.submitted:
+        if self.submitted or self.background:
             self.sent_tags.update(masked)
             self._send({"tags": masked})
         else:
@@ -371,7 +331,7 @@ class MlflowRun:
         or KILLED at `end_time` (time.time(); default now): a population member's own end, not its
         batch's. Where the writer holds this run, it does all that in order; `wait` for it."""
         end_ms = int((time.time() if end_time is None else end_time) * 1000)
-        if self.submitted:
+        if self.submitted or self.background:
             self.flush()
             if directory is not None:
                 self._send({"artifacts": str(Path(directory).resolve())})
