@@ -148,6 +148,30 @@ def test_a_first_run_on_a_new_store_prints_only_gdlabs_lines(tmp_path):
     )
 
 
+def test_a_ctrl_c_inside_the_registry_transaction_ends_the_run_killed_unregistered(tmp_path, monkeypatch):
+    """A real SIGINT inside the Model registry store's transaction (the version written, not yet committed):
+    the transaction is rolled back whole, its connection closed, so the run's end that follows is written:
+    KILLED with the reason, and no half-made version."""
+    import signal
+
+    from mlflow.store.model_registry.sqlalchemy_store import SqlAlchemyStore
+
+    populate = SqlAlchemyStore._populate_model_version_aliases
+
+    def interrupt_then_populate(self, *args, **kwargs):
+        os.kill(os.getpid(), signal.SIGINT)
+        return populate(self, *args, **kwargs)
+
+    monkeypatch.setattr(SqlAlchemyStore, "_populate_model_version_aliases", interrupt_then_populate)
+    with pytest.raises(KeyboardInterrupt):
+        gdlab.run([*SHORT, f"tracking.dir={tmp_path}", "tracking.registered_model=moons-net"])
+    client = client_of(tmp_path)
+    (run,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert run.info.status == "KILLED" and run.info.end_time is not None
+    assert run.data.tags["failure.reason"] == "while recording: interrupted by SIGINT"
+    assert client.search_model_versions("name='moons-net'") == [] and len(run.outputs.model_outputs) == 1
+
+
 @pytest.mark.slow
 def test_a_sweep_links_its_ranked_trials_and_registers_the_chosen_model(tmp_path):
     done = warm.run([str(BIN / "gdlab-sweep"), "lr", "trainer.max_epochs=30", "hydra.sweeper.n_trials=6",
