@@ -307,9 +307,9 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'gdlab.train' has no attribute {name!r}")
 
 
-if (
-    __name__ == "__main__"
-):  # `python -m gdlab.train`: gdlab-train (gdlab.entry.train) without the console script
-    from gdlab.process_exit import exit_now
+if __name__ == "__main__":  # `python -m gdlab.train`: gdlab-train itself (gdlab.entry.train)
+    # This file runs as __main__, a second copy of the module: the job's notes (`stopped_by`,
+    # `last_mlflow_run_id`) must go to the gdlab.train that the sweep's callback reads.
+    from gdlab.entry import train as gdlab_train
 
-    exit_now(main)
+    gdlab_train()
