@@ -288,6 +288,35 @@ def test_a_tracked_trial_has_its_own_run_with_its_members_nested_under_it(tmp_pa
     assert sorted(figures["loss_curves.png"].spread) == trial_labels  # each mean curve with its band
 
 
+def test_a_trial_run_handed_to_a_writer_that_dies_is_written_by_a_new_one(tmp_path):
+    """The metric writer killed (the OOM killer, say) with a trial run's record in its pipe, unwritten: a new
+    writer is handed it again, so the trial run ends FINISHED with its value instead of staying RUNNING."""
+    import signal
+
+    from mlflow import MlflowClient
+
+    from gdlab.compose import compose_config
+    from gdlab.metric_writer import MetricWriter
+    from gdlab.sweep.trial_runs import finish_trial_run, wait_for_trial_runs
+    from gdlab.tracking import tracking_uri
+
+    members = [gdlab.run(["trainer.max_epochs=4", "tracking=none", f"seed={seed}"]) for seed in (1, 2)]
+    cfg = compose_config([f"tracking.dir={tmp_path}"])
+    client = MlflowClient(tracking_uri(cfg))
+    run_id = client.create_run(client.create_experiment("trials")).info.run_id
+    writer = MetricWriter.for_uri(tracking_uri(cfg))
+    os.kill(writer.process.pid, signal.SIGSTOP)  # it takes nothing more from its pipe
+    finish_trial_run(cfg, run_id, members, 0.25, "COMPLETE")
+    os.kill(writer.process.pid, signal.SIGKILL)
+    assert wait_for_trial_runs(cfg, [run_id]) is None and writer.process.poll() == -signal.SIGKILL
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED" and run.data.tags["optuna.state"] == "COMPLETE"
+    assert run.data.metrics[f"final/{cfg.objective}"] == 0.25
+    mean = [m.value for m in client.get_metric_history(run_id, "train/loss")]
+    expected = np.mean([member.history["train/loss"].to_numpy() for member in members], axis=0)
+    np.testing.assert_allclose(mean[:-1], expected, rtol=1e-12)
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [

@@ -127,19 +127,42 @@ def finish_trial_run(cfg: DictConfig, run_id: str, results: list, value: float |
     PRUNED, FAIL) or "KILLED" (its trial was taken by heartbeat)."""
     from gdlab.metric_writer import MetricWriter
 
-    writer = MetricWriter.for_uri(tracking_uri(cfg))
     now_ms = int(time.time() * 1000)
-    writer.send({"run": run_id, "metrics": trial_rows(results, cfg.objective, value, now_ms)})
     tags = [["optuna.state", state]] + ([["pruned", "true"]] if state == "PRUNED" else [])
-    writer.send({"run": run_id, "tags": tags})
     status = {"COMPLETE": "FINISHED", "PRUNED": "FINISHED", "FAIL": "FAILED"}.get(state, "KILLED")
-    writer.send({"run": run_id, "end": status, "end_time": now_ms})
+    messages = [
+        {"run": run_id, "metrics": trial_rows(results, cfg.objective, value, now_ms)},
+        {"run": run_id, "tags": tags},
+        {"run": run_id, "end": status, "end_time": now_ms},
+    ]
+    writer = MetricWriter.for_uri(tracking_uri(cfg))
+    for message in messages:
+        writer.send(message)
+    HANDED[run_id] = (writer, messages)
+
+
+# Each trial run's record and the writer it was handed to, until a drain has seen it written: should that
+# writer die with it in hand, a new one is handed it again (its rows are written once: the store keeps one
+# of each).
+HANDED: dict[str, tuple] = {}
 
 
 def wait_for_trial_runs(cfg: DictConfig, run_ids: list[str]) -> str | None:
-    """Wait until the writer has written the trial runs (they are read by the sweep's report)."""
+    """Wait until the writer has written the trial runs (they are read by the sweep's report); where it died
+    meanwhile, a new one writes them."""
     from gdlab.metric_writer import MetricWriter
 
     if not run_ids:
         return None
-    return MetricWriter.for_uri(tracking_uri(cfg)).drain(run_ids[-1], DRAIN_SECONDS)
+    handed = [HANDED.pop(run_id) for run_id in run_ids if run_id in HANDED]
+    writers = list({id(writer): writer for writer, _ in handed}.values()) or [
+        MetricWriter.for_uri(tracking_uri(cfg))
+    ]
+    errors = [writer.drain(run_ids[-1], DRAIN_SECONDS) for writer in writers]
+    if any(writer.process.poll() is not None for writer in writers):  # one died: what it held, again
+        writer = MetricWriter.for_uri(tracking_uri(cfg))
+        for _, messages in handed:
+            for message in messages:
+                writer.send(message)
+        errors = [writer.drain(run_ids[-1], DRAIN_SECONDS)]
+    return next((error for error in errors if error), None)
