@@ -323,6 +323,28 @@ def test_a_signal_to_a_basic_multirun_ends_its_parent_killed_without_a_refit(tmp
     assert kinds == [("job", "KILLED"), ("sweep", "KILLED")], kinds
 
 
+@pytest.mark.parametrize("tracking", ["local", "none"])
+def test_a_ctrl_c_between_multirun_jobs_is_one_line_exit_130_and_a_killed_parent(tmp_path: Path, tracking):
+    """Ctrl-C after a job of `gdlab-train -m` ended and before the next began (Hydra's own code, outside any
+    job's handler): the parent run ends KILLED without a refit (Hydra's `finally` hands the callback the
+    KeyboardInterrupt) and the command says so in one line and exits 130; it printed a traceback, exit 1."""
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent)}
+    done = gdlab("gdlab-train", "-m", "optimizer.lr=0.1,0.2", "trainer.max_epochs=5", f"tracking={tracking}",
+                 "+hydra.callbacks.stop._target_=interrupting_callback.SigintAfterFirstJob", cwd=tmp_path,
+                 cold=True, env=env)  # fmt: skip
+    returncode, out, err = finish(done)
+    assert returncode == 130 and "Traceback" not in err, err[-3000:]
+    assert out.count("objective train/loss") == 1  # the second job never ran
+    if tracking == "none":
+        assert err.strip().splitlines()[-1] == "gdlab-train: interrupted by SIGINT"
+        return
+    assert "interrupted by SIGINT: the sweep's parent run" in err and "ended KILLED" in err, err[-3000:]
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}")
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    kinds = sorted((run.data.tags.get("gdlab.kind", "job"), run.info.status) for run in runs)
+    assert kinds == [("job", "FINISHED"), ("sweep", "KILLED")], kinds
+
+
 @pytest.mark.slow
 def test_a_study_refuses_another_experiment_from_either_sweep_path(tmp_path: Path):
     one_trial = ["--n-trials", "1", "tracking=none"]

@@ -72,6 +72,12 @@ def interruption_reason(stop: BaseException) -> str:
     return "interrupted"
 
 
+def exit_code_of(stop: BaseException) -> int:
+    """128 + the signal `stop` came from (`interruption_reason`'s rules): 143 for SIGTERM, 130 for SIGINT."""
+    reason = interruption_reason(stop)
+    return 128 + (signal.SIGTERM if reason.endswith("SIGTERM") else signal.SIGINT)
+
+
 @contextlib.contextmanager
 def deferred() -> Iterator[None]:
     """SIGTERM and SIGINT held back until the block ends, then delivered to the handler that was in place.

@@ -282,6 +282,7 @@ class MlflowSweepCallback(Callback):
         )
         if self.parent_run_id and stopped_by:  # a job, or the sweep, was stopped by a signal: no refit
             self.end_killed(_task_config(config), stopped_by)
+            train.stopped_by = stopped_by  # said: gdlab.entry then exits 128 + the signal, quietly
         if self.parent_run_id:
             sweep_dir, task = Path(str(config.hydra.sweep.dir)), _task_config(config)
             end = None
