@@ -489,6 +489,28 @@ def test_a_ctrl_c_while_the_store_makes_a_batch_of_runs_ends_every_run_made(tmp_
     assert {run.data.tags["failure.reason"] for run in runs} == {"before training: interrupted by SIGINT"}
 
 
+def test_a_batch_stopped_before_training_with_its_writer_dead_still_ends_its_runs(tmp_path, monkeypatch):
+    """The metric writer killed (the OOM killer) and then a Ctrl-C before the first epoch: the runs' ends,
+    handed to the dead writer, are written by the training process instead of leaving the runs RUNNING."""
+    import gdlab.fit
+    from gdlab.metric_writer import MetricWriter
+
+    def writer_killed_then_ctrl_c(*args, **kwargs):
+        (writer,) = [w for uri, w in MetricWriter._instances.items() if str(tmp_path) in uri]
+        writer.process.kill()
+        writer.process.wait()
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(gdlab.fit, "make_loader", writer_killed_then_ctrl_c)  # the last step before training
+    with pytest.raises(KeyboardInterrupt):
+        gdlab.run(
+            ["trainer.max_epochs=5", f"tracking.dir={tmp_path}"], population=[{"seed": s} for s in (1, 2, 3)]
+        )
+    runs = all_runs(sqlite_client(tmp_path))
+    assert len(runs) == 3 and {r.info.status for r in runs} == {"KILLED"}
+    assert {r.data.tags["failure.reason"] for r in runs} == {"before training: interrupted by SIGINT"}
+
+
 @pytest.mark.parametrize("population", [1, 3])
 @pytest.mark.parametrize(("stop", "status"), [(KeyboardInterrupt, "KILLED"), (MemoryError, "FAILED")])
 def test_a_run_whose_start_is_interrupted_after_its_creation_is_ended(tmp_path, monkeypatch, stop, status,

@@ -63,11 +63,18 @@ def end_unclosed(runs: list[MlflowRun | None], stop: BaseException, when: str) -
     they were closed: ended KILLED (a signal) or FAILED, with the reason, not left RUNNING. A member's run
     hands both to the writer, which ends the batch in one transaction."""
     signal = isinstance(stop, KeyboardInterrupt | SystemExit)
-    reason = interruption_reason(stop) if signal else f"{type(stop).__name__}: {error_line(stop)}"
-    for run in runs:
-        if run is not None and run.closing is None:
-            run.set_tags({"failure.reason": f"{when}: {reason}"})
-            run.close("KILLED" if signal else "FAILED", None)
+    why = interruption_reason(stop) if signal else f"{type(stop).__name__}: {error_line(stop)}"
+    reason = f"{when}: {why}"
+    status = "KILLED" if signal else "FAILED"
+    ending = [run for run in runs if run is not None and run.closing is None]
+    for run in ending:
+        run.set_tags({"failure.reason": reason})
+        run.close(status, None)
     for run in runs:
         if run is not None:
             run.wait()
+    for run in ending:
+        if run.writer_died:  # its end went down with the writer: written here
+            with contextlib.suppress(Exception):
+                run.client.set_tag(run.run_id, "failure.reason", reason)
+                run.client.set_terminated(run.run_id, status=status)
