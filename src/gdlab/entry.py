@@ -6,33 +6,17 @@ teardown of the modules it loaded (1-3 s of freeing torch, Lightning and MLflow,
 
 from __future__ import annotations
 
-import functools
-import sys
 from typing import NoReturn
 
-from gdlab.interrupts import PENDING, exit_code_of, interruption_reason
+from gdlab.interrupts import PENDING
 from gdlab.process_exit import exit_now
 
 
 def train() -> NoReturn:
     PENDING.install()
-    from gdlab.train import main
+    from gdlab.train import main_or_interrupted
 
-    exit_now(functools.partial(interruptible, main))
-
-
-def interruptible(main) -> int | None:
-    """`main`, where a Ctrl-C or SIGTERM that escapes it (one between a multirun's jobs: each job handles its
-    own) is one line on stderr and exit 128 + the signal, not a traceback. The multirun's callback has ended
-    its parent run KILLED and said so (`gdlab.train.stopped_by`)."""
-    try:
-        return main()
-    except KeyboardInterrupt as stop:
-        from gdlab import train
-
-        if train.stopped_by is None:
-            print(f"gdlab-train: {interruption_reason(stop)}", file=sys.stderr)
-        return exit_code_of(stop)
+    exit_now(main_or_interrupted)
 
 
 def sweep() -> NoReturn:

@@ -20,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from gdlab.compose import compose_config
 from gdlab.config import ConfigError, validate
 from gdlab.data import SPLIT_METRICS
-from gdlab.interrupts import InterruptHandler
+from gdlab.interrupts import InterruptHandler, exit_code_of, interruption_reason
 from gdlab.masking import mask_saved_hydra_configs
 from gdlab.population import PopulationComposer, check_population
 from gdlab.replicates import ReplicatedResult
@@ -282,6 +282,18 @@ def main(cfg: DictConfig) -> float:
     return result.final["objective"]
 
 
+def main_or_interrupted() -> int | None:
+    """gdlab-train: `main`, where a Ctrl-C or SIGTERM that escapes it (one between a multirun's jobs: each job
+    handles its own) is one line on stderr and exit 128 + the signal, not a traceback. Where the multirun's
+    callback ended a parent run KILLED, it has said so (`stopped_by`)."""
+    try:
+        return main()
+    except KeyboardInterrupt as stop:
+        if stopped_by is None:
+            print(f"gdlab-train: {interruption_reason(stop)}", file=sys.stderr)
+        return exit_code_of(stop)
+
+
 def note_stop(reason: str) -> None:
     global stopped_by
     stopped_by = reason
@@ -309,7 +321,10 @@ def __getattr__(name: str):
 
 if __name__ == "__main__":  # `python -m gdlab.train`: gdlab-train itself (gdlab.entry.train)
     # This file runs as __main__, a second copy of the module: the job's notes (`stopped_by`,
-    # `last_mlflow_run_id`) must go to the gdlab.train that the sweep's callback reads.
-    from gdlab.entry import train as gdlab_train
+    # `last_mlflow_run_id`) must go to the gdlab.train that the sweep's callback reads, so that one runs.
+    import gdlab.train
+    from gdlab.interrupts import PENDING
+    from gdlab.process_exit import exit_now
 
-    gdlab_train()
+    PENDING.install()
+    exit_now(gdlab.train.main_or_interrupted)
