@@ -328,10 +328,10 @@ def test_a_ctrl_c_between_multirun_jobs_is_one_line_exit_130_and_a_killed_parent
     """Ctrl-C after a job of `gdlab-train -m` ended and before the next began (Hydra's own code, outside any
     job's handler): the parent run ends KILLED without a refit (Hydra's `finally` hands the callback the
     KeyboardInterrupt) and the command says so in one line and exits 130; it printed a traceback, exit 1."""
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent)}
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent)}  # the callback's module (tests/)
     done = gdlab("gdlab-train", "-m", "optimizer.lr=0.1,0.2", "trainer.max_epochs=5", f"tracking={tracking}",
                  "+hydra.callbacks.stop._target_=interrupting_callback.SigintAfterFirstJob", cwd=tmp_path,
-                 cold=True, env=env)  # fmt: skip
+                 env=env)  # fmt: skip
     returncode, out, err = finish(done)
     assert returncode == 130 and "Traceback" not in err, err[-3000:]
     assert out.count("objective train/loss") == 1  # the second job never ran
