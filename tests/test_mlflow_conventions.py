@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
@@ -129,6 +130,10 @@ def test_system_metrics_are_opt_in(tmp_path, monkeypatch):
         metrics["system/cpu_utilization_percentage"] >= 0
         and metrics["system/system_memory_usage_megabytes"] > 0
     )
+    # A run long enough to hand its record to the writer still stops its monitor before it ends: no thread
+    # keeps sampling into a finished run (a notebook's process lives on).
+    assert client.get_run(sampled.final["mlflow_run_id"]).info.status == "FINISHED"
+    assert not [thread for thread in threading.enumerate() if thread.name == "SystemMetricsMonitor"]
 
 
 def test_a_first_run_on_a_new_store_prints_only_gdlabs_lines(tmp_path):

@@ -195,7 +195,9 @@ class MlflowRun:
     Metric rows always go through the writer process (gdlab.metric_writer). A population member's
     run (`background=True`) hands the writer everything after its creation too: params, artifacts
     and its closing status, so the batch's training never waits on the store; `wait` collects the
-    outcome. A single run logs those itself, so a short run never waits for the writer to start.
+    outcome. A single run logs those itself while the writer has been given nothing, so a short run never
+    waits for the writer to start; once the writer is at work (a flush, a sweep's trials before a refit),
+    the rest of the record goes to it too, on MLflow's bulk path.
     """
 
     def __init__(self, cfg: DictConfig, overrides: list[str], device: str = "cpu",
@@ -331,7 +333,9 @@ class MlflowRun:
         or KILLED at `end_time` (time.time(); default now): a population member's own end, not its
         batch's. Where the writer holds this run, it does all that in order; `wait` for it."""
         end_ms = int((time.time() if end_time is None else end_time) * 1000)
-        if self.submitted or self.background:
+        if not self.background:  # its last samples are written before it ends, however it ends
+            self._call(system_metrics.stop, self.run_id)
+        if self.submitted or self.background or self.writer.used:  # a writer at work already takes it all
             self.flush()
             if directory is not None:
                 self._send({"artifacts": str(Path(directory).resolve())})
@@ -343,7 +347,6 @@ class MlflowRun:
         self.buffer = []
         if directory is not None:
             self._call(self.client.log_artifacts, self.run_id, str(directory))
-        self._call(system_metrics.stop, self.run_id)
         with deferred():
             self._call(self.client.set_terminated, self.run_id, status=status, end_time=end_ms)
             self.closing = (status, end_ms)
