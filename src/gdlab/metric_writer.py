@@ -49,6 +49,16 @@ def transient(error: BaseException) -> bool:
     return isinstance(error, ConnectionError | TimeoutError) or bool(_TRANSIENT.search(str(error)))
 
 
+# Callables shown every message of a run's record as it is handed over (gdlab.held_histories), and the rows a
+# single run logs itself (gdlab.tracking.MlflowRun.close), as {"run": ID, "metrics": ROWS}.
+OBSERVERS: list = []
+
+
+def observe(message: dict) -> None:
+    for observer in OBSERVERS:
+        observer(message)
+
+
 class Outage:
     """Waits out a backend outage: `call` retried with backoff (0.5 s, doubling to 8 s) while its errors are
     transient, for at most `seconds` counted from the outage's first failure; a success ends the outage.
@@ -122,6 +132,7 @@ class MetricWriter:
                 return
 
     def send(self, message: dict) -> None:
+        observe(message)
         self.used = True
         self.outbox.put(message)
 

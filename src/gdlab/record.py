@@ -19,6 +19,7 @@ from omegaconf import DictConfig
 from gdlab.artifacts import write_history, write_run_outputs
 from gdlab.data import Dataset
 from gdlab.epoch_table import EpochTable
+from gdlab.held_histories import forget
 from gdlab.masking import error_line, mask_passwords, masked_config_yaml
 from gdlab.member_runs import create_member_runs
 from gdlab.model import MLP
@@ -275,6 +276,8 @@ def finish_tracking(result: RunResult, run: MlflowRun) -> None:
     """Wait for the run's record to be written (by this process, if the writer died meanwhile); note the run
     (and any outage) on the result."""
     run.wait()
+    if run.writer_died or run.outage:  # its curves are read back from the store, not taken as handed over
+        forget(run.run_id)
     if run.writer_died:
         log.warning("gdlab: the metric writer process died; writing run %s's record from this process",
                     run.run_id)  # fmt: skip

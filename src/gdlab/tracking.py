@@ -27,7 +27,7 @@ from gdlab.experiments import experiment_of_run, get_or_create_experiment
 from gdlab.interrupts import deferred, interruption_reason
 from gdlab.masking import error_line, mask_passwords
 from gdlab.metric_store import log_metrics, log_params
-from gdlab.metric_writer import MetricWriter, Outage
+from gdlab.metric_writer import MetricWriter, Outage, observe
 from gdlab.repair import process_tags
 from gdlab.stores import mlflow_client
 from gdlab.version import __version__
@@ -344,6 +344,7 @@ class MlflowRun:
                 self.closing = (status, end_ms)
             return
         self._call(log_metrics, self.client, self.run_id, self.buffer)
+        observe({"run": self.run_id, "metrics": self.buffer})
         self.buffer = []
         if directory is not None:
             self._call(self.client.log_artifacts, self.run_id, str(directory))

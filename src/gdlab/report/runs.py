@@ -130,6 +130,9 @@ def load_run(client, run, histories: dict | None = None) -> TrackedRun:
             history = [
                 (m.step, m.timestamp, m.value) for m in client.get_metric_history(run.info.run_id, metric)
             ]
+        if isinstance(history, pd.Series):  # a curve held by this process (gdlab.held_histories)
+            curves[metric] = history
+            continue
         # A step logged twice (a retried batch) keeps its latest value.
         ordered = sorted(history, key=lambda point: point[:2])  # by (step, timestamp)
         curves[metric] = pd.Series({step: value for step, _, value in ordered}, dtype=float)
@@ -141,22 +144,30 @@ def load_run(client, run, histories: dict | None = None) -> TrackedRun:
                       tags=dict(run.data.tags))  # fmt: skip
 
 
-def read_histories(client, runs: list) -> dict | None:
-    """{(run id, metric): [(step, timestamp, value), ...]} of every run's curves in one query of MLflow's SQL
-    store where gdlab's bulk paths are verified (gdlab.metric_store); None elsewhere (get_metric_history
-    then reads each curve)."""
+def read_histories(client, runs: list) -> tuple[dict, set[str]]:
+    """({(run id, metric): its curve}, the runs it covers): the curves this process handed MLflow itself
+    (gdlab.held_histories: a sweep's own trials), the other runs' in one query of MLflow's SQL store where
+    gdlab's bulk paths are verified (gdlab.metric_store). A run it does not cover is read curve by curve."""
+    from gdlab.held_histories import held_curves, held_runs
     from gdlab.metric_store import read_metric_histories
 
     keys = sorted({metric for run in runs for metric in curve_metrics(run)})
-    return read_metric_histories(client, [run.info.run_id for run in runs], keys)
+    run_ids = [run.info.run_id for run in runs]
+    held = held_runs(run_ids)
+    histories: dict = held_curves(sorted(held), keys)
+    rest = [run_id for run_id in run_ids if run_id not in held]
+    stored = read_metric_histories(client, rest, keys) if rest else {}
+    if stored is None:
+        return histories, held
+    return {**histories, **stored}, set(run_ids)
 
 
 def load_runs(client, target: str, children: list | None = None) -> tuple[list[TrackedRun], str | None]:
     runs, parent_id = (children, target) if children is not None else find_runs(client, target)
     # Only training runs log train/loss: a sweep's parent run, in the same experiment, is left out.
     runs = [run for run in runs if "train/loss" in run.data.metrics]
-    histories = read_histories(client, runs)
-    runs = [load_run(client, run, histories) for run in runs]
+    histories, covered = read_histories(client, runs)
+    runs = [load_run(client, run, histories if run.info.run_id in covered else None) for run in runs]
     if not runs:
         what = f"run {parent_id} has no child runs" if parent_id else f"experiment '{target}' has no runs"
         raise ReportError(f"{what} with a train/loss metric")

@@ -341,8 +341,11 @@ def run_here(args, spec: SweepSpec, study: optuna.Study, storage, storage_url: s
         if share != 0:
             workers.append(start_worker(args, spec, study.study_name, storage_url, budget, parent_run_id,
                                         index, share))  # fmt: skip
+    from gdlab.held_histories import keep
     from gdlab.sweep.trials import TrialLogger
 
+    if parent_run_id and not args.worker:  # the report draws the curves this process hands MLflow
+        keep()
     logger = TrialLogger(budget, spec.max_failure_rate)
     run_trials(args, spec, study, storage, budget, logger)
     failed = [code for code in (worker.wait() for worker in workers) if code != 0]

@@ -89,12 +89,14 @@ class SweepEnd:
 
     def __init__(self, cfg: DictConfig, parent_run_id: str, report_dir: str | Path | None = None,
                  study: optuna.Study | None = None):  # fmt: skip
+        from gdlab.held_histories import drop
         from gdlab.report.runs import search_all_runs
 
         client = mlflow_client(tracking_uri(cfg))
         experiment_id = client.get_run(parent_run_id).info.experiment_id
         self.children = search_all_runs(client, experiment_id, f"tags.mlflow.parentRunId = '{parent_run_id}'")
         self.report = start_parent_report(cfg, parent_run_id, report_dir, self.children)
+        drop()  # the trials' curves this process held for it (gdlab.held_histories)
         self.plots = None
         if study is not None:
             from gdlab.sweep.study_plots import StudyPlots

@@ -22,6 +22,7 @@ import numpy as np
 from omegaconf import DictConfig
 
 from gdlab.data import SPLIT_METRICS
+from gdlab.held_histories import forget
 from gdlab.masking import error_line, mask_passwords
 from gdlab.repair import process_tags
 from gdlab.replicates import summarize
@@ -165,4 +166,7 @@ def wait_for_trial_runs(cfg: DictConfig, run_ids: list[str]) -> str | None:
             for message in messages:
                 writer.send(message)
         errors = [writer.drain(run_ids[-1], DRAIN_SECONDS)]
-    return next((error for error in errors if error), None)
+    error = next((error for error in errors if error), None)
+    for run_id in run_ids if error else ():  # their curves are read back from the store
+        forget(run_id)
+    return error

@@ -1,0 +1,113 @@
+"""The metric rows this process handed MLflow, run by run: a sweep's report draws its trials' curves from them
+instead of reading every history back from the store (gdlab.report.runs.read_histories).
+
+Kept only between `keep()` and `drop()` (gdlab-sweep keeps them for the trials it trains itself; nothing else
+does). Every metric message of a run's record is seen as it is handed over (gdlab.metric_writer.OBSERVERS):
+the "metrics" rows of a run, the "columns" blocks of a population, and the rows a single run logs itself.
+Curves are what MLflow's SQL store makes of those rows: ±inf stored as ±max float
+(gdlab.metric_store.stored_value), and of a step logged twice the latest row (by timestamp), as the report
+orders the rows it reads back. A run whose record may not all have reached the store (an outage, a writer
+that died: `forget`) and a run trained by another process are read back from the store.
+tests/test_held_histories.py proves held curves equal to those MLflow's client reads back.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import numpy as np
+import pandas as pd
+
+from gdlab.metric_store import MAX_FLOAT
+from gdlab.metric_writer import OBSERVERS, decode
+
+
+class HeldHistories:
+    """The rows of each run as handed over: single rows, and populations' (epochs, keys, runs) blocks."""
+
+    def __init__(self):
+        self.rows: dict[str, list] = defaultdict(list)  # run id -> [(key, value, timestamp, step), ...]
+        self.blocks: list[tuple] = []  # (run ids, keys, timestamps (E,), steps (E, R), values (E, K, R))
+        self.forgotten: set[str] = set()
+
+    def note(self, message: dict) -> None:
+        """One message of a run's record (gdlab.metric_writer's protocol); only metric rows are kept."""
+        if "columns" in message:
+            block = message["columns"]
+            steps, values = decode(block["steps"]), decode(block["values"])
+            self.blocks.append((block["runs"], block["keys"], np.asarray(block["timestamps"], np.int64),
+                                steps, values))  # fmt: skip
+        elif message.get("metrics"):
+            self.rows[message["run"]].extend(message["metrics"])
+
+    def held(self, run_ids: list[str]) -> set[str]:
+        """Those of `run_ids` whose whole record passed through here."""
+        here = set(self.rows).union(*(runs for runs, *_ in self.blocks))
+        return {run_id for run_id in run_ids if run_id in here and run_id not in self.forgotten}
+
+    def curves(self, run_ids: list[str], keys: list[str]) -> dict[tuple[str, str], pd.Series]:
+        """{(run id, key): its values by step} of the held runs among `run_ids`, for `keys`."""
+        wanted, keys = self.held(run_ids), set(keys)
+        pieces: dict[tuple[str, str], list] = defaultdict(list)  # (steps, timestamps, values) arrays
+        for runs, block_keys, timestamps, steps, values in self.blocks:
+            for j, run_id in enumerate(runs):
+                if run_id not in wanted:
+                    continue
+                for k, key in enumerate(block_keys):
+                    if key in keys:
+                        column = values[:, k, j]
+                        logged = ~np.isnan(column)
+                        pieces[(run_id, key)].append((steps[logged, j], timestamps[logged], column[logged]))
+        for run_id in wanted:
+            by_key = defaultdict(list)
+            for key, value, timestamp, step in self.rows.get(run_id, ()):
+                if key in keys:
+                    by_key[key].append((step, timestamp, value))
+            for key, rows in by_key.items():
+                step, timestamp, value = (np.array(column) for column in zip(*rows, strict=True))
+                pieces[(run_id, key)].append((step, timestamp, value.astype(np.float64)))
+        return {pair: curve_of(parts) for pair, parts in pieces.items()}
+
+
+def curve_of(parts: list[tuple]) -> pd.Series:
+    """One metric's rows as its curve: by step, the latest row of a step kept, as the store keeps values."""
+    steps, timestamps, values = (np.concatenate(column) for column in zip(*parts, strict=True))
+    order = np.lexsort((timestamps, steps))  # by step, then timestamp: the last of each step wins
+    steps, values = steps[order].astype(np.int64), values[order]
+    last = np.append(steps[1:] != steps[:-1], True)
+    values = np.where(np.isinf(values), np.sign(values) * MAX_FLOAT, values)
+    return pd.Series(values[last], index=steps[last], dtype=float)
+
+
+_HELD: HeldHistories | None = None
+
+
+def keep() -> None:
+    """From now on, every run's metric rows handed over in this process are held (a new, empty record)."""
+    global _HELD
+    drop()
+    _HELD = HeldHistories()
+    OBSERVERS.append(_HELD.note)
+
+
+def drop() -> None:
+    """Hold nothing more, and free what was held."""
+    global _HELD
+    if _HELD is not None:
+        OBSERVERS.remove(_HELD.note)
+    _HELD = None
+
+
+def forget(run_id: str) -> None:
+    """`run_id`'s record may not all be in the store: its curves are read back from there."""
+    if _HELD is not None:
+        _HELD.forgotten.add(run_id)
+
+
+def held_curves(run_ids: list[str], keys: list[str]) -> dict[tuple[str, str], pd.Series]:
+    """`HeldHistories.curves` of what is held now ({} when nothing is)."""
+    return {} if _HELD is None else _HELD.curves(run_ids, keys)
+
+
+def held_runs(run_ids: list[str]) -> set[str]:
+    return set() if _HELD is None else _HELD.held(run_ids)
