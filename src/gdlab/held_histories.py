@@ -27,33 +27,34 @@ class HeldHistories:
 
     def __init__(self):
         self.rows: dict[str, list] = defaultdict(list)  # run id -> [(key, value, timestamp, step), ...]
-        self.blocks: list[tuple] = []  # (run ids, keys, timestamps (E,), steps (E, R), values (E, K, R))
+        self.blocks: list[dict] = []  # "columns" messages: runs, keys, timestamps, steps, values
         self.forgotten: set[str] = set()
 
     def note(self, message: dict) -> None:
         """One message of a run's record (gdlab.metric_writer's protocol); only metric rows are kept."""
-        if "columns" in message:
-            block = message["columns"]
-            steps, values = decode(block["steps"]), decode(block["values"])
-            self.blocks.append((block["runs"], block["keys"], np.asarray(block["timestamps"], np.int64),
-                                steps, values))  # fmt: skip
+        if "columns" in message:  # decoded when read: nothing more on the epoch path than keeping it
+            self.blocks.append(message["columns"])
         elif message.get("metrics"):
             self.rows[message["run"]].extend(message["metrics"])
 
     def held(self, run_ids: list[str]) -> set[str]:
         """Those of `run_ids` whose whole record passed through here."""
-        here = set(self.rows).union(*(runs for runs, *_ in self.blocks))
+        here = set(self.rows).union(*(block["runs"] for block in self.blocks))
         return {run_id for run_id in run_ids if run_id in here and run_id not in self.forgotten}
 
     def curves(self, run_ids: list[str], keys: list[str]) -> dict[tuple[str, str], pd.Series]:
         """{(run id, key): its values by step} of the held runs among `run_ids`, for `keys`."""
         wanted, keys = self.held(run_ids), set(keys)
         pieces: dict[tuple[str, str], list] = defaultdict(list)  # (steps, timestamps, values) arrays
-        for runs, block_keys, timestamps, steps, values in self.blocks:
-            for j, run_id in enumerate(runs):
+        for block in self.blocks:
+            if wanted.isdisjoint(block["runs"]):
+                continue
+            steps, values = decode(block["steps"]), decode(block["values"])
+            timestamps = np.asarray(block["timestamps"], np.int64)
+            for j, run_id in enumerate(block["runs"]):
                 if run_id not in wanted:
                     continue
-                for k, key in enumerate(block_keys):
+                for k, key in enumerate(block["keys"]):
                     if key in keys:
                         column = values[:, k, j]
                         logged = ~np.isnan(column)
