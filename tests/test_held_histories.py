@@ -37,9 +37,8 @@ def test_held_curves_are_the_curves_mlflow_reads_back(tmp_path, holding):
     ]
     population = gdlab.run([*common, "tracking.flush_seconds=0"], population=members)
     through_writer = gdlab.run([*common, "tracking.flush_seconds=0", "seed=3"])
-    short = gdlab.run(["dataset=xor", "trainer.max_epochs=5", f"tracking.dir={tmp_path}"])
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
-    runs = [client.get_run(r.final["mlflow_run_id"]) for r in [*population, through_writer, short]]
+    runs = [client.get_run(r.final["mlflow_run_id"]) for r in [*population, through_writer]]
 
     histories, covered = read_histories(client, runs)
     assert covered == {run.info.run_id for run in runs} == held_histories.held_runs(list(covered))
@@ -52,6 +51,17 @@ def test_held_curves_are_the_curves_mlflow_reads_back(tmp_path, holding):
     assert compared > 5 * 30
     schedule = histories[(runs[0].info.run_id, "hp/optimizer.lr")]
     assert [schedule[0], schedule[10], schedule[29]] == [0.5, 0.2, 0.05]
+
+    # A store of its own: its writer has been given nothing, so this short run logs its rows itself.
+    short = gdlab.run(["dataset=xor", "trainer.max_epochs=5", f"tracking.dir={tmp_path / 'single'}"])
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'single' / 'mlflow.db'}")
+    run = client.get_run(short.final["mlflow_run_id"])
+    assert run.data.tags.get("gdlab.writer") is None and "train/loss" in run.data.metrics
+    histories, covered = read_histories(client, [run])
+    assert covered == held_histories.held_runs([run.info.run_id]) == {run.info.run_id}
+    held, stored = load_run(client, run, histories).curves, load_run(client, run, None).curves
+    pd.testing.assert_frame_equal(held, stored, check_exact=True)
+    assert len(held) == 6  # epochs 0..5, the last at the trained weights
 
 
 def test_infinities_nans_and_a_step_logged_twice_are_held_as_the_store_keeps_them(tmp_path, holding):
@@ -91,6 +101,24 @@ def test_a_run_whose_record_had_an_outage_is_read_back_from_the_store(tmp_path, 
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
     histories, covered = read_histories(client, [client.get_run(run_id)])
     assert covered == {run_id} and not any(isinstance(curve, pd.Series) for curve in histories.values())
+
+
+def test_past_its_budget_nothing_is_held_and_every_curve_is_read_back(tmp_path, holding, monkeypatch):
+    monkeypatch.setattr(held_histories, "MAX_HELD_BYTES", 10_000)
+    common = [
+        "dataset=moons",
+        "trainer.max_epochs=50",
+        f"tracking.dir={tmp_path}",
+        "tracking.flush_seconds=0",
+    ]
+    results = gdlab.run(common, population=[{"optimizer.lr": 0.1}, {"optimizer.lr": 0.2}])
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = [client.get_run(r.final["mlflow_run_id"]) for r in results]
+    assert held_histories.held_runs([run.info.run_id for run in runs]) == set()
+    histories, covered = read_histories(client, runs)  # from the store, in one query
+    assert covered == {run.info.run_id for run in runs}
+    assert not any(isinstance(curve, pd.Series) for curve in histories.values())
+    assert len(load_run(client, runs[0], histories).curves) == 51
 
 
 def test_a_sweep_report_draws_its_own_trials_without_reading_them_back(tmp_path, monkeypatch):

@@ -24,6 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 from gdlab import system_metrics
 from gdlab.data import SPLIT_METRICS
 from gdlab.experiments import experiment_of_run, get_or_create_experiment
+from gdlab.held_histories import forget
 from gdlab.interrupts import deferred, interruption_reason
 from gdlab.masking import error_line, mask_passwords
 from gdlab.metric_store import log_metrics, log_params
@@ -357,6 +358,8 @@ class MlflowRun:
         if self.submitted:
             error = self.writer.drain(self.run_id, timeout=self.drain_timeout)
             self.submitted = False
+            if error:  # its curves, should this process hold them, are read back from the store
+                forget(self.run_id)
             if error and self.writer.process.poll() is not None:
                 self.writer_died = True  # not an outage: the caller writes the record itself (`rewrite`)
             else:

@@ -113,11 +113,18 @@ def search_all_runs(client, experiment_id: str, filter_string: str = "") -> list
             return runs
 
 
+SPREADS = tuple(f"{metric}_std" for metric in SPLIT_METRICS)  # a trial's members' (gdlab.sweep.trial_runs)
+
+
 def curve_metrics(run) -> list[str]:
     """The metrics of a run the report draws as curves: the CURVE_METRICS it has, and its hp/ numbers."""
     hyperparameters = sorted(m for m in run.data.metrics if m.startswith("hp/"))  # scheduled or PBT's
-    spreads = [f"{metric}_std" for metric in SPLIT_METRICS]  # a trial's members' (gdlab.sweep.trial_runs)
-    return [metric for metric in (*CURVE_METRICS, *spreads, *hyperparameters) if metric in run.data.metrics]
+    return [metric for metric in (*CURVE_METRICS, *SPREADS, *hyperparameters) if metric in run.data.metrics]
+
+
+def is_curve_metric(key: str) -> bool:
+    """Whether the report draws a metric as a curve (`curve_metrics`)."""
+    return key in CURVE_METRICS or key in SPREADS or key.startswith("hp/")
 
 
 def load_run(client, run, histories: dict | None = None) -> TrackedRun:

@@ -22,6 +22,7 @@ from pathlib import Path
 import optuna
 
 from gdlab.config import TEST_METRICS, ConfigError
+from gdlab.held_histories import drop, keep
 from gdlab.interrupts import PENDING, InterruptHandler, deferred, failure_reason
 from gdlab.masking import error_line, install_log_masking, mask_passwords
 from gdlab.metric_writer import MetricWriter
@@ -313,6 +314,8 @@ def run_sweep(args, spec: SweepSpec, study: optuna.Study, storage, storage_url: 
                     spec.task, parent_run_id, "FAILED", f"{type(error).__name__}: {error_line(error)}"
                 )
         raise
+    finally:
+        drop()  # the trials' curves held for the report (gdlab.held_histories), however the sweep ended
     if failure:
         print(f"gdlab-sweep: {failure}", file=sys.stderr)
         return 1
@@ -341,11 +344,11 @@ def run_here(args, spec: SweepSpec, study: optuna.Study, storage, storage_url: s
         if share != 0:
             workers.append(start_worker(args, spec, study.study_name, storage_url, budget, parent_run_id,
                                         index, share))  # fmt: skip
-    from gdlab.held_histories import keep
+    from gdlab.report.runs import is_curve_metric
     from gdlab.sweep.trials import TrialLogger
 
     if parent_run_id and not args.worker:  # the report draws the curves this process hands MLflow
-        keep()
+        keep(is_curve_metric)
     logger = TrialLogger(budget, spec.max_failure_rate)
     run_trials(args, spec, study, storage, budget, logger)
     failed = [code for code in (worker.wait() for worker in workers) if code != 0]

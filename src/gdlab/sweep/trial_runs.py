@@ -159,13 +159,13 @@ def wait_for_trial_runs(cfg: DictConfig, run_ids: list[str]) -> str | None:
     writers = list({id(writer): writer for writer, _ in handed}.values()) or [
         MetricWriter.for_uri(tracking_uri(cfg))
     ]
-    errors = [writer.drain(run_ids[-1], DRAIN_SECONDS) for writer in writers]
+    errors = [writer.drain(run_id, DRAIN_SECONDS) for writer in writers for run_id in run_ids]  # each its own
     if any(writer.process.poll() is not None for writer in writers):  # one died: what it held, again
         writer = MetricWriter.for_uri(tracking_uri(cfg))
         for _, messages in handed:
             for message in messages:
                 writer.send(message)
-        errors = [writer.drain(run_ids[-1], DRAIN_SECONDS)]
+        errors = [writer.drain(run_id, DRAIN_SECONDS) for run_id in run_ids]
     error = next((error for error in errors if error), None)
     for run_id in run_ids if error else ():  # their curves are read back from the store
         forget(run_id)
