@@ -51,6 +51,7 @@ bench-pbt: install
 bench-population: install
 	$(BIN)/python benchmarks/bench_population.py --tracked 1024 --plot docs/population_scaling.png
 	$(BIN)/python benchmarks/bench_ask.py
+	$(BIN)/python benchmarks/bench_trial_config.py
 
 bench-replicates: install
 	$(BIN)/python benchmarks/bench_replicates.py

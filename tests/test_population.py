@@ -1,6 +1,7 @@
 """Population mode: each member trains exactly as it would alone, and retires alone."""
 
 import math
+import re
 import sys
 from pathlib import Path
 
@@ -120,6 +121,36 @@ def test_variant_composer_matches_hydra_compose():
     for variant in (["optimizer.lr=0.3", "seed=4"], ["init=he", "model.width=[3,5]", "model.depth=2"],
                     ["optimizer=backtracking", "optimizer.c=0.2"]):  # fmt: skip
         assert compose(variant) == validate(compose_config(["dataset=xor", *variant]))
+
+
+def test_a_trial_config_is_what_hydra_composes_and_gdlab_validates():
+    """gdlab-sweep's trial configs, made the quick way where a trial's values are plain numbers on member
+    keys: equal to Hydra's composition validated, for every shipped sweep's edge values; polyak's lr that
+    follows step_max (an interpolation) and a refused value as validation has them."""
+    from gdlab.config import ConfigError
+    from gdlab.population import PopulationComposer
+    from gdlab.sweep.spec import available_sweeps, edge_values, load_sweep
+    from gdlab.sweep.trials import trial_config
+
+    checked = 0
+    for name in available_sweeps():
+        spec = load_sweep(name, [])
+        for edge in (0, -1):
+            params = {key: edge_values(space)[edge] for key, space in spec.distributions.items()}
+            cfg, overrides = trial_config(spec, params)
+            assert cfg == validate(compose_config(overrides)), (name, params)
+            checked += 1
+    assert checked == 2 * len(available_sweeps()) >= 20
+    polyak = PopulationComposer(["dataset=xor", "optimizer=polyak"])
+    cfg = polyak.config({"optimizer.step_max": 0.7})
+    assert cfg == validate(compose_config(["dataset=xor", "optimizer=polyak", "optimizer.step_max=0.7"]))
+    assert cfg.optimizer.lr == 0.7
+    quick = PopulationComposer(["dataset=xor"])
+    assert quick.config({"optimizer.lr": 0.2, "seed": 5}).optimizer.lr == 0.2
+    with pytest.raises(ConfigError) as refused:
+        validate(compose_config(["dataset=xor", "optimizer.lr=-1.0"]))
+    with pytest.raises(ConfigError, match=re.escape(str(refused.value))):
+        quick.config({"optimizer.lr": -1.0})
 
 
 @pytest.mark.slow

@@ -180,6 +180,7 @@ class PopulationComposer:
         self.composer = VariantComposer(overrides)
         self.plain_keys = {*MEMBER_KEYS, "init.std"}
         self.bases: dict[tuple, tuple[DictConfig, dict]] = {}
+        self.interpolates: bool | None = None  # whether the shared config holds one (`config`)
 
     def base(self, composed: tuple[str, ...]) -> tuple[DictConfig, dict]:
         """(validated config, its member sections) of the shared overrides plus `composed`."""
@@ -208,6 +209,28 @@ class PopulationComposer:
             overrides.append([*self.composer.overrides, *as_overrides(member)])
         return Population(bases, members, overrides)
 
+    def config(self, member: dict) -> DictConfig:
+        """One member's validated config, equal to what `self.composer` makes of its overrides. Where they
+        are all plain numbers on member keys, they are set on a copy of the validated shared config and
+        checked with `check_member` (~1 ms; a full validation is ~5 ms); otherwise, or where the shared
+        config holds an interpolation (a value that follows another, as polyak's lr follows step_max, which
+        validation resolves first), through the composer."""
+        values, composed = self.split(member)
+        if self.interpolates is None:
+            self.interpolates = holds_interpolation(OmegaConf.to_container(self.composer.composed[()]))
+        if composed or not values or self.interpolates:
+            return self.composer(as_overrides(member))
+        base, sections = self.base(())
+        own = {"seed": sections["seed"], **{k: dict(v) for k, v in sections.items() if k != "seed"}}
+        if any(get_key(own, key, _MISSING) is _MISSING for key in values):  # a key it lacks: Hydra says so
+            return self.composer(as_overrides(member))
+        cfg = copy.deepcopy(base)
+        for key, value in values.items():
+            set_key(own, key, value)
+            OmegaConf.update(cfg, key, value, merge=False)
+        check_member(own)
+        return cfg
+
     def split(self, member: dict | list | tuple) -> tuple[dict, tuple[str, ...]]:
         """A member's plain numbers on member keys, and the overrides Hydra must compose."""
         if not isinstance(member, dict):
@@ -234,6 +257,15 @@ class PopulationComposer:
     def compose_member(self, member) -> tuple[DictConfig, dict]:
         cfg = self.composer(as_overrides(member))
         return cfg, member_sections(OmegaConf.to_container(cfg, resolve=True))
+
+
+def holds_interpolation(node) -> bool:
+    """Whether a plain config container (unresolved) holds an interpolation such as ${.step_max}."""
+    if isinstance(node, dict):
+        return any(holds_interpolation(value) for value in node.values())
+    if isinstance(node, list):
+        return any(holds_interpolation(value) for value in node)
+    return isinstance(node, str) and "${" in node
 
 
 def as_overrides(member: dict | list | tuple) -> list[str]:

@@ -24,9 +24,10 @@ from hydra_plugins.hydra_optuna_sweeper._impl import OptunaSweeperImpl, create_p
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from optuna.distributions import CategoricalDistribution, FloatDistribution
 
-from gdlab.compose import VariantComposer, compose_config, search_path_override
+from gdlab.compose import compose_config, search_path_override
 from gdlab.config import MAX_FOLDS, ConfigError, check_fits, check_number, validate
 from gdlab.pbt_rules import PBTSettings, settings_problem
+from gdlab.population import PopulationComposer
 from gdlab.replicates import AGGREGATES
 from gdlab.schedules import SCHEDULABLE, SCHEDULE_SUFFIX
 from gdlab.sweep.first_batch import FIRST_BATCH
@@ -61,7 +62,7 @@ class SweepSpec:
     population: int  # trials asked and trained together as one batched model (1: one at a time)
     first_batch: str = "sampler"  # gdlab_sweep.first_batch: how a new study's first batch is drawn
     signature: dict = field(default_factory=dict)  # gdlab.sweep.signature: what a trial computes
-    composer: VariantComposer | None = field(default=None, repr=False)  # made on first use
+    composer: PopulationComposer | None = field(default=None, repr=False)  # made on first use
     progress_every: float = 10.0  # seconds between progress lines in a log (gdlab-sweep --progress)
     pbt: PBTSettings | None = None  # gdlab_sweep.pbt: Population Based Training inside each population
     replicates: int = 1  # gdlab_sweep.replicates: each trial's configuration trained with k seeds

@@ -22,13 +22,13 @@ from omegaconf import DictConfig, OmegaConf
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 from optuna.trial import TrialState
 
-from gdlab.compose import VariantComposer, compose_config
+from gdlab.compose import compose_config
 from gdlab.config import validate
 from gdlab.data import SPLIT_METRICS
 from gdlab.interrupts import deferred
 from gdlab.masking import error_line, mask_passwords
 from gdlab.members import POPULATION_OPTIMIZERS, group_by_architecture
-from gdlab.population import Population
+from gdlab.population import Population, PopulationComposer, as_overrides
 from gdlab.progress import Progress
 from gdlab.replicates import aggregate, summarize
 from gdlab.sweep.first_batch import say_drawn_blind
@@ -63,14 +63,13 @@ def suggest_trial(spec: SweepSpec, trial: optuna.Trial) -> tuple[DictConfig, lis
 
 def trial_config(spec: SweepSpec, params: dict) -> tuple[DictConfig, list[str]]:
     """The validated config of a trial with these params, and the overrides that reproduce it."""
-    base = [f"+sweep={spec.name}", *spec.overrides]
-    values = [f"{k}={v}" for k, v in {**params, **spec.fixed_params}.items()]
+    base, member = [f"+sweep={spec.name}", *spec.overrides], {**params, **spec.fixed_params}
     if spec.composer is None:
-        spec.composer = VariantComposer(base)
-    cfg = spec.composer(values)
+        spec.composer = PopulationComposer(base)
+    cfg = spec.composer.config(member)
     # a trial logs no model (the refit does) and no system metrics (its sweep's parent run may)
     cfg.tracking.log_model, cfg.tracking.registered_model, cfg.tracking.system_metrics = False, None, False
-    return cfg, [*base, *values]
+    return cfg, [*base, *as_overrides(member)]
 
 
 def chosen_config(spec: SweepSpec, trial: optuna.trial.FrozenTrial) -> tuple[DictConfig, list[str]]:
