@@ -9,6 +9,7 @@ import numpy as np
 import optuna
 import pytest
 from mlflow import MlflowClient
+from omegaconf import OmegaConf
 from optuna.trial import TrialState
 
 import warm
@@ -127,7 +128,6 @@ def test_a_trial_config_is_what_hydra_composes_and_gdlab_validates():
     """gdlab-sweep's trial configs, made the quick way where a trial's values are plain numbers on member
     keys: equal to Hydra's composition validated, for every shipped sweep's edge values; polyak's lr that
     follows step_max (an interpolation) and a refused value as validation has them."""
-    from gdlab.config import ConfigError
     from gdlab.population import PopulationComposer
     from gdlab.sweep.spec import available_sweeps, edge_values, load_sweep
     from gdlab.sweep.trials import trial_config
@@ -138,7 +138,8 @@ def test_a_trial_config_is_what_hydra_composes_and_gdlab_validates():
         for edge in (0, -1):
             params = {key: edge_values(space)[edge] for key, space in spec.distributions.items()}
             cfg, overrides = trial_config(spec, params)
-            assert cfg == validate(compose_config(overrides)), (name, params)
+            expected = OmegaConf.to_yaml(validate(compose_config(overrides)))  # types too: 1, 1.0, true
+            assert OmegaConf.to_yaml(cfg) == expected, (name, params)
             checked += 1
     assert checked == 2 * len(available_sweeps()) >= 20
     polyak = PopulationComposer(["dataset=xor", "optimizer=polyak"])
@@ -147,10 +148,21 @@ def test_a_trial_config_is_what_hydra_composes_and_gdlab_validates():
     assert cfg.optimizer.lr == 0.7
     quick = PopulationComposer(["dataset=xor"])
     assert quick.config({"optimizer.lr": 0.2, "seed": 5}).optimizer.lr == 0.2
-    with pytest.raises(ConfigError) as refused:
-        validate(compose_config(["dataset=xor", "optimizer.lr=-1.0"]))
-    with pytest.raises(ConfigError, match=re.escape(str(refused.value))):
-        quick.config({"optimizer.lr": -1.0})
+    refusals = [
+        (["dataset=xor"], {"optimizer.lr": -1.0}),
+        (["dataset=moons", "dataset.val_size=0", "dataset.cv_folds=5"],
+         {"optimizer.lr": -1.0, "dataset.cv_fold": 7}),  # two bad: validation's first
+        (["dataset=xor"], {"init": 1}),  # a number for a config group
+    ]  # fmt: skip
+    for shared, values in refusals:
+        with pytest.raises(Exception) as refused:
+            validate(compose_config([*shared, *[f"{key}={value}" for key, value in values.items()]]))
+        with pytest.raises(type(refused.value), match=re.escape(str(refused.value))):
+            PopulationComposer(shared).config(values)
+    momentum = ["dataset=xor", "optimizer=sgd", "optimizer.nesterov=true"]  # valid only with the member's
+    assert PopulationComposer(momentum).config({"optimizer.momentum": 0.9}) == validate(
+        compose_config([*momentum, "optimizer.momentum=0.9"])
+    )
 
 
 @pytest.mark.slow

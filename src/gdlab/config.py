@@ -121,14 +121,14 @@ def check_member(sections: dict) -> None:
     """A population member's own values (`sections`: its seed, init, optimizer and trainer as plain dicts),
     checked with the rules `validate` applies to them."""
     view = Sections(sections)
+    folds = sections.get("dataset", {}).get("cv_folds")
+    if folds:  # first, as `validate` checks the dataset first
+        check_number(view, "dataset.cv_fold", 0, folds - 1, integer=True)
     _check_init(view)
     _check_optimizer(view)
     check_number(view, "trainer.stop_loss", 0, optional=True)
     check_number(view, "trainer.max_evals", 1, integer=True, optional=True)
     check_number(view, "seed", 0, MAX_SEED, integer=True)
-    folds = sections.get("dataset", {}).get("cv_folds")
-    if folds:
-        check_number(view, "dataset.cv_fold", 0, folds - 1, integer=True)
 
 
 def objective_metrics(dataset) -> tuple[str, ...]:

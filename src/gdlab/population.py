@@ -211,19 +211,23 @@ class PopulationComposer:
 
     def config(self, member: dict) -> DictConfig:
         """One member's validated config, equal to what `self.composer` makes of its overrides. Where they
-        are all plain numbers on member keys, they are set on a copy of the validated shared config and
-        checked with `check_member` (~1 ms; a full validation is ~5 ms); otherwise, or where the shared
-        config holds an interpolation (a value that follows another, as polyak's lr follows step_max, which
-        validation resolves first), through the composer."""
+        are all plain numbers replacing plain values of member keys, they are set on a copy of the validated
+        shared config and checked with `check_member` (~1 ms; a full validation is ~5 ms); otherwise, or
+        where the shared config holds an interpolation (a value that follows another, as polyak's lr follows
+        step_max, which validation resolves first) or is valid only with the member's values, through the
+        composer."""
         values, composed = self.split(member)
         if self.interpolates is None:
             self.interpolates = holds_interpolation(OmegaConf.to_container(self.composer.composed[()]))
         if composed or not values or self.interpolates:
             return self.composer(as_overrides(member))
-        base, sections = self.base(())
-        own = {"seed": sections["seed"], **{k: dict(v) for k, v in sections.items() if k != "seed"}}
-        if any(get_key(own, key, _MISSING) is _MISSING for key in values):  # a key it lacks: Hydra says so
+        try:
+            base, sections = self.base(())
+        except ConfigError:  # a shared value valid only beside the member's (nesterov, a momentum)
             return self.composer(as_overrides(member))
+        own = {"seed": sections["seed"], **{k: dict(v) for k, v in sections.items() if k != "seed"}}
+        if not all(isinstance(get_key(own, key), int | float | str | bool) for key in values):
+            return self.composer(as_overrides(member))  # a group (init), a null or missing key: Hydra's
         cfg = copy.deepcopy(base)
         for key, value in values.items():
             set_key(own, key, value)
