@@ -596,7 +596,7 @@ def test_a_worker_suspended_past_the_grace_period_costs_only_its_trial(tmp_path:
                     "gdlab_sweep.pruner.n_startup_trials=1000", "--workers", "2", "--budget", "4",
                     "--population", "1", "--grace-period", "4", "--heartbeat-interval", "1", "--no-refit",
                     "--progress", "0", cwd=tmp_path)  # fmt: skip
-    study = wait_for_running_trials(storage, "lr_depth", process, count=2)  # both processes train
+    study = wait_for_running_trials(storage, "lr_depth", process, count=2, training=True)  # both train
     children = warm.run(["pgrep", "-P", str(process.pid)], capture_output=True, text=True).stdout.split()
     (worker,) = [int(pid) for pid in children if b"--worker" in Path(f"/proc/{pid}/cmdline").read_bytes()]
     suspend_holding_no_lock(worker, [tmp_path / "mlruns" / "optuna.db", tmp_path / "mlruns" / "mlflow.db"])
@@ -646,13 +646,15 @@ def retried_after_heartbeat(study: optuna.Study) -> bool:
 
 
 def wait_for_running_trials(
-    storage: str, name: str, process, count: int, timeout: float = 300
+    storage: str, name: str, process, count: int, timeout: float = 300, training: bool = False
 ) -> optuna.Study:
+    """`training`: the running trials have reported a value (their training is under way, past its start)."""
     # Its header comes once the study exists: opening the store before would race its creation.
     assert process.stdout.readline().startswith(f"gdlab-sweep: study {name!r}"), process.stderr.read()[-3000:]
     study, deadline = live_study(name, storage), time.monotonic() + timeout
     while time.monotonic() < deadline and process.poll() is None:
-        if len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))) >= count:
+        running = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
+        if len([t for t in running if t.intermediate_values or not training]) >= count:
             return study
         time.sleep(0.2)
     raise AssertionError(f"never {count} trials running at once (exit status {process.poll()})")

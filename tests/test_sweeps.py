@@ -491,3 +491,24 @@ def test_a_study_store_whose_tables_another_process_creates_meanwhile_opens(tmp_
     study = optuna.create_study(storage=storage, study_name="s")
     study.tell(study.ask(), 1.0)
     assert [t.value for t in optuna.load_study(study_name="s", storage=url).get_trials()] == [1.0]
+
+
+def test_a_trial_taken_by_heartbeat_before_its_training_is_said_and_not_trained(
+    tmp_path, monkeypatch, capsys
+):
+    """A process stopped between asking a trial and drawing its values, resumed after another process failed
+    that trial by heartbeat: nothing is trained for it, and one line says so (it had no run to end)."""
+    from gdlab.sweep.spec import load_sweep
+    from gdlab.sweep.trials import TrialLogger, run_trial_batch
+
+    monkeypatch.chdir(tmp_path)
+    spec = load_sweep("lr", ["tracking=none"])
+    study = optuna.create_study(study_name="lr", storage=f"sqlite:///{tmp_path / 'optuna.db'}")
+    trial = study.ask()
+    study._storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)  # as fail_stale_trials does
+    logger = TrialLogger(budget=4, max_failure_rate=1.0)
+    run_trial_batch(spec, study, [trial], tmp_path / "outputs", logger)
+    err = capsys.readouterr().err
+    assert "gdlab-sweep: trial #0 was failed by heartbeat while its process was stopped" in err
+    assert logger.taken == {0} and study.trials[0].state == TrialState.FAIL and not trial.params
+    assert not (tmp_path / "outputs").exists()

@@ -26,7 +26,7 @@ from gdlab.compose import compose_config
 from gdlab.config import validate
 from gdlab.data import SPLIT_METRICS
 from gdlab.interrupts import deferred
-from gdlab.masking import error_line, mask_passwords
+from gdlab.masking import mask_passwords
 from gdlab.members import POPULATION_OPTIMIZERS, group_by_architecture
 from gdlab.population import Population, PopulationComposer, as_overrides
 from gdlab.progress import Progress
@@ -35,6 +35,7 @@ from gdlab.sweep.first_batch import say_drawn_blind
 from gdlab.sweep.pruning import PruningReporter, group_reporters
 from gdlab.sweep.spec import SweepError, SweepSpec
 from gdlab.sweep.study import FINISHED, Heartbeats
+from gdlab.sweep.taken_trials import TAKEN, running_trial_ids, say_taken, still_ours, taken_from_us
 from gdlab.sweep.trial_runs import finish_trial_run, start_trial_runs, wait_for_trial_runs
 from gdlab.tracking import TrackingUnavailable, trial_run_name
 
@@ -196,6 +197,8 @@ def run_trial_batch(spec: SweepSpec, study: optuna.Study, trials: list, output_r
 
     def tell(trial, value=None, state=None, error: Exception | None = None) -> None:
         if state == TAKEN or (error is not None and not still_ours(trial)):  # failed by heartbeat meanwhile
+            if state != TAKEN:  # before its run was made (stopped between its ask and its training)
+                say_taken(trial)
             told.append(study._storage.get_trial(trial._trial_id))
             logger.taken.add(trial.number)
             return
@@ -300,45 +303,6 @@ def train_together(spec: SweepSpec, members: list, output_root: Path) -> list[tu
 def end_trial_runs(cfgs: list[DictConfig], trial_runs: list[str] | None, state: str) -> None:
     for cfg, run_id in zip(cfgs, trial_runs or (), strict=False):
         finish_trial_run(cfg, run_id, [], None, state)
-
-
-TAKEN = "taken"  # an outcome: the trial was failed by heartbeat meanwhile, and retried by another process
-
-
-def still_ours(trial: optuna.Trial) -> bool:
-    """Whether the trial is still RUNNING in the storage (not failed by heartbeat by another process)."""
-    return trial._trial_id in running_trial_ids(trial.study)
-
-
-def running_trial_ids(study: optuna.Study) -> set[int]:
-    return {t._trial_id for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
-
-
-def taken_from_us(trial: optuna.Trial, results: list, running: set[int] | None = None) -> bool:
-    """Whether another process failed this trial by heartbeat while this one was stopped (`running`: the
-    study's RUNNING trial ids, if known); then its runs (one per replicate) end KILLED with the reason, and
-    one line says so (its retry is another trial)."""
-    if trial._trial_id in (running if running is not None else running_trial_ids(trial.study)):
-        return False
-    reason = (f"trial #{trial.number} was failed by heartbeat while its process was stopped (it is retried "
-              "as another trial)")  # fmt: skip
-    for result in results:
-        run_id = result.final.get("mlflow_run_id")
-        if not run_id:
-            continue
-        from gdlab.stores import mlflow_client
-        from gdlab.tracking import tracking_uri
-
-        try:
-            client = mlflow_client(tracking_uri(result.config))
-            client.set_tag(run_id, "failure.reason", reason)
-            client.set_terminated(run_id, status="KILLED")
-        except Exception as error:  # the store's outage: the line below still says what happened
-            reason += f"; its run could not be ended: {error_line(error)}"
-    runs = "its run" if len(results) == 1 else "its runs"
-    print(f"gdlab-sweep: {reason}; {runs} ended KILLED, going on with new trials", file=sys.stderr,
-          flush=True)  # fmt: skip
-    return True
 
 
 def population_based_training(spec: SweepSpec, trials: list, cfg: DictConfig):
