@@ -116,6 +116,33 @@ def test_a_logged_model_predicts_as_gdlab_does_and_is_registered(tmp_path):
     assert "MLFLOW_TRACKING_URI" not in os.environ  # later commands' runs go where they say, not here
 
 
+def test_a_logged_model_carries_the_tags_and_params_mlflows_own_path_gives_it(tmp_path):
+    """gdlab creates the LoggedModel itself (gdlab.logged_model.new_logged_model, without MLflow's git
+    context); MLflow's own log_model path, on the same run, gives it the same tags and params."""
+    import mlflow.pytorch
+
+    from gdlab.logged_model import Probabilities, run_experiment, tracking_uri_set
+
+    r = gdlab.run([*SHORT, f"tracking.dir={tmp_path}", "tracking.log_model=true"])
+    client = client_of(tmp_path)
+    run = client.get_run(r.final["mlflow_run_id"])
+    ours = client.get_logged_model(run.outputs.model_outputs[0].model_id)
+    example = r.data.train.X[:5]
+    traced = torch.jit.trace(Probabilities(r.model).eval(), example)
+    with tracking_uri_set(f"sqlite:///{tmp_path / 'mlflow.db'}"), run_experiment(run.info.experiment_id):
+        theirs = client.get_logged_model(
+            mlflow.pytorch.log_model(traced, name="model", run_id=run.info.run_id,
+                                    serialization_format="pickle").model_id
+        )
+    git = {key for key in theirs.tags if key.startswith("mlflow.source.git")}
+    assert ours.tags == {key: value for key, value in theirs.tags.items() if key not in git}
+    assert {"mlflow.user", "mlflow.source.name", "mlflow.source.type"} <= set(ours.tags)
+    assert ours.params == theirs.params == run.data.params and len(ours.params) > 20
+    assert (ours.name, ours.source_run_id, ours.experiment_id) == (
+        theirs.name, theirs.source_run_id, theirs.experiment_id
+    )
+
+
 def test_system_metrics_are_opt_in(tmp_path, monkeypatch):
     monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.5")
     client = client_of(tmp_path)

@@ -97,6 +97,25 @@ def run_experiment(experiment_id: str):
             os.environ["MLFLOW_EXPERIMENT_ID"] = before
 
 
+def new_logged_model(client, run) -> str | None:
+    """The id of a new LoggedModel for `run`, as `mlflow.pytorch.log_model` would create it (the run's
+    params, the process's context tags), except for MLflow's GitRunContext: its tags name the repository
+    of the process's main file (a console script in a venv: none), and finding that out imports GitPython,
+    ~0.8 s of a sweep's end. The run records gdlab's own commit (git.commit). Guarded: where MLflow's
+    context registry is not where it was, None, and log_model creates the model itself.
+    tests/test_mlflow_conventions.py proves the tags and params equal to MLflow's own path's."""
+    try:
+        from mlflow.tracking.context.git_context import GitRunContext
+        from mlflow.tracking.context.registry import resolve_tags
+    except ImportError:
+        return None
+    tags = resolve_tags(ignore=[GitRunContext])
+    params = {key: str(value) for key, value in run.data.params.items()}
+    model = client.create_logged_model(run.info.experiment_id, name=MODEL_NAME, source_run_id=run.info.run_id,
+                                       tags=tags, params=params)  # fmt: skip
+    return model.model_id
+
+
 def log_model(uri: str, run_id: str, mlp: MLP, X_train: np.ndarray,
               registered_name: str | None = None) -> tuple[str, str | None]:  # fmt: skip
     """Log `mlp` on run `run_id` (and register it as a new version of `registered_name`): its model URI and
@@ -110,13 +129,15 @@ def log_model(uri: str, run_id: str, mlp: MLP, X_train: np.ndarray,
     with torch.no_grad():
         signature = infer_signature(X_train, model(torch.as_tensor(X_train)).numpy())
         traced = torch.jit.trace(model, torch.as_tensor(example))
-    experiment_id = mlflow.MlflowClient(uri).get_run(run_id).info.experiment_id
+    client = mlflow.MlflowClient(uri)
+    run = client.get_run(run_id)
+    experiment_id = run.info.experiment_id
     with (tracking_uri_set(uri), run_experiment(experiment_id), no_requirement_scan(),
           contextlib.redirect_stderr(io.StringIO())):  # fmt: skip
         info = mlflow.pytorch.log_model(
             traced, name=MODEL_NAME, run_id=run_id, signature=signature, input_example=example,
             serialization_format="pickle", pip_requirements=model_requirements(),
-            registered_model_name=registered_name,
+            registered_model_name=registered_name, model_id=new_logged_model(client, run),
         )  # fmt: skip
     version = info.registered_model_version
     return info.model_uri, None if version is None else str(version)
