@@ -131,16 +131,16 @@ def test_a_logged_model_carries_the_tags_and_params_mlflows_own_path_gives_it(tm
     traced = torch.jit.trace(Probabilities(r.model).eval(), example)
     with tracking_uri_set(f"sqlite:///{tmp_path / 'mlflow.db'}"), run_experiment(run.info.experiment_id):
         theirs = client.get_logged_model(
-            mlflow.pytorch.log_model(traced, name="model", run_id=run.info.run_id,
-                                    serialization_format="pickle").model_id
+            mlflow.pytorch.log_model(
+                traced, name="model", run_id=run.info.run_id, serialization_format="pickle"
+            ).model_id
         )
     git = {key for key in theirs.tags if key.startswith("mlflow.source.git")}
     assert ours.tags == {key: value for key, value in theirs.tags.items() if key not in git}
     assert {"mlflow.user", "mlflow.source.name", "mlflow.source.type"} <= set(ours.tags)
     assert ours.params == theirs.params == run.data.params and len(ours.params) > 20
-    assert (ours.name, ours.source_run_id, ours.experiment_id) == (
-        theirs.name, theirs.source_run_id, theirs.experiment_id
-    )
+    same = ("name", "source_run_id", "experiment_id")
+    assert [getattr(ours, key) for key in same] == [getattr(theirs, key) for key in same]
 
 
 def test_system_metrics_are_opt_in(tmp_path, monkeypatch):
