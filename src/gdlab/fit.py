@@ -20,6 +20,7 @@ import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig
 
+from gdlab import import_gc
 from gdlab.artifacts import HistoryFiles
 from gdlab.data import N_CLASSES, Dataset, load_dataset, load_folds, make_loader
 from gdlab.interrupts import interruption_reason
@@ -194,6 +195,7 @@ def fit_population(
     several members at once after each epoch (a sweep trial's replicates, gdlab.module.GroupCallback).
     `wall_time` is the population's.
     """
+    import_gc.resume()  # a command's imports are done (gdlab.import_gc)
     population = cfgs if isinstance(cfgs, Population) else Population.from_configs(cfgs, overrides)
     check_population(population)
     n, first = len(population), population.shared

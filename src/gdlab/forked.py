@@ -12,6 +12,7 @@ an answer, the work is done here instead: the same result, later.
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 import pickle
 import signal
@@ -40,7 +41,11 @@ class Forked(Generic[T]):
         reader, writer = os.pipe()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)  # 3.12+: "multi-threaded, use of fork()"
+            frozen = gc.get_freeze_count()  # a command's imports, frozen for good (gdlab.import_gc)
+            gc.freeze()  # the child's collections leave this process's objects alone: no page copied for them
             pid = os.fork()
+        if pid != 0 and not frozen:
+            gc.unfreeze()
         if pid == 0:
             os.close(reader)
             self._child(writer)

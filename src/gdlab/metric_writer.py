@@ -30,6 +30,7 @@ import sys
 import threading
 import time
 
+from gdlab import import_gc
 from gdlab.interrupts import held_for_children, ignore_here
 
 URI_ENV = "GDLAB_METRIC_WRITER_URI"
@@ -211,6 +212,8 @@ def main(uri: str) -> None:
         import mlflow.store.tracking.sqlalchemy_store  # noqa: F401 (its ~1.5 s of imports, before any message)
     from gdlab.metric_store import MetricSink
 
+    import_gc.resume()
+
     inbox: queue.Queue = queue.Queue()
     threading.Thread(target=read_messages, args=(sys.stdin, inbox), daemon=True).start()
     # The store is opened at the first message, not before: a writer started early (MetricWriter.start)
@@ -383,5 +386,7 @@ def _raise(error: Exception) -> None:
 
 if __name__ == "__main__":
     from gdlab.process_exit import exit_now
+
+    import_gc.pause()  # while MLflow is imported (gdlab.import_gc)
 
     exit_now(lambda: main(os.environ[URI_ENV]))  # everything is written once main returns

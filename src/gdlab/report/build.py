@@ -19,7 +19,7 @@ from pathlib import Path
 import pandas as pd
 
 from gdlab.masking import error_line, mask_passwords
-from gdlab.report.figures import curve_figures, objective_figure, write_figures
+from gdlab.report.figures import curve_figures, load_matplotlib, objective_figure, write_figures
 from gdlab.report.pbt import (
     best_member,
     load_pbt_records,
@@ -161,6 +161,7 @@ def start_report(target: str, tracking_uri: str | None = None, out: str | Path |
     report, client, out_dir = read_report(target, tracking_uri, out, None, objective, children)
     drawings = curve_figures(report.runs, out_dir, differing_params(report.runs), report.objective,
                              report.direction)  # fmt: skip
+    load_matplotlib()  # before the fork: the child, Optuna's plots' child and this process share it
     curves = Forked(lambda: [draw() for draw in drawings])
     return PendingReport(report, target, client, out_dir, curves)
 

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import optuna
 
+from gdlab import import_gc
 from gdlab.config import TEST_METRICS, ConfigError
 from gdlab.held_histories import drop, keep
 from gdlab.interrupts import PENDING, InterruptHandler, deferred, failure_reason
@@ -277,6 +278,7 @@ def run_sweep(args, spec: SweepSpec, study: optuna.Study, storage, storage_url: 
     if jobs is None:  # the metric writer imports MLflow on the other core while Lightning loads here
         MetricWriter.start(tracking_uri(spec.task))
         import gdlab.sweep.trials  # noqa: F401
+    import_gc.resume()  # this process's imports are done (gdlab.import_gc)
 
     parent_run_id, workers, end = args.parent_run_id, [], None
     try:  # from here on a signal ends what was started: trials FAIL, runs and the parent run KILLED
@@ -345,12 +347,12 @@ def run_here(args, spec: SweepSpec, study: optuna.Study, storage, storage_url: s
             workers.append(start_worker(args, spec, study.study_name, storage_url, budget, parent_run_id,
                                         index, share))  # fmt: skip
     from gdlab.report.runs import is_curve_metric
-    from gdlab.sweep.trials import TrialLogger
+    from gdlab.sweep.trials import TrialLogger, run_population_batches
 
     if parent_run_id and not args.worker:  # the report draws the curves this process hands MLflow
         keep(is_curve_metric)
     logger = TrialLogger(budget, spec.max_failure_rate)
-    run_trials(args, spec, study, storage, budget, logger)
+    run_population_batches(spec, study, storage, args, budget, logger)  # one loop for every population size
     failed = [code for code in (worker.wait() for worker in workers) if code != 0]
     if logger.failure_rate > spec.max_failure_rate:
         return f"failure rate {logger.failure_rate:.0%} is over {spec.max_failure_rate:.0%}"
@@ -407,13 +409,6 @@ def finish_sweep(spec: SweepSpec, parent_run_id: str, result: SweepResult | None
     finish_parent_run(spec.task, parent_run_id, result=result, end=end)
     for line in sweep_view_lines(spec.task, parent_run_id, list(spec.distributions)):
         print(f"gdlab-sweep: {line}", flush=True)
-
-
-def run_trials(args, spec: SweepSpec, study: optuna.Study, storage, budget: int, logger) -> None:
-    """One loop for every population size: ask a batch (one trial at a time is a batch of 1), train, tell."""
-    from gdlab.sweep.trials import run_population_batches
-
-    run_population_batches(spec, study, storage, args, budget, logger)
 
 
 def stop_interrupted(args, spec: SweepSpec, parent_run_id: str | None, workers: list,
