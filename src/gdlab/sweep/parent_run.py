@@ -23,7 +23,7 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from gdlab import system_metrics
+from gdlab import import_gc, system_metrics
 from gdlab.experiments import experiment_of_run
 from gdlab.interrupts import deferred, interruption_reason
 from gdlab.masking import error_line, install_log_masking, mask_passwords, mask_saved_hydra_configs
@@ -245,6 +245,7 @@ class MlflowSweepCallback(Callback):
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
         from gdlab import train
 
+        import_gc.resume()  # a launcher's jobs may train in other processes: this one's imports are done
         mask_saved_hydra_configs(Path(str(config.hydra.sweep.dir)))
         train.stopped_by = None  # this multirun's
         if config.hydra.runtime.choices.get("hydra/sweeper") == "gdlab":
