@@ -45,8 +45,9 @@ class SweepResult:
         values = " ".join(f"{key}={value:.6g}" for key, value in self.metrics.items())
         rows = f" on {self.test_rows} test rows" if self.test_rows else ""
         if self.refit:
-            return (f"result: {values}, measured once{rows} no trial saw, by the refit of {self.trial} "
-                    f"(selected on {self.selected_on}) on {self.train_rows} train + val rows")  # fmt: skip
+            return (f"result: {values}, measured once{rows} that no trial trained on or was ranked by, "
+                    f"by the refit of {self.trial} (selected on {self.selected_on}) on {self.train_rows} "
+                    "train + val rows")  # fmt: skip
         how = "selected on the test split itself: optimistic" if self.selected_on == "test" else (
             f"selected on {self.selected_on}, not refit")  # fmt: skip
         return f"result: {values}, the best trial's own ({self.trial}, {how})"
