@@ -31,6 +31,7 @@ def sweep() -> NoReturn:
 
 
 def report() -> NoReturn:
+    import_gc.pause()  # until MLflow is imported (gdlab.import_gc)
     from gdlab.report import main
 
     exit_now(main)

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from gdlab import import_gc
 from gdlab.masking import error_line, mask_passwords
 from gdlab.report.figures import curve_figures, load_matplotlib, objective_figure, write_figures
 from gdlab.report.pbt import (
@@ -185,6 +186,7 @@ def read_report(target: str, tracking_uri: str | None, out: str | Path | None, e
     """The runs (without the refit) and both tables, the parent's caveats, and a writable output folder."""
     uri = tracking_uri or default_tracking_uri()
     client = make_client(uri)
+    import_gc.resume()  # gdlab-report's imports (MLflow's) are done (gdlab.import_gc)
     runs, parent_run_id = read_runs(client, uri, target, children)
     refits = [run for run in runs if run.tags.get(ROLE_TAG) == REFIT_ROLE]
     runs = [run for run in runs if run not in refits]  # the trials: what the sweep ranked
