@@ -121,3 +121,27 @@ def test_the_child_leaves_the_parents_objects_to_the_parent():
     assert gc.get_freeze_count() == 0
     frozen_in_child = Forked(gc.get_freeze_count).result()
     assert frozen_in_child > 10_000 and gc.get_freeze_count() == 0
+
+
+CYCLE_AFTER_A_FORK = """
+import gc, weakref
+from gdlab import import_gc
+from gdlab.forked import Forked
+import_gc.pause(); import_gc.resume()  # a command: its imports frozen
+class Node: pass
+a, b = Node(), Node()
+a.other, b.other = b, a  # garbage only the collector frees
+alive = weakref.ref(a)
+assert Forked(gc.get_freeze_count).result() > gc.get_freeze_count()  # the child froze the cycle too
+del a, b
+gc.collect()
+print(alive() is None)
+"""
+
+
+def test_a_fork_leaves_the_parents_garbage_collectable():
+    """In a command's process (its imports frozen) a cycle alive at a fork is freed once it is garbage."""
+    done = subprocess.run([sys.executable, "-c", CYCLE_AFTER_A_FORK], capture_output=True, text=True,
+                          timeout=120)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["True"]

@@ -41,12 +41,9 @@ class Forked(Generic[T]):
         reader, writer = os.pipe()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)  # 3.12+: "multi-threaded, use of fork()"
-            frozen = gc.get_freeze_count()  # a command's imports, frozen for good (gdlab.import_gc)
-            gc.freeze()  # the child's collections leave this process's objects alone: no page copied for them
             pid = os.fork()
-        if pid != 0 and not frozen:
-            gc.unfreeze()
         if pid == 0:
+            gc.freeze()  # the child's collections leave the parent's objects alone: no page copied for them
             os.close(reader)
             self._child(writer)
         os.close(writer)

@@ -102,7 +102,8 @@ def new_logged_model(client, run) -> str | None:
     params, the process's context tags), except for MLflow's GitRunContext: its tags name the repository
     of the process's main file (a console script in a venv: none), and finding that out imports GitPython,
     ~0.8 s of a sweep's end. The run records gdlab's own commit (git.commit). Guarded: where MLflow's
-    context registry is not where it was, None, and log_model creates the model itself.
+    context registry is not where it was, None, and log_model creates the model itself; where its "last
+    logged model" is not, `mlflow.last_logged_model()` does not name it.
     tests/test_mlflow_conventions.py proves the tags and params equal to MLflow's own path's."""
     try:
         from mlflow.tracking.context.git_context import GitRunContext
@@ -113,6 +114,10 @@ def new_logged_model(client, run) -> str | None:
     params = {key: str(value) for key, value in run.data.params.items()}
     model = client.create_logged_model(run.info.experiment_id, name=MODEL_NAME, source_run_id=run.info.run_id,
                                        tags=tags, params=params)  # fmt: skip
+    with contextlib.suppress(ImportError):  # mlflow.last_logged_model() names it, as MLflow's own path does
+        from mlflow.tracking.fluent import _last_logged_model_id
+
+        _last_logged_model_id.set(model.model_id)
     return model.model_id
 
 
