@@ -590,9 +590,12 @@ def test_a_worker_suspended_past_the_grace_period_costs_only_its_trial(tmp_path:
     goes on; the resumed worker ends that trial's run KILLED, says so, and goes on with new trials.
     Trial by trial (--population 1): with batches, the first process to ask trains its share of the budget
     (2 of 4) as one batch, which can end before the worker has started; test_kill_9_of_a_worker_mid_trial_
-    is_failed_retried_and_repaired fails a dead process's batch by heartbeat."""
+    is_failed_retried_and_repaired fails a dead process's batch by heartbeat.
+    4000 epochs (~13 s a trial here): the worker imports in a new interpreter while this warm-started command
+    trains, and the command alone must not finish the budget before the worker reports (with 1000 epochs it
+    once did, in CI)."""
     storage = f"sqlite:///{tmp_path / 'mlruns' / 'optuna.db'}"
-    process = gdlab("gdlab-sweep", "lr_depth", "trainer.max_epochs=1000",
+    process = gdlab("gdlab-sweep", "lr_depth", "trainer.max_epochs=4000",
                     "gdlab_sweep.pruner.n_startup_trials=1000", "--workers", "2", "--budget", "4",
                     "--population", "1", "--grace-period", "4", "--heartbeat-interval", "1", "--no-refit",
                     "--progress", "0", cwd=tmp_path)  # fmt: skip
