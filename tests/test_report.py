@@ -201,8 +201,9 @@ def test_parent_run_report_covers_its_children_and_is_logged_to_it(store, tmp_pa
     final = read_table(tmp_path / "sweep", "final_metrics.csv")
     assert sorted(final.index) == ["optimizer.lr=0.1", "optimizer.lr=0.5"]  # only the lr differs
     logged = {Path(f.path).name for f in client.list_artifacts(parent_id, "report")}
-    assert {"report.md", "final_metrics.csv", "loss_curves.png", "accuracy_curves.png", "loss_vs_evals.png",
+    assert {"report.md", "final_metrics.csv", "loss_curves.png", "accuracy_curves.png",
             "objective_vs_params.png"} <= logged  # fmt: skip
+    assert "loss_vs_evals.png" not in logged  # GD spends one evaluation an epoch: the loss curves again
 
     # The experiment's report has the three training runs, not the parent run (it logs no metrics).
     whole = build_report("sweep", tracking_uri=uri, out=tmp_path / "experiment")
@@ -255,8 +256,8 @@ def test_sweep_figures_at_64_runs_colour_by_lr_mark_pruned_and_failed_and_surviv
             loss, status, diverged = 0.7 * 10.0 ** epochs[:12], "FAILED", "12"
         if i in (0, 1):  # the two smallest are pruned
             tags = {"optuna.state": "PRUNED"}
-        curves = pd.DataFrame({"train/loss": loss, "train/acc": 1 - loss / 2,
-                               "evals/total": 2.0 * (epochs[: len(loss)] + 1)})  # fmt: skip
+        spent = 1.0 + (epochs[: len(loss)] + i) % 3  # a line search's evaluations an epoch: 1 to 3
+        curves = pd.DataFrame({"train/loss": loss, "train/acc": 1 - loss / 2, "evals/total": spent.cumsum()})
         latest = {"final/test/loss": float(loss[-1]), "final/epochs": len(loss) - 1}
         runs.append(TrackedRun(f"id{i}", f"run{i}", {"optimizer.lr": repr(float(lr)), "optimizer.name": "gd"},
                                curves, status, diverged, latest=latest, tags=tags))  # fmt: skip
@@ -288,6 +289,11 @@ def test_sweep_figures_at_64_runs_colour_by_lr_mark_pruned_and_failed_and_surviv
         (boxes,) = figures[name].rank_labels
         assert len(boxes) == 5
         assert not any(overlaps(a, b) for i, a in enumerate(boxes) for b in boxes[i + 1 :]), name
+    for run in runs:  # two evaluations every epoch: loss against evaluations is the loss curves again
+        run.curves["evals/total"] = 2.0 * (run.curves.index + 1)
+    (tmp_path / "again").mkdir()
+    again = write_figures(runs, tmp_path / "again", differing_params(runs), "final/test/loss", "minimize")
+    assert {d.path.name for d in again} == set(figures) - {"loss_vs_evals.png"}
 
 
 @pytest.mark.slow

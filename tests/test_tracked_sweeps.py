@@ -74,11 +74,15 @@ def test_population_sweep_shows_progress_and_records_every_epoch_with_its_own_ti
     assert epochs[0][0] < 1000 and epochs[-1][0] == 2000  # some members met stop_loss early
     # Each run ends when its own training did: an early member a second or more before the batch's last one.
     assert epochs[0][1] < epochs[-1][1] - 1000
-    # Optuna's plots on the parent: one searched parameter leaves nothing to compare between parameters
+    # Optuna's plots on the parent: one searched parameter leaves nothing to compare between parameters,
+    # and its slice is the report's objective figure; fixed-step GD spends one evaluation an epoch, so loss
+    # against evaluations would be the loss curves again
     parent = client.get_run(run.data.tags["mlflow.parentRunId"])
     assert parent.data.tags["gdlab.kind"] == "sweep"
     plots = {Path(a.path).name for a in client.list_artifacts(parent.info.run_id, "optuna")}
-    assert plots == {"optimization_history.png", "slice.png"}
+    assert plots == {"optimization_history.png"}
+    report = {Path(a.path).name for a in client.list_artifacts(parent.info.run_id, "report")}
+    assert {"objective_vs_params.png", "loss_curves.png"} <= report and "loss_vs_evals.png" not in report
 
 
 def test_a_population_whose_writer_dies_still_ends_every_run(tmp_path, monkeypatch):

@@ -4,8 +4,8 @@
   lr"), log x where the values span a decade or more; the top 5 starred and labelled.
 - `loss_curves.png`, `accuracy_curves.png`: one line per run. Up to LEGEND_RUNS runs, a legend; more,
   coloured by the first varied numeric parameter with a colour bar, the top 5 drawn thick and labelled.
-- `loss_vs_evals.png`: train loss against function evaluations; one colour per step-size rule when rules
-  differ, else coloured as the curves.
+- `loss_vs_evals.png`: train loss against function evaluations, one colour per step-size rule where rules
+  differ; of one rule, coloured as the curves, only where epochs spent different numbers of evaluations.
 Everywhere pruned runs are dashed and faded, failed or killed runs dotted and faded, labels use 3
 significant digits, and a log loss axis is capped at twice the largest starting loss, so a diverging
 member cannot flatten the others. Each figure comes with a `Drawn`: the data behind it, for tests.
@@ -433,7 +433,7 @@ def curve_figures(runs: list[TrackedRun], out_dir: Path, varied: list[str], obje
         path = out_dir / "loss_vs_evals.png"
         if optimizers_differ(runs):
             drawings.append(lambda: plot_loss_vs_evals(runs, path))
-        elif len(runs) > 1:
+        elif len(runs) > 1 and len(set().union(*(run.evals_per_epoch for run in runs))) > 1:
             drawings.append(lambda: plot_curves(runs, "train/loss", palette, path, x_metric="evals/total",
                                                 title="train loss against function evaluations"))  # fmt: skip
     return drawings

@@ -51,6 +51,15 @@ class TrackedRun:
             return int(self.latest["final/epochs"])
         return int(self.curves.index.max()) + 1 if len(self.curves) else 0
 
+    @property
+    def evals_per_epoch(self) -> set[float]:
+        """The numbers of function evaluations its epochs spent ({1.0} for fixed-step GD); empty without
+        evals/total, which counts them up to each epoch's end."""
+        if "evals/total" not in self.curves:
+            return set()
+        total = self.curves["evals/total"].dropna()
+        return set(total.diff().fillna(total.iloc[0] if len(total) else 0.0).tolist())
+
     def last(self, metric: str) -> float:
         if metric not in self.curves:
             return float(self.latest.get(metric, math.nan))

@@ -18,9 +18,9 @@ from gdlab.masking import error_line
 if TYPE_CHECKING:
     import optuna
 
-# Optuna's plots that compare parameters: with one searched parameter there is nothing to compare (its
-# importance is 1, one axis, no pair); the slice plot already shows it.
-MULTI_PARAM_PLOTS = ("param_importances", "parallel_coordinate", "contour")
+# Not drawn for one searched parameter: those that compare parameters have nothing to compare (its
+# importance is 1, one axis, no pair), and its slice is the sweep report's objective_vs_params.png.
+ONE_PARAM_SKIPS = ("param_importances", "parallel_coordinate", "contour", "slice")
 
 
 class StudyPlots:
@@ -76,7 +76,7 @@ def draw_plots(study: optuna.Study, folder: Path) -> list[str]:
         "contour": plots.plot_contour,
     }
     if len({name for trial in study.get_trials(deepcopy=False) for name in trial.params}) < 2:
-        makers = {name: make for name, make in makers.items() if name not in MULTI_PARAM_PLOTS}
+        makers = {name: make for name, make in makers.items() if name not in ONE_PARAM_SKIPS}
     skipped = []
     verbosity = optuna.logging.get_verbosity()
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # "Param X unique value length is less than 2."
