@@ -47,7 +47,8 @@ def create_rest(runs: list[MlflowRun], cfgs: list, overrides: list[list[str]], d
             run_ids = create_runs(first.client, experiment_id, new_runs) if new_runs else []
             if run_ids is not None:
                 made = zip(members, run_ids, new_runs, strict=True)
-                runs += [MlflowRun(cfg, o, device, background=True, created=(first.client, run_id, new.name))
+                runs += [MlflowRun(cfg, o, device, background=True,
+                                   created=(first.client, run_id, new.name, new.params))
                          for (cfg, o, _), run_id, new in made]  # fmt: skip
     except Exception as error:  # the store refused the batch: say so before any training
         raise TrackingUnavailable(

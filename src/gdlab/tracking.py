@@ -203,9 +203,9 @@ class MlflowRun:
 
     def __init__(self, cfg: DictConfig, overrides: list[str], device: str = "cpu",
                  parent_run_id: str | None = None, extra_tags: dict | None = None,
-                 background: bool = False, created: tuple[object, str, str] | None = None):  # fmt: skip
-        """`created`: (client, run id, name) of a run made already with its params (gdlab.member_runs);
-        else one is created."""
+                 background: bool = False, created: tuple[object, str, str, list] | None = None):  # fmt: skip
+        """`created`: (client, run id, name, params) of a run made already with its params (flatten's
+        items, gdlab.member_runs); else one is created."""
         self.cfg = cfg
         self.uri = tracking_uri(cfg)
         self.flush_seconds = float(cfg.tracking.get("flush_seconds", 1.0))
@@ -220,7 +220,7 @@ class MlflowRun:
             if created is None:
                 self._create_run(tags_of(cfg, overrides, device, extra_tags, self.parent_run_id))
             else:
-                self.client, self.run_id, self.name = created
+                self.client, self.run_id, self.name, self.params = created
             self._start(background, created)
         except BaseException as stop:
             if getattr(self, "run_id", None):
@@ -236,7 +236,8 @@ class MlflowRun:
         self.sent_tags: dict = {}  # tags handed to the writer: written again should it die
         self.writer_died = False  # the writer exited with some of this run's record in hand (see `rewrite`)
         self.inputs: list[dict] = []  # its datasets (gdlab.run_inputs), once logged
-        self.params = list(flatten(self.cfg).items())
+        if created is None:
+            self.params = list(flatten(self.cfg).items())
         if not background:
             self._call(log_params, self.client, self.run_id, self.params)
             system_metrics.start(self.cfg, self.uri, self.run_id)
