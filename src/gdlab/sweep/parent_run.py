@@ -85,23 +85,31 @@ def start_parent_run(cfg: DictConfig, name: str, tags: dict | None = None) -> st
 class SweepEnd:
     """A sweep's end, begun as soon as its trials are done: its child runs read once, and the report's curve
     figures and Optuna's plots (with `study`) drawn in forked children while the refit trains here
-    (gdlab.forked); `finish_parent_run` ends it."""
+    (gdlab.forked); `finish_parent_run` ends it. Optuna's plots start first: they need only the study, so
+    they draw on another core while the children are read, not beside the refit."""
 
     def __init__(self, cfg: DictConfig, parent_run_id: str, report_dir: str | Path | None = None,
                  study: optuna.Study | None = None):  # fmt: skip
         from gdlab.held_histories import drop
         from gdlab.report.runs import search_all_runs
 
-        client = mlflow_client(tracking_uri(cfg))
-        experiment_id = client.get_run(parent_run_id).info.experiment_id
-        self.children = search_all_runs(client, experiment_id, f"tags.mlflow.parentRunId = '{parent_run_id}'")
-        self.report = start_parent_report(cfg, parent_run_id, report_dir, self.children)
-        drop()  # the trials' curves this process held for it (gdlab.held_histories)
-        self.plots = None
+        self.report, self.plots = None, None
         if study is not None:
+            from gdlab.report.figures import load_matplotlib
             from gdlab.sweep.study_plots import StudyPlots
 
+            load_matplotlib()  # once, here: both drawing children inherit it
             self.plots = StudyPlots(study)
+        try:
+            client = mlflow_client(tracking_uri(cfg))
+            experiment_id = client.get_run(parent_run_id).info.experiment_id
+            self.children = search_all_runs(client, experiment_id,
+                                            f"tags.mlflow.parentRunId = '{parent_run_id}'")  # fmt: skip
+            self.report = start_parent_report(cfg, parent_run_id, report_dir, self.children)
+        except BaseException:
+            self.cancel()
+            raise
+        drop()  # the trials' curves this process held for it (gdlab.held_histories)
 
     def cancel(self) -> None:
         """Stop what is being drawn (the sweep ends without its record)."""
