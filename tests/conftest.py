@@ -114,7 +114,8 @@ def postgres_available() -> bool:
 
 @pytest.fixture
 def make_database():
-    """make() -> the name of a new, empty PostgreSQL database, dropped after the test."""
+    """make() -> the name of a new, empty PostgreSQL database, dropped after the test; make.names: those
+    made so far (a fixture's included)."""
     import uuid
 
     import psycopg
@@ -128,6 +129,7 @@ def make_database():
         names.append(name)
         return name
 
+    make.names = names
     yield make
     with psycopg.connect(ADMIN, autocommit=True) as conn:
         for name in names:

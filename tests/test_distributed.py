@@ -49,7 +49,9 @@ def pg_dump(database: str) -> str:
                           text=True, check=True).stdout  # fmt: skip
 
 
-def test_four_workers_on_postgres_lose_and_duplicate_nothing(tmp_path, make_database, mlflow_server):
+def test_four_workers_on_postgres_lose_and_duplicate_nothing_and_write_no_password(
+    tmp_path, make_database, mlflow_server
+):
     optuna_db = make_database()
     tracking = mlflow_server.replace("http://", f"http://gdlab:{PASSWORD}@")
     proc = sweep("lr_depth", "trainer.max_epochs=8", "gdlab_sweep.pruner.n_startup_trials=1000",
@@ -82,27 +84,16 @@ def test_four_workers_on_postgres_lose_and_duplicate_nothing(tmp_path, make_data
         assert int(run.data.params["model.depth"]) == trial.params["model.depth"]
         assert run.data.metrics["final/val/loss"] == pytest.approx(trial.value, rel=1e-12)
 
-    # The password is nowhere: not in either database, the artifacts, the outputs or the logs.
+    # The password is nowhere: not in any database (Optuna's, the server's backend), the artifacts, the
+    # outputs or the logs.
     assert PASSWORD not in proc.stdout + proc.stderr
-    assert PASSWORD not in pg_dump(optuna_db)
     backend = client.get_run(parents[0].info.run_id)  # the server's own database
     assert PASSWORD not in str(backend.data.tags) + str(backend.data.params)
+    assert len(make_database.names) == 2 and optuna_db in make_database.names  # and the server's backend
+    for database in make_database.names:
+        assert PASSWORD not in pg_dump(database), database
     files = [p for p in tmp_path.rglob("*") if p.is_file()]
     assert files and not [str(p) for p in files if PASSWORD.encode() in p.read_bytes()]
-
-
-def test_backend_database_of_the_server_holds_no_password(tmp_path, make_database, mlflow_server):
-    tracking = mlflow_server.replace("http://", f"http://gdlab:{PASSWORD}@")
-    storage = storage_url(make_database())
-    proc = sweep("lr_depth", "trainer.max_epochs=5", "tracking=server", f"tracking.uri={tracking}",
-                 "--budget", "2", "--storage", storage, cwd=tmp_path)  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    with psycopg.connect(ADMIN) as conn:
-        databases = [
-            row[0] for row in conn.execute("SELECT datname FROM pg_database WHERE datname LIKE 'gdlab_%'")
-        ]
-    for database in databases:
-        assert PASSWORD not in pg_dump(database), database
 
 
 @pytest.mark.alone
