@@ -127,9 +127,8 @@ def test_a_logged_model_carries_the_tags_and_params_mlflows_own_path_gives_it(tm
     client = client_of(tmp_path)
     run = client.get_run(r.final["mlflow_run_id"])
     ours = client.get_logged_model(run.outputs.model_outputs[0].model_id)
-    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    assert mlflow.last_logged_model().model_id == ours.model_id  # as after MLflow's own log_model
-    mlflow.set_tracking_uri(None)
+    with tracking_uri_set(f"sqlite:///{tmp_path / 'mlflow.db'}"):  # the global URI restored, however it ends
+        assert mlflow.last_logged_model().model_id == ours.model_id  # as after MLflow's own log_model
     example = r.data.train.X[:5]
     traced = torch.jit.trace(Probabilities(r.model).eval(), example)
     with tracking_uri_set(f"sqlite:///{tmp_path / 'mlflow.db'}"), run_experiment(run.info.experiment_id):
