@@ -586,31 +586,32 @@ def test_a_dead_metric_writer_costs_no_metric_and_no_false_finished(tmp_path: Pa
 @pytest.mark.slow
 @pytest.mark.alone
 def test_a_worker_suspended_past_the_grace_period_costs_only_its_trial(tmp_path: Path):
-    """SIGSTOP (scontrol suspend, a paused VM) of one worker: the other fails its trial by heartbeat and
-    goes on; the resumed worker ends that trial's run KILLED, says so, and goes on with new trials.
-    Trial by trial (--population 1): with batches, the first process to ask trains its share of the budget
-    (2 of 4) as one batch, which can end before the worker has started; test_kill_9_of_a_worker_mid_trial_
-    is_failed_retried_and_repaired fails a dead process's batch by heartbeat.
-    4000 epochs (~13 s a trial here): the worker imports in a new interpreter while this warm-started command
-    trains, and the command alone must not finish the budget before the worker reports (with 1000 epochs it
-    once did, in CI)."""
+    """SIGSTOP (scontrol suspend, a paused VM) of one of two processes on a study: the other fails its trial
+    by heartbeat and goes on; the resumed one ends that trial's run KILLED, says so, and goes on with new
+    trials. Trial by trial (--population 1): with batches, the first process to ask trains its share of the
+    budget as one batch; test_kill_9_of_a_worker_mid_trial_is_failed_retried_and_repaired fails a dead
+    process's batch by heartbeat.
+    Two invocations started together, both warm: they reach their first trials within moments of each other,
+    so both train at once with short trials. (A --workers worker is a new interpreter that imports for
+    seconds, while the command may finish the budget alone: that needed trials 4x as long.)"""
     storage = f"sqlite:///{tmp_path / 'mlruns' / 'optuna.db'}"
-    process = gdlab("gdlab-sweep", "lr_depth", "trainer.max_epochs=4000",
-                    "gdlab_sweep.pruner.n_startup_trials=1000", "--workers", "2", "--budget", "4",
-                    "--population", "1", "--grace-period", "4", "--heartbeat-interval", "1", "--no-refit",
-                    "--progress", "0", cwd=tmp_path)  # fmt: skip
+    arguments = ["lr_depth", "trainer.max_epochs=1000", "gdlab_sweep.pruner.n_startup_trials=1000",
+                 "--budget", "4", "--population", "1", "--grace-period", "4", "--heartbeat-interval", "1",
+                 "--no-refit", "--progress", "0"]  # fmt: skip
+    process, worker = (gdlab("gdlab-sweep", *arguments, cwd=tmp_path) for _ in range(2))
     study = wait_for_running_trials(storage, "lr_depth", process, count=2, training=True)  # both train
-    children = warm.run(["pgrep", "-P", str(process.pid)], capture_output=True, text=True).stdout.split()
-    (worker,) = [int(pid) for pid in children if b"--worker" in Path(f"/proc/{pid}/cmdline").read_bytes()]
-    suspend_holding_no_lock(worker, [tmp_path / "mlruns" / "optuna.db", tmp_path / "mlruns" / "mlflow.db"])
+    stores = [tmp_path / "mlruns" / "optuna.db", tmp_path / "mlruns" / "mlflow.db"]
+    suspend_holding_no_lock(worker.pid, stores)
     try:  # the other process ends its own trial, then fails the stopped one's by heartbeat and goes on
         deadline = time.monotonic() + 900  # its own trial first: minutes on a loaded machine
         while time.monotonic() < deadline and process.poll() is None and not retried_after_heartbeat(study):
             time.sleep(0.5)
         assert retried_after_heartbeat(study), "nobody failed it"
     finally:
-        os.kill(worker, signal.SIGCONT)
+        os.kill(worker.pid, signal.SIGCONT)
     code, out, err = finish(process, timeout=600)
+    assert code == 0, err[-3000:]
+    code, _, err = finish(worker, timeout=600)
     assert code == 0, err[-3000:]
     assert "Traceback" not in err and "was failed by heartbeat while its process was stopped" in err
     finished = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
