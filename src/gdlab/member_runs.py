@@ -41,7 +41,7 @@ def create_rest(runs: list[MlflowRun], cfgs: list, overrides: list[list[str]], d
     for cfg, o, t in members:
         tags = tags_of(cfg, o, device, t, first.parent_run_id)
         new_runs.append(NewRun(tags.get("mlflow.runName") or run_name(cfg), tags, list(flatten(cfg).items())))
-    experiment_id = experiment_of_run(first.client, first.run_id)
+    experiment_id = first.experiment_id or experiment_of_run(first.client, first.run_id)
     try:
         with deferred():  # a signal while the store makes them comes once `runs` holds them
             run_ids = create_runs(first.client, experiment_id, new_runs) if new_runs else []

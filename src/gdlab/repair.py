@@ -126,18 +126,20 @@ def end_runs_of_dead_trials(client, study) -> int:
 
     states = {t.number: t.state for t in study.get_trials(deepcopy=False)}
     filter_string = f"tags.`optuna.study` = '{study.study_name}' and attributes.status = 'RUNNING'"
+    experiment_ids = [e.experiment_id for e in client.search_experiments()]
+    if not experiment_ids:
+        return 0
     repaired = 0
-    for experiment in client.search_experiments():
-        for run in client.search_runs([experiment.experiment_id], filter_string=filter_string):
-            tags = run.data.tags
-            if "optuna.trial" in tags:
-                dead = states.get(int(tags["optuna.trial"])) not in (None, TrialState.RUNNING)
-                reason = "its worker died; the trial failed by heartbeat"
-            else:  # a sweep's parent run: dead if its process, on this host, is gone
-                dead = made_by_dead_process(tags)
-                reason = "its gdlab-sweep process died"
-            if dead:
-                client.set_tag(run.info.run_id, "failure.reason", reason)
-                client.set_terminated(run.info.run_id, status="KILLED")
-                repaired += 1
+    for run in client.search_runs(experiment_ids, filter_string=filter_string, max_results=5000):
+        tags = run.data.tags
+        if "optuna.trial" in tags:
+            dead = states.get(int(tags["optuna.trial"])) not in (None, TrialState.RUNNING)
+            reason = "its worker died; the trial failed by heartbeat"
+        else:  # a sweep's parent run: dead if its process, on this host, is gone
+            dead = made_by_dead_process(tags)
+            reason = "its gdlab-sweep process died"
+        if dead:
+            client.set_tag(run.info.run_id, "failure.reason", reason)
+            client.set_terminated(run.info.run_id, status="KILLED")
+            repaired += 1
     return repaired

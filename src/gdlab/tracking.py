@@ -216,6 +216,7 @@ class MlflowRun:
         self.waits = Outage()
         self.parent_run_id = parent_run_id or os.environ.get(PARENT_ENV)
         self.background = background
+        self.experiment_id: str | None = None  # known where this run was created here
         try:  # a signal (or an error) before the caller holds the run: end it here
             if created is None:
                 self._create_run(tags_of(cfg, overrides, device, extra_tags, self.parent_run_id))
@@ -266,6 +267,7 @@ class MlflowRun:
             self.name = tags.get("mlflow.runName") or run_name(self.cfg)  # a sweep names its trials
             with deferred():  # a signal while MLflow makes it comes once its id is held, to end it
                 self.run_id = self.client.create_run(experiment_id, run_name=self.name, tags=tags).info.run_id
+            self.experiment_id = experiment_id
         except Exception as error:  # any transport or store error: refuse before training starts
             raise TrackingUnavailable(
                 f"cannot reach the MLflow tracking backend at {mask_passwords(self.uri)}: {error_line(error)}"

@@ -128,24 +128,8 @@ def finish_parent_run(cfg: DictConfig, parent_run_id: str, report_dir: str | Pat
     client = mlflow_client(tracking_uri(cfg))
     end = end or SweepEnd(cfg, parent_run_id, report_dir)
     children = trial_runs(end.children)
-    client.set_tag(parent_run_id, SELECTED_ON_TAG, selected_on(cfg))
     summary = best_child(children, f"final/{cfg.objective}", cfg.direction)
-    finished = sum(run.info.status == "FINISHED" for run in children)
-    client.log_metric(parent_run_id, "sweep/trials", len(children))
-    client.log_metric(parent_run_id, "sweep/finished", finished)
-    if summary:
-        best = summary["run"]
-        client.log_metric(parent_run_id, f"best/{cfg.objective}", summary["value"])
-        client.log_param(parent_run_id, "objective", cfg.objective)
-        client.log_param(parent_run_id, "direction", cfg.direction)
-        client.set_tag(parent_run_id, "best.run_id", best.info.run_id)
-        client.set_tag(parent_run_id, "best.run_name", best.info.run_name)
-        for key, value in varied_params_of(best, children).items():
-            client.set_tag(parent_run_id, f"best.{key}", value)
-        if "pbt.replay" in best.data.tags:  # a PBT member: the schedule it ended with, as a single run
-            client.set_tag(parent_run_id, "best.pbt.replay", best.data.tags["pbt.replay"])
-    if result is not None:
-        log_result(client, parent_run_id, result)
+    client.log_batch(parent_run_id, *parent_summary(cfg, children, summary, result))  # one write, whole
     finish_parent_report(end.report)
     if end.plots is not None:
         try:
@@ -153,6 +137,7 @@ def finish_parent_run(cfg: DictConfig, parent_run_id: str, report_dir: str | Pat
         except Exception as error:  # the plots are extra: the run's record is its children and the report
             print(f"gdlab-sweep: no Optuna plots: {error_line(error)}")
     system_metrics.stop(parent_run_id)
+    finished = any(run.info.status == "FINISHED" for run in children)
     client.set_terminated(parent_run_id, status="FINISHED" if finished or not children else "FAILED")
     return summary
 
@@ -162,15 +147,32 @@ def trial_runs(children: list) -> list:
     return [run for run in children if run.data.tags.get(ROLE_TAG) != REFIT_ROLE]
 
 
-def log_result(client, parent_run_id: str, result: SweepResult) -> None:
-    """The sweep's answer on its parent: result/test/<metric>, where it was measured, and the line."""
-    from mlflow.entities import Metric, RunTag
+def parent_summary(cfg: DictConfig, children: list, summary: dict,
+                   result: SweepResult | None) -> tuple[list, list, list]:  # fmt: skip
+    """What the parent records of its sweep, as log_batch's (metrics, params, tags): the trials' counts, the
+    split they were ranked on, the best child (its value, id, name and the params the sweep varied), and the
+    sweep's answer (result/test/<metric>, where it was measured, the line)."""
+    from mlflow.entities import Metric, Param, RunTag
 
+    finished = sum(run.info.status == "FINISHED" for run in children)
+    metrics = {"sweep/trials": len(children), "sweep/finished": finished}
+    params, tags = {}, {SELECTED_ON_TAG: selected_on(cfg)}
+    if summary:
+        best = summary["run"]
+        metrics[f"best/{cfg.objective}"] = summary["value"]
+        params = {"objective": cfg.objective, "direction": cfg.direction}
+        tags |= {"best.run_id": best.info.run_id, "best.run_name": best.info.run_name}
+        tags |= {f"best.{key}": value for key, value in varied_params_of(best, children).items()}
+        if "pbt.replay" in best.data.tags:  # a PBT member: the schedule it ended with, as a single run
+            tags["best.pbt.replay"] = best.data.tags["pbt.replay"]
+    if result is not None:
+        metrics |= {f"result/{key}": value for key, value in result.metrics.items()}
+        tags |= {"result.source": "refit" if result.refit else "best trial", "result.trial": result.trial,
+                 RESULT_TAG: result.label(), "result.run_id": result.run_id or ""}  # fmt: skip
     now = int(time.time() * 1000)
-    metrics = [Metric(f"result/{key}", value, now, 0) for key, value in result.metrics.items()]
-    tags = {"result.source": "refit" if result.refit else "best trial", "result.trial": result.trial,
-            RESULT_TAG: result.label(), "result.run_id": result.run_id or ""}  # fmt: skip
-    client.log_batch(parent_run_id, metrics=metrics, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+    return ([Metric(key, value, now, 0) for key, value in metrics.items()],
+            [Param(key, str(value)) for key, value in params.items()],
+            [RunTag(key, str(value)) for key, value in tags.items()])  # fmt: skip
 
 
 def end_parent_run(cfg: DictConfig, parent_run_id: str, status: str, reason: str) -> None:
