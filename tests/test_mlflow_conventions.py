@@ -197,8 +197,15 @@ def test_a_ctrl_c_inside_the_registry_transaction_ends_the_run_killed_unregister
         return populate(self, *args, **kwargs)
 
     monkeypatch.setattr(SqlAlchemyStore, "_populate_model_version_aliases", interrupt_then_populate)
-    with pytest.raises(KeyboardInterrupt):
+    try:
         gdlab.run([*SHORT, f"tracking.dir={tmp_path}", "tracking.registered_model=moons-net"])
+    except KeyboardInterrupt:
+        pass
+    else:  # once seen in a serial run of the suite, not reproduced: say what the run recorded instead
+        client = client_of(tmp_path)
+        runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+        seen = [(r.info.status, r.data.tags.get("failure.reason"), r.outputs.model_outputs) for r in runs]
+        pytest.fail(f"no KeyboardInterrupt; the runs (status, failure.reason, model outputs): {seen}")
     client = client_of(tmp_path)
     (run,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
     assert run.info.status == "KILLED" and run.info.end_time is not None
