@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 
-from gdlab.experiments import experiment_of_run
 from gdlab.interrupts import deferred, interruption_reason
 from gdlab.masking import error_line, mask_passwords
 from gdlab.tracking import MlflowRun, TrackingUnavailable, flatten, run_name, tags_of
@@ -41,7 +40,7 @@ def create_rest(runs: list[MlflowRun], cfgs: list, overrides: list[list[str]], d
     for cfg, o, t in members:
         tags = tags_of(cfg, o, device, t, first.parent_run_id)
         new_runs.append(NewRun(tags.get("mlflow.runName") or run_name(cfg), tags, list(flatten(cfg).items())))
-    experiment_id = first.experiment_id or experiment_of_run(first.client, first.run_id)
+    experiment_id = first.experiment_id  # made just now, alone, by MlflowRun
     try:
         with deferred():  # a signal while the store makes them comes once `runs` holds them
             run_ids = create_runs(first.client, experiment_id, new_runs) if new_runs else []
