@@ -85,12 +85,15 @@ def test_population_sweep_shows_progress_and_records_every_epoch_with_its_own_ti
     assert {"objective_vs_params.png", "loss_curves.png"} <= report and "loss_vs_evals.png" not in report
 
 
-def test_a_population_whose_writer_dies_still_ends_every_run(tmp_path, monkeypatch):
-    """The writer holds a population's run closings; if it dies, the training process ends the runs."""
+@pytest.mark.parametrize("later", [False, True], ids=["waited-for-in-fit", "waited-for-by-the-caller"])
+def test_a_population_whose_writer_dies_still_ends_every_run(tmp_path, monkeypatch, later):
+    """The writer holds a population's run closings; if it dies, the training process ends the runs: in
+    `fit_population`, or where a sweep waits for the records, after telling Optuna (`PendingRecords`)."""
     from gdlab.compose import compose_config
     from gdlab.config import validate
     from gdlab.fit import fit_population
     from gdlab.metric_writer import MetricWriter
+    from gdlab.record import PendingRecords
     from gdlab.tracking import tracking_uri
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
@@ -107,9 +110,15 @@ def test_a_population_whose_writer_dies_still_ends_every_run(tmp_path, monkeypat
         if row["epoch"] == 20:
             MetricWriter.for_uri(uri).process.kill()
 
+    records = PendingRecords() if later else None
     results = fit_population(cfgs, output_dirs=[tmp_path / "a", tmp_path / "b"],
-                             epoch_callbacks=[[kill_the_writer], []])  # fmt: skip
+                             epoch_callbacks=[[kill_the_writer], []], record_later=records)  # fmt: skip
     client = MlflowClient(tracking_uri=uri)
+    if later:  # the results name their runs at once; the dead writer is found where the caller waits
+        assert [r.final["mlflow_run_id"] for r in results] == [run.run_id for _, run in records.pending]
+        assert all("tracking_outage" not in r.final for r in results)
+        records.finish()
+        assert records.pending == []
     for result in results:
         assert result.final["tracking_outage"] is None  # the training process wrote what the writer held
         run = client.get_run(result.final["mlflow_run_id"])

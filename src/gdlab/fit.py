@@ -32,11 +32,13 @@ from gdlab.pbt import PopulationBasedTraining
 from gdlab.population import Population, check_population
 from gdlab.progress import Progress
 from gdlab.record import (
+    PendingRecords,
     RunResult,
     default_output_dir,
     finish_tracking,
     log_inputs,
     log_trained_model,
+    note_run,
     record,
     record_pbt,
     save_outputs,
@@ -182,6 +184,7 @@ def fit_population(
     progress: Progress | None = None,
     pbt: PopulationBasedTraining | None = None,
     group_callbacks: list[GroupCallback] | None = None,
+    record_later: PendingRecords | None = None,
 ) -> list[RunResult]:
     """Train validated configs that share an architecture as one stacked model; one RunResult each.
 
@@ -193,7 +196,8 @@ def fit_population(
     `progress` shows the population's epochs as they go; `pbt` exploits and explores between epochs
     (gdlab.pbt), and each member's run then keeps pbt.json and its replay. `group_callbacks` decide about
     several members at once after each epoch (a sweep trial's replicates, gdlab.module.GroupCallback).
-    `wall_time` is the population's.
+    `wall_time` is the population's. The runs' records are written when this returns, or, given
+    `record_later`, handed to it for the caller to wait for (the results already name their runs).
     """
     import_gc.resume()  # a command's imports are done (gdlab.import_gc)
     population = cfgs if isinstance(cfgs, Population) else Population.from_configs(cfgs, overrides)
@@ -254,7 +258,10 @@ def fit_population(
                                  reason, config=population.view(p), history_written=bool(complete[p]),
                                  population_size=n)  # fmt: skip
             for result, run in zip(results, runs, strict=True):  # the writer has worked meanwhile
-                if run is not None:
+                if run is not None and record_later is not None:
+                    note_run(result, run)
+                    record_later.add(result, run)
+                elif run is not None:
                     finish_tracking(result, run)
         except BaseException as stop:
             end_unclosed(runs, stop, "while recording")

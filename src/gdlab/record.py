@@ -272,9 +272,33 @@ def record_error(error: OSError, output_dir: Path) -> str:
     return f"{what} writing {error.filename or output_dir}"
 
 
+def note_run(result: RunResult, run: MlflowRun) -> None:
+    """Note the run on the result: known as soon as it exists, before its record is written."""
+    result.final.update(mlflow_run_id=run.run_id, tracking_uri=mask_passwords(run.uri))
+
+
+class PendingRecords:
+    """Runs handed to the writer with all their record, whose writing the caller waits for later (`finish`):
+    a sweep tells Optuna its trials meanwhile, while the writer process writes the batch's last rows and
+    files on the other core. Each run is ended by the writer in order after its record, so FINISHED still
+    means complete; what waits is only this process's knowledge of an outage (or of a dead writer, whose
+    record it then writes itself)."""
+
+    def __init__(self):
+        self.pending: list[tuple[RunResult, MlflowRun]] = []
+
+    def add(self, result: RunResult, run: MlflowRun) -> None:
+        self.pending.append((result, run))
+
+    def finish(self) -> None:
+        while self.pending:
+            finish_tracking(*self.pending.pop(0))
+
+
 def finish_tracking(result: RunResult, run: MlflowRun) -> None:
     """Wait for the run's record to be written (by this process, if the writer died meanwhile); note the run
     (and any outage) on the result."""
+    note_run(result, run)
     run.wait()
     if run.writer_died or run.outage:  # its curves are read back from the store, not taken as handed over
         forget(run.run_id)
@@ -283,9 +307,7 @@ def finish_tracking(result: RunResult, run: MlflowRun) -> None:
                     run.run_id)  # fmt: skip
         output_dir = result.final.get("output_dir")
         run.rewrite(result.history.to_dict("records"), result.final, Path(output_dir) if output_dir else None)
-    result.final.update(
-        mlflow_run_id=run.run_id, tracking_outage=run.outage, tracking_uri=mask_passwords(run.uri)
-    )
+    result.final["tracking_outage"] = run.outage
     if run.outage:
         log.warning(
             "gdlab: the tracking backend failed during the run (%s); the full history is in %s",

@@ -15,6 +15,7 @@ import math
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import optuna
@@ -38,6 +39,9 @@ from gdlab.sweep.study import FINISHED, Heartbeats
 from gdlab.sweep.taken_trials import TAKEN, running_trial_ids, say_taken, still_ours, taken_from_us
 from gdlab.sweep.trial_runs import finish_trial_run, start_trial_runs, wait_for_trial_runs
 from gdlab.tracking import TrackingUnavailable, trial_run_name
+
+if TYPE_CHECKING:
+    from gdlab.record import PendingRecords
 
 
 def suggest(trial: optuna.Trial, name: str, distribution):
@@ -194,6 +198,9 @@ def run_trial_batch(spec: SweepSpec, study: optuna.Study, trials: list, output_r
                     logger: TrialLogger) -> None:  # fmt: skip
     """Make each trial's config, train the batch population by population, tell every trial."""
     told: list = []
+    from gdlab.record import PendingRecords
+
+    records = PendingRecords()  # the batch's runs, written by the writer process while Optuna is told
 
     def tell(trial, value=None, state=None, error: Exception | None = None) -> None:
         if state == TAKEN or (error is not None and not still_ours(trial)):  # failed by heartbeat meanwhile
@@ -219,13 +226,15 @@ def run_trial_batch(spec: SweepSpec, study: optuna.Study, trials: list, output_r
         for group in group_by_architecture([cfg for _, cfg, _ in prepared]):
             members = [prepared[i] for i in group]
             if members[0][1].optimizer.name in POPULATION_OPTIMIZERS:
-                outcomes = train_together(spec, members, output_root)
+                outcomes = train_together(spec, members, output_root, records)
             else:
                 outcomes = [train_alone(spec, *member, output_root) for member in members]
             for (trial, _, _), (value, state, error) in zip(members, outcomes, strict=True):
                 tell(trial, value, state, error)
             logger.log(study, told[-len(members) :])
+            records.finish()
     finally:  # an interrupt or an unreachable backend: the batch's other trials end FAIL, not RUNNING
+        records.finish()
         done = {t.number for t in told}
         for trial in trials:
             if trial.number not in done and still_ours(trial):
@@ -233,9 +242,10 @@ def run_trial_batch(spec: SweepSpec, study: optuna.Study, trials: list, output_r
                 tell_study(study, trial, None, TrialState.FAIL)
 
 
-def train_together(spec: SweepSpec, members: list, output_root: Path) -> list[tuple]:
+def train_together(spec: SweepSpec, members: list, output_root: Path, records: PendingRecords) -> list[tuple]:
     """(value, state, error) of each (trial, cfg, overrides) of one population, trained as one model: with
-    replicates, each trial's k seeds are k consecutive members (`Population.replicated`)."""
+    replicates, each trial's k seeds are k consecutive members (`Population.replicated`). The members' runs
+    go to `records`, their writing waited for by the caller."""
     from gdlab.fit import fit_population
 
     k, slots, trials = spec.members, member_slots(spec), [trial for trial, _, _ in members]
@@ -268,6 +278,7 @@ def train_together(spec: SweepSpec, members: list, output_root: Path) -> list[tu
                                      members[0][1]),
                 pbt=pbt,
                 group_callbacks=reporters,
+                record_later=records,
             )  # fmt: skip
             for p, result in zip(group, trained, strict=True):
                 results[p] = result
