@@ -278,7 +278,8 @@ def run_sweep(args, spec: SweepSpec, study: optuna.Study, storage, storage_url: 
     if jobs is None:  # the metric writer imports MLflow on the other core while Lightning loads here
         MetricWriter.start(tracking_uri(spec.task))
         import gdlab.sweep.trials  # noqa: F401
-    import_gc.resume()  # this process's imports are done (gdlab.import_gc)
+    if args.parent_run_id or tracking_uri(spec.task) is None:
+        import_gc.resume()  # this process's imports are done (gdlab.import_gc)
 
     parent_run_id, workers, end = args.parent_run_id, [], None
     try:  # from here on a signal ends what was started: trials FAIL, runs and the parent run KILLED
@@ -288,6 +289,7 @@ def run_sweep(args, spec: SweepSpec, study: optuna.Study, storage, storage_url: 
             tags = {"optuna.study": study.study_name, "optuna.storage": storage_url, "sweep": spec.name}
             name = f"{study.study_name}-{time.strftime('%Y%m%d-%H%M%S')}"
             parent_run_id = start_parent_run(spec.task, name=name, tags=tags)  # ended by it if stopped there
+            import_gc.resume()  # and MLflow's, begun in a thread beside Lightning's (gdlab.stores)
             repair_killed_runs(spec.task, study)
         if jobs is not None:
             failure = run_in_jobs(
