@@ -8,6 +8,7 @@ import pytest
 from optuna.trial import TrialState
 
 from gdlab.sweep import owned_trials
+from gdlab.sweep.trial_attrs import set_user_attrs
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 SAMPLERS = {
@@ -47,7 +48,16 @@ def run_scenario(url: str, sampler: str, owned: bool) -> list:
         trials = [study.ask() for _ in range(10)]
         for trial in trials:
             suggest(trial)
-            trial.set_user_attr("batch", batch)
+        notes = {trial: {"batch": batch, "final": {"val/loss": 0.1 * trial.number},
+                         "mlflow_run_id": uuid.uuid5(uuid.NAMESPACE_OID, str(trial.number)).hex}
+                 for trial in trials}  # fmt: skip
+        if owned:  # a population batch's notes, in one transaction (gdlab.sweep.trial_attrs)
+            set_user_attrs(study, notes)
+        else:
+            for trial, attrs in notes.items():
+                for key, value in attrs.items():
+                    trial.set_user_attr(key, value)
+        seen.append([trial.user_attrs for trial in trials])  # each Trial's own copy, too
         seen.append(snapshot(study))
         if batch == 1:  # meanwhile, another process fails one of ours (a heartbeat) and adds a trial
             taken = other.get_trials(deepcopy=False, states=(TrialState.RUNNING,))[3]
@@ -105,6 +115,36 @@ def test_a_running_trial_of_ours_is_read_again_once_we_write_to_it_or_its_state_
     other._storage.set_trial_state_values(mine._trial_id, TrialState.FAIL)
     read = study.get_trials(deepcopy=False)[0]
     assert (read.state, read.user_attrs["note"]) == (TrialState.FAIL, "again")
+
+
+def test_a_batchs_notes_are_one_commit(tmp_path):
+    import sqlalchemy
+
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    backend = optuna.storages.RDBStorage(url)
+    study = optuna.create_study(storage=owned_trials.wrap(backend), study_name="s")
+    trials = [study.ask() for _ in range(5)]
+    commits = []
+    sqlalchemy.event.listen(backend.engine, "commit", lambda connection: commits.append(1))
+    set_user_attrs(study, {trial: {"mlflow_run_id": str(trial.number), "final": {}} for trial in trials})
+    assert len(commits) == 1  # Optuna's own path: 10
+    stored = optuna.load_study(study_name="s", storage=url).get_trials(deepcopy=False)
+    assert [t.user_attrs for t in stored] == [{"mlflow_run_id": str(n), "final": {}} for n in range(5)]
+
+
+def test_a_batch_with_a_trial_finished_elsewhere_fails_that_trial_as_optunas_own_writes_do(tmp_path):
+    """One transaction for the batch cannot write to a trial another process finished meanwhile (a
+    heartbeat): nothing of it is written, then the trials are written one by one by Optuna, and the finished
+    one refuses as it always did, after the trials before it."""
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    study = optuna.create_study(storage=owned_trials.wrap(optuna.storages.RDBStorage(url)), study_name="s")
+    trials = [study.ask() for _ in range(3)]
+    other = optuna.load_study(study_name="s", storage=url)
+    other._storage.set_trial_state_values(trials[1]._trial_id, TrialState.FAIL)
+    with pytest.raises(optuna.exceptions.UpdateFinishedTrialError):
+        set_user_attrs(study, {trial: {"final": {"val/loss": float(trial.number)}} for trial in trials})
+    stored = optuna.load_study(study_name="s", storage=url).get_trials(deepcopy=False)
+    assert [t.user_attrs for t in stored] == [{"final": {"val/loss": 0.0}}, {}, {}]
 
 
 def test_another_optuna_version_or_schema_gets_optunas_own_storage(tmp_path, monkeypatch):

@@ -84,6 +84,22 @@ class OwnedTrialsStorage(_CachedStorage):
         super().set_trial_user_attr(trial_id, key, value)
         self._wrote(trial_id)
 
+    def set_trials_user_attrs(self, attrs_by_trial_id: dict[int, dict]) -> None:
+        """`set_trial_user_attr` for every attribute of every trial, in one transaction (trial_attrs.py):
+        Optuna's own per-row write, with its check that the trial is still running, then one commit."""
+        from optuna.storages._rdb import models
+        from optuna.storages._rdb.storage import _create_scoped_session
+
+        # Not ignoring an IntegrityError as Optuna's one-row write does: it would roll back every row silently
+        with _create_scoped_session(self._backend.scoped_session) as session:
+            for trial_id, attrs in attrs_by_trial_id.items():
+                for key, value in attrs.items():
+                    self._backend._set_trial_attr_without_commit(
+                        session, models.TrialUserAttributeModel, trial_id, key, value
+                    )
+        for trial_id in attrs_by_trial_id:
+            self._wrote(trial_id)
+
     def set_trial_system_attr(self, trial_id, key, value) -> None:
         super().set_trial_system_attr(trial_id, key, value)
         self._wrote(trial_id)

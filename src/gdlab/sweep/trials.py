@@ -37,6 +37,7 @@ from gdlab.sweep.pruning import PruningReporter, group_reporters
 from gdlab.sweep.spec import SweepError, SweepSpec
 from gdlab.sweep.study import FINISHED, Heartbeats
 from gdlab.sweep.taken_trials import TAKEN, running_trial_ids, say_taken, still_ours, taken_from_us
+from gdlab.sweep.trial_attrs import set_user_attrs
 from gdlab.sweep.trial_runs import finish_trial_run, start_trial_runs, wait_for_trial_runs
 from gdlab.tracking import TrackingUnavailable, trial_run_name
 
@@ -118,34 +119,39 @@ def progress_of(spec: SweepSpec, trials: list, cfg: DictConfig) -> Progress | No
 
 
 def record_result(trial: optuna.Trial, results: list, spec: SweepSpec, seeds: list[int]) -> float:
-    """Note the trial's runs on it, whatever its state (optuna-dashboard shows user attributes); its value:
-    its one run's objective, or the aggregate of its members' (folds and replicates: NaN when one
-    diverged, and the trial FAILs)."""
-    first = results[0]
+    """Note the trial's runs on it, whatever its state (optuna-dashboard shows user attributes); its value
+    (`result_attrs`)."""
+    attrs, value = result_attrs(results, spec, seeds)
+    set_user_attrs(trial.study, {trial: attrs})
+    return value
+
+
+def result_attrs(results: list, spec: SweepSpec, seeds: list[int]) -> tuple[dict, float]:
+    """What a trial notes of its runs (its user attributes), and its value: its one run's objective, or the
+    aggregate of its members' (folds and replicates: NaN when one diverged, and the trial FAILs)."""
+    first, attrs = results[0], {}
     if first.final.get("mlflow_run_id"):
-        trial.set_user_attr("mlflow_run_id", first.final["mlflow_run_id"])
+        attrs["mlflow_run_id"] = first.final["mlflow_run_id"]
     keys = [key for key in SPLIT_METRICS if key in first.final]
-    final = {key: float(np.mean([result.final[key] for result in results])) for key in keys}
-    trial.set_user_attr("final", final)  # with replicates: the mean over them
+    attrs["final"] = {key: float(np.mean([result.final[key] for result in results])) for key in keys}
     if "pbt_replay" in first.final:  # what replays the weights this trial ends with, and how often it copied
-        trial.set_user_attr("pbt.replay", first.final["pbt_replay"])
-        trial.set_user_attr("pbt.exploits", first.final["pbt_exploits"])
+        attrs["pbt.replay"], attrs["pbt.exploits"] = first.final["pbt_replay"], first.final["pbt_exploits"]
     objectives = [result.final["objective"] for result in results]
     slots = member_slots(spec)[: len(results)]  # a member-by-member trial stops at its pruned member
     if len(results) > 1:
         folds = [fold for fold, _ in slots]
-        trial.set_user_attr("members", {"folds": folds, "seeds": seeds, "aggregate": spec.aggregate,
-                                        **summarize(objectives).as_dict()})  # fmt: skip
-        trial.set_user_attr("mlflow_run_ids", [r.final.get("mlflow_run_id") for r in results])
+        attrs["members"] = {"folds": folds, "seeds": seeds, "aggregate": spec.aggregate,
+                            **summarize(objectives).as_dict()}  # fmt: skip
+        attrs["mlflow_run_ids"] = [r.final.get("mlflow_run_id") for r in results]
     for (fold, _), seed, result in zip(slots, seeds, results, strict=True):
         which = f"member fold={fold} seed={seed}: " if len(results) > 1 else ""
         diverged_at = result.final["diverged_at"]
         if diverged_at is not None and not result.final["pruned"]:
-            trial.set_user_attr("failure", f"{which}loss became NaN/inf at epoch {diverged_at}")
+            attrs["failure"] = f"{which}loss became NaN/inf at epoch {diverged_at}"
         if result.final.get("record_error"):  # its record is incomplete: the trial FAILs, with the reason
-            trial.set_user_attr("failure", f"{which}{result.final['record_error']}")
-            return math.nan
-    return aggregate(objectives, spec.aggregate, spec.direction)
+            attrs["failure"] = f"{which}{result.final['record_error']}"
+            return attrs, math.nan
+    return attrs, aggregate(objectives, spec.aggregate, spec.direction)
 
 
 def run_population_batches(spec: SweepSpec, study: optuna.Study, storage, args, budget: int,
@@ -292,6 +298,7 @@ def train_together(spec: SweepSpec, members: list, output_root: Path, records: P
         raise
     seeds = population.values("seed")
     outcomes, running = [], running_trial_ids(trials[0].study)  # one storage query for the population
+    attrs_by_trial = {}  # written in one transaction (gdlab.sweep.trial_attrs)
     for i, trial in enumerate(trials):
         mine = results[i * k : (i + 1) * k]
         if taken_from_us(trial, mine, running):
@@ -299,13 +306,14 @@ def train_together(spec: SweepSpec, members: list, output_root: Path, records: P
             if trial_runs:
                 finish_trial_run(cfgs[i], trial_runs[i], mine, None, "KILLED")
             continue
-        value = record_result(trial, mine, spec, seeds[i * k : (i + 1) * k])
+        attrs_by_trial[trial], value = result_attrs(mine, spec, seeds[i * k : (i + 1) * k])
         pruned = any(result.final["pruned"] for result in mine)
         outcomes.append((None, TrialState.PRUNED, None) if pruned else (value, None, None))
         if trial_runs:
-            trial.set_user_attr("mlflow_run_id", trial_runs[i])
+            attrs_by_trial[trial]["mlflow_run_id"] = trial_runs[i]
             state = "PRUNED" if pruned else ("COMPLETE" if math.isfinite(value) else "FAIL")
             finish_trial_run(cfgs[i], trial_runs[i], mine, None if pruned else value, state)
+    set_user_attrs(trials[0].study, attrs_by_trial)
     if trial_runs:
         wait_for_trial_runs(cfgs[0], trial_runs)
     return outcomes
