@@ -57,13 +57,6 @@ def test_a_child_never_runs_the_parents_exit_handlers(tmp_path: Path):
     assert not marker.exists()
 
 
-def test_a_yielding_child_runs_at_a_lower_priority_than_the_parent():
-    """The sweep's drawing children yield the cores to its refit, which the command waits for first."""
-    parent = os.nice(0)
-    assert Forked(lambda: os.nice(0), yielding=True).result() == min(parent + 10, 19)
-    assert Forked(lambda: os.nice(0)).result() == parent and os.nice(0) == parent
-
-
 def test_in_parallel_keeps_the_order_and_spreads_the_work_over_processes():
     values = in_parallel([lambda i=i: (i, os.getpid()) for i in range(7)], processes=3)
     assert [i for i, _ in values] == list(range(7))

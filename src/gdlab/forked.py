@@ -22,20 +22,15 @@ from collections.abc import Callable
 from typing import Generic, TypeVar
 
 T = TypeVar("T")
-YIELDING_NICENESS = 10  # added to a yielding child's niceness: the parent's weight is ~10x its own (Linux)
 
 
 class Forked(Generic[T]):
     """`work()` started in a child process now; `result()` waits for its value (or raises its error)."""
 
-    def __init__(
-        self, work: Callable[[], T], orphaned: Callable[[], None] | None = None, yielding: bool = False
-    ):
+    def __init__(self, work: Callable[[], T], orphaned: Callable[[], None] | None = None):
         """`orphaned()` runs in the child when the parent is gone before the answer (kill -9 of the
-        parent): what the parent would have cleaned up, e.g. a temporary folder the work filled. A `yielding`
-        child runs at a lower CPU priority (nice +10): where cores are short, the parent's own work meanwhile
-        (a sweep's refit, which the caller waits for first) goes first, and the child takes what is left."""
-        self.work, self.orphaned, self.yielding = work, orphaned, yielding
+        parent): what the parent would have cleaned up, e.g. a temporary folder the work filled."""
+        self.work, self.orphaned = work, orphaned
         self.pid: int | None = None
         self.reader: int | None = None
         if hasattr(os, "fork") and sys.platform != "darwin":  # macOS: fork after threads can crash the child
@@ -59,9 +54,6 @@ class Forked(Generic[T]):
             for signum in (signal.SIGTERM, signal.SIGINT):  # the parent's handlers raise in the parent's code
                 signal.signal(signum, signal.SIG_DFL)
             signal.signal(signal.SIGPIPE, signal.SIG_IGN)  # a parent gone: BrokenPipeError below, not death
-            if self.yielding:
-                with contextlib.suppress(OSError):
-                    os.nice(YIELDING_NICENESS)
             try:
                 answer = (True, self.work())
             except Exception as error:  # noqa: BLE001 (handed to the parent, which decides)

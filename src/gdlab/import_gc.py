@@ -9,11 +9,6 @@ frozen out of later collections (`gc.freeze`: it lives as long as the process; s
 the imports left, ~14,000 objects, ~8 MB, which a collection first would take 0.8 s to free) and
 collection goes on as usual. Only a process that paused it resumes it: gdlab as a library (a notebook, a
 script) never touches the collector.
-
-MLflow is imported in a thread beside Lightning's import (gdlab.stores) and may finish after `resume`:
-`imported_late` freezes what it made too once the store is open. Left in the collected heap, its ~600,000
-objects made each full collection of a tracked sweep take ~0.1 s instead of ~0.01 s (0.43 s in all against
-0.03 s untracked, measured on `gdlab-sweep lr --population 64`).
 """
 
 from __future__ import annotations
@@ -21,15 +16,14 @@ from __future__ import annotations
 import gc
 
 _paused = False
-_managed = False  # this process paused collection first thing: it manages the collector
 
 
 def pause() -> None:
     """Collection off until `resume` (a console script's first step)."""
-    global _paused, _managed
+    global _paused
     if gc.isenabled():
         gc.disable()
-        _paused = _managed = True
+        _paused = True
 
 
 def resume() -> None:
@@ -39,10 +33,3 @@ def resume() -> None:
         _paused = False
         gc.freeze()
         gc.enable()
-
-
-def imported_late() -> None:
-    """A late import is done (MLflow's, begun in a thread): what it made frozen too, in a process that manages
-    the collector and has resumed it (before that, `resume` freezes it)."""
-    if _managed and not _paused:
-        gc.freeze()

@@ -292,7 +292,8 @@ class PendingRecords:
 
     def finish(self) -> None:
         while self.pending:
-            finish_tracking(*self.pending.pop(0))
+            finish_tracking(*self.pending[0])  # interrupted, it stays pending for the next `finish`
+            self.pending.pop(0)
 
 
 def finish_tracking(result: RunResult, run: MlflowRun) -> None:

@@ -19,7 +19,6 @@ import threading
 import warnings
 from pathlib import Path
 
-from gdlab import import_gc
 from gdlab.interrupts import whole
 from gdlab.new_store import make_sqlite_store
 from gdlab.repair import repair_dead_runs
@@ -51,11 +50,9 @@ def mlflow_client(uri: str):
     A SQLite store is opened (created and migrated, the first time) under a lock beside the database
     file, so processes started together on a new store don't race MLflow's schema migrations
     (alembic's "table already exists")."""
-    if uri not in _CLIENTS or uri in _OPENING:
-        wait_for_opening(uri)
-        if uri not in _CLIENTS:
-            _CLIENTS[uri] = open_client(uri)
-        import_gc.imported_late()  # MLflow's import and the store's are done (gdlab.import_gc)
+    wait_for_opening(uri)
+    if uri not in _CLIENTS:
+        _CLIENTS[uri] = open_client(uri)
     repair_once(_CLIENTS[uri], uri)
     return _CLIENTS[uri]
 

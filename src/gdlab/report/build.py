@@ -163,7 +163,7 @@ def start_report(target: str, tracking_uri: str | None = None, out: str | Path |
     drawings = curve_figures(report.runs, out_dir, differing_params(report.runs), report.objective,
                              report.direction)  # fmt: skip
     load_matplotlib()  # before the fork: the child, Optuna's plots' child and this process share it
-    curves = Forked(lambda: [draw() for draw in drawings], yielding=True)  # the caller's refit first
+    curves = Forked(lambda: [draw() for draw in drawings])
     return PendingReport(report, target, client, out_dir, curves)
 
 

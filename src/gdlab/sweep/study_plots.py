@@ -29,7 +29,7 @@ class StudyPlots:
     def __init__(self, study: optuna.Study):
         self.folder = Path(tempfile.mkdtemp(prefix="gdlab-optuna-plots-"))
         copy = in_memory_copy(study)
-        self.drawing = Forked(lambda: draw_plots(copy, self.folder), yielding=True,
+        self.drawing = Forked(lambda: draw_plots(copy, self.folder),
                               orphaned=lambda: shutil.rmtree(self.folder, ignore_errors=True))  # fmt: skip
 
     def log(self, client, parent_run_id: str) -> None:

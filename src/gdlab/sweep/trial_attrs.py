@@ -4,9 +4,10 @@ A population batch notes its runs and final metrics on each of its P trials (`tr
 storage transaction, so one commit, per attribute and trial, 2P of them for a tracked batch (~2 ms each on
 SQLite, more against a remote database). Where the study's storage is gdlab's OwnedTrialsStorage (Optuna's
 RDB storage, on the versions it was proven on) they are written in one transaction by Optuna's own per-row
-method; elsewhere, or if that transaction fails (a trial finished meanwhile by another process's
-heartbeat), by `Trial.set_user_attr`, one by one, which fails that trial alone as before.
-tests/test_owned_trials.py proves the trials equal through Optuna's API either way.
+method; elsewhere, or if that transaction fails (nothing of it is written: a trial finished meanwhile by
+another process's heartbeat), by `Trial.set_user_attr`, one by one, which raises where it always did, after
+the trials before it are written. tests/test_owned_trials.py proves the trials equal through Optuna's API
+either way.
 """
 
 from __future__ import annotations

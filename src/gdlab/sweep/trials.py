@@ -203,9 +203,9 @@ def batch_size(population: int, left: int, running: int, processes: int) -> int:
 def run_trial_batch(spec: SweepSpec, study: optuna.Study, trials: list, output_root: Path,
                     logger: TrialLogger) -> None:  # fmt: skip
     """Make each trial's config, train the batch population by population, tell every trial."""
-    told: list = []
     from gdlab.record import PendingRecords
 
+    told: list = []
     records = PendingRecords()  # the batch's runs, written by the writer process while Optuna is told
 
     def tell(trial, value=None, state=None, error: Exception | None = None) -> None:
@@ -240,12 +240,14 @@ def run_trial_batch(spec: SweepSpec, study: optuna.Study, trials: list, output_r
             logger.log(study, told[-len(members) :])
             records.finish()
     finally:  # an interrupt or an unreachable backend: the batch's other trials end FAIL, not RUNNING
-        records.finish()
-        done = {t.number for t in told}
-        for trial in trials:
-            if trial.number not in done and still_ours(trial):
-                trial.set_user_attr("failure", "its batch was interrupted")
-                tell_study(study, trial, None, TrialState.FAIL)
+        try:
+            done = {t.number for t in told}
+            for trial in trials:
+                if trial.number not in done and still_ours(trial):
+                    trial.set_user_attr("failure", "its batch was interrupted")
+                    tell_study(study, trial, None, TrialState.FAIL)
+        finally:  # then the records the writer holds (ended already; a dead writer's are written here)
+            records.finish()
 
 
 def train_together(spec: SweepSpec, members: list, output_root: Path, records: PendingRecords) -> list[tuple]:
@@ -298,6 +300,8 @@ def train_together(spec: SweepSpec, members: list, output_root: Path, records: P
         raise
     seeds = population.values("seed")
     outcomes, running = [], running_trial_ids(trials[0].study)  # one storage query for the population
+    if any(trial._trial_id not in running for trial in trials):  # taken (rare): their runs end KILLED below,
+        records.finish()  # after the writer has ended them FINISHED with their record, not before
     attrs_by_trial = {}  # written in one transaction (gdlab.sweep.trial_attrs)
     for i, trial in enumerate(trials):
         mine = results[i * k : (i + 1) * k]
