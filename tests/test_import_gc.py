@@ -34,32 +34,23 @@ def test_gdlab_as_a_library_leaves_the_collector_alone():
     assert gc.isenabled() and gc.get_freeze_count() == 0
 
 
-LATE_IMPORT = """
-import gc, sys, threading
+SWEEP = """
+import gc, sys
 from gdlab import import_gc
-{pause}import_gc.resume()  # a sweep's imports done, while MLflow's goes on in a thread (gdlab.stores)
-frozen_at_resume = gc.get_freeze_count()
-late = threading.Thread(target=lambda: __import__("mlflow"))
-late.start()
-late.join()
-from gdlab.stores import mlflow_client
-mlflow_client("sqlite:///" + sys.argv[1])  # the store open: what the late import made is frozen too
-print(frozen_at_resume, gc.get_freeze_count(), gc.isenabled())
+import_gc.pause()  # as the console script does
+from gdlab.sweep.cli import main
+status = main(["lr", "--population", "4", "--budget", "4", "--n-trials", "4", "--no-refit",
+               "trainer.max_epochs=5", "tracking.dir=" + sys.argv[1]])
+from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore  # imported as the store was opened
+print(status, gc.isenabled(), any(o is SqlAlchemyStore for o in gc.get_objects()))
 """
 
 
-def test_what_a_late_import_made_is_frozen_once_the_store_is_open(tmp_path):
-    """MLflow imported in a thread past `resume` leaves ~600,000 objects that every full collection of the
-    sweep would walk again: opening the store freezes them, in a command; a library user's collector is left
-    alone."""
-    counts = {}
-    for command, pause in (("command", "import_gc.pause()\n"), ("library", "")):
-        script = LATE_IMPORT.format(pause=pause)
-        done = subprocess.run([sys.executable, "-c", script, str(tmp_path / f"{command}.db")],
-                              capture_output=True, text=True, timeout=300)  # fmt: skip
-        assert done.returncode == 0, done.stderr[-2000:]
-        at_resume, at_open, enabled = done.stdout.split()[-3:]
-        counts[command] = (int(at_resume), int(at_open), enabled)
-    at_resume, at_open, enabled = counts["command"]
-    assert enabled == "True" and at_open - at_resume > 200_000  # MLflow's modules, out of the collections
-    assert counts["library"] == (0, 0, "True")
+def test_a_tracked_sweep_freezes_mlflows_import_with_its_own(tmp_path):
+    """MLflow is imported in a thread beside Lightning's, its SQL store when the parent run opens it: the
+    sweep resumes its collector once its parent run is made, so MLflow's ~600,000 objects are frozen too (not
+    walked by every full collection). `gc.get_objects()` lists only what collections still walk."""
+    done = subprocess.run([sys.executable, "-c", SWEEP, str(tmp_path / "mlruns")], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split()[-3:] == ["0", "True", "False"]
