@@ -118,7 +118,7 @@ def test_a_population_whose_writer_dies_still_ends_every_run(tmp_path, monkeypat
         assert [r.final["mlflow_run_id"] for r in results] == [run.run_id for _, run in records.pending]
         assert all("tracking_outage" not in r.final for r in results)
         records.finish()
-        assert records.pending == []
+        assert not records.pending
     for result in results:
         assert result.final["tracking_outage"] is None  # the training process wrote what the writer held
         run = client.get_run(result.final["mlflow_run_id"])

@@ -4,6 +4,7 @@ full disk or a tracking outage never costs the history."""
 
 from __future__ import annotations
 
+import collections
 import functools
 import json
 import logging
@@ -285,7 +286,7 @@ class PendingRecords:
     record it then writes itself)."""
 
     def __init__(self):
-        self.pending: list[tuple[RunResult, MlflowRun]] = []
+        self.pending: collections.deque[tuple[RunResult, MlflowRun]] = collections.deque()
 
     def add(self, result: RunResult, run: MlflowRun) -> None:
         self.pending.append((result, run))
@@ -293,7 +294,7 @@ class PendingRecords:
     def finish(self) -> None:
         while self.pending:
             finish_tracking(*self.pending[0])  # interrupted, it stays pending for the next `finish`
-            self.pending.pop(0)
+            self.pending.popleft()
 
 
 def finish_tracking(result: RunResult, run: MlflowRun) -> None:

@@ -22,7 +22,7 @@ def set_user_attrs(study: optuna.Study, attrs_by_trial: dict[optuna.Trial, dict]
     storage allows."""
     attrs_by_trial = {trial: attrs for trial, attrs in attrs_by_trial.items() if attrs}
     storage = study._storage
-    if isinstance(storage, OwnedTrialsStorage) and len(attrs_by_trial) > 0:
+    if attrs_by_trial and isinstance(storage, OwnedTrialsStorage):
         try:
             storage.set_trials_user_attrs({trial._trial_id: attrs for trial, attrs in attrs_by_trial.items()})
         except Exception:  # nothing was written: each trial's own write says what is wrong with it
