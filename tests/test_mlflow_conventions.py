@@ -86,12 +86,33 @@ def test_runs_log_their_splits_as_mlflow_datasets(tmp_path):
     assert {len(i) for i in fold_inputs} == {3} and logged["train"] not in [i["train"] for i in fold_inputs]
 
 
+def model_metrics_of(client, run) -> dict[str, tuple[int, float]]:
+    """name -> (step, value) of the metrics MLflow links to the run's model (its page in the UI shows)."""
+    logged = client.get_logged_model(run.outputs.model_outputs[0].model_id)
+    return {metric.key: (metric.step, metric.value) for metric in logged.metrics}
+
+
+def assert_trained_weights_metrics(client, run) -> None:
+    """The model's metrics are its run's at the trained weights: each final/<metric>, at the run's last step
+    (where its curves end), as the run holds it; not MLflow's default step 0, the untrained network's."""
+    linked = model_metrics_of(client, run)
+    (final_step,) = {metric.step for metric in client.get_metric_history(run.info.run_id, "final/objective")}
+    assert run.outputs.model_outputs[0].step == final_step > 0
+    finals = {key: value for key, value in run.data.metrics.items() if key.startswith("final/")}
+    assert finals.keys() >= {"final/train/loss", "final/objective"}
+    assert {key: linked[key] for key in finals} == {key: (final_step, value) for key, value in finals.items()}
+    assert {step for step, _ in linked.values()} == {final_step}
+    assert linked["train/loss"] == (final_step, finals["final/train/loss"])  # the curve's last point too
+
+
 def test_a_logged_model_predicts_as_gdlab_does_and_is_registered(tmp_path):
     r = gdlab.run([*SHORT, f"tracking.dir={tmp_path}", "tracking.log_model=true",
                    "tracking.registered_model=moons-net"])  # fmt: skip
     client = client_of(tmp_path)
     run = client.get_run(r.final["mlflow_run_id"])
     assert run.info.status == "FINISHED" and len(run.outputs.model_outputs) == 1
+    assert_trained_weights_metrics(client, run)
+    assert model_metrics_of(client, run)["final/train/loss"][1] == pytest.approx(r.final["train/loss"])
     logged = client.get_logged_model(run.outputs.model_outputs[0].model_id)
     assert logged.experiment_id == run.info.experiment_id and logged.artifact_location.startswith(
         client.get_experiment(run.info.experiment_id).artifact_location
@@ -244,6 +265,7 @@ def test_a_sweep_links_its_ranked_trials_and_registers_the_chosen_model(tmp_path
     (version,) = client.search_model_versions("name='lr-net'")
     assert version.run_id == refit.info.run_id and len(refit.outputs.model_outputs) == 1
     logged = client.get_logged_model(refit.outputs.model_outputs[0].model_id)
+    assert_trained_weights_metrics(client, refit)
     assert logged.experiment_id == experiment_id  # under the refit's experiment: its run page lists it
     assert not [r for r in shown if r.outputs and r.outputs.model_outputs]  # trials log no model
     assert "the chosen model: models:/" in done.stdout and "(registered: lr-net version 1)" in done.stdout
@@ -259,6 +281,7 @@ def test_without_a_refit_the_best_trials_own_network_is_the_model(tmp_path):
                                    "tags.`gdlab.kind` = 'sweep'")  # fmt: skip
     best = client.get_run(parent.data.tags["best.run_id"])
     (output,) = best.outputs.model_outputs
+    assert_trained_weights_metrics(client, best)  # logged after its run ended: its metrics are all there
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}")
     model = mlflow.pyfunc.load_model(f"models:/{output.model_id}")
     X = np.random.default_rng(0).normal(size=(7, 2))

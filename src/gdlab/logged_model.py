@@ -121,10 +121,15 @@ def new_logged_model(client, run) -> str | None:
     return model.model_id
 
 
-def log_model(uri: str, run_id: str, mlp: MLP, X_train: np.ndarray,
+def log_model(uri: str, run_id: str, mlp: MLP, X_train: np.ndarray, step: int,
               registered_name: str | None = None) -> tuple[str, str | None]:  # fmt: skip
     """Log `mlp` on run `run_id` (and register it as a new version of `registered_name`): its model URI and
-    registered version. MLflow's own "Successfully registered ..." lines are gdlab's to say."""
+    registered version. MLflow's own "Successfully registered ..." lines are gdlab's to say.
+
+    `step`: the run's step of the trained weights (its `epochs`, where gdlab logs final/<metric> and each
+    curve's last point). MLflow links the run's metrics of that step to the model (the UI's model page and
+    Models column show them): they must be in the store already, and the model's step must be theirs, not
+    MLflow's default 0 (the untrained network's numbers)."""
     import mlflow
     import mlflow.pytorch
     from mlflow.models import infer_signature
@@ -140,7 +145,7 @@ def log_model(uri: str, run_id: str, mlp: MLP, X_train: np.ndarray,
     with (tracking_uri_set(uri), run_experiment(experiment_id), no_requirement_scan(),
           contextlib.redirect_stderr(io.StringIO())):  # fmt: skip
         info = mlflow.pytorch.log_model(
-            traced, name=MODEL_NAME, run_id=run_id, signature=signature, input_example=example,
+            traced, name=MODEL_NAME, run_id=run_id, step=step, signature=signature, input_example=example,
             serialization_format="pickle", pip_requirements=model_requirements(),
             registered_model_name=registered_name, model_id=new_logged_model(client, run),
         )  # fmt: skip

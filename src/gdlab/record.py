@@ -120,12 +120,17 @@ def wants_model(cfg: DictConfig) -> bool:
 
 def log_trained_model(run: MlflowRun, result: RunResult) -> None:
     """The run's trained network as an MLflow model (gdlab.logged_model), before the run ends; registered
-    as a new version of tracking.registered_model where it names one. A failure is the run's outage."""
+    as a new version of tracking.registered_model where it names one. Its metrics are the run's at the
+    trained weights: logged, and written by the writer, first. A failure is the run's outage."""
     from gdlab.logged_model import log_model
 
+    run.log_final(result.final)
+    run.flush()
+    run.wait()  # an outage meanwhile is the run's; the model is still logged, as far as the store takes it
     try:
         name = result.config.tracking.get("registered_model")
-        uri, version = log_model(run.uri, run.run_id, result.model, result.data.train.X.numpy(), name)
+        uri, version = log_model(run.uri, run.run_id, result.model, result.data.train.X.numpy(),
+                                 result.final["epochs"], name)  # fmt: skip
         result.final["model_uri"] = uri
         if version is not None:
             result.final["registered_model"] = f"{name} version {version}"
@@ -231,7 +236,8 @@ def save_outputs(result: RunResult, overrides: list[str], output_dir: Path, run:
         run.set_tags({"failure.reason": "loss became NaN/inf", "failure.epoch": result.final["diverged_at"]})
     if result.final["ls_all_failed"]:
         run.set_tags({"gdlab.warning": ALL_LINE_SEARCHES_FAILED})
-    run.log_final(result.final)
+    if not run.final_logged:  # logged already where its model was (log_trained_model)
+        run.log_final(result.final)
     run.close(status, output_dir, end_time=result.ended_at)
 
 

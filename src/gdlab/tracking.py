@@ -237,6 +237,7 @@ class MlflowRun:
         self.sent_tags: dict = {}  # tags handed to the writer: written again should it die
         self.writer_died = False  # the writer exited with some of this run's record in hand (see `rewrite`)
         self.inputs: list[dict] = []  # its datasets (gdlab.run_inputs), once logged
+        self.final_logged = False  # whether `log_final` has buffered the result (once, before `close`)
         if created is None:
             self.params = list(flatten(self.cfg).items())
         if not background:
@@ -298,6 +299,7 @@ class MlflowRun:
         point of its curve: step k of a curve is measured at the weights after k steps (the history row of
         epoch k, taken before epoch k's step), so step `epochs` is the trained weights' value."""
         timestamp, step = int(time.time() * 1000), final["epochs"]
+        self.final_logged = True
         for key in LOGGED_FINAL_METRICS:
             value = final.get(key)
             if isinstance(value, int | float) and not math.isnan(value):

@@ -123,6 +123,14 @@ def wants_refit(cfg: DictConfig) -> bool:
     return cfg.objective.startswith("val/") and cfg.dataset.test_size > 0
 
 
+def trained_step(uri: str, run_id: str) -> int:
+    """The step of a finished run's trained weights: its final/<metric>'s (gdlab.tracking.log_final)."""
+    from gdlab.stores import mlflow_client
+
+    history = mlflow_client(uri).get_metric_history(run_id, "final/objective")
+    return max((metric.step for metric in history), default=0)
+
+
 def best_trial_model(cfg: DictConfig, run_id: str | None, weights: Path, register: str | None) -> str | None:
     """Without a refit, the chosen model is the best trial's own network: read back from its weights.pt
     (a trial of one member trained on this machine) and logged on its run. What it could not, in one line."""
@@ -139,7 +147,8 @@ def best_trial_model(cfg: DictConfig, run_id: str | None, weights: Path, registe
     try:
         data, model = build(cfg)
         model.load_state_dict(torch.load(weights, weights_only=True))
-        uri, version = log_model(tracking_uri(cfg), run_id, model, data.train.X.numpy(), register)
+        uri, version = log_model(tracking_uri(cfg), run_id, model, data.train.X.numpy(),
+                                 trained_step(tracking_uri(cfg), run_id), register)  # fmt: skip
     except Exception as error:  # the sweep's answer stands without it
         print(f"gdlab-sweep: no model logged: {error_line(error)}")
         return None
