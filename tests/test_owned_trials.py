@@ -7,8 +7,10 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
+from gdlab.members import Retire
 from gdlab.sweep import owned_trials
-from gdlab.sweep.trial_attrs import set_user_attrs
+from gdlab.sweep.pruning import EpochReports, PruningReporter
+from gdlab.sweep.trial_attrs import report_values, set_user_attrs
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 SAMPLERS = {
@@ -70,10 +72,13 @@ def run_scenario(url: str, sampler: str, owned: bool) -> list:
             ))  # fmt: skip
             seen.append(snapshot(study))  # ours sees both at its next listing
         for step in range(3):
-            for trial in trials:
-                if study._storage.get_trial(trial._trial_id).state != TrialState.RUNNING:
-                    continue
-                trial.report(objective(trial.params) * (3 - step), step)
+            running = [t for t in trials if study._storage.get_trial(t._trial_id).state == TrialState.RUNNING]
+            values = {trial: [(step, objective(trial.params) * (3 - step))] for trial in running}
+            written = report_values(study, values) if owned else set()  # a batch's reports: one transaction
+            assert written == (set(running) if owned else set())
+            for trial in running:
+                if trial not in written:
+                    trial.report(*values[trial][0][::-1])
                 if trial.should_prune():
                     study.tell(trial, state=TrialState.PRUNED)
         for trial in trials:
@@ -145,6 +150,58 @@ def test_a_batch_with_a_trial_finished_elsewhere_fails_that_trial_as_optunas_own
         set_user_attrs(study, {trial: {"final": {"val/loss": float(trial.number)}} for trial in trials})
     stored = optuna.load_study(study_name="s", storage=url).get_trials(deepcopy=False)
     assert [t.user_attrs for t in stored] == [{"final": {"val/loss": 0.0}}, {}, {}]
+
+
+def reporters_at_epoch(study: optuna.Study, trials: list, epoch: int) -> list:
+    """A batch's pruning reporters (gdlab.sweep.pruning) after each trial's one member logged its row of
+    `epoch`: val/loss = the trial's number + 1; what each one's `epoch_end` did (None, or the Retire)."""
+    reporters = [PruningReporter(trial, "val/loss", every=1) for trial in trials]
+    batch = EpochReports(reporters)
+    for reporter in reporters:
+        reporter.batch = batch
+        reporter.row_callback(0)({"val/loss": reporter.trial.number + 1.0})
+    ended = []
+    for reporter in reporters:  # as gdlab.module runs its group callbacks
+        try:
+            ended.append(reporter.epoch_end(epoch))
+        except Retire as retire:
+            ended.append(retire)
+    return ended
+
+
+def test_a_batchs_reports_of_an_epoch_are_one_commit(tmp_path):
+    import sqlalchemy
+
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    backend = optuna.storages.RDBStorage(url)
+    study = optuna.create_study(storage=owned_trials.wrap(backend), study_name="s")
+    trials = [study.ask() for _ in range(10)]
+    commits = []
+    sqlalchemy.event.listen(backend.engine, "commit", lambda connection: commits.append(1))
+    assert report_values(study, {trial: [(1, trial.number + 1.0)] for trial in trials[:5]}) == set(trials[:5])
+    assert len(commits) == 1
+    for trial in trials[5:]:
+        trial.report(trial.number + 1.0, 1)
+    assert len(commits) == 6  # Optuna's own path: one a trial
+    assert reporters_at_epoch(study, trials, 3) == [None] * 10  # as gdlab-sweep reports, pruner and all
+    expected = [{1: n + 1.0, 3: n + 1.0} for n in range(10)]
+    assert [t._cached_frozen_trial.intermediate_values for t in trials] == expected  # each Trial's copy
+    stored = optuna.load_study(study_name="s", storage=url).get_trials(deepcopy=False)
+    assert [t.intermediate_values for t in stored] == expected
+
+
+def test_a_batchs_reports_with_a_trial_finished_elsewhere_retire_that_trial_only(tmp_path):
+    """The epoch's one transaction cannot write to a trial another process failed meanwhile (a heartbeat):
+    nothing of it is written, each reporter reports through Optuna, and the failed trial's members retire."""
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    study = optuna.create_study(storage=owned_trials.wrap(optuna.storages.RDBStorage(url)), study_name="s")
+    trials = [study.ask() for _ in range(3)]
+    other = optuna.load_study(study_name="s", storage=url)
+    other._storage.set_trial_state_values(trials[1]._trial_id, TrialState.FAIL)
+    ended = reporters_at_epoch(study, trials, 2)
+    assert ended[0] is None and ended[2] is None and "failed by heartbeat" in str(ended[1])
+    stored = optuna.load_study(study_name="s", storage=url).get_trials(deepcopy=False)
+    assert [t.intermediate_values for t in stored] == [{2: 1.0}, {}, {2: 3.0}]
 
 
 def test_another_optuna_version_or_schema_gets_optunas_own_storage(tmp_path, monkeypatch):

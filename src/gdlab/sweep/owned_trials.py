@@ -100,6 +100,18 @@ class OwnedTrialsStorage(_CachedStorage):
         for trial_id in attrs_by_trial_id:
             self._wrote(trial_id)
 
+    def set_trials_intermediate_values(self, values_by_trial_id: dict[int, list[tuple[int, float]]]) -> None:
+        """`set_trial_intermediate_value` for every (step, value) of every trial, in one transaction
+        (trial_attrs.py): Optuna's own per-row write, with its check that the trial is still running."""
+        from optuna.storages._rdb.storage import _create_scoped_session
+
+        with _create_scoped_session(self._backend.scoped_session) as session:
+            for trial_id, values in values_by_trial_id.items():
+                for step, value in values:
+                    self._backend._set_trial_intermediate_value_without_commit(session, trial_id, step, value)
+        for trial_id in values_by_trial_id:
+            self._wrote(trial_id)
+
     def set_trial_system_attr(self, trial_id, key, value) -> None:
         super().set_trial_system_attr(trial_id, key, value)
         self._wrote(trial_id)
