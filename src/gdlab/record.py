@@ -124,9 +124,7 @@ def log_trained_model(run: MlflowRun, result: RunResult) -> None:
     trained weights: logged, and written by the writer, first. A failure is the run's outage."""
     from gdlab.logged_model import log_model
 
-    run.log_final(result.final)
-    run.flush()
-    run.wait()  # an outage meanwhile is the run's; the model is still logged, as far as the store takes it
+    run.write_final(result.final)  # an outage is the run's; the model is still logged, as the store allows
     try:
         name = result.config.tracking.get("registered_model")
         uri, version = log_model(run.uri, run.run_id, result.model, result.data.train.X.numpy(),

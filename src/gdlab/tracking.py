@@ -307,6 +307,18 @@ class MlflowRun:
                 if key in CURVES_ENDING_AT_FINAL:
                     self.buffer.append((key, value, timestamp, step))
 
+    def write_final(self, final: dict) -> None:
+        """`log_final`, in the store on return (what a model logged now links to, gdlab.logged_model): where
+        the writer holds this run, handed to it and waited for; else logged here, as `close` would."""
+        self.log_final(final)
+        if self.submitted or self.background or self.writer.used:
+            self.flush()
+            self.wait()
+            return
+        self._call(log_metrics, self.client, self.run_id, self.buffer)
+        observe({"run": self.run_id, "metrics": self.buffer})
+        self.buffer = []
+
     def flush(self) -> None:
         """Hand the buffered metrics to the writer process."""
         self.last_flush = time.monotonic()
