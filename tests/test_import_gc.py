@@ -2,8 +2,11 @@
 training starts; gdlab as a library leaves the collector alone."""
 
 import gc
+import json
 import subprocess
 import sys
+
+import pytest
 
 import gdlab
 
@@ -35,22 +38,31 @@ def test_gdlab_as_a_library_leaves_the_collector_alone():
 
 
 SWEEP = """
-import gc, sys
+import gc, json, sys
 from gdlab import import_gc
 import_gc.pause()  # as the console script does
 from gdlab.sweep.cli import main
 status = main(["lr", "--population", "4", "--budget", "4", "--n-trials", "4", "--no-refit",
-               "trainer.max_epochs=5", "tracking.dir=" + sys.argv[1]])
+               "trainer.max_epochs=5", "tracking.dir=" + sys.argv[1], *json.loads(sys.argv[2])])
 from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore  # imported as the store was opened
 print(status, gc.isenabled(), any(o is SqlAlchemyStore for o in gc.get_objects()))
 """
 
 
-def test_a_tracked_sweep_freezes_mlflows_import_with_its_own(tmp_path):
+@pytest.mark.parametrize("worker", [False, True], ids=["invocation", "worker"])
+def test_a_tracked_sweep_freezes_mlflows_import_with_its_own(tmp_path, worker):
     """MLflow is imported in a thread beside Lightning's, its SQL store when the parent run opens it: the
     sweep resumes its collector once its parent run is made, so MLflow's ~600,000 objects are frozen too (not
-    walked by every full collection). `gc.get_objects()` lists only what collections still walk."""
-    done = subprocess.run([sys.executable, "-c", SWEEP, str(tmp_path / "mlruns")], cwd=tmp_path,
-                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    walked by every full collection). A worker (--workers, a launcher's job: --parent-run-id) imports them
+    before it resumes. `gc.get_objects()` lists only what collections still walk."""
+    options = []
+    if worker:  # the parent run an invocation made, in another process
+        from mlflow import MlflowClient
+
+        client = MlflowClient(f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}")
+        parent = client.create_run(client.create_experiment("sweep-lr")).info.run_id
+        options = ["--worker", "--parent-run-id", parent]
+    done = subprocess.run([sys.executable, "-c", SWEEP, str(tmp_path / "mlruns"), json.dumps(options)],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300)  # fmt: skip
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.split()[-3:] == ["0", "True", "False"]

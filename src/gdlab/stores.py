@@ -85,6 +85,17 @@ def open_in_background(uri: str | None) -> None:
     _OPENING[uri] = opening
 
 
+def import_client_modules(uri: str) -> None:
+    """MLflow's client and, for a database, its SQL store's modules: what opening `uri` will import (a
+    process that imports them now freezes them out of its collections, gdlab.import_gc). Nothing is opened:
+    an unreachable store is met where it is used."""
+    with contextlib.suppress(ImportError):
+        import mlflow  # noqa: F401
+
+        if is_database(uri):
+            import mlflow.store.tracking.sqlalchemy_store  # noqa: F401
+
+
 def is_new_sqlite_store(uri: str) -> bool:
     """No database file yet, or an empty one: opening it creates MLflow's tables."""
     database = Path(uri[len("sqlite:///") :])

@@ -27,7 +27,7 @@ from gdlab.held_histories import drop, keep
 from gdlab.interrupts import PENDING, InterruptHandler, deferred, failure_reason
 from gdlab.masking import error_line, install_log_masking, mask_passwords
 from gdlab.metric_writer import MetricWriter
-from gdlab.stores import open_in_background
+from gdlab.stores import import_client_modules, open_in_background
 from gdlab.sweep.first_batch import enqueue_first_batch
 from gdlab.sweep.jobs import JobLauncher, end_what_jobs_left, run_in_jobs
 from gdlab.sweep.parent_run import (
@@ -278,6 +278,8 @@ def run_sweep(args, spec: SweepSpec, study: optuna.Study, storage, storage_url: 
     if jobs is None:  # the metric writer imports MLflow on the other core while Lightning loads here
         MetricWriter.start(tracking_uri(spec.task))
         import gdlab.sweep.trials  # noqa: F401
+    if args.parent_run_id and tracking_uri(spec.task) is not None:  # a worker's, frozen with the rest
+        import_client_modules(tracking_uri(spec.task))
     if args.parent_run_id or tracking_uri(spec.task) is None:
         import_gc.resume()  # this process's imports are done (gdlab.import_gc)
 
