@@ -122,15 +122,21 @@ def test_a_running_trial_of_ours_is_read_again_once_we_write_to_it_or_its_state_
     assert (read.state, read.user_attrs["note"]) == (TrialState.FAIL, "again")
 
 
-def test_a_batchs_notes_are_one_commit(tmp_path):
+def asked_counting_commits(url: str, n: int) -> tuple[optuna.Study, list, list]:
+    """An owned-trials study on `url` with `n` trials asked, and a list that gets an item per commit after."""
     import sqlalchemy
 
-    url = f"sqlite:///{tmp_path / 's.db'}"
     backend = optuna.storages.RDBStorage(url)
     study = optuna.create_study(storage=owned_trials.wrap(backend), study_name="s")
-    trials = [study.ask() for _ in range(5)]
+    trials = [study.ask() for _ in range(n)]
     commits = []
     sqlalchemy.event.listen(backend.engine, "commit", lambda connection: commits.append(1))
+    return study, trials, commits
+
+
+def test_a_batchs_notes_are_one_commit(tmp_path):
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    study, trials, commits = asked_counting_commits(url, 5)
     set_user_attrs(study, {trial: {"mlflow_run_id": str(trial.number), "final": {}} for trial in trials})
     assert len(commits) == 1  # Optuna's own path: 10
     stored = optuna.load_study(study_name="s", storage=url).get_trials(deepcopy=False)
@@ -170,14 +176,8 @@ def reporters_at_epoch(study: optuna.Study, trials: list, epoch: int) -> list:
 
 
 def test_a_batchs_reports_of_an_epoch_are_one_commit(tmp_path):
-    import sqlalchemy
-
     url = f"sqlite:///{tmp_path / 's.db'}"
-    backend = optuna.storages.RDBStorage(url)
-    study = optuna.create_study(storage=owned_trials.wrap(backend), study_name="s")
-    trials = [study.ask() for _ in range(10)]
-    commits = []
-    sqlalchemy.event.listen(backend.engine, "commit", lambda connection: commits.append(1))
+    study, trials, commits = asked_counting_commits(url, 10)
     assert report_values(study, {trial: [(1, trial.number + 1.0)] for trial in trials[:5]}) == set(trials[:5])
     assert len(commits) == 1
     for trial in trials[5:]:
