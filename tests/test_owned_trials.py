@@ -123,14 +123,24 @@ def test_a_running_trial_of_ours_is_read_again_once_we_write_to_it_or_its_state_
 
 
 def asked_counting_commits(url: str, n: int) -> tuple[optuna.Study, list, list]:
-    """An owned-trials study on `url` with `n` trials asked, and a list that gets an item per commit after."""
+    """An owned-trials study on `url` with `n` trials asked, and a list that gets an item per commit after:
+    whether that commit wrote intermediate values."""
     import sqlalchemy
 
     backend = optuna.storages.RDBStorage(url)
     study = optuna.create_study(storage=owned_trials.wrap(backend), study_name="s")
     trials = [study.ask() for _ in range(n)]
-    commits = []
-    sqlalchemy.event.listen(backend.engine, "commit", lambda connection: commits.append(1))
+    commits, wrote = [], [False]
+
+    def statement(connection, cursor, sql, parameters, context, executemany) -> None:
+        wrote[0] = wrote[0] or sql.lstrip().upper().startswith("INSERT INTO TRIAL_INTERMEDIATE_VALUES")
+
+    def commit(connection) -> None:
+        commits.append(wrote[0])
+        wrote[0] = False
+
+    sqlalchemy.event.listen(backend.engine, "before_cursor_execute", statement)
+    sqlalchemy.event.listen(backend.engine, "commit", commit)
     return study, trials, commits
 
 
@@ -183,7 +193,9 @@ def test_a_batchs_reports_of_an_epoch_are_one_commit(tmp_path):
     for trial in trials[5:]:
         trial.report(trial.number + 1.0, 1)
     assert len(commits) == 6  # Optuna's own path: one a trial
+    before = len(commits)
     assert reporters_at_epoch(study, trials, 3) == [None] * 10  # as gdlab-sweep reports, pruner and all
+    assert commits[before:].count(True) == 1  # every trial's value in one transaction (reads commit too)
     expected = [{1: n + 1.0, 3: n + 1.0} for n in range(10)]
     assert [t._cached_frozen_trial.intermediate_values for t in trials] == expected  # each Trial's copy
     stored = optuna.load_study(study_name="s", storage=url).get_trials(deepcopy=False)

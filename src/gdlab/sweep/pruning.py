@@ -51,15 +51,16 @@ class PruningReporter:
         return value, [(epoch, value)]
 
     def epoch_end(self, epoch: int) -> None:
-        try:
+        try:  # the batch's write reads every reporter's values of this epoch, this one's too
             due = self.due(epoch)
+            written = due is not None and self.batch is not None and self.batch.written(self.trial, epoch)
         finally:
             self.values = {}
         if due is None:
             return
         value, reports = due
         try:
-            if self.batch is None or not self.batch.written(self.trial, epoch):
+            if not written:
                 for step, reported in reports:
                     self.trial.report(reported, step)
         except optuna.exceptions.UpdateFinishedTrialError:  # failed by heartbeat while this process stopped
@@ -81,10 +82,10 @@ class EpochReports:
     def written(self, trial: optuna.Trial, epoch: int) -> bool:
         """Whether `trial`'s values of `epoch` are written (else its reporter reports them itself)."""
         if epoch != self.epoch:
-            self.epoch = epoch
             due = {reporter.trial: reporter.due(epoch) for reporter in self.reporters}
             reports = {due_trial: report[1] for due_trial, report in due.items() if report is not None}
             self.trials = report_values(trial.study, reports) if reports else set()
+            self.epoch = epoch
         return trial in self.trials
 
 
