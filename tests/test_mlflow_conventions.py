@@ -89,7 +89,7 @@ def test_runs_log_their_splits_as_mlflow_datasets(tmp_path):
 def model_metrics_of(client, run) -> dict[str, tuple[int, float]]:
     """name -> (step, value) of the metrics MLflow links to the run's model (its page in the UI shows)."""
     logged = client.get_logged_model(run.outputs.model_outputs[0].model_id)
-    return {metric.key: (metric.step, metric.value) for metric in logged.metrics}
+    return {metric.key: (metric.step, metric.value) for metric in logged.metrics or []}
 
 
 def assert_trained_weights_metrics(client, run) -> None:
@@ -287,3 +287,56 @@ def test_without_a_refit_the_best_trials_own_network_is_the_model(tmp_path):
     X = np.random.default_rng(0).normal(size=(7, 2))
     assert np.asarray(model.predict(X)).shape[0] == 7
     assert f"the chosen model: models:/{output.model_id}" in done.stdout
+
+
+def test_the_best_trials_model_links_its_trained_step_or_is_not_logged(tmp_path, capsys):
+    """--no-refit, a best trial whose run lacks its final rows (an outage): its model is logged at the trial's
+    noted epochs, never at MLflow's default step 0 (the untrained network's metrics); with no trained step
+    known anywhere, no model, one line."""
+    from gdlab.compose import compose_config
+    from gdlab.config import validate
+    from gdlab.sweep.refit import best_trial_model
+
+    trained = gdlab.run([*SHORT, "tracking=none"])
+    weights = tmp_path / "weights.pt"
+    torch.save(trained.model.state_dict(), weights)
+    cfg = validate(compose_config([*SHORT, f"tracking.dir={tmp_path}"]))
+    client = client_of(tmp_path)
+    runs = [client.create_run(client.create_experiment(name)).info.run_id for name in ("noted", "unknown")]
+    for run_id in runs:  # its curve's first rows only: the writer was cut off
+        client.log_batch(run_id, [mlflow.entities.Metric("train/loss", 0.7 - step / 10, 0, step)
+                                  for step in range(3)])  # fmt: skip
+    noted = best_trial_model(cfg, runs[0], weights, {"val/loss": 0.1, "epochs": 20.0}, None)
+    (output,) = client.get_run(runs[0]).outputs.model_outputs
+    assert noted == f"models:/{output.model_id}" and output.step == 20
+    assert model_metrics_of(client, client.get_run(runs[0])) == {}  # not the untrained step 0's train/loss
+    assert best_trial_model(cfg, runs[1], weights, {"val/loss": 0.1}, None) is None
+    assert client.get_run(runs[1]).outputs is None or not client.get_run(runs[1]).outputs.model_outputs
+    assert f"no model logged: run {runs[1]} holds no final/objective" in capsys.readouterr().out
+
+
+def test_a_model_logged_after_its_writer_died_links_the_final_metrics(tmp_path, monkeypatch):
+    """kill -9 of the writer mid-run: the run's final/<metric> rows are written by the training process
+    before its model is logged, so the model links them (the curves are completed after, by `rewrite`)."""
+    from gdlab.compose import compose_config
+    from gdlab.config import validate
+    from gdlab.fit import fit_population
+    from gdlab.metric_writer import MetricWriter
+    from gdlab.tracking import tracking_uri
+
+    cfg = validate(compose_config([*SHORT, "trainer.max_epochs=40", f"tracking.dir={tmp_path}",
+                                   "tracking.log_model=true", "tracking.flush_seconds=0"]))  # fmt: skip
+
+    def kill_the_writer(row: dict) -> None:
+        if row["epoch"] == 20:
+            MetricWriter.for_uri(tracking_uri(cfg)).process.kill()
+
+    (result,) = fit_population([cfg], output_dirs=[tmp_path / "run"], epoch_callbacks=[[kill_the_writer]])
+    client = client_of(tmp_path)
+    run = client.get_run(result.final["mlflow_run_id"])
+    assert run.info.status == "FINISHED" and run.data.tags["gdlab.writer"].startswith("died")
+    assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "train/loss")) == list(range(41))
+    (output,) = run.outputs.model_outputs
+    finals = {key: value for key, value in run.data.metrics.items() if key.startswith("final/")}
+    assert output.step == 40 and finals["final/epochs"] == 40
+    assert model_metrics_of(client, run) == {key: (40, value) for key, value in finals.items()}

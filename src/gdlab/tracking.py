@@ -309,11 +309,16 @@ class MlflowRun:
 
     def write_final(self, final: dict) -> None:
         """`log_final`, in the store on return (what a model logged now links to, gdlab.logged_model): where
-        the writer holds this run, handed to it and waited for; else logged here, as `close` would."""
+        the writer holds this run, handed to it and waited for; else logged here, as `close` would. Should the
+        writer die with them, the final/<metric> rows are logged here (`rewrite` then writes the curves)."""
+        start = len(self.buffer)
         self.log_final(final)
+        finals = [row for row in self.buffer[start:] if row[0].startswith("final/")]
         if self.submitted or self.background or self.writer.used:
             self.flush()
             self.wait()
+            if self.writer_died:  # no curve's last point: `rewrite` goes on after each one's last stored
+                self._call(log_metrics, self.client, self.run_id, finals)
             return
         self._call(log_metrics, self.client, self.run_id, self.buffer)
         observe({"run": self.run_id, "metrics": self.buffer})

@@ -394,7 +394,7 @@ def sweep_result(args, spec: SweepSpec, study: optuna.Study, parent_run_id: str 
         return None
     run_id = best.user_attrs.get("mlflow_run_id")
     weights = Path("outputs") / "sweeps" / study.study_name / f"trial-{best.number}" / "weights.pt"
-    model = best_trial_model(cfg, run_id, weights, register) if parent_run_id else None
+    model = best_trial_model(cfg, run_id, weights, final, register) if parent_run_id else None
     return SweepResult(metrics, trial, False, selected_on(spec.task), run_id=run_id, model=model)
 
 

@@ -123,17 +123,23 @@ def wants_refit(cfg: DictConfig) -> bool:
     return cfg.objective.startswith("val/") and cfg.dataset.test_size > 0
 
 
-def trained_step(uri: str, run_id: str) -> int:
-    """The step of a finished run's trained weights: its final/<metric>'s (gdlab.tracking.log_final)."""
+def trained_step(uri: str, run_id: str, final: dict) -> int | None:
+    """The step of a trial's trained weights, where its run's final/<metric> are (MLflow links that step's
+    metrics to a model logged at it): the trial's epochs, noted on it; a study from before they were noted,
+    its run's final/objective's step; None where neither is known."""
     from gdlab.stores import mlflow_client
 
+    if "epochs" in final:
+        return int(final["epochs"])
     history = mlflow_client(uri).get_metric_history(run_id, "final/objective")
-    return max((metric.step for metric in history), default=0)
+    return max((metric.step for metric in history), default=None)
 
 
-def best_trial_model(cfg: DictConfig, run_id: str | None, weights: Path, register: str | None) -> str | None:
+def best_trial_model(cfg: DictConfig, run_id: str | None, weights: Path, final: dict,
+                     register: str | None) -> str | None:  # fmt: skip
     """Without a refit, the chosen model is the best trial's own network: read back from its weights.pt
-    (a trial of one member trained on this machine) and logged on its run. What it could not, in one line."""
+    (a trial of one member trained on this machine) and logged on its run at its trained step (`final`:
+    the trial's noted final values). What it could not, in one line."""
     import torch
 
     from gdlab.fit import build
@@ -145,10 +151,13 @@ def best_trial_model(cfg: DictConfig, run_id: str | None, weights: Path, registe
               "elsewhere); a refit logs one")  # fmt: skip
         return None
     try:
+        step = trained_step(tracking_uri(cfg), run_id, final)
+        if step is None:  # MLflow would link step 0's metrics, the untrained network's
+            print(f"gdlab-sweep: no model logged: run {run_id} holds no final/objective to link it to")
+            return None
         data, model = build(cfg)
         model.load_state_dict(torch.load(weights, weights_only=True))
-        uri, version = log_model(tracking_uri(cfg), run_id, model, data.train.X.numpy(),
-                                 trained_step(tracking_uri(cfg), run_id), register)  # fmt: skip
+        uri, version = log_model(tracking_uri(cfg), run_id, model, data.train.X.numpy(), step, register)
     except Exception as error:  # the sweep's answer stands without it
         print(f"gdlab-sweep: no model logged: {error_line(error)}")
         return None

@@ -132,7 +132,7 @@ def result_attrs(results: list, spec: SweepSpec, seeds: list[int]) -> tuple[dict
     first, attrs = results[0], {}
     if first.final.get("mlflow_run_id"):
         attrs["mlflow_run_id"] = first.final["mlflow_run_id"]
-    keys = [key for key in SPLIT_METRICS if key in first.final]
+    keys = [key for key in (*SPLIT_METRICS, "epochs") if key in first.final]  # epochs: its model's step
     attrs["final"] = {key: float(np.mean([result.final[key] for result in results])) for key in keys}
     if "pbt_replay" in first.final:  # what replays the weights this trial ends with, and how often it copied
         attrs["pbt.replay"], attrs["pbt.exploits"] = first.final["pbt_replay"], first.final["pbt_exploits"]
