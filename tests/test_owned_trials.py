@@ -2,6 +2,7 @@
 and told in the same order, with another process failing and adding trials in between."""
 
 import uuid
+import warnings
 
 import optuna
 import pytest
@@ -10,7 +11,7 @@ from optuna.trial import TrialState
 from gdlab.members import Retire
 from gdlab.sweep import owned_trials
 from gdlab.sweep.pruning import EpochReports, PruningReporter
-from gdlab.sweep.trial_attrs import report_values, set_user_attrs
+from gdlab.sweep.trial_attrs import after_trial_is_local, report_values, set_user_attrs, tell_trials
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 SAMPLERS = {
@@ -30,10 +31,13 @@ def objective(params: dict) -> float:
     return (params["lr"] - 0.1) ** 2 + 0.01 * params["depth"] + (params["act"] == "tanh") * 0.05
 
 
+def summary(trial: optuna.trial.FrozenTrial) -> tuple:
+    """Everything of a trial but its times (each database stamps its own)."""
+    return trial.number, trial.state, trial.params, trial.values, trial.intermediate_values, trial.user_attrs
+
+
 def snapshot(study: optuna.Study) -> list[tuple]:
-    """Everything of every trial but its times (each database stamps its own)."""
-    return [(t.number, t.state, t.params, t.values, t.intermediate_values, t.user_attrs)
-            for t in study.get_trials(deepcopy=False)]  # fmt: skip
+    return [summary(trial) for trial in study.get_trials(deepcopy=False)]
 
 
 def run_scenario(url: str, sampler: str, owned: bool) -> list:
@@ -81,9 +85,17 @@ def run_scenario(url: str, sampler: str, owned: bool) -> list:
                     trial.report(*values[trial][0][::-1])
                 if trial.should_prune():
                     study.tell(trial, state=TrialState.PRUNED)
-        for trial in trials:
-            if study._storage.get_trial(trial._trial_id).state == TrialState.RUNNING:
-                study.tell(trial, objective(trial.params))
+        running = [t for t in trials if study._storage.get_trial(t._trial_id).state == TrialState.RUNNING]
+        outcomes = [(t, objective(t.params), None) for t in running]
+        if len(running) > 2:  # a pruned trial and a NaN among them, as a batch's retired and diverged ones
+            outcomes[0], outcomes[1] = (running[0], None, TrialState.PRUNED), (running[1], float("nan"), None)
+        with warnings.catch_warnings():  # Optuna's, for the NaN: the trial FAILs
+            warnings.simplefilter("ignore")
+            told = tell_trials(study, outcomes) if owned else None  # a batch's tells: one transaction
+            assert (told is not None) == (owned and len(outcomes) > 1)
+            told = told or [study.tell(*outcome[:2], state=outcome[2], skip_if_finished=True)
+                            for outcome in outcomes]  # fmt: skip
+        seen.append([summary(trial) for trial in told])
         seen.append(snapshot(study))
     return seen
 
@@ -94,7 +106,8 @@ def test_owned_trials_storage_gives_optunas_own_trials(tmp_path, sampler):
     owned = run_scenario(f"sqlite:///{tmp_path / 'owned.db'}", sampler, owned=True)
     assert owned == plain
     states = [state for _, state, *_ in plain[-1]]
-    assert len(states) == 31 and states.count(TrialState.FAIL) == 1  # 3 batches and the other's trial
+    assert len(states) == 31 and states.count(TrialState.FAIL) >= 2  # 3 batches and the other's trial; the
+    # heartbeat's FAIL and a NaN's
     assert TrialState.PRUNED in states and TrialState.COMPLETE in states
 
 
@@ -122,9 +135,9 @@ def test_a_running_trial_of_ours_is_read_again_once_we_write_to_it_or_its_state_
     assert (read.state, read.user_attrs["note"]) == (TrialState.FAIL, "again")
 
 
-def asked_counting_commits(url: str, n: int) -> tuple[optuna.Study, list, list]:
-    """An owned-trials study on `url` with `n` trials asked, and a list that gets an item per commit after:
-    whether that commit wrote intermediate values."""
+def asked_counting_commits(url: str, n: int, writes: str = "INSERT INTO TRIAL_INTERMEDIATE_VALUES"):
+    """An owned-trials study on `url` with `n` trials asked, its trials, and a list that gets an item per
+    commit after: whether that commit ran a statement that starts with `writes`."""
     import sqlalchemy
 
     backend = optuna.storages.RDBStorage(url)
@@ -133,7 +146,7 @@ def asked_counting_commits(url: str, n: int) -> tuple[optuna.Study, list, list]:
     commits, wrote = [], [False]
 
     def statement(connection, cursor, sql, parameters, context, executemany) -> None:
-        wrote[0] = wrote[0] or sql.lstrip().upper().startswith("INSERT INTO TRIAL_INTERMEDIATE_VALUES")
+        wrote[0] = wrote[0] or sql.lstrip().upper().startswith(writes)
 
     def commit(connection) -> None:
         commits.append(wrote[0])
@@ -221,3 +234,48 @@ def test_another_optuna_version_or_schema_gets_optunas_own_storage(tmp_path, mon
     assert isinstance(owned_trials.wrap(backend), owned_trials.OwnedTrialsStorage)
     monkeypatch.setattr(optuna, "__version__", "6.0.0")
     assert owned_trials.wrap(backend) is backend
+
+
+def test_a_batchs_tells_are_one_commit(tmp_path):
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    study, trials, commits = asked_counting_commits(url, 6, writes="UPDATE TRIALS SET STATE")
+    told = tell_trials(study, [(trial, trial.number / 10, None) for trial in trials])
+    assert commits.count(True) == 1  # Optuna's own path: one a trial
+    stored = optuna.load_study(study_name="s", storage=url).get_trials(deepcopy=False)
+    assert [(t.state, t.value) for t in told] == [(t.state, t.value) for t in stored]
+    assert [(t.state, t.value) for t in stored] == [(TrialState.COMPLETE, n / 10) for n in range(6)]
+
+
+def test_a_batchs_tells_with_a_trial_finished_elsewhere_meanwhile_write_nothing(tmp_path, monkeypatch):
+    """A heartbeat fails one of the batch's trials between the batch's read and its write: the one
+    transaction writes nothing and says so (None), and Optuna's own tells then skip that trial."""
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    study = optuna.create_study(storage=owned_trials.wrap(optuna.storages.RDBStorage(url)), study_name="s")
+    trials = [study.ask() for _ in range(3)]
+    other = optuna.load_study(study_name="s", storage=url)
+    read = owned_trials.OwnedTrialsStorage.read_trials
+
+    def read_then_heartbeat(self, trial_ids):
+        frozen = read(self, trial_ids)
+        other._storage.set_trial_state_values(trials[1]._trial_id, TrialState.FAIL)
+        return frozen
+
+    monkeypatch.setattr(owned_trials.OwnedTrialsStorage, "read_trials", read_then_heartbeat)
+    assert tell_trials(study, [(trial, 1.0, None) for trial in trials]) is None
+    stored = optuna.load_study(study_name="s", storage=url).get_trials(deepcopy=False)
+    assert [t.state for t in stored] == [TrialState.RUNNING, TrialState.FAIL, TrialState.RUNNING]
+    monkeypatch.undo()
+    for trial in trials:
+        study.tell(trial, 1.0, skip_if_finished=True)
+    states = [t.state for t in optuna.load_study(study_name="s", storage=url).get_trials(deepcopy=False)]
+    assert states == [TrialState.COMPLETE, TrialState.FAIL, TrialState.COMPLETE]
+
+
+def test_tells_go_together_only_where_the_samplers_after_trial_reads_nothing_of_the_study():
+    samplers = optuna.samplers
+    local = [samplers.RandomSampler(), samplers.TPESampler(), samplers.QMCSampler(), samplers.GPSampler(),
+             samplers.TPESampler(multivariate=True, constant_liar=True)]  # fmt: skip
+    reading = [samplers.GridSampler({"x": [1, 2]}), samplers.BruteForceSampler(), samplers.NSGAIISampler(),
+               samplers.TPESampler(constraints_func=lambda trial: [0.0])]  # fmt: skip
+    assert [after_trial_is_local(sampler) for sampler in local] == [True] * len(local)
+    assert [after_trial_is_local(sampler) for sampler in reading] == [False] * len(reading)

@@ -16,7 +16,9 @@ and plain Optuna otherwise.
 
 from __future__ import annotations
 
+import contextlib
 import threading
+from datetime import datetime
 
 import optuna
 from optuna.storages import RDBStorage
@@ -51,6 +53,8 @@ class OwnedTrialsStorage(_CachedStorage):
         self._lock = threading.RLock()  # _CachedStorage's, re-entered here around its own reading
         self._owned: set[int] = set()  # trials this process created RUNNING and has not finished
         self._written: set[int] = set()  # owned trials written to since they were last read
+        self._told: dict | None = None  # inside `tells_in_one_transaction`: trial id -> (state, values)
+        self._read: dict = {}  # ... and the batch's trials as read when it began
 
     def create_new_trial(self, study_id: int, template_trial=None) -> int:
         trial_id = super().create_new_trial(study_id, template_trial)
@@ -67,7 +71,15 @@ class OwnedTrialsStorage(_CachedStorage):
         super().set_trial_param(trial_id, param_name, param_value_internal, distribution)
         self._wrote(trial_id)
 
+    def get_trial(self, trial_id: int):
+        if self._told is not None and trial_id in self._read and trial_id not in self._told:
+            return self._read[trial_id]  # read with the others, and not written to since
+        return super().get_trial(trial_id)
+
     def set_trial_state_values(self, trial_id, state, values=None) -> bool:
+        if self._told is not None and trial_id in self._read and state.is_finished():
+            self._told[trial_id] = (state, values)  # written with the others, at the end of the batch's tells
+            return True
         try:
             return super().set_trial_state_values(trial_id, state, values)
         finally:
@@ -92,6 +104,7 @@ class OwnedTrialsStorage(_CachedStorage):
 
         # Not ignoring an IntegrityError as Optuna's one-row write does: it would roll back every row silently
         with _create_scoped_session(self._backend.scoped_session) as session:
+            refuse_finished(session, list(attrs_by_trial_id))
             for trial_id, attrs in attrs_by_trial_id.items():
                 for key, value in attrs.items():
                     self._backend._set_trial_attr_without_commit(
@@ -106,11 +119,52 @@ class OwnedTrialsStorage(_CachedStorage):
         from optuna.storages._rdb.storage import _create_scoped_session
 
         with _create_scoped_session(self._backend.scoped_session) as session:
+            refuse_finished(session, list(values_by_trial_id))
             for trial_id, values in values_by_trial_id.items():
                 for step, value in values:
                     self._backend._set_trial_intermediate_value_without_commit(session, trial_id, step, value)
         for trial_id in values_by_trial_id:
             self._wrote(trial_id)
+
+    @contextlib.contextmanager
+    def tells_in_one_transaction(self, trial_ids: list[int]):
+        """Study.tell's reads and state writes of the trials `trial_ids` (RUNNING, this process's) inside the
+        block: the trials read in one query, and the states and values told written in one transaction when
+        it ends (Optuna's own checks and rows, as `set_trial_state_values` writes them). If that transaction
+        fails, nothing of it is written and it raises (trial_attrs.tell_trials then tells one by one)."""
+        from optuna.storages._rdb.storage import _create_scoped_session
+
+        self._read, self._told = dict(zip(trial_ids, self.read_trials(trial_ids), strict=True)), {}
+        try:
+            yield
+            told = self._told
+            with _create_scoped_session(self._backend.scoped_session) as session:
+                refuse_finished(session, list(told))
+                for trial_id, (state, values) in told.items():
+                    self._write_state_values(session, trial_id, state, values)
+        finally:
+            told, self._told, self._read = self._told, None, {}
+        with self._lock:
+            self._written.update(told)
+            self._owned.difference_update(told)
+
+    def read_trials(self, trial_ids: list[int]) -> list:
+        """The trials `trial_ids` of one study, in that order, as `get_trial` reads each: in one query."""
+        study_id = self._trial_id_to_study_id_and_number[trial_ids[0]][0]
+        trials = self._backend._get_trials(study_id, states=None, included_trial_ids=set(trial_ids),
+                                           trial_id_greater_than=max(trial_ids))  # fmt: skip
+        by_id = {trial._trial_id: trial for trial in trials}
+        return [by_id[trial_id] for trial_id in trial_ids]
+
+    def _write_state_values(self, session, trial_id: int, state: TrialState, values) -> None:
+        """RDBStorage.set_trial_state_values's rows for a finished state, without its commit."""
+        from optuna.storages._rdb import models
+
+        trial = models.TrialModel.find_or_raise_by_id(trial_id, session, for_update=True)
+        self._backend.check_trial_is_updatable(trial_id, trial.state)
+        for objective, value in enumerate(values or ()):
+            self._backend._set_trial_value_without_commit(session, trial, objective, value)
+        trial.state, trial.datetime_complete = state, datetime.now()
 
     def set_trial_system_attr(self, trial_id, key, value) -> None:
         super().set_trial_system_attr(trial_id, key, value)
@@ -160,3 +214,19 @@ class OwnedTrialsStorage(_CachedStorage):
         query = sqlalchemy.select(table.trial_id, table.state).where(table.study_id == study_id, where)
         with _create_scoped_session(self._backend.scoped_session) as session:
             return [(trial_id, TrialState(state)) for trial_id, state in session.execute(query)]
+
+
+def refuse_finished(session, trial_ids: list[int]) -> None:
+    """Optuna's refusal to write to a finished trial (UpdateFinishedTrialError, its message), for all of a
+    transaction's trials before it writes anything. Optuna's own check, met on a row, reads the trial in a
+    nested session of the same thread: that commits the rows written before it, and a batch would be half
+    written. (A process that finishes one between this check and the writes still meets Optuna's.)"""
+    import sqlalchemy
+    from optuna.exceptions import UpdateFinishedTrialError
+    from optuna.storages._rdb import models
+
+    table = models.TrialModel
+    query = sqlalchemy.select(table.number, table.state).where(table.trial_id.in_(trial_ids))
+    for number, state in session.execute(query):
+        if TrialState(state).is_finished():
+            raise UpdateFinishedTrialError(f"Trial#{number} has already finished and can not be updated.")

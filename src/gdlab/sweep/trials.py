@@ -37,7 +37,7 @@ from gdlab.sweep.pruning import PruningReporter, group_reporters
 from gdlab.sweep.spec import SweepError, SweepSpec
 from gdlab.sweep.study import FINISHED, Heartbeats
 from gdlab.sweep.taken_trials import TAKEN, running_trial_ids, say_taken, still_ours, taken_from_us
-from gdlab.sweep.trial_attrs import set_user_attrs
+from gdlab.sweep.trial_attrs import set_user_attrs, tell_trials
 from gdlab.sweep.trial_runs import finish_trial_run, start_trial_runs, wait_for_trial_runs
 from gdlab.tracking import TrackingUnavailable, trial_run_name
 
@@ -208,19 +208,25 @@ def run_trial_batch(spec: SweepSpec, study: optuna.Study, trials: list, output_r
     told: list = []
     records = PendingRecords()  # the batch's runs, written by the writer process while Optuna is told
 
-    def tell(trial, value=None, state=None, error: Exception | None = None) -> None:
-        if state == TAKEN or (error is not None and not still_ours(trial)):  # failed by heartbeat meanwhile
-            if state != TAKEN:  # before its run was made (stopped between its ask and its training)
-                say_taken(trial)
-            told.append(study._storage.get_trial(trial._trial_id))
-            logger.taken.add(trial.number)
-            return
-        if error is not None:
-            trial.set_user_attr("failure", f"{type(error).__name__}: {mask_passwords(str(error))}"[:500])
-            state = TrialState.FAIL
-        elif state is None and not math.isfinite(value):
-            state, value = TrialState.FAIL, None
-        told.append(tell_study(study, trial, value, state))
+    def tell(outcomes: list[tuple]) -> None:
+        """Each (trial, value, state, error) told, in that order; those Optuna is told, together."""
+        done, plain = {}, []
+        for trial, value, state, error in outcomes:
+            if state == TAKEN or (error is not None and not still_ours(trial)):  # failed by heartbeat
+                if state != TAKEN:  # before its run was made (stopped between its ask and its training)
+                    say_taken(trial)
+                done[trial.number] = study._storage.get_trial(trial._trial_id)
+                logger.taken.add(trial.number)
+                continue
+            if error is not None:
+                trial.set_user_attr("failure", f"{type(error).__name__}: {mask_passwords(str(error))}"[:500])
+                state = TrialState.FAIL
+            elif state is None and not math.isfinite(value):
+                state, value = TrialState.FAIL, None
+            plain.append((trial, value, state))
+        together = tell_trials(study, plain) or [tell_study(study, *outcome) for outcome in plain]
+        done |= {frozen.number: frozen for frozen in together}
+        told.extend(done[trial.number] for trial, *_ in outcomes)
 
     try:
         prepared = []  # (trial, cfg, overrides) of the trials whose config could be made
@@ -228,15 +234,14 @@ def run_trial_batch(spec: SweepSpec, study: optuna.Study, trials: list, output_r
             try:
                 prepared.append((trial, *suggest_trial(spec, trial)))
             except Exception as error:  # e.g. a value the config refuses
-                tell(trial, error=error)
+                tell([(trial, None, None, error)])
         for group in group_by_architecture([cfg for _, cfg, _ in prepared]):
             members = [prepared[i] for i in group]
             if members[0][1].optimizer.name in POPULATION_OPTIMIZERS:
                 outcomes = train_together(spec, members, output_root, records)
             else:
                 outcomes = [train_alone(spec, *member, output_root) for member in members]
-            for (trial, _, _), (value, state, error) in zip(members, outcomes, strict=True):
-                tell(trial, value, state, error)
+            tell([(trial, *outcome) for (trial, _, _), outcome in zip(members, outcomes, strict=True)])
             logger.log(study, told[-len(members) :])
             records.finish()
     finally:  # an interrupt or an unreachable backend: the batch's other trials end FAIL, not RUNNING
