@@ -118,6 +118,30 @@ def test_owned_trials_storage_on_postgresql(make_database):
     assert owned == plain
 
 
+def interleaved(url: str, owned: bool) -> list:
+    """Another process asks a trial between two of ours, then suggests and tells it while ours run."""
+    backend = optuna.storages.RDBStorage(url)
+    study = optuna.create_study(storage=owned_trials.wrap(backend) if owned else backend, study_name="s")
+    other = optuna.load_study(study_name="s", storage=url, sampler=optuna.samplers.RandomSampler(seed=0))
+    ours = [study.ask(), study.ask()]
+    theirs = other.ask()
+    ours += [study.ask(), study.ask()]
+    assert ours[1].number < theirs.number < ours[2].number  # inside the ids of ours: not one run of them
+    seen = [snapshot(study)]
+    theirs.suggest_float("lr", 1e-3, 1.0, log=True)
+    seen.append(snapshot(study))
+    other.tell(theirs, 0.5)
+    seen.append(snapshot(study))
+    return seen
+
+
+def test_another_processs_trial_among_ours_is_read_as_optuna_reads_it(tmp_path):
+    assert interleaved(f"sqlite:///{tmp_path / 'owned.db'}", True) == interleaved(
+        f"sqlite:///{tmp_path / 'plain.db'}", False
+    )
+    assert owned_trials.id_runs({3, 4, 5, 9, 11, 12}) == [(3, 5), (9, 9), (11, 12)]
+
+
 def test_a_running_trial_of_ours_is_read_again_once_we_write_to_it_or_its_state_changes(tmp_path):
     url = f"sqlite:///{tmp_path / 's.db'}"
     study = optuna.create_study(storage=owned_trials.wrap(optuna.storages.RDBStorage(url)), study_name="s")
