@@ -86,7 +86,10 @@ def test_a_signal_to_the_group_leaves_no_trial_or_run_running(tmp_path, launcher
     process = gdlab("gdlab-train", *GDLAB, *LAUNCHERS[launcher], "+sweep=lr", "trainer.max_epochs=200000",
                     "tracking.plots=false", cwd=tmp_path, start_new_session=True)  # fmt: skip
     storage = f"sqlite:///{tmp_path / 'mlruns' / 'optuna.db'}"
-    wait_for_running_trial(storage, "lr", process)
+    shipped = OmegaConf.load(SWEEPS / "lr.yaml")
+    jobs_at_once = 2 if launcher == "submitit_local" else 1  # hydra.sweeper.n_jobs: a batch each
+    running = min(shipped.gdlab_sweep.population * jobs_at_once, shipped.hydra.sweeper.n_trials)
+    wait_for_running_trial(storage, "lr", process, count=running)  # every job's batch: a job starts later
     os.killpg(process.pid, signum)
     code, _, err = finish(process, timeout=300)
     assert code == 128 + signum, err[-3000:]
@@ -94,9 +97,6 @@ def test_a_signal_to_the_group_leaves_no_trial_or_run_running(tmp_path, launcher
     assert "/gdlab/" not in err, err[-3000:]  # no traceback through gdlab (submitit's controller prints one)
     trials = optuna.load_study(study_name="lr", storage=storage).get_trials(deepcopy=False)
     states = collections.Counter(t.state.name for t in trials)
-    shipped = OmegaConf.load(SWEEPS / "lr.yaml")
-    jobs_at_once = 2 if launcher == "submitit_local" else 1  # hydra.sweeper.n_jobs: a batch each
-    running = min(shipped.gdlab_sweep.population * jobs_at_once, shipped.hydra.sweeper.n_trials)
     assert states == {"FAIL": running}, (states, err[-3000:])  # the batches that were training
     _, client = stores(tmp_path)  # made by gdlab: an MlflowClient on a path makes a store there at once
     runs = client.search_runs([client.get_experiment_by_name("sweep-lr").experiment_id])

@@ -270,29 +270,36 @@ def test_a_batchs_tells_are_one_commit(tmp_path):
     assert [(t.state, t.value) for t in stored] == [(TrialState.COMPLETE, n / 10) for n in range(6)]
 
 
-def test_a_batchs_tells_with_a_trial_finished_elsewhere_meanwhile_write_nothing(tmp_path, monkeypatch):
-    """A heartbeat fails one of the batch's trials between the batch's read and its write: the one
-    transaction writes nothing and says so (None), and Optuna's own tells then skip that trial."""
-    url = f"sqlite:///{tmp_path / 's.db'}"
+@pytest.mark.parametrize("database", ["sqlite", "postgresql"])
+def test_a_batchs_tells_with_a_trial_finished_elsewhere_meanwhile_write_nothing(
+    tmp_path, monkeypatch, make_database, database
+):
+    """A heartbeat fails the third of the batch's trials as the batch's transaction begins to write: the
+    first two are written in it, then Optuna's own check refuses the third, and the transaction writes
+    nothing (not the rows before it: Optuna's check reads the trial in a session of its own) and says so
+    (None); Optuna's own tells then skip that trial. (On SQLite, once the transaction has written, another
+    process's write waits for its end.)"""
+    url = (f"sqlite:///{tmp_path / 's.db'}" if database == "sqlite"
+           else f"postgresql+psycopg://postgres@127.0.0.1:5432/{make_database()}")  # fmt: skip
     study = optuna.create_study(storage=owned_trials.wrap(optuna.storages.RDBStorage(url)), study_name="s")
-    trials = [study.ask() for _ in range(3)]
+    trials = [study.ask() for _ in range(4)]
     other = optuna.load_study(study_name="s", storage=url)
-    read = owned_trials.OwnedTrialsStorage.read_trials
+    write = owned_trials.OwnedTrialsStorage._write_state_values
 
-    def read_then_heartbeat(self, trial_ids):
-        frozen = read(self, trial_ids)
-        other._storage.set_trial_state_values(trials[1]._trial_id, TrialState.FAIL)
-        return frozen
+    def heartbeat_first(self, session, trial_id, state, values):
+        if trial_id == trials[0]._trial_id:
+            other._storage.set_trial_state_values(trials[2]._trial_id, TrialState.FAIL)
+        write(self, session, trial_id, state, values)
 
-    monkeypatch.setattr(owned_trials.OwnedTrialsStorage, "read_trials", read_then_heartbeat)
+    monkeypatch.setattr(owned_trials.OwnedTrialsStorage, "_write_state_values", heartbeat_first)
     assert tell_trials(study, [(trial, 1.0, None) for trial in trials]) is None
     stored = optuna.load_study(study_name="s", storage=url).get_trials(deepcopy=False)
-    assert [t.state for t in stored] == [TrialState.RUNNING, TrialState.FAIL, TrialState.RUNNING]
+    assert [t.state for t in stored] == [TrialState.RUNNING] * 2 + [TrialState.FAIL, TrialState.RUNNING]
     monkeypatch.undo()
     for trial in trials:
         study.tell(trial, 1.0, skip_if_finished=True)
     states = [t.state for t in optuna.load_study(study_name="s", storage=url).get_trials(deepcopy=False)]
-    assert states == [TrialState.COMPLETE, TrialState.FAIL, TrialState.COMPLETE]
+    assert states == [TrialState.COMPLETE] * 2 + [TrialState.FAIL, TrialState.COMPLETE]
 
 
 def test_tells_go_together_only_where_the_samplers_after_trial_reads_nothing_of_the_study():

@@ -193,8 +193,9 @@ def test_the_metric_writer_gets_its_tracking_uri_off_the_command_line(tmp_path: 
         writer.process.wait()
 
 
-def wait_for_running_trial(storage: str, name: str, process, timeout=180) -> None:
-    """Until the sweep trains: its trials RUNNING in Optuna, each with its RUNNING child run in MLflow."""
+def wait_for_running_trial(storage: str, name: str, process, timeout=180, count: int = 1) -> None:
+    """Until the sweep trains: at least `count` of its trials RUNNING in Optuna (all of them: a launcher's
+    jobs each ask their own), each with its RUNNING child run in MLflow."""
     # Its header comes once the study exists: opening the store before would race its creation.
     assert process.stdout.readline().startswith(f"gdlab-sweep: study {name!r}"), process.stderr.read()[-3000:]
     deadline = time.monotonic() + timeout
@@ -204,7 +205,7 @@ def wait_for_running_trial(storage: str, name: str, process, timeout=180) -> Non
         try:
             trials = live_study(name, storage).get_trials(deepcopy=False)
             running = [t for t in trials if t.state == optuna.trial.TrialState.RUNNING]
-            if running:  # the parent run, and so the MLflow store, came first: a client here makes none
+            if len(running) >= count:  # the parent run and the MLflow store came first: a client makes none
                 client = MlflowClient(storage.replace("optuna.db", "mlflow.db"))
                 experiment = client.get_experiment_by_name(f"sweep-{name}").experiment_id
                 runs = client.search_runs([experiment], "attributes.status = 'RUNNING'")

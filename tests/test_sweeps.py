@@ -355,6 +355,7 @@ def test_a_signal_inside_an_optuna_session_comes_after_it_and_the_trial_can_be_f
     storage = make_storage(f"sqlite:///{tmp_path / 'optuna.db'}")
     study = optuna.create_study(storage=storage, study_name="s")
     running = study.ask()
+    optuna.load_study(study_name="s", storage=f"sqlite:///{tmp_path / 'optuna.db'}").ask()  # another's: read
     engine = getattr(storage, "_backend", storage).engine
     seen = []
 

@@ -26,7 +26,12 @@ from optuna.storages import RDBStorage
 from optuna.storages._cached_storage import _CachedStorage, _StudyInfo
 from optuna.trial import TrialState
 
+from gdlab.interrupts import deferred
+
 MAX_QUIET_RUNS = 1000  # runs of quiet ids a listing may send as bounds (SQLite's limit is 32,766 parameters)
+# Above every trial id (Optuna's schema makes them INTEGER, 32 bits on PostgreSQL): Optuna's _get_trials
+# reads the ids it is given and any id above this, so none.
+LARGEST_TRIAL_ID = 2**31 - 1
 PROVEN_ON = ("5.0.",)  # Optuna versions whose _CachedStorage and RDB schema this was proven equal on
 
 
@@ -102,11 +107,9 @@ class OwnedTrialsStorage(_CachedStorage):
         """`set_trial_user_attr` for every attribute of every trial, in one transaction (trial_attrs.py):
         Optuna's own per-row write, with its check that the trial is still running, then one commit."""
         from optuna.storages._rdb import models
-        from optuna.storages._rdb.storage import _create_scoped_session
 
         # Not ignoring an IntegrityError as Optuna's one-row write does: it would roll back every row silently
-        with _create_scoped_session(self._backend.scoped_session) as session:
-            refuse_finished(session, list(attrs_by_trial_id))
+        with self._one_transaction() as session:
             for trial_id, attrs in attrs_by_trial_id.items():
                 for key, value in attrs.items():
                     self._backend._set_trial_attr_without_commit(
@@ -118,10 +121,7 @@ class OwnedTrialsStorage(_CachedStorage):
     def set_trials_intermediate_values(self, values_by_trial_id: dict[int, list[tuple[int, float]]]) -> None:
         """`set_trial_intermediate_value` for every (step, value) of every trial, in one transaction
         (trial_attrs.py): Optuna's own per-row write, with its check that the trial is still running."""
-        from optuna.storages._rdb.storage import _create_scoped_session
-
-        with _create_scoped_session(self._backend.scoped_session) as session:
-            refuse_finished(session, list(values_by_trial_id))
+        with self._one_transaction() as session:
             for trial_id, values in values_by_trial_id.items():
                 for step, value in values:
                     self._backend._set_trial_intermediate_value_without_commit(session, trial_id, step, value)
@@ -129,19 +129,33 @@ class OwnedTrialsStorage(_CachedStorage):
             self._wrote(trial_id)
 
     @contextlib.contextmanager
+    def _one_transaction(self):
+        """A transaction in a session of its own, committed at the end or rolled back whole. Not the thread's
+        scoped session: Optuna's refusal to write to a finished trial reads the trial through that one, and
+        its commit would commit the rows written before it (a batch half written). Signals wait for its end,
+        as in the sweep's other Optuna sessions (gdlab.sweep.study, gdlab.interrupts)."""
+        session = self._backend.scoped_session.session_factory()
+        with deferred():
+            try:
+                yield session
+                session.commit()
+            except BaseException:
+                session.rollback()
+                raise
+            finally:
+                session.close()
+
+    @contextlib.contextmanager
     def tells_in_one_transaction(self, trial_ids: list[int]):
         """Study.tell's reads and state writes of the trials `trial_ids` (RUNNING, this process's) inside the
         block: the trials read in one query, and the states and values told written in one transaction when
         it ends (Optuna's own checks and rows, as `set_trial_state_values` writes them). If that transaction
         fails, nothing of it is written and it raises (trial_attrs.tell_trials then tells one by one)."""
-        from optuna.storages._rdb.storage import _create_scoped_session
-
         self._read, self._told = dict(zip(trial_ids, self.read_trials(trial_ids), strict=True)), {}
         try:
             yield
             told = self._told
-            with _create_scoped_session(self._backend.scoped_session) as session:
-                refuse_finished(session, list(told))
+            with self._one_transaction() as session:
                 for trial_id, (state, values) in told.items():
                     self._write_state_values(session, trial_id, state, values)
         finally:
@@ -154,7 +168,7 @@ class OwnedTrialsStorage(_CachedStorage):
         """The trials `trial_ids` of one study, in that order, as `get_trial` reads each: in one query."""
         study_id = self._trial_id_to_study_id_and_number[trial_ids[0]][0]
         trials = self._backend._get_trials(study_id, states=None, included_trial_ids=set(trial_ids),
-                                           trial_id_greater_than=max(trial_ids))  # fmt: skip
+                                           trial_id_greater_than=LARGEST_TRIAL_ID)  # fmt: skip
         by_id = {trial._trial_id: trial for trial in trials}
         return [by_id[trial_id] for trial_id in trial_ids]
 
@@ -185,6 +199,8 @@ class OwnedTrialsStorage(_CachedStorage):
             study.unfinished_trial_ids.update(unchanged)  # read again once they change
             last = max(max(trial_id for trial_id, _ in listed) if listed else -1, max(unchanged))
             reread = {trial_id for trial_id, _ in listed} - unchanged
+            if not reread:  # nothing changed when the listing was made: Optuna's own read is that one moment
+                return
             trials = self._backend._get_trials(study_id, states=None, included_trial_ids=reread,
                                                trial_id_greater_than=last)  # fmt: skip
             self._written.difference_update(trial._trial_id for trial in trials)
@@ -193,6 +209,7 @@ class OwnedTrialsStorage(_CachedStorage):
                 if not trial.state.is_finished():
                     study.unfinished_trial_ids.add(trial._trial_id)
                     continue
+                self._owned.discard(trial._trial_id)  # finished elsewhere (a heartbeat): no longer ours
                 study.last_finished_trial_id = max(study.last_finished_trial_id, trial._trial_id)
                 study.unfinished_trial_ids.discard(trial._trial_id)
 
@@ -236,19 +253,3 @@ def id_runs(ids: set[int]) -> list[tuple[int, int]]:
         else:
             runs.append([trial_id, trial_id])
     return [(first, last) for first, last in runs]
-
-
-def refuse_finished(session, trial_ids: list[int]) -> None:
-    """Optuna's refusal to write to a finished trial (UpdateFinishedTrialError, its message), for all of a
-    transaction's trials before it writes anything. Optuna's own check, met on a row, reads the trial in a
-    nested session of the same thread: that commits the rows written before it, and a batch would be half
-    written. (A process that finishes one between this check and the writes still meets Optuna's.)"""
-    import sqlalchemy
-    from optuna.exceptions import UpdateFinishedTrialError
-    from optuna.storages._rdb import models
-
-    table = models.TrialModel
-    query = sqlalchemy.select(table.number, table.state).where(table.trial_id.in_(trial_ids))
-    for number, state in session.execute(query):
-        if TrialState(state).is_finished():
-            raise UpdateFinishedTrialError(f"Trial#{number} has already finished and can not be updated.")

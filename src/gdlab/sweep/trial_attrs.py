@@ -24,6 +24,7 @@ import optuna
 from optuna.samplers import CmaEsSampler, GPSampler, QMCSampler, RandomSampler, TPESampler
 from optuna.samplers._partial_fixed import PartialFixedSampler
 
+from gdlab.interrupts import deferred
 from gdlab.sweep.owned_trials import OwnedTrialsStorage
 
 
@@ -39,8 +40,8 @@ def tell_trials(study: optuna.Study, outcomes: list[tuple]) -> list[optuna.trial
     if not after_trial_is_local(study.sampler):
         return None
     ids = [trial._trial_id for trial, _, _ in outcomes]
-    try:
-        with storage.tells_in_one_transaction(ids):
+    try:  # a signal meanwhile comes after (at P = 1024, ~1 s): it would cost the whole batch its results
+        with deferred(), storage.tells_in_one_transaction(ids):
             for trial, value, state in outcomes:
                 _tell_with_warning(study, trial, value, state, skip_if_finished=True)
     except Exception:  # nothing was written; each trial's own tell says what is wrong with it
