@@ -310,3 +310,21 @@ def test_tells_go_together_only_where_the_samplers_after_trial_reads_nothing_of_
                samplers.TPESampler(constraints_func=lambda trial: [0.0])]  # fmt: skip
     assert [after_trial_is_local(sampler) for sampler in local] == [True] * len(local)
     assert [after_trial_is_local(sampler) for sampler in reading] == [False] * len(reading)
+
+
+@pytest.mark.parametrize("database", ["sqlite", "postgresql"])
+def test_an_asked_trial_is_what_optuna_reads_back_without_reading_it(tmp_path, make_database, database):
+    """study.ask's Trial reads back the trial just made: here, the copy made with it (no query), equal to
+    what the database gives."""
+    import sqlalchemy
+
+    url = (f"sqlite:///{tmp_path / 's.db'}" if database == "sqlite"
+           else f"postgresql+psycopg://postgres@127.0.0.1:5432/{make_database()}")  # fmt: skip
+    backend = optuna.storages.RDBStorage(url)
+    study = optuna.create_study(storage=owned_trials.wrap(backend), study_name="s")
+    study.ask()
+    statements = []
+    sqlalchemy.event.listen(backend.engine, "before_cursor_execute", lambda *args: statements.append(args[2]))
+    trial = study.ask()
+    assert not [sql for sql in statements if "FROM trials" in sql and "trials.trial_id = " in sql]
+    assert trial._cached_frozen_trial == optuna.storages.RDBStorage(url).get_trial(trial._trial_id)

@@ -18,6 +18,7 @@ and plain Optuna otherwise.
 from __future__ import annotations
 
 import contextlib
+import copy
 import threading
 from datetime import datetime
 
@@ -62,12 +63,14 @@ class OwnedTrialsStorage(_CachedStorage):
         self._written: set[int] = set()  # owned trials written to since they were last read
         self._told: dict | None = None  # inside `tells_in_one_transaction`: trial id -> (state, values)
         self._read: dict = {}  # ... and the batch's trials as read when it began
+        self._fresh: int | None = None  # the trial just created here, until it is first read
 
     def create_new_trial(self, study_id: int, template_trial=None) -> int:
         trial_id = super().create_new_trial(study_id, template_trial)
         if template_trial is None or template_trial.state == TrialState.RUNNING:
             with self._lock:
                 self._owned.add(trial_id)
+                self._fresh = trial_id if template_trial is None else None
         return trial_id
 
     def _wrote(self, trial_id: int) -> None:
@@ -79,6 +82,11 @@ class OwnedTrialsStorage(_CachedStorage):
         self._wrote(trial_id)
 
     def get_trial(self, trial_id: int):
+        with self._lock:
+            fresh, self._fresh = self._fresh, None
+            if trial_id == fresh:  # study.ask's Trial reads back the trial it has just made: as it was made
+                study_id, number = self._trial_id_to_study_id_and_number[trial_id]
+                return copy.deepcopy(self._studies[study_id].trials[number])
         if self._told is not None and trial_id in self._read and trial_id not in self._told:
             return self._read[trial_id]  # read with the others, and not written to since
         return super().get_trial(trial_id)
