@@ -328,3 +328,17 @@ def test_an_asked_trial_is_what_optuna_reads_back_without_reading_it(tmp_path, m
     trial = study.ask()
     assert not [sql for sql in statements if "FROM trials" in sql and "trials.trial_id = " in sql]
     assert trial._cached_frozen_trial == optuna.storages.RDBStorage(url).get_trial(trial._trial_id)
+
+
+def test_asks_interleaved_with_another_processs_go_on_past_the_listings_largest_exclusion(tmp_path):
+    """Processes asking in turn make one run of ids per trial: a listing leaves out at most MAX_QUIET_RUNS of
+    them (SQLite refuses an expression over 1000 deep), and lists everything past that."""
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    study = optuna.create_study(storage=owned_trials.wrap(optuna.storages.RDBStorage(url)), study_name="s")
+    other = optuna.storages.RDBStorage(url)
+    for _ in range(owned_trials.MAX_QUIET_RUNS + 2):  # each ask lists; the last ones past the bound
+        study.ask()
+        other.create_new_trial(study._study_id)
+    assert len(owned_trials.id_runs(study._storage._owned)) == owned_trials.MAX_QUIET_RUNS + 2
+    plain = optuna.load_study(study_name="s", storage=url)
+    assert snapshot(study) == snapshot(plain) and len(snapshot(study)) == 2 * owned_trials.MAX_QUIET_RUNS + 4

@@ -29,7 +29,9 @@ from optuna.trial import TrialState
 
 from gdlab.interrupts import deferred
 
-MAX_QUIET_RUNS = 1000  # runs of quiet ids a listing may send as bounds (SQLite's limit is 32,766 parameters)
+# Runs of quiet ids a listing leaves out by their bounds; more (processes asking in turn), it lists them all.
+# Each run is one more OR term, and SQLite refuses an expression more than 1000 deep.
+MAX_QUIET_RUNS = 100
 # Above every trial id (Optuna's schema makes them INTEGER, 32 bits on PostgreSQL): Optuna's _get_trials
 # reads the ids it is given and any id above this, so none.
 LARGEST_TRIAL_ID = 2**31 - 1
