@@ -342,3 +342,15 @@ def test_asks_interleaved_with_another_processs_go_on_past_the_listings_largest_
     assert len(owned_trials.id_runs(study._storage._owned)) == owned_trials.MAX_QUIET_RUNS + 2
     plain = optuna.load_study(study_name="s", storage=url)
     assert snapshot(study) == snapshot(plain) and len(snapshot(study)) == 2 * owned_trials.MAX_QUIET_RUNS + 4
+
+
+def test_a_running_trial_added_from_a_template_is_read_as_stored(tmp_path):
+    """A template's values are cached as given (a tuple, int keys) and stored as JSON: such a trial is not
+    owned, so it is read back as Optuna's own storage reads it."""
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    study = optuna.create_study(storage=owned_trials.wrap(optuna.storages.RDBStorage(url)), study_name="s")
+    attrs = {"pair": (1, 2), "by": {3: 1}}
+    study.add_trial(optuna.trial.create_trial(state=TrialState.RUNNING, user_attrs=attrs))
+    study.ask()
+    assert snapshot(study) == snapshot(optuna.load_study(study_name="s", storage=url))
+    assert study.get_trials(deepcopy=False)[0].user_attrs == {"pair": [1, 2], "by": {"3": 1}}

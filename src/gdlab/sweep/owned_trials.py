@@ -35,15 +35,15 @@ MAX_QUIET_RUNS = 100
 # Above every trial id (Optuna's schema makes them INTEGER, 32 bits on PostgreSQL): Optuna's _get_trials
 # reads the ids it is given and any id above this, so none.
 LARGEST_TRIAL_ID = 2**31 - 1
+PROVEN_DATABASES = ("sqlite", "postgresql")  # MySQL's DATETIME drops the microseconds a cached copy keeps
 PROVEN_ON = ("5.0.",)  # Optuna versions whose _CachedStorage and RDB schema this was proven equal on
 
 
 def supported(backend: RDBStorage) -> bool:
-    """Optuna's version is one this was proven on, and the database has that version's schema."""
+    """Optuna's version and the database are ones this was proven on, with that version's schema."""
     try:
-        return optuna.__version__.startswith(PROVEN_ON) and (
-            backend.get_current_version() == backend.get_head_version()
-        )
+        proven = optuna.__version__.startswith(PROVEN_ON) and backend.engine.dialect.name in PROVEN_DATABASES
+        return proven and backend.get_current_version() == backend.get_head_version()
     except Exception:  # a schema Optuna itself cannot read: leave it to Optuna to say so
         return False
 
@@ -69,15 +69,16 @@ class OwnedTrialsStorage(_CachedStorage):
 
     def create_new_trial(self, study_id: int, template_trial=None) -> int:
         trial_id = super().create_new_trial(study_id, template_trial)
-        if template_trial is None or template_trial.state == TrialState.RUNNING:
+        if template_trial is None:  # a template's values are cached as given, not as stored (JSON): read them
             with self._lock:
                 self._owned.add(trial_id)
-                self._fresh = trial_id if template_trial is None else None
+                self._fresh = trial_id
         return trial_id
 
     def _wrote(self, trial_id: int) -> None:
         with self._lock:
             self._written.add(trial_id)
+            self._fresh = None if self._fresh == trial_id else self._fresh
 
     def set_trial_param(self, trial_id, param_name, param_value_internal, distribution) -> None:
         super().set_trial_param(trial_id, param_name, param_value_internal, distribution)
@@ -102,6 +103,7 @@ class OwnedTrialsStorage(_CachedStorage):
         finally:
             with self._lock:
                 self._written.add(trial_id)
+                self._fresh = None if self._fresh == trial_id else self._fresh
                 if state.is_finished():
                     self._owned.discard(trial_id)
 
