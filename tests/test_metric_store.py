@@ -198,3 +198,24 @@ def test_a_server_going_down_mid_response_is_an_outage_to_wait_out_and_a_refusal
                "already logged")  # fmt: skip
     assert transient(RuntimeError(broken))
     assert not transient(RuntimeError(refused))
+
+
+def test_a_drain_that_timed_out_leaves_its_answer_to_no_later_drain(tmp_path):
+    """A drain that gives up (the writer still importing) must not lend its late answer to the next drain:
+    that one returns once everything handed over before it is written, with its own run's error."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri)
+    refused, alive = new_run(client, "refused"), new_run(client, "alive")
+    client.delete_run(refused)
+    writer = MetricWriter(uri)
+    writer.submit(refused, [("train/loss", 1.0, 1_700_000_000_000, 0)])
+    assert "did not finish" in writer.drain(refused, timeout=0)  # the writer is still importing MLflow
+    assert writer.drain(refused, timeout=0) is not None  # nor now: two answers are left behind
+    writer.submit(alive, [("train/loss", 0.5 * epoch, 1_700_000_000_000 + epoch, epoch) for epoch in range(50)])
+    assert writer.drain(alive, timeout=120) is None  # its own answer, not the refused run's
+    # ... given once its rows were written: read by another client, they are all there
+    assert len(MlflowClient(tracking_uri=uri).get_metric_history(alive, "train/loss")) == 50
+    writer.submit(refused, [("train/loss", 2.0, 1_700_000_000_000, 1)])
+    second = writer.drain(refused, timeout=120)  # reported once, at the first drain that came through
+    writer.close()
+    assert "active" in second  # refused again: its own error, at its own drain

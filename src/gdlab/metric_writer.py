@@ -9,8 +9,8 @@ The writer process is `python -m gdlab.metric_writer`, with the tracking URI in 
   {"columns": {"runs": [ID, ...], "keys": [KEY, ...], "timestamps": [MS per epoch],
   "steps": ARRAY (epochs, runs), "values": ARRAY (epochs, keys, runs)}}: a population's epochs in bulk
   (gdlab.run_epochs), one row per value that is not NaN, ARRAY being {"dtype", "shape", "data": base64};
-and {"drain": ID}, answered with {"run": ID, "error": TEXT|null, "path": "bulk"|"log_batch"} on stdout
-once everything before it is written. Whatever has arrived is written in one go (gdlab.metric_store:
+and {"drain": ID, "id": N}, answered with {"run": ID, "id": N, "error": TEXT|null, "path": "bulk"|"log_batch"}
+on stdout once everything before it is written. Whatever has arrived is written in one go (gdlab.metric_store:
 one transaction for every run on MLflow's SQL stores). It exits at end of input, so it never outlives
 the training process.
 
@@ -121,6 +121,8 @@ class MetricWriter:
         self.used = False
         self.path: str | None = None  # how the writer writes: "bulk" or "log_batch", known after a drain
         self.outbox: queue.Queue = queue.Queue()
+        self.replies: queue.Queue | None = None  # the writer's answers to drains, read by one thread
+        self.drains = 0  # drains asked: each answer carries its drain's number
         self.feeder = threading.Thread(target=self._feed, name="gdlab-metric-feeder", daemon=True)
         self.feeder.start()
         atexit.register(self.close)
@@ -141,20 +143,32 @@ class MetricWriter:
         self.send({"run": run_id, "metrics": metrics})
 
     def drain(self, run_id: str, timeout: float) -> str | None:
-        """Wait until everything submitted for `run_id` is written; the first error, if any."""
-        self.outbox.put({"drain": run_id})
-        replies: queue.Queue = queue.Queue()
-        reader = threading.Thread(target=lambda: replies.put(self.process.stdout.readline()), daemon=True)
-        reader.start()
-        try:
-            line = replies.get(timeout=timeout)
-        except queue.Empty:
-            return f"the metric writer did not finish within {timeout:.0f} s"
-        if not line:
-            return f"the metric writer exited with status {self.process.wait()}"
-        reply = json.loads(line)
-        self.path = reply["path"]
-        return reply["error"]
+        """Wait until everything submitted for `run_id` is written; the first error, if any. The answer is
+        the one for `run_id`: a drain that timed out leaves its answer behind, passed over by the next."""
+        self.drains += 1
+        number = self.drains
+        self.outbox.put({"drain": run_id, "id": number})
+        if self.replies is None:  # one reader for the writer's whole output
+            self.replies = queue.Queue()
+            threading.Thread(target=self._read_replies, name="gdlab-writer-replies", daemon=True).start()
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                line = self.replies.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                return f"the metric writer did not finish within {timeout:.0f} s"
+            if line is None:
+                self.replies.put(None)  # for every later drain
+                return f"the metric writer exited with status {self.process.wait()}"
+            reply = json.loads(line)
+            if reply.get("id") == number:
+                self.path = reply["path"]
+                return reply["error"]
+
+    def _read_replies(self) -> None:
+        for line in self.process.stdout:
+            self.replies.put(line)
+        self.replies.put(None)
 
     def close(self) -> None:
         if self.process.poll() is None and not self.used:
@@ -311,7 +325,8 @@ class RunWriter:
                 self.end(ends)
                 ends = []
                 run_id = message["drain"]
-                reply = {"run": run_id, "error": self.errors.pop(run_id, None), "path": self.sink.path}
+                reply = {"run": run_id, "id": message.get("id"), "error": self.errors.pop(run_id, None),
+                         "path": self.sink.path}  # fmt: skip
                 print(json.dumps(reply), flush=True)
         self.end(ends)
 
