@@ -211,7 +211,8 @@ def test_a_drain_that_timed_out_leaves_its_answer_to_no_later_drain(tmp_path):
     writer.submit(refused, [("train/loss", 1.0, 1_700_000_000_000, 0)])
     assert "did not finish" in writer.drain(refused, timeout=0)  # the writer is still importing MLflow
     assert writer.drain(refused, timeout=0) is not None  # nor now: two answers are left behind
-    writer.submit(alive, [("train/loss", 0.5 * epoch, 1_700_000_000_000 + epoch, epoch) for epoch in range(50)])
+    rows = [("train/loss", 0.5 * epoch, 1_700_000_000_000 + epoch, epoch) for epoch in range(50)]
+    writer.submit(alive, rows)
     assert writer.drain(alive, timeout=120) is None  # its own answer, not the refused run's
     # ... given once its rows were written: read by another client, they are all there
     assert len(MlflowClient(tracking_uri=uri).get_metric_history(alive, "train/loss")) == 50
