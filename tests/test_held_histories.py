@@ -65,8 +65,7 @@ def test_held_curves_are_the_curves_mlflow_reads_back(tmp_path, holding):
 
 
 def test_infinities_nans_and_a_step_logged_twice_are_held_as_the_store_keeps_them(tmp_path, holding):
-    from gdlab.metric_writer import MetricWriter
-    from gdlab.run_epochs import encode
+    from gdlab.metric_writer import MetricWriter, encode
     from gdlab.stores import mlflow_client
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"

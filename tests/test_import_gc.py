@@ -44,17 +44,18 @@ import_gc.pause()  # as the console script does
 from gdlab.sweep.cli import main
 status = main(["lr", "--population", "4", "--budget", "4", "--n-trials", "4", "--no-refit",
                "trainer.max_epochs=5", "tracking.dir=" + sys.argv[1], *json.loads(sys.argv[2])])
+imported = "mlflow" in sys.modules
 from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore  # imported as the store was opened
-print(status, gc.isenabled(), any(o is SqlAlchemyStore for o in gc.get_objects()))
+print(imported, status, gc.isenabled(), any(o is SqlAlchemyStore for o in gc.get_objects()))
 """
 
 
 @pytest.mark.parametrize("worker", [False, True], ids=["invocation", "worker"])
 def test_a_tracked_sweep_freezes_mlflows_import_with_its_own(tmp_path, worker):
-    """MLflow is imported in a thread beside Lightning's, its SQL store when the parent run opens it: the
-    sweep resumes its collector once its parent run is made, so MLflow's ~600,000 objects are frozen too (not
-    walked by every full collection). A worker (--workers, a launcher's job: --parent-run-id) imports them
-    before it resumes. `gc.get_objects()` lists only what collections still walk."""
+    """An invocation never imports MLflow (its store work is the writer process's, gdlab.writer_calls). A
+    worker (--workers, a launcher's job: --parent-run-id) imports MLflow's client and SQL store before it
+    resumes its collector, so their ~600,000 objects are frozen too (not walked by every full collection).
+    `gc.get_objects()` lists only what collections still walk."""
     options = []
     if worker:  # the parent run an invocation made, in another process
         from mlflow import MlflowClient
@@ -65,4 +66,9 @@ def test_a_tracked_sweep_freezes_mlflows_import_with_its_own(tmp_path, worker):
     done = subprocess.run([sys.executable, "-c", SWEEP, str(tmp_path / "mlruns"), json.dumps(options)],
                           cwd=tmp_path, capture_output=True, text=True, timeout=300)  # fmt: skip
     assert done.returncode == 0, done.stderr[-2000:]
-    assert done.stdout.split()[-3:] == ["0", "True", "False"]
+    imported, *collected = done.stdout.split()[-4:]
+    assert imported == str(worker)
+    if worker:
+        assert collected == ["0", "True", "False"]
+    else:  # imported only now, by this test: not frozen, and the sweep's collector is on
+        assert collected[:2] == ["0", "True"]

@@ -186,7 +186,7 @@ def test_the_metric_writer_gets_its_tracking_uri_off_the_command_line(tmp_path: 
         while not command_line and writer.process.poll() is None and time.monotonic() < deadline:
             command_line = Path(f"/proc/{writer.process.pid}/cmdline").read_bytes().decode()  # "" mid-exec
         assert writer.process.poll() is None, "the writer exited before it was given anything"
-        assert "gdlab.metric_writer" in command_line and "a-secret-place" not in command_line
+        assert "gdlab.writer_process" in command_line and "a-secret-place" not in command_line
         assert uri in Path(f"/proc/{writer.process.pid}/environ").read_bytes().decode()
     finally:
         writer.process.kill()
@@ -524,7 +524,7 @@ def writer_of(process) -> int | None:
                 cmdline = (entry / "cmdline").read_bytes()
             except OSError:
                 continue
-            if int(stat.rsplit(")", 1)[1].split()[1]) == process.pid and b"gdlab.metric_writer" in cmdline:
+            if int(stat.rsplit(")", 1)[1].split()[1]) == process.pid and b"gdlab.writer_process" in cmdline:
                 return int(entry.name)
     return None
 

@@ -168,3 +168,9 @@ class PendingSigterm:
 
 
 PENDING = PendingSigterm()  # installed by the console scripts' first line (gdlab.entry)
+
+
+def not_an_interrupt(record) -> bool:
+    """A logging filter: drops Optuna's "Trial N failed ... KeyboardInterrupt" warning (with its traceback)
+    after a signal."""
+    return not (record.exc_info and isinstance(record.exc_info[1], KeyboardInterrupt))

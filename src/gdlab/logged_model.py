@@ -151,3 +151,30 @@ def log_model(uri: str, run_id: str, mlp: MLP, X_train: np.ndarray, step: int,
         )  # fmt: skip
     version = info.registered_model_version
     return info.model_uri, None if version is None else str(version)
+
+
+def warm_up() -> None:
+    """What the first `log_model` of a process imports and builds (MLflow's pytorch flavour, its pyfunc
+    loader, input example validation, the context tags' IPython check: ~0.4 s), done now on a throwaway
+    network saved to a temporary folder; no store is touched. gdlab.model_logger's child does it while the
+    trials train, so the refit's model is logged in ~0.1 s."""
+    import tempfile
+
+    import mlflow.pytorch
+    from mlflow.models import infer_signature
+
+    with contextlib.suppress(ImportError):
+        from mlflow.tracking.context.git_context import GitRunContext
+        from mlflow.tracking.context.registry import resolve_tags
+
+        resolve_tags(ignore=[GitRunContext])
+    model = Probabilities(MLP([2, 2, 1], activation="tanh", head="sigmoid", loss="bce").double()).eval()
+    X = np.zeros((INPUT_EXAMPLE_ROWS, 2))
+    with torch.no_grad():
+        signature = infer_signature(X, model(torch.as_tensor(X)).numpy())
+        traced = torch.jit.trace(model, torch.as_tensor(X))
+    with (tempfile.TemporaryDirectory() as folder, no_requirement_scan(),
+          contextlib.redirect_stderr(io.StringIO())):  # fmt: skip
+        mlflow.pytorch.save_model(traced, f"{folder}/model", signature=signature, input_example=X,
+                                  serialization_format="pickle",
+                                  pip_requirements=model_requirements())  # fmt: skip

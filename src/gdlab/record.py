@@ -9,6 +9,7 @@ import functools
 import json
 import logging
 import math
+import os
 import time
 from pathlib import Path
 
@@ -23,11 +24,12 @@ from gdlab.epoch_table import EpochTable
 from gdlab.held_histories import forget
 from gdlab.masking import error_line, mask_passwords, masked_config_yaml
 from gdlab.member_runs import create_member_runs
+from gdlab.metric_writer import MetricWriter
 from gdlab.model import MLP
 from gdlab.module import PopulationOutcome
 from gdlab.pbt import PopulationBasedTraining
 from gdlab.population import Population
-from gdlab.tracking import MlflowRun, run_name, tracking_uri
+from gdlab.tracking import PARENT_ENV, MlflowRun, run_name, tracking_uri
 
 log = logging.getLogger("gdlab")
 
@@ -91,13 +93,25 @@ def record_pbt(pbt: PopulationBasedTraining, table: EpochTable, results: list[Ru
 
 
 def start_runs(population: Population, tags, device: str) -> list[MlflowRun | None]:
-    if tracking_uri(population.shared) is None:
+    uri = tracking_uri(population.shared)
+    if uri is None:
         return [None] * len(population)
-    if len(population) == 1:
+    if len(population) == 1 and not recorded_by_writer(population.shared, uri):
         return [MlflowRun(population.view(0), population.overrides[0], device=device, extra_tags=tags[0])]
     # a population's runs are created together and recorded by the writer: training never waits
     views = [population.view(p) for p in range(len(population))]
     return create_member_runs(views, population.overrides, device, tags)
+
+
+def recorded_by_writer(cfg: DictConfig, uri: str) -> bool:
+    """Whether a single run is made and recorded by the metric writer process, as a member's is: a sweep's
+    refit, where the writer is at work on the store (the sweep's command then never imports MLflow). A run
+    with system metrics samples them here: MLflow's monitor is a thread of this process."""
+    return (
+        bool(os.environ.get(PARENT_ENV))
+        and not cfg.tracking.get("system_metrics")
+        and (MetricWriter.running(uri) is not None)
+    )
 
 
 def log_inputs(runs: list[MlflowRun | None], population: Population, data: Dataset) -> None:
@@ -109,7 +123,7 @@ def log_inputs(runs: list[MlflowRun | None], population: Population, data: Datas
     inputs = RunInputs(population.shared.dataset, data, population.folds())
     for member, run in enumerate(runs):
         if run is not None:
-            run.log_inputs(inputs.of_member(member))
+            run.log_inputs(inputs, member)
 
 
 def wants_model(cfg: DictConfig) -> bool:
@@ -123,12 +137,17 @@ def log_trained_model(run: MlflowRun, result: RunResult) -> None:
     as a new version of tracking.registered_model where it names one. Its metrics are the run's at the
     trained weights: logged, and written by the writer, first. A failure is the run's outage."""
     from gdlab.logged_model import log_model
+    from gdlab.model_logger import ModelLogger
 
     run.write_final(result.final)  # an outage is the run's; the model is still logged, as the store allows
     try:
         name = result.config.tracking.get("registered_model")
-        uri, version = log_model(run.uri, run.run_id, result.model, result.data.train.X.numpy(),
-                                 result.final["epochs"], name)  # fmt: skip
+        arguments = (result.model, result.data.train.X.numpy(), result.final["epochs"], name)
+        logger = ModelLogger.running() if run.background else None
+        if logger is not None:  # a sweep's refit, whose command never imports MLflow (gdlab.model_logger)
+            uri, version = logger.log(run.uri, run.run_id, *arguments)
+        else:
+            uri, version = log_model(run.uri, run.run_id, *arguments)
         result.final["model_uri"] = uri
         if version is not None:
             result.final["registered_model"] = f"{name} version {version}"

@@ -124,8 +124,20 @@ def end_runs_of_dead_trials(client, study) -> int:
     whose process, on this host, is gone; how many."""
     from optuna.trial import TrialState
 
-    states = {t.number: t.state for t in study.get_trials(deepcopy=False)}
-    filter_string = f"tags.`optuna.study` = '{study.study_name}' and attributes.status = 'RUNNING'"
+    over = {t.number: t.state != TrialState.RUNNING for t in study.get_trials(deepcopy=False)}
+    return end_runs_of_finished_trials(client, study.study_name, over)
+
+
+def trials_over(study) -> dict[str, bool]:
+    """{trial number: whether it is over}: what `end_runs_of_finished_trials` needs of an Optuna study."""
+    from optuna.trial import TrialState
+
+    return {str(t.number): t.state != TrialState.RUNNING for t in study.get_trials(deepcopy=False)}
+
+
+def end_runs_of_finished_trials(client, study_name: str, over: dict[int, bool]) -> int:
+    """`end_runs_of_dead_trials` for a study whose trials are over or not (`over`: {number: over})."""
+    filter_string = f"tags.`optuna.study` = '{study_name}' and attributes.status = 'RUNNING'"
     experiment_ids = [e.experiment_id for e in client.search_experiments()]
     if not experiment_ids:
         return 0
@@ -133,7 +145,7 @@ def end_runs_of_dead_trials(client, study) -> int:
     for run in client.search_runs(experiment_ids, filter_string=filter_string, max_results=5000):
         tags = run.data.tags
         if "optuna.trial" in tags:
-            dead = states.get(int(tags["optuna.trial"])) not in (None, TrialState.RUNNING)
+            dead = over.get(int(tags["optuna.trial"]), False)
             reason = "its worker died; the trial failed by heartbeat"
         else:  # a sweep's parent run: dead if its process, on this host, is gone
             dead = made_by_dead_process(tags)

@@ -11,23 +11,17 @@ differs from the member's last logged value. A single run (not run by the writer
 
 from __future__ import annotations
 
-import base64
 import time
 
 import numpy as np
 
+from gdlab.metric_writer import encode
 from gdlab.tracking import LOGGED_ON_CHANGE, UNLOGGED, MlflowRun
 
 # A population's epochs go to the writer 4x as often as a single run's (every 0.25 s by default): the writer
 # keeps pace on its own core, and what is left to write when training ends, the last interval's rows of
 # every member (~0.45 s at P = 64 every 1 s), is waited for by the batch (a sweep's next ask, its report).
 POPULATION_FLUSH_SHARE = 0.25
-
-
-def encode(array: np.ndarray) -> dict:
-    """An array as JSON can carry it whole: dtype, shape and base64 bytes (gdlab.metric_writer.decode)."""
-    array = np.ascontiguousarray(array)
-    return {"dtype": array.dtype.str, "shape": list(array.shape), "data": base64.b64encode(array).decode()}
 
 
 class RunEpochs:

@@ -4,16 +4,19 @@ trains on. Runs on the same rows share a digest; members of a population share t
 split and fold, not one per member).
 
 A single run logs its inputs itself (`MlflowClient.log_inputs`); a population member's go through the
-metric writer as plain dicts (gdlab.dataset_entities turns them into MLflow's entities there), so
-training never waits on the store.
+metric writer, which makes them from the arrays (gdlab.dataset_entities), so training never waits on the
+store and this process never imports MLflow for them.
 """
 
 from __future__ import annotations
+
+import uuid
 
 import numpy as np
 from omegaconf import DictConfig
 
 from gdlab.data import Dataset, Split
+from gdlab.dataset_entities import dataset_dicts
 
 
 def dataset_name(dataset: DictConfig) -> str:
@@ -42,28 +45,28 @@ def split_arrays(split: Split, member: int | None) -> tuple[np.ndarray, np.ndarr
 
 class RunInputs:
     """The MLflow datasets of a population's members, made once per distinct set of rows, as plain dicts
-    (MLflow's `Dataset.to_dict()` and the input's context): what the metric writer's pipe carries."""
+    (MLflow's `Dataset.to_dict()` and the input's context, gdlab.dataset_entities.dataset_dicts). Where the
+    metric writer records a member's run, the writer makes them from the arrays (`rows_of`), sent once per
+    set of rows: this process never imports MLflow for them."""
 
     def __init__(self, dataset: DictConfig, data: Dataset, folds: list[int] | None):
         self.name, self.data, self.folds = dataset_name(dataset), data, folds
+        self.id = uuid.uuid4().hex  # these rows' sets, apart from another batch's on the same writer
         self._made: dict = {}
+
+    def key(self, member: int) -> str:
+        """Which set of rows member `member` has (one per fold), unique on a writer."""
+        return f"{self.id}/{None if self.folds is None else self.folds[member]}"
 
     def of_member(self, member: int) -> list[dict]:
         """Member `member`'s datasets: train, val, test (those that exist)."""
-        key = None if self.folds is None else self.folds[member]
+        key = self.key(member)
         if key not in self._made:
-            self._made[key] = self._make(member)
+            self._made[key] = dataset_dicts(self.name, self.rows_of(member))
         return self._made[key]
 
-    def _make(self, member: int) -> list[dict]:
-        import mlflow.data
-        from mlflow.data.code_dataset_source import CodeDatasetSource
-
+    def rows_of(self, member: int) -> list[tuple[str, np.ndarray, np.ndarray]]:
+        """Member `member`'s splits as (context, features, targets)."""
         splits = {"train": self.data.train, **self.data.evaluation_splits()}
-        source = CodeDatasetSource({"mlflow.source.name": "gdlab.data", "dataset": self.name})
-        made = []
-        for context, split in splits.items():
-            features, targets = split_arrays(split, member if self.folds is not None else None)
-            dataset = mlflow.data.from_numpy(features, source=source, targets=targets, name=self.name)
-            made.append({**dataset.to_dict(), "context": context})
-        return made
+        fold_member = member if self.folds is not None else None
+        return [(context, *split_arrays(split, fold_member)) for context, split in splits.items()]

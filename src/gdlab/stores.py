@@ -57,11 +57,16 @@ def mlflow_client(uri: str):
     return _CLIENTS[uri]
 
 
-def open_in_background(uri: str | None) -> None:
+def open_in_background(uri: str | None, here: bool = True) -> None:
     """Begin opening a SQLite store (a new one in another process, see the module's doc) while the caller
     goes on importing Lightning; `mlflow_client` waits for it. A failure is left for `mlflow_client` to meet
-    again and report where the store is used."""
+    again and report where the store is used. `here=False`: only a new store is made (by that process), for
+    a caller whose store work the metric writer does (gdlab.writer_calls): it does not import MLflow."""
     if uri is None or not uri.startswith("sqlite:///") or uri in _CLIENTS or uri in _OPENING:
+        return
+    if not here:
+        if is_new_sqlite_store(uri):
+            _OPENING[uri] = [start_making(uri)]
         return
 
     def open_quietly() -> None:
@@ -72,17 +77,20 @@ def open_in_background(uri: str | None) -> None:
         with contextlib.suppress(Exception):
             import mlflow  # noqa: F401
 
-    opening = []
-    if is_new_sqlite_store(uri):
-        command = [sys.executable, "-m", "gdlab.stores", uri]  # a file path: no credential to hide
-        # In its own session: a SIGTERM or Ctrl-C to the command's process group must not stop MLflow's
-        # migrations halfway (a half-made store refuses every later command); they take seconds.
-        opening.append(subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                        stderr=subprocess.DEVNULL, start_new_session=True))  # fmt: skip
+    opening = [start_making(uri)] if is_new_sqlite_store(uri) else []
     opening.append(threading.Thread(target=import_mlflow if opening else open_quietly, daemon=True,
                                     name="gdlab-open-store"))  # fmt: skip
     opening[-1].start()
     _OPENING[uri] = opening
+
+
+def start_making(uri: str) -> subprocess.Popen:
+    """The process that makes a new SQLite store (`make_new_store`)."""
+    command = [sys.executable, "-m", "gdlab.stores", uri]  # a file path: no credential to hide
+    # In its own session: a SIGTERM or Ctrl-C to the command's process group must not stop MLflow's
+    # migrations halfway (a half-made store refuses every later command); they take seconds.
+    return subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
 
 
 def import_client_modules(uri: str) -> None:

@@ -34,6 +34,7 @@ from gdlab.stores import mlflow_client
 from gdlab.version import __version__
 
 PARENT_ENV = "GDLAB_MLFLOW_PARENT_RUN_ID"
+MAX_PARAM_VAL_LENGTH = 6000  # MLflow's (mlflow.utils.validation's, tested equal), without importing MLflow
 # A sweep's record (gdlab.sweep.selection, gdlab.sweep.refit), read back by gdlab-report:
 ROLE_TAG, REFIT_ROLE = "gdlab.role", "refit"  # the refit of the chosen trial, a child of the parent run
 SELECTED_ON_TAG = "gdlab.selected_on"  # on the parent: the split the trials were ranked on
@@ -118,8 +119,6 @@ def trial_run_name(params: dict, number: int, cfg: DictConfig) -> str:
 
 def flatten(cfg: DictConfig) -> dict[str, str]:
     """Resolved config as short dotted keys (optimizer.lr, model.depth, ...), values as MLflow params."""
-    from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH
-
     flat: dict[str, str] = {}
 
     def walk(node, prefix: str) -> None:
@@ -221,12 +220,19 @@ class MlflowRun:
             if created is None:
                 self._create_run(tags_of(cfg, overrides, device, extra_tags, self.parent_run_id))
             else:
-                self.client, self.run_id, self.name, self.params = created
+                client, self.run_id, self.name, self.params = created
+                if client is not None:  # else opened where needed (`client`)
+                    self.client = client
             self._start(background, created)
         except BaseException as stop:
             if getattr(self, "run_id", None):
                 self._abandon(stop)
             raise
+
+    @functools.cached_property
+    def client(self):
+        """Opened where first needed: a run the writer process made may never need it here."""
+        return mlflow_client(self.uri)
 
     def _start(self, background: bool, created) -> None:
         # Started now, so its imports overlap Lightning's start-up; kept for the next runs (sweeps).
@@ -236,7 +242,7 @@ class MlflowRun:
         self.last_values: dict = {}
         self.sent_tags: dict = {}  # tags handed to the writer: written again should it die
         self.writer_died = False  # the writer exited with some of this run's record in hand (see `rewrite`)
-        self.inputs: list[dict] = []  # its datasets (gdlab.run_inputs), once logged
+        self.inputs: tuple | None = None  # its datasets (gdlab.run_inputs.RunInputs, member), once logged
         self.final_logged = False  # whether `log_final` has buffered the result (once, before `close`)
         if created is None:
             self.params = list(flatten(self.cfg).items())
@@ -331,24 +337,26 @@ class MlflowRun:
             self._send({"metrics": self.buffer})
             self.buffer = []
 
-    def log_inputs(self, datasets: list[dict]) -> None:
-        """The run's datasets (gdlab.run_inputs): a member's through the writer, a single run's now."""
+    def log_inputs(self, inputs, member: int) -> None:
+        """The datasets of member `member` of `inputs` (gdlab.run_inputs.RunInputs): a member's made and
+        logged by the writer (its rows sent once per set), a single run's made and logged now."""
         from gdlab.dataset_entities import dataset_inputs
 
-        self.inputs = datasets
+        self.inputs = (inputs, member)
         if self.background:
-            self._send({"inputs": datasets})
+            self.writer.send_rows(inputs.key(member), inputs.name, lambda: inputs.rows_of(member))
+            self._send({"inputs_of": inputs.key(member)})
         else:
-            self._call(self.client.log_inputs, self.run_id, dataset_inputs(datasets))
+            self._call(self.client.log_inputs, self.run_id, dataset_inputs(inputs.of_member(member)))
 
     def set_tags(self, tags: dict) -> None:
-        from mlflow.entities import RunTag
-
         masked = [(key, mask_passwords(str(value))) for key, value in tags.items()]
         if self.submitted or self.background:
             self.sent_tags.update(masked)
             self._send({"tags": masked})
         else:
+            from mlflow.entities import RunTag
+
             self._call(self.client.log_batch, self.run_id, tags=[RunTag(*tag) for tag in masked])
 
     def close(self, status: str, directory: Path | None, end_time: float | None = None) -> None:
@@ -410,7 +418,10 @@ class MlflowRun:
             if self.inputs and self.background:
                 from gdlab.dataset_entities import dataset_inputs
 
-                self.client.log_inputs(self.run_id, dataset_inputs(self.inputs))  # MLflow skips a repeat
+                inputs, member = self.inputs
+                self.client.log_inputs(
+                    self.run_id, dataset_inputs(inputs.of_member(member))
+                )  # MLflow skips a repeat
             if directory is not None:
                 self.client.log_artifacts(self.run_id, str(directory))
         except Exception as error:  # the store is out of reach too: say so on the run, if it takes that

@@ -154,12 +154,13 @@ def build_report(
 
 
 def start_report(target: str, tracking_uri: str | None = None, out: str | Path | None = None,
-                 objective: str | None = None, children: list | None = None) -> PendingReport:  # fmt: skip
+                 objective: str | None = None, children: list | None = None,
+                 client=None) -> PendingReport:  # fmt: skip
     """`build_report`'s first part: the runs read and tabled, the curve figures started in a forked child.
     The objective figure waits for `finish_report`: its title carries the parent's result, set meanwhile."""
     from gdlab.forked import Forked
 
-    report, client, out_dir = read_report(target, tracking_uri, out, None, objective, children)
+    report, client, out_dir = read_report(target, tracking_uri, out, None, objective, children, client)
     drawings = curve_figures(report.runs, out_dir, differing_params(report.runs), report.objective,
                              report.direction)  # fmt: skip
     load_matplotlib()  # before the fork: the child, Optuna's plots' child and this process share it
@@ -182,10 +183,12 @@ def finish_report(pending: PendingReport, log: bool = True) -> Report:
 
 
 def read_report(target: str, tracking_uri: str | None, out: str | Path | None, epochs: list[int] | None,
-                objective: str | None, children: list | None) -> tuple[Report, object, Path]:  # fmt: skip
-    """The runs (without the refit) and both tables, the parent's caveats, and a writable output folder."""
+                objective: str | None, children: list | None,
+                client=None) -> tuple[Report, object, Path]:  # fmt: skip
+    """The runs (without the refit) and both tables, the parent's caveats, and a writable output folder.
+    `client`: the one `children` were read with (a sweep's, gdlab.writer_client), else one is opened."""
     uri = tracking_uri or default_tracking_uri()
-    client = make_client(uri)
+    client = client or make_client(uri)
     import_gc.resume()  # gdlab-report's imports (MLflow's) are done (gdlab.import_gc)
     runs, parent_run_id = read_runs(client, uri, target, children)
     refits = [run for run in runs if run.tags.get(ROLE_TAG) == REFIT_ROLE]

@@ -172,7 +172,8 @@ def read_histories(client, runs: list) -> tuple[dict, set[str]]:
     held = held_runs(run_ids)
     histories: dict = held_curves(sorted(held), keys)
     rest = [run_id for run_id in run_ids if run_id not in held]
-    stored = read_metric_histories(client, rest, keys) if rest else {}
+    bulk = rest and getattr(client, "reads_in_bulk", True)  # gdlab.writer_client's: curve by curve
+    stored = read_metric_histories(client, rest, keys) if bulk else ({} if not rest else None)
     if stored is None:
         return histories, held
     return {**histories, **stored}, set(run_ids)

@@ -24,9 +24,10 @@ import optuna
 from gdlab import import_gc
 from gdlab.config import TEST_METRICS, ConfigError
 from gdlab.held_histories import drop, keep
-from gdlab.interrupts import PENDING, InterruptHandler, deferred, failure_reason
+from gdlab.interrupts import PENDING, InterruptHandler, deferred, failure_reason, not_an_interrupt
 from gdlab.masking import error_line, install_log_masking, mask_passwords
 from gdlab.metric_writer import MetricWriter
+from gdlab.model_logger import ModelLogger
 from gdlab.stores import import_client_modules, open_in_background
 from gdlab.sweep.first_batch import enqueue_first_batch
 from gdlab.sweep.jobs import JobLauncher, end_what_jobs_left, run_in_jobs
@@ -164,11 +165,6 @@ def check_counts(args) -> None:
         raise SweepError(f"--progress={args.progress} is not allowed; use a finite number of seconds >= 0")
 
 
-def not_an_interrupt(record: logging.LogRecord) -> bool:
-    """Drop Optuna's "Trial N failed ... KeyboardInterrupt" warning (with its traceback) after a signal."""
-    return not (record.exc_info and isinstance(record.exc_info[1], KeyboardInterrupt))
-
-
 def check_study_name(name: str) -> None:
     """A study name becomes a directory (outputs/sweeps/<study>/) and an MLflow tag: one plain word."""
     if not STUDY_NAME.fullmatch(name):
@@ -273,15 +269,14 @@ def run_sweep(args, spec: SweepSpec, study: optuna.Study, storage, storage_url: 
         return 0
     print(f"gdlab-sweep: study {study.study_name!r} in {mask_passwords(storage_url)}: "
           f"{finished}/{budget} finished trials", flush=True)  # fmt: skip
-    if not args.parent_run_id:  # a new store is created while Lightning loads
-        open_in_background(tracking_uri(spec.task))
+    if not args.parent_run_id:  # a new store is created while Lightning loads (by the writer's calls)
+        open_in_background(tracking_uri(spec.task), here=jobs is not None)
     if jobs is None:  # the metric writer imports MLflow on the other core while Lightning loads here
         MetricWriter.start(tracking_uri(spec.task))
         import gdlab.sweep.trials  # noqa: F401
-    if args.parent_run_id and tracking_uri(spec.task) is not None:  # a worker's, frozen with the rest
+    if (args.parent_run_id or jobs) and tracking_uri(spec.task) is not None:  # frozen with the rest
         import_client_modules(tracking_uri(spec.task))
-    if args.parent_run_id or tracking_uri(spec.task) is None:
-        import_gc.resume()  # this process's imports are done (gdlab.import_gc)
+    import_gc.resume()  # this process's imports are done (gdlab.import_gc): an invocation's has no MLflow
 
     parent_run_id, workers, end = args.parent_run_id, [], None
     try:  # from here on a signal ends what was started: trials FAIL, runs and the parent run KILLED
@@ -290,8 +285,10 @@ def run_sweep(args, spec: SweepSpec, study: optuna.Study, storage, storage_url: 
         elif tracking_uri(spec.task) is not None:
             tags = {"optuna.study": study.study_name, "optuna.storage": storage_url, "sweep": spec.name}
             name = f"{study.study_name}-{time.strftime('%Y%m%d-%H%M%S')}"
+            if jobs is None:  # forked with Lightning here, it imports MLflow while the trials train
+                ModelLogger.start()  # for the refit's model (gdlab.model_logger)
             parent_run_id = start_parent_run(spec.task, name=name, tags=tags)  # ended by it if stopped there
-            import_gc.resume()  # and MLflow's, begun in a thread beside Lightning's (gdlab.stores)
+            ModelLogger.open_store(tracking_uri(spec.task))  # made by now
             repair_killed_runs(spec.task, study)
         if jobs is not None:
             failure = run_in_jobs(
@@ -322,6 +319,7 @@ def run_sweep(args, spec: SweepSpec, study: optuna.Study, storage, storage_url: 
         raise
     finally:
         drop()  # the trials' curves held for the report (gdlab.held_histories), however the sweep ended
+        ModelLogger.stop()
     if failure:
         print(f"gdlab-sweep: {failure}", file=sys.stderr)
         return 1
@@ -346,7 +344,7 @@ def run_here(args, spec: SweepSpec, study: optuna.Study, storage, storage_url: s
     the budget; a failure line, or None."""
     shares = trial_shares(args.n_trials, args.workers)
     args.n_trials = shares[0]
-    for index, share in enumerate(shares[1:], start=1):
+    for index, share in enumerate(shares[1:], start=1):  # each held as it starts: a signal stops it too
         if share != 0:
             workers.append(start_worker(args, spec, study.study_name, storage_url, budget, parent_run_id,
                                         index, share))  # fmt: skip

@@ -27,7 +27,8 @@ from gdlab import import_gc, system_metrics
 from gdlab.experiments import experiment_of_run
 from gdlab.interrupts import deferred, interruption_reason
 from gdlab.masking import error_line, install_log_masking, mask_passwords, mask_saved_hydra_configs
-from gdlab.repair import end_runs_of_dead_trials, end_runs_of_this_process
+from gdlab.metric_writer import MetricWriter, WriterGone
+from gdlab.repair import end_runs_of_dead_trials, end_runs_of_this_process, trials_over
 from gdlab.stores import mlflow_client
 from gdlab.sweep.optuna_jobs import note_run_on_trial
 from gdlab.sweep.selection import refit_enabled, selected_on
@@ -43,6 +44,7 @@ from gdlab.tracking import (
     get_or_create_experiment,
     tracking_uri,
 )
+from gdlab.writer_client import WriterClient, log_plain_batch, run_made_by_writer
 
 if TYPE_CHECKING:
     import optuna
@@ -61,11 +63,14 @@ def start_parent_run(cfg: DictConfig, name: str, tags: dict | None = None) -> st
     masked = {k: mask_passwords(str(v)) for k, v in (tags or {}).items()}
     tags = {"gdlab.kind": "sweep", **process_tags(), **masked}
     run_id = None
+    experiment = [experiment_name(cfg), artifact_root(cfg, uri)]
     try:
-        client = mlflow_client(uri)
-        experiment_id = get_or_create_experiment(client, experiment_name(cfg), artifact_root(cfg, uri))
         with deferred():  # a signal while MLflow makes it comes once its id is held, to end it
-            run_id = client.create_run(experiment_id, run_name=name, tags=tags).info.run_id
+            run_id = run_made_by_writer(uri, "create_run", run_name=name, tags=tags, experiment=experiment)
+            if run_id is None:  # no writer at hand: made here
+                client = mlflow_client(uri)
+                experiment_id = get_or_create_experiment(client, *experiment)
+                run_id = client.create_run(experiment_id, run_name=name, tags=tags).info.run_id
         os.environ[PARENT_ENV] = run_id
         system_metrics.start(cfg, uri, run_id)
     except BaseException as stop:
@@ -101,11 +106,11 @@ class SweepEnd:
             load_matplotlib()  # once, here: both drawing children inherit it
             self.plots = StudyPlots(study)
         try:
-            client = mlflow_client(tracking_uri(cfg))
+            client = WriterClient(tracking_uri(cfg))  # the writer process's calls: no MLflow here
             experiment_id = client.get_run(parent_run_id).info.experiment_id
             self.children = search_all_runs(client, experiment_id,
                                             f"tags.mlflow.parentRunId = '{parent_run_id}'")  # fmt: skip
-            self.report = start_parent_report(cfg, parent_run_id, report_dir, self.children)
+            self.report = start_parent_report(cfg, parent_run_id, report_dir, self.children, client)
         except BaseException:
             self.cancel()
             raise
@@ -125,11 +130,13 @@ def finish_parent_run(cfg: DictConfig, parent_run_id: str, report_dir: str | Pat
     metrics, gdlab.sweep.refit), the comparison report and Optuna's plots on the parent, and close it."""
 
     os.environ.pop(PARENT_ENV, None)
-    client = mlflow_client(tracking_uri(cfg))
+    client = WriterClient(tracking_uri(cfg))
     end = end or SweepEnd(cfg, parent_run_id, report_dir)
     children = trial_runs(end.children)
     summary = best_child(children, f"final/{cfg.objective}", cfg.direction)
-    client.log_batch(parent_run_id, *parent_summary(cfg, children, summary, result))  # one write, whole
+    log_plain_batch(
+        client, parent_run_id, *parent_summary(cfg, children, summary, result)
+    )  # one write, whole
     finish_parent_report(end.report)
     if end.plots is not None:
         try:
@@ -149,11 +156,10 @@ def trial_runs(children: list) -> list:
 
 def parent_summary(cfg: DictConfig, children: list, summary: dict,
                    result: SweepResult | None) -> tuple[list, list, list]:  # fmt: skip
-    """What the parent records of its sweep, as log_batch's (metrics, params, tags): the trials' counts, the
-    split they were ranked on, the best child (its value, id, name and the params the sweep varied), and the
-    sweep's answer (result/test/<metric>, where it was measured, the line)."""
-    from mlflow.entities import Metric, Param, RunTag
-
+    """What the parent records of its sweep, as log_batch's (metrics, params, tags) in plain tuples
+    (gdlab.writer_client.log_plain_batch): the trials' counts, the split they were ranked on, the best child
+    (its value, id, name and the params the sweep varied), and the sweep's answer (result/test/<metric>,
+    where it was measured, the line)."""
     finished = sum(run.info.status == "FINISHED" for run in children)
     metrics = {"sweep/trials": len(children), "sweep/finished": finished}
     params, tags = {}, {SELECTED_ON_TAG: selected_on(cfg)}
@@ -170,9 +176,9 @@ def parent_summary(cfg: DictConfig, children: list, summary: dict,
         tags |= {"result.source": "refit" if result.refit else "best trial", "result.trial": result.trial,
                  RESULT_TAG: result.label(), "result.run_id": result.run_id or ""}  # fmt: skip
     now = int(time.time() * 1000)
-    return ([Metric(key, value, now, 0) for key, value in metrics.items()],
-            [Param(key, str(value)) for key, value in params.items()],
-            [RunTag(key, str(value)) for key, value in tags.items()])  # fmt: skip
+    return ([(key, value, now, 0) for key, value in metrics.items()],
+            [(key, str(value)) for key, value in params.items()],
+            [(key, str(value)) for key, value in tags.items()])  # fmt: skip
 
 
 def end_parent_run(cfg: DictConfig, parent_run_id: str, status: str, reason: str) -> None:
@@ -194,7 +200,7 @@ def end_runs_left_here(cfg: DictConfig, parent_run_id: str, reason: str) -> int:
 
 
 def start_parent_report(cfg: DictConfig, parent_run_id: str, report_dir: str | Path | None,
-                        children: list):  # fmt: skip
+                        children: list, client=None):  # fmt: skip
     """gdlab-report on the sweep's children, begun (gdlab.report.build.start_report); None without
     children or where it cannot be made (a failure here costs only the report)."""
     if not children:
@@ -203,7 +209,7 @@ def start_parent_report(cfg: DictConfig, parent_run_id: str, report_dir: str | P
 
     try:
         return start_report(parent_run_id, tracking_uri=tracking_uri(cfg), out=report_dir,
-                            objective=f"final/{cfg.objective}", children=children)  # fmt: skip
+                            objective=f"final/{cfg.objective}", children=children, client=client)  # fmt: skip
     except Exception as error:
         print(f"gdlab: no sweep report: {error_line(error)}")
         return None
@@ -429,9 +435,15 @@ def repair_killed_runs(task: DictConfig, study: optuna.Study) -> int:
     if uri is None:
         return 0
 
-    client = mlflow_client(uri)
     try:
-        return end_runs_of_dead_trials(client, study)
+        writer = MetricWriter.running(uri)
+        if writer is not None:
+            try:
+                return writer.call("end_runs_of_dead_trials", study_name=study.study_name,
+                                   over=trials_over(study))  # fmt: skip
+            except WriterGone:
+                pass  # done here
+        return end_runs_of_dead_trials(mlflow_client(uri), study)
     except Exception as error:  # repairing is housekeeping: it never stops a sweep
         print(f"gdlab-sweep: could not repair MLflow runs: {error_line(error)}")
         return 0

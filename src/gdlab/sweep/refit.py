@@ -127,11 +127,11 @@ def trained_step(uri: str, run_id: str, final: dict) -> int | None:
     """The step of a trial's trained weights, where its run's final/<metric> are (MLflow links that step's
     metrics to a model logged at it): the trial's epochs, noted on it; a study from before they were noted,
     its run's final/objective's step; None where neither is known."""
-    from gdlab.stores import mlflow_client
+    from gdlab.writer_client import WriterClient
 
     if "epochs" in final:
         return int(final["epochs"])
-    history = mlflow_client(uri).get_metric_history(run_id, "final/objective")
+    history = WriterClient(uri).get_metric_history(run_id, "final/objective")
     return max((metric.step for metric in history), default=None)
 
 
@@ -144,6 +144,7 @@ def best_trial_model(cfg: DictConfig, run_id: str | None, weights: Path, final: 
 
     from gdlab.fit import build
     from gdlab.logged_model import log_model
+    from gdlab.model_logger import ModelLogger
     from gdlab.tracking import tracking_uri
 
     if run_id is None or not weights.is_file():
@@ -157,7 +158,9 @@ def best_trial_model(cfg: DictConfig, run_id: str | None, weights: Path, final: 
             return None
         data, model = build(cfg)
         model.load_state_dict(torch.load(weights, weights_only=True))
-        uri, version = log_model(tracking_uri(cfg), run_id, model, data.train.X.numpy(), step, register)
+        logger = ModelLogger.running()  # the sweep's child: no MLflow in this process (gdlab.model_logger)
+        log = log_model if logger is None else logger.log
+        uri, version = log(tracking_uri(cfg), run_id, model, data.train.X.numpy(), step, register)
     except Exception as error:  # the sweep's answer stands without it
         print(f"gdlab-sweep: no model logged: {error_line(error)}")
         return None

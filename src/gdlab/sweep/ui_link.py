@@ -80,12 +80,12 @@ def sweep_link(tracking_uri: str, experiment_id: str, key: str) -> tuple[str, st
 
 def sweep_view_lines(task, parent_run_id: str, params: list[str]) -> list[str]:
     """Share the sweep's view, tag its URL on the parent run, and say where it is (lines to print)."""
-    from gdlab.stores import mlflow_client
     from gdlab.tracking import tracking_uri
+    from gdlab.writer_client import WriterClient
 
     uri = tracking_uri(task)
     try:
-        client = mlflow_client(uri)
+        client = WriterClient(uri)  # the metric writer's calls where it is at work: no MLflow here
         experiment_id = client.get_run(parent_run_id).info.experiment_id
         key = share_sweep_view(client, experiment_id, parent_run_id, task.objective, task.direction, params)
         url, command = sweep_link(uri, experiment_id, key)
