@@ -205,12 +205,6 @@ class MetricWriter:
             raise RemoteError(reply["error"])
         return reply["result"]
 
-    def request(self, name: str, **kwargs) -> None:
-        """A call whose answer nobody waits for (passed over by the next wait)."""
-        self.calls += 1
-        self.used = True
-        self.outbox.put({"call": name, "kwargs": kwargs, "id": self.calls})
-
     def _reply(self, wanted, timeout: float) -> dict:
         """The writer's next answer that is `wanted` (one left by a drain that timed out is passed over);
         queue.Empty after `timeout` seconds, WriterGone at the end of its output."""

@@ -81,6 +81,16 @@ class WriterClient:
 
         return getattr(writer_calls, name)(mlflow_client(self.tracking_uri), **kwargs)
 
+    def create_run(self, run_name: str, tags: dict, experiment: list | None = None,
+                   parent_run_id: str | None = None) -> str:  # fmt: skip
+        """A RUNNING run's id, in `experiment` ([name, artifact location]: found or made) or its parent's."""
+        return self._call("create_run", run_name=run_name, tags=tags, experiment=experiment,
+                          parent_run_id=parent_run_id)["run_id"]  # fmt: skip
+
+    def end_runs_of_dead_trials(self, study_name: str, over: dict[str, bool]) -> int:
+        """gdlab.repair.end_runs_of_dead_trials (`over`: gdlab.repair.trials_over)."""
+        return self._call("end_runs_of_dead_trials", study_name=study_name, over=over)
+
     def get_run(self, run_id: str) -> RunRecord:
         return RunRecord.of(self._call("get_run", run_id=run_id))
 
@@ -122,15 +132,3 @@ def log_plain_batch(client, run_id: str, metrics: list = (), params: list = (), 
         client.log_plain_batch(run_id, metrics, params, tags)
     else:
         writer_calls.log_plain_batch(client, run_id, metrics, params, tags)
-
-
-def run_made_by_writer(uri: str, call: str, **kwargs) -> str | None:
-    """The id of a run the metric writer process makes (gdlab.writer_calls), where one is at work on `uri`:
-    this process then never imports MLflow for it. None where there is no writer (or it died meanwhile)."""
-    writer = MetricWriter.running(uri)
-    if writer is None:
-        return None
-    try:
-        return writer.call(call, **kwargs)["run_id"]
-    except WriterGone:
-        return None

@@ -27,8 +27,7 @@ from gdlab import import_gc, system_metrics
 from gdlab.experiments import experiment_of_run
 from gdlab.interrupts import deferred, interruption_reason
 from gdlab.masking import error_line, install_log_masking, mask_passwords, mask_saved_hydra_configs
-from gdlab.metric_writer import MetricWriter, WriterGone
-from gdlab.repair import end_runs_of_dead_trials, end_runs_of_this_process, trials_over
+from gdlab.repair import end_runs_of_this_process, trials_over
 from gdlab.stores import mlflow_client
 from gdlab.sweep.optuna_jobs import note_run_on_trial
 from gdlab.sweep.selection import refit_enabled, selected_on
@@ -41,10 +40,9 @@ from gdlab.tracking import (
     TrackingUnavailable,
     artifact_root,
     experiment_name,
-    get_or_create_experiment,
     tracking_uri,
 )
-from gdlab.writer_client import WriterClient, log_plain_batch, run_made_by_writer
+from gdlab.writer_client import WriterClient, log_plain_batch
 
 if TYPE_CHECKING:
     import optuna
@@ -66,11 +64,7 @@ def start_parent_run(cfg: DictConfig, name: str, tags: dict | None = None) -> st
     experiment = [experiment_name(cfg), artifact_root(cfg, uri)]
     try:
         with deferred():  # a signal while MLflow makes it comes once its id is held, to end it
-            run_id = run_made_by_writer(uri, "create_run", run_name=name, tags=tags, experiment=experiment)
-            if run_id is None:  # no writer at hand: made here
-                client = mlflow_client(uri)
-                experiment_id = get_or_create_experiment(client, *experiment)
-                run_id = client.create_run(experiment_id, run_name=name, tags=tags).info.run_id
+            run_id = WriterClient(uri).create_run(name, tags, experiment=experiment)
         os.environ[PARENT_ENV] = run_id
         system_metrics.start(cfg, uri, run_id)
     except BaseException as stop:
@@ -134,9 +128,8 @@ def finish_parent_run(cfg: DictConfig, parent_run_id: str, report_dir: str | Pat
     end = end or SweepEnd(cfg, parent_run_id, report_dir)
     children = trial_runs(end.children)
     summary = best_child(children, f"final/{cfg.objective}", cfg.direction)
-    log_plain_batch(
-        client, parent_run_id, *parent_summary(cfg, children, summary, result)
-    )  # one write, whole
+    batch = parent_summary(cfg, children, summary, result)
+    log_plain_batch(client, parent_run_id, *batch)  # one write, whole
     finish_parent_report(end.report)
     if end.plots is not None:
         try:
@@ -436,14 +429,7 @@ def repair_killed_runs(task: DictConfig, study: optuna.Study) -> int:
         return 0
 
     try:
-        writer = MetricWriter.running(uri)
-        if writer is not None:
-            try:
-                return writer.call("end_runs_of_dead_trials", study_name=study.study_name,
-                                   over=trials_over(study))  # fmt: skip
-            except WriterGone:
-                pass  # done here
-        return end_runs_of_dead_trials(mlflow_client(uri), study)
+        return WriterClient(uri).end_runs_of_dead_trials(study.study_name, trials_over(study))
     except Exception as error:  # repairing is housekeeping: it never stops a sweep
         print(f"gdlab-sweep: could not repair MLflow runs: {error_line(error)}")
         return 0
