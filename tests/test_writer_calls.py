@@ -186,3 +186,26 @@ def test_a_tracked_sweeps_command_never_imports_mlflow_and_its_record_is_whole(t
     assert parent.data.tags["result.run_id"] == refits[0].info.run_id
     assert parent.data.metrics["sweep/trials"] == 6 and "gdlab.ui_link" in parent.data.tags
     assert f"the chosen model: models:/{refits[0].outputs.model_outputs[0].model_id}" in done.stdout
+
+
+def test_runs_a_dead_writer_may_have_made_end_and_leave_the_record(store):
+    """The writer killed with a call that makes runs unanswered: what it made (this process's, RUNNING,
+    named as asked) ends FAILED with the reason and is deleted, so the runs made again are the only ones;
+    a run of another name, or of another process, is left alone."""
+    from gdlab.repair import process_tags
+    from gdlab.writer_client import end_orphans
+
+    uri, client, experiment, parent, _ = store
+    ours = process_tags()
+    made = [client.create_run(experiment, run_name=name, tags=ours).info.run_id for name in ("t-1", "t-2")]
+    held = client.create_run(experiment, run_name="sweep-parent", tags=ours).info.run_id
+    another_host = {**ours, "gdlab.host": "elsewhere"}  # another process, not this host's to judge
+    elsewhere = client.create_run(experiment, run_name="t-1", tags=another_host).info.run_id
+    assert end_orphans(uri, ["t-1", "t-2", "t-3"]) == 2
+    for run_id in made:
+        run = client.get_run(run_id)
+        assert (run.info.status, run.info.lifecycle_stage) == ("FAILED", "deleted")
+        assert "died" in run.data.tags["failure.reason"]
+    assert [client.get_run(run_id).info.status for run_id in (held, elsewhere)] == ["RUNNING", "RUNNING"]
+    visible = {run.info.run_id for run in client.search_runs([experiment])}
+    assert not visible & set(made) and {held, elsewhere} <= visible  # the report and the UI count them not

@@ -121,7 +121,7 @@ def error_line(error: BaseException) -> str:
     if isinstance(getattr(seen, "orig", None), BaseException):
         seen = seen.orig  # SQLAlchemy's wrapper: the database's own words
     lines = [line for line in str(seen).splitlines() if line.strip() and not line.startswith(_NOISE)]
-    return mask_passwords(lines[0]) if lines else repr(seen)
+    return mask_passwords(lines[0] if lines else repr(seen))
 
 
 # Lines of MLflow's and SQLAlchemy's messages that come before the cause.

@@ -27,6 +27,7 @@ from gdlab.tracking import (
     tags_of,
     tracking_uri,
 )
+from gdlab.writer_client import end_orphans
 
 
 def create_member_runs(cfgs: list, overrides: list[list[str]], device: str,
@@ -67,7 +68,8 @@ def created_by_writer(cfgs: list, overrides: list[list[str]], device: str,
             made_runs = zip(cfgs, overrides, made["run_ids"], new_runs, strict=False)  # the first ones made
             runs += [MlflowRun(cfg, o, device, background=True, created=(None, run_id, new.name, new.params))
                      for cfg, o, run_id, new in made_runs]  # fmt: skip
-    except WriterGone:
+    except WriterGone:  # it may have made them: those end, and they are made again here
+        end_orphans(uri, [new.name for new in new_runs])
         return None
     except RemoteError as error:  # the first run was refused: the store is out of reach
         raise TrackingUnavailable(

@@ -142,6 +142,7 @@ class MetricWriter:
         self.outbox: queue.Queue = queue.Queue()
         self.replies: queue.Queue | None = None  # every line the writer answers, read by one thread
         self.drains = self.calls = 0  # drains and calls asked: each answer carries its request's number
+        self.output_ended = False  # the writer's output is at its end: it exited
         self.rows_sent: set[str] = set()  # the sets of rows (datasets) the writer holds
         self.feeder = threading.Thread(target=self._feed, name="gdlab-metric-feeder", daemon=True)
         self.feeder.start()
@@ -213,9 +214,10 @@ class MetricWriter:
             threading.Thread(target=self._read_replies, name="gdlab-writer-replies", daemon=True).start()
         deadline = time.monotonic() + timeout
         while True:
+            if self.output_ended and self.replies.empty():
+                raise WriterGone(f"the metric writer exited with status {self.process.wait()}")
             line = self.replies.get(timeout=max(0.0, deadline - time.monotonic()))
-            if line is None:
-                self.replies.put(None)  # for every later wait
+            if line is None:  # `output_ended` says so to every later wait
                 raise WriterGone(f"the metric writer exited with status {self.process.wait()}")
             try:
                 reply = json.loads(line)
@@ -227,6 +229,7 @@ class MetricWriter:
     def _read_replies(self) -> None:
         for line in self.process.stdout:
             self.replies.put(line)
+        self.output_ended = True
         self.replies.put(None)
 
     def close(self) -> None:

@@ -16,6 +16,7 @@ when this process closes its end of the pipe (or dies).
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 import pickle
 import signal
@@ -108,6 +109,7 @@ def fork() -> ModelLogger:
         warnings.simplefilter("ignore", DeprecationWarning)  # 3.12+: "multi-threaded, use of fork()"
         pid = os.fork()
     if pid == 0:
+        gc.freeze()  # the parent's objects (its database connections) are never collected (finalized) here
         os.close(from_parent)
         os.close(to_parent)
         serve(to_child, from_child, inherited)

@@ -65,8 +65,8 @@ def open_in_background(uri: str | None, here: bool = True) -> None:
     if uri is None or not uri.startswith("sqlite:///") or uri in _CLIENTS or uri in _OPENING:
         return
     if not here:
-        if is_new_sqlite_store(uri):
-            _OPENING[uri] = [start_making(uri)]
+        if is_new_sqlite_store(uri):  # waited for by a thread (no zombie): the writer opens it under its lock
+            threading.Thread(target=start_making(uri).wait, daemon=True, name="gdlab-new-store").start()
         return
 
     def open_quietly() -> None:

@@ -83,8 +83,9 @@ def get_run(client, run_id: str) -> dict:
 
 
 def search_runs(client, experiment_ids: list[str], filter_string: str = "", order_by: list | None = None,
-                page_token: str | None = None) -> dict:  # fmt: skip
-    page = client.search_runs(experiment_ids, filter_string, order_by=order_by, page_token=page_token)
+                page_token: str | None = None, max_results: int = 1000) -> dict:  # fmt: skip
+    page = client.search_runs(experiment_ids, filter_string, order_by=order_by, page_token=page_token,
+                              max_results=max_results)  # fmt: skip
     return {"runs": [run_record(run) for run in page], "token": page.token}
 
 

@@ -71,12 +71,16 @@ class WriterClient:
         self.tracking_uri = uri
         self.writer = MetricWriter.running(uri)
 
-    def _call(self, name: str, **kwargs):
+    def _call(self, name: str, made: list[str] | None = None, **kwargs):
+        """`made`: the names of the runs the call makes (its answer lost with the writer, they are
+        `end_orphans`'s before they are made here)."""
         if self.writer is not None:
             try:
                 return self.writer.call(name, **kwargs)
             except WriterGone:
                 self.writer = None  # this call, and the rest, here
+                if made:
+                    end_orphans(self.tracking_uri, made)
         from gdlab.stores import mlflow_client
 
         return getattr(writer_calls, name)(mlflow_client(self.tracking_uri), **kwargs)
@@ -84,7 +88,7 @@ class WriterClient:
     def create_run(self, run_name: str, tags: dict, experiment: list | None = None,
                    parent_run_id: str | None = None) -> str:  # fmt: skip
         """A RUNNING run's id, in `experiment` ([name, artifact location]: found or made) or its parent's."""
-        return self._call("create_run", run_name=run_name, tags=tags, experiment=experiment,
+        return self._call("create_run", made=[run_name], run_name=run_name, tags=tags, experiment=experiment,
                           parent_run_id=parent_run_id)["run_id"]  # fmt: skip
 
     def end_runs_of_dead_trials(self, study_name: str, over: dict[str, bool]) -> int:
@@ -95,9 +99,9 @@ class WriterClient:
         return RunRecord.of(self._call("get_run", run_id=run_id))
 
     def search_runs(self, experiment_ids: list[str], filter_string: str = "", order_by: list | None = None,
-                    page_token: str | None = None) -> Page:  # fmt: skip
+                    page_token: str | None = None, max_results: int = 1000) -> Page:  # fmt: skip
         page = self._call("search_runs", experiment_ids=list(experiment_ids), filter_string=filter_string,
-                          order_by=order_by, page_token=page_token)  # fmt: skip
+                          order_by=order_by, page_token=page_token, max_results=max_results)  # fmt: skip
         return Page([RunRecord.of(run) for run in page["runs"]], page["token"])
 
     def get_metric_history(self, run_id: str, key: str) -> list[MetricPoint]:
@@ -132,3 +136,27 @@ def log_plain_batch(client, run_id: str, metrics: list = (), params: list = (), 
         client.log_plain_batch(run_id, metrics, params, tags)
     else:
         writer_calls.log_plain_batch(client, run_id, metrics, params, tags)
+
+
+def end_orphans(uri: str, names: list[str]) -> int:
+    """After the writer died with a call that makes runs unanswered: the runs it may have made (RUNNING,
+    made for this process, named as asked) ended FAILED with the reason and deleted (MLflow's soft delete:
+    they never trained and nobody holds them), so the runs made again here are the sweep's only ones. How
+    many. Runs this process holds (its sweep's parent) have other names."""
+    from gdlab.repair import HOST_TAG, PID_TAG, PROCESS_TAG, process_tags
+    from gdlab.stores import mlflow_client
+
+    client, mine = mlflow_client(uri), process_tags()
+    key = PROCESS_TAG if PROCESS_TAG in mine else PID_TAG
+    host = mine[HOST_TAG].replace("'", "")
+    experiments = [experiment.experiment_id for experiment in client.search_experiments()]
+    mine_running = (f"attributes.status = 'RUNNING' and tags.`{key}` = '{mine[key]}' "
+                    f"and tags.`{HOST_TAG}` = '{host}'")  # fmt: skip
+    running = client.search_runs(experiments, mine_running, max_results=5000)
+    orphans = [run for run in running if run.info.run_name in set(names)]
+    for run in orphans:
+        client.set_tag(run.info.run_id, "failure.reason", "made by the metric writer, which died before it "
+                       "said so: made again by the training process")  # fmt: skip
+        client.set_terminated(run.info.run_id, status="FAILED")
+        client.delete_run(run.info.run_id)
+    return len(orphans)

@@ -234,11 +234,12 @@ class RunWriter:
         from gdlab.dataset_entities import dataset_dicts, dataset_inputs
 
         if key not in self.datasets:
-            rows = self.rows.pop(key)
+            rows = self.rows[key]
             splits = [
                 (context, decode(features), decode(targets)) for context, features, targets in rows["splits"]
             ]
             self.datasets[key] = dataset_dicts(rows["name"], splits)
+            del self.rows[key]  # made (not before: a failure here is met again by the next run of these rows)
         self.client.log_inputs(run_id, dataset_inputs(self.datasets[key]))
 
     def artifact_uris(self, run_ids: list[str]) -> dict[str, str]:

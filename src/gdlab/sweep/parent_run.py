@@ -28,7 +28,6 @@ from gdlab.experiments import experiment_of_run
 from gdlab.interrupts import deferred, interruption_reason
 from gdlab.masking import error_line, install_log_masking, mask_passwords, mask_saved_hydra_configs
 from gdlab.repair import end_runs_of_this_process, trials_over
-from gdlab.stores import mlflow_client
 from gdlab.sweep.optuna_jobs import note_run_on_trial
 from gdlab.sweep.selection import refit_enabled, selected_on
 from gdlab.tracking import (
@@ -178,7 +177,7 @@ def end_parent_run(cfg: DictConfig, parent_run_id: str, status: str, reason: str
     """Close the parent early (an interrupted sweep): `status` with the reason as a tag, and any run this
     process left RUNNING beside it (gdlab.repair.end_runs_of_this_process)."""
     os.environ.pop(PARENT_ENV, None)
-    client = mlflow_client(tracking_uri(cfg))
+    client = WriterClient(tracking_uri(cfg))  # after what the writer holds: its end comes first, then this
     if client.get_run(parent_run_id).info.status == "RUNNING":  # not one that ended FINISHED meanwhile
         client.set_tag(parent_run_id, "failure.reason", reason)
         system_metrics.stop(parent_run_id)
@@ -188,7 +187,7 @@ def end_parent_run(cfg: DictConfig, parent_run_id: str, status: str, reason: str
 
 def end_runs_left_here(cfg: DictConfig, parent_run_id: str, reason: str) -> int:
     """KILLED, with the reason: the runs this process left RUNNING in the sweep's experiment (a worker's)."""
-    client = mlflow_client(tracking_uri(cfg))
+    client = WriterClient(tracking_uri(cfg))
     return end_runs_of_this_process(client, experiment_of_run(client, parent_run_id), reason)
 
 
