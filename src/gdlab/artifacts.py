@@ -34,7 +34,7 @@ class HistoryFiles:
         self.any_directory = bool(self.has_directory.any())  # asked every epoch
         self.files: dict[int, object] = {}  # kept open, up to MAX_OPEN_FILES
         self.started: set[int] = set()
-        self.rows = np.zeros(len(directories), dtype=np.int64)  # rows appended to each file
+        self.rows = [0] * len(directories)  # rows appended to each file (a list: counted as appended)
         self.failed = False  # a write failed (a full disk): no file is taken as complete
         self.waiting: dict[int, list[str]] = {}  # rows of members past MAX_OPEN_FILES, not yet appended
         self.last_write = time.monotonic()
@@ -47,39 +47,44 @@ class HistoryFiles:
         except BaseException:
             self.failed = True
             raise
-        self.rows[members[self.has_directory[members]]] += 1
 
     def complete(self, recorded: np.ndarray) -> np.ndarray:
         """Which members' files hold exactly their histories' rows (`recorded`: (epochs, P), as
         gdlab.epoch_table.EpochTable.final_recorded)."""
         counts = recorded.sum(axis=0) if len(recorded) else np.zeros(len(self.rows), dtype=np.int64)
-        return self.has_directory & (self.rows == counts) & (counts > 0) & (not self.failed)
+        return self.has_directory & (np.array(self.rows) == counts) & (counts > 0) & (not self.failed)
 
     def append(self, table, members) -> None:
         block = table.blocks[-1]
-        for p in members:
-            directory = self.directories[p]
-            if directory is None:
-                continue
-            line = table.format_row(block, p) + "\n"
+        for p in members.tolist():
             file = self.files.get(p)
-            if file is not None:
-                file.write(line)
+            if file is not None:  # the common case: an open file, appended and flushed
+                file.write(table.format_row(block, p) + "\n")
                 file.flush()
-            elif p in self.started:  # past MAX_OPEN_FILES members: appended once a second (`write_waiting`)
-                self.waiting.setdefault(p, []).append(line)
+            elif self.directories[p] is not None:
+                self.append_unopened(p, table.format_row(block, p) + "\n", table.names)
             else:
-                directory.mkdir(parents=True, exist_ok=True)
-                file = open(directory / "history.csv", "w", newline="")  # noqa: SIM115 (closed in close)
-                file.write(",".join(table.names) + "\n" + line)
-                file.flush()
-                self.started.add(p)
-                if len(self.files) < MAX_OPEN_FILES:
-                    self.files[p] = file
-                else:
-                    file.close()
+                continue
+            self.rows[p] += 1
         if self.waiting and time.monotonic() - self.last_write >= WAIT_SECONDS:
             self.write_waiting()
+
+    def append_unopened(self, p: int, line: str, names: list[str]) -> None:
+        """Member p's first row (the file made, kept open up to MAX_OPEN_FILES), or a row of a member past
+        MAX_OPEN_FILES (appended once a second, `write_waiting`)."""
+        if p in self.started:
+            self.waiting.setdefault(p, []).append(line)
+            return
+        directory = self.directories[p]
+        directory.mkdir(parents=True, exist_ok=True)
+        file = open(directory / "history.csv", "w", newline="")  # noqa: SIM115 (closed in close)
+        file.write(",".join(names) + "\n" + line)
+        file.flush()
+        self.started.add(p)
+        if len(self.files) < MAX_OPEN_FILES:
+            self.files[p] = file
+        else:
+            file.close()
 
     def write_waiting(self) -> None:
         """Append the rows waiting for members without an open file: one open, write and close each."""

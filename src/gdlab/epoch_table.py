@@ -4,6 +4,9 @@ metric pipe read it in bulk."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+
 import numpy as np
 import pandas as pd
 
@@ -20,28 +23,39 @@ class EpochTable:
     def __init__(self, names: list[str], n_members: int):
         self.names, self.n_members = names, n_members
         self.index = {name: i for i, name in enumerate(names)}
+        self.integer_positions = [i for i, name in enumerate(names) if name in INTEGER_COLUMNS]
+        self.last_values: tuple = (None, None, None)  # (block, member, values) of `values`' last answer
         self.blocks: list[np.ndarray] = []
         self.recorded: list[np.ndarray] = []
 
     def append(self, values: np.ndarray, recorded: np.ndarray) -> None:
+        """The next epoch: `values` (n_columns, P) and the mask of members with a row in it, both kept as
+        they are (the caller does not change them afterwards)."""
         self.blocks.append(values)
-        self.recorded.append(recorded.copy())
+        self.recorded.append(recorded)
 
     def __len__(self) -> int:
         return len(self.blocks)
 
     def row(self, p: int, epoch: int = -1) -> dict:
         """Member p's row of an epoch (the newest by default) as a dict, as a history row reads."""
-        values = self.blocks[epoch][:, p].tolist()
-        return {
-            name: int(v) if name in INTEGER_COLUMNS else v for name, v in zip(self.names, values, strict=True)
-        }
+        return dict(zip(self.names, self.values(self.blocks[epoch], p), strict=True))
 
     def format_row(self, block: np.ndarray, p: int) -> str:
         """Member p's row of `block` as a line of history.csv (what the csv module writes for its dict)."""
+        return ",".join(map(repr, self.values(block, p)))
+
+    def values(self, block: np.ndarray, p: int) -> list:
+        """Member p's values in `block`, as Python numbers: an integer column's as an int. The last answer
+        is kept (a single run's history file and MLflow run both ask for its newest row); not to be
+        changed."""
+        if self.last_values[0] is block and self.last_values[1] == p:
+            return self.last_values[2]
         values = block[:, p].tolist()
-        return ",".join(str(int(v)) if name in INTEGER_COLUMNS else repr(v)
-                        for name, v in zip(self.names, values, strict=True))  # fmt: skip
+        for i in self.integer_positions:
+            values[i] = int(values[i])
+        self.last_values = (block, p, values)
+        return values
 
     def latest(self, name: str) -> np.ndarray:
         """Every member's `name` in its newest row (NaN for a member without a row yet)."""
@@ -83,3 +97,38 @@ class EpochTable:
         member = self.by_member[p] if recorded.all() else self.by_member[p][:, recorded]
         return pd.DataFrame({name: member[i].astype(np.int64) if name in INTEGER_COLUMNS else member[i]
                              for i, name in enumerate(self.names)})  # fmt: skip
+
+
+@dataclass(frozen=True)
+class BlockLayout:
+    """The rows of what an epoch measured, in order (gdlab.module.TrainingModule.epoch_block): loss and
+    accuracy on the train split and on each held-out split (`n_metrics` rows); the step record's loss_after,
+    trial_step, step, backtracks, failed, evals_fwd, evals_fwdbwd; the `n_numbers` logged optimizer numbers;
+    |dW|, |db| of each of `n_layers` layers."""
+
+    n_metrics: int
+    n_numbers: int
+    n_layers: int
+
+    @property
+    def total_column(self) -> int:
+        """Where evals/total is among `history_columns`."""
+        return 1 + self.n_metrics + 1 + self.n_layers + STEP_COLUMNS.index("evals/total")
+
+
+def history_columns(measured: list, counts: list, epoch: int, elapsed: float, layout: BlockLayout,
+                    sqrt: Callable) -> tuple[list, list]:  # fmt: skip
+    """One epoch's history row in the table's column order, and the running counts after it (ls_failures,
+    evals_fwd, evals_fwdbwd), from `measured` (`layout`'s rows) and the counts before it. Each value is one
+    member's (a float, with `math.sqrt`) or every member's (a (P,) array, with `np.sqrt`): the same
+    arithmetic."""
+    n, k = layout.n_metrics, layout.n_numbers
+    metrics, numbers, norms = measured[:n], measured[n + 7 : n + 7 + k], measured[n + 7 + k :]
+    loss_after, trial_step, step, backtracks, failed, fwd, fwdbwd = measured[n : n + 7]
+    squares = [norm * norm for norm in norms]  # |dW1|², |db1|², |dW2|², ...
+    layers = [sqrt(squares[i] + squares[i + 1]) for i in range(0, len(squares), 2)]
+    failures, total_fwd, total_fwdbwd = counts[0] + failed, counts[1] + fwd, counts[2] + fwdbwd
+    row = [epoch, *metrics, sqrt(sum(squares)), *layers,
+           metrics[0], loss_after, trial_step, step, backtracks, failed, failures, fwd, fwdbwd,
+           total_fwd + total_fwdbwd, elapsed, *numbers]  # fmt: skip
+    return row, [failures, total_fwd, total_fwdbwd]

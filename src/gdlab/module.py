@@ -20,6 +20,7 @@ callback) moves members with `copy_members` at its interval boundaries.
 from __future__ import annotations
 
 import copy
+import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -31,7 +32,7 @@ import torch
 from torch import Tensor
 
 from gdlab.data import Split
-from gdlab.epoch_table import STEP_COLUMNS, EpochTable
+from gdlab.epoch_table import STEP_COLUMNS, BlockLayout, EpochTable, history_columns
 from gdlab.interrupts import PENDING
 from gdlab.members import Retire
 from gdlab.model import MLP, per_member
@@ -93,7 +94,7 @@ class EpochState:
             last.trial_step,
             last.step,
             last.backtracks,
-            last.failed,
+            last.failed.double(),  # as a number, so that the epoch's values concatenate without promotion
             fwd,
             fwdbwd,
         ]
@@ -172,6 +173,9 @@ class TrainingModule(pl.LightningModule):
         self.counts = np.zeros((3, self.n_members))  # as COUNTS names them
         self.stop_loss = np.asarray(self.stops.loss, dtype=np.float64)
         self.stop_evals = np.asarray(self.stops.evals, dtype=np.float64)
+        self.layout = BlockLayout(2 + 2 * len(self.held_out), len(self.logged_numbers), self.model.n_layers)
+        self.members = np.flatnonzero(self.alive)  # those still training, as an index array
+        self.recorded = self.alive.copy()  # as the table keeps it: replaced, not changed, when alive changes
         self.started = time.perf_counter()
 
     def on_train_start(self) -> None:
@@ -209,55 +213,73 @@ class TrainingModule(pl.LightningModule):
     def on_train_epoch_end(self) -> None:
         """The epoch's rows for every member in one transfer; then whoever diverged, stopped or was retired
         by its epoch callback retires, all at once."""
-        columns, diverged, stopped = self.epoch_columns()
-        members = np.flatnonzero(self.alive)
-        self.table.append(columns, self.alive)
+        row = self.epoch_row()
+        self.table.append(self.as_columns(row), self.recorded)
         for sink in self.sinks:
-            sink(self.table, members)
-        pruned = self.run_callbacks()
-        diverged_now = diverged & ~pruned
-        self.diverged_at[diverged_now] = self.current_epoch
-        retiring = diverged | stopped | pruned
-        if retiring.any():
-            self.retire(retiring)
+            sink(self.table, self.members)
+        ending, pruned = self.ending(row[1], row[self.layout.total_column]), self.run_callbacks()
+        if ending is None and pruned is None:  # the common epoch: nobody retires
+            return
+        nobody = np.zeros(self.n_members, dtype=bool)
+        diverged, stopped = ending or (nobody, nobody)
+        pruned = nobody if pruned is None else pruned
+        self.diverged_at[diverged & ~pruned] = self.current_epoch
+        self.retire(diverged | stopped | pruned)
         if not self.alive.any():
             self.trainer.should_stop = True
 
-    def epoch_columns(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """The epoch's history columns (n_columns, P) float64, and who diverged or met a stop.
+    def epoch_row(self) -> list:
+        """The epoch's history row in column order, from one transfer of what it measured: one member's
+        values as Python floats, every member's as (P,) arrays, by the same arithmetic
+        (gdlab.epoch_table.history_columns), a few dozen operations whatever P is."""
+        measured = self.epoch_block()
+        epoch, elapsed = self.current_epoch, time.perf_counter() - self.started
+        if self.n_members == 1:
+            row, counts = history_columns(measured.ravel().tolist(), self.counts.ravel().tolist(), epoch,
+                                          elapsed, self.layout, math.sqrt)  # fmt: skip
+            self.counts[:, 0] = counts
+        else:
+            row, counts = history_columns(list(measured), list(self.counts), epoch, elapsed, self.layout,
+                                          np.sqrt)  # fmt: skip
+            self.counts = np.array(counts)
+        return row
 
-        The device only stacks what the epoch measured; the one transfer brings it to the host, where the
-        derived columns and the running evaluation counts cost a few numpy operations, whatever P is."""
+    def as_columns(self, row: list) -> np.ndarray:
+        """`row` as the table's (n_columns, P) float64 block."""
+        if self.n_members == 1:
+            return np.array(row)[:, None]
+        columns = np.empty((len(row), self.n_members))
+        for i, values in enumerate(row):
+            columns[i] = values
+        return columns
+
+    def epoch_block(self) -> np.ndarray:
+        """What the epoch measured, on the host as (rows, P) float64 (`BlockLayout`'s rows): the device
+        only concatenates (P,) tensors; one transfer."""
         e = self.epoch
-        optimizer = self.optimizers().optimizer
-        numbers = [optimizer.number(number) for number in self.logged_numbers]
-        measured = [*e.train_metrics(), *e.held_out_metrics, *e.step_numbers(), *numbers]
-        norms = e.records[-1].start.grad_norms  # (2 * layers, P): |dW1|, |db1|, ...
-        block = torch.cat([torch.stack([as_float64(t) for t in measured]), as_float64(norms)]).cpu().numpy()
-        n, k, layers = 2 + len(e.held_out_metrics), len(numbers), self.model.n_layers
-        counts = self.counts  # ls_failures, evals/fwd, evals/fwdbwd so far
-        counts += block[n + 4 : n + 7]  # this epoch's failed, fwd, fwdbwd
-        squares = np.square(block[n + 7 + k :])
-        columns = np.empty((len(self.table.names), block.shape[1]))  # in column_names' order
-        columns[0] = self.current_epoch
-        columns[1 : n + 1] = block[:n]  # train, then each held-out split: loss, acc
-        columns[n + 1] = squares.sum(0)  # grad_norm, then per layer
-        columns[n + 2 : n + 2 + layers] = squares[0::2] + squares[1::2]
-        np.sqrt(columns[n + 1 : n + 2 + layers], out=columns[n + 1 : n + 2 + layers])
-        i = n + 2 + layers  # STEP_COLUMNS from here
-        columns[i] = block[0]  # loss_before
-        columns[i + 1 : i + 6] = block[n : n + 5]  # loss_after, trial_step, step, backtracks, ls_failed
-        columns[i + 6] = counts[0]
-        columns[i + 7 : i + 9] = block[n + 5 : n + 7]
-        columns[i + 9] = counts[1] + counts[2]  # evals/total
-        columns[i + 10] = time.perf_counter() - self.started
-        columns[i + 11 :] = block[n + 7 : n + 7 + k]
-        train_loss, total = columns[1], columns[i + 9]
-        stopped = (train_loss < self.stop_loss) | (total >= self.stop_evals)
-        return columns, self.alive & ~np.isfinite(train_loss), self.alive & stopped
+        measured = [*e.train_metrics(), *e.held_out_metrics, *e.step_numbers()]
+        if self.logged_numbers:
+            optimizer = self.optimizers().optimizer
+            measured += [optimizer.number(number) for number in self.logged_numbers]
+        measured.append(e.records[-1].start.grad_norms.flatten())  # (2 * layers, P): |dW1|, |db1|, ...
+        return torch.cat(measured).double().cpu().numpy().reshape(-1, self.n_members)  # 32-bit: widened
 
-    def run_callbacks(self) -> np.ndarray:
-        """Each member's own epoch callbacks (a sweep's pruner) with its row; who asked to retire."""
+    def ending(self, train_loss, total) -> tuple[np.ndarray, np.ndarray] | None:
+        """Who diverged (a NaN/inf train loss) and who met a stop, among the members still training (each
+        value a float for one member, else (P,)); None: nobody."""
+        if self.n_members == 1:  # a single run's every epoch: Python floats
+            if math.isfinite(train_loss) and train_loss >= self.stop_loss[0] and total < self.stop_evals[0]:
+                return None
+            train_loss, total = np.array([train_loss]), np.array([total])
+        diverged = self.alive & ~np.isfinite(train_loss)
+        stopped = self.alive & ((train_loss < self.stop_loss) | (total >= self.stop_evals))
+        return (diverged, stopped) if (diverged | stopped).any() else None
+
+    def run_callbacks(self) -> np.ndarray | None:
+        """Each member's own epoch callbacks (a sweep's pruner) with its row; who asked to retire (None:
+        nobody)."""
+        if not len(self.with_callbacks) and not self.group_callbacks:
+            return None
         pruned = np.zeros(self.n_members, dtype=bool)
         for p in self.with_callbacks[self.alive[self.with_callbacks]]:
             row = self.table.row(p)
@@ -275,7 +297,7 @@ class TrainingModule(pl.LightningModule):
                 for p in members[self.alive[members] & ~pruned[members]]:
                     self.pruned[p] = str(signal) or "retired by an epoch callback"
                     pruned[p] = True
-        return pruned
+        return pruned if pruned.any() else None
 
     def apply_schedules(self, epoch: int) -> None:
         """Set the numbers whose schedules change at `epoch` (for every member with an entry there)."""
@@ -305,6 +327,8 @@ class TrainingModule(pl.LightningModule):
         self.diverged_at[members] = -1
         self.ended_at[members] = np.nan
         self.alive |= members
+        self.members = np.flatnonzero(self.alive)
+        self.recorded = self.alive.copy()
         mask = torch.as_tensor(members, device=self.device)
         self.retired_mask &= ~mask
         self.optimizers().optimizer.revive(mask)
@@ -318,6 +342,8 @@ class TrainingModule(pl.LightningModule):
         diverged member's arithmetic finite."""
         self.ended_at[members] = time.time()
         self.alive &= ~members
+        self.members = np.flatnonzero(self.alive)
+        self.recorded = self.alive.copy()
         mask = torch.as_tensor(members, device=self.device)
         params = list(self.model.parameters())
         if self.kept is None:
@@ -362,10 +388,6 @@ class TrainingModule(pl.LightningModule):
 
 def on(tensor: Tensor | None, device) -> Tensor | None:
     return None if tensor is None else tensor.to(device)
-
-
-def as_float64(tensor: Tensor) -> Tensor:
-    return tensor if tensor.dtype == torch.float64 else tensor.double()
 
 
 COUNTS = ("ls_failures", "evals_fwd", "evals_fwdbwd")  # the running totals, as epoch_columns keeps them

@@ -32,6 +32,7 @@ class RunEpochs:
         self.tracked = np.array([p for p, run in enumerate(runs) if run is not None], dtype=np.int64)
         self.runs = [runs[p] for p in self.tracked]
         self.single = len(self.runs) == 1 and not self.runs[0].background
+        self.single_member = int(self.tracked[0]) if self.single else None
         self.flush_seconds = POPULATION_FLUSH_SHARE * min(
             (run.flush_seconds for run in self.runs), default=1.0
         )
@@ -43,7 +44,7 @@ class RunEpochs:
         if not self.runs:
             return
         if self.single:
-            self.runs[0].log_epoch(table.row(int(self.tracked[0])))
+            self.runs[0].log_epoch(table.row(self.single_member))
             return
         self.pending.append((int(time.time() * 1000), *self.logged(table)))
         now = time.monotonic()

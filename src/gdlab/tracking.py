@@ -435,7 +435,7 @@ class MlflowRun:
         """`log_epoch`'s rows, buffered, without handing them to the writer."""
         step, timestamp = row["epoch"], int(time.time() * 1000)
         for key, value in row.items():
-            if key in UNLOGGED or (isinstance(value, float) and math.isnan(value)):
+            if key in UNLOGGED or value != value:  # value != value: NaN, not logged
                 continue
             if key in LOGGED_ON_CHANGE:
                 if self.last_values.get(key) == value:
