@@ -663,3 +663,37 @@ def wait_for_running_trials(
             return study
         time.sleep(0.2)
     raise AssertionError(f"never {count} trials running at once (exit status {process.poll()})")
+
+
+def test_a_trial_told_by_a_live_sweep_keeps_its_run_until_its_own_process_ends_it(tmp_path: Path):
+    """Sweeps sharing a study repair each other's dead trials' runs. A trial told COMPLETE or PRUNED by a
+    live process has a run its metric writer has yet to end: it is not another sweep's to end KILLED (CI
+    caught three sweeps started together ending FAILED and KILLED). A failed trial's run is an orphan."""
+    from optuna.trial import TrialState
+
+    from gdlab.repair import PID_TAG, PROCESS_TAG, end_runs_of_dead_trials, process_identity, process_tags
+
+    study = optuna.create_study(study_name="shared", storage=f"sqlite:///{tmp_path / 'optuna.db'}")
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    experiment_id = client.create_experiment("sweep-shared")
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])  # the other sweep
+    try:
+        runs = {}
+        for state in ("COMPLETE", "PRUNED", "FAIL"):
+            trial = study.ask()
+            study.tell(trial, 1.0 if state == "COMPLETE" else None, state=TrialState[state])
+            tags = {**process_tags(), PID_TAG: str(other.pid), PROCESS_TAG: process_identity(other.pid),
+                    "optuna.study": "shared", "optuna.trial": str(trial.number)}  # fmt: skip
+            runs[state] = client.create_run(experiment_id, tags=tags).info.run_id
+        assert end_runs_of_dead_trials(client, study) == 1
+        status = {state: client.get_run(run_id).info.status for state, run_id in runs.items()}
+        assert status == {"COMPLETE": "RUNNING", "PRUNED": "RUNNING", "FAIL": "KILLED"}
+        other.kill()
+        other.wait(timeout=60)
+        assert end_runs_of_dead_trials(client, study) == 2  # its process died after the tell: orphans now
+        for state in ("COMPLETE", "PRUNED"):
+            run = client.get_run(runs[state])
+            assert (run.info.status, run.data.tags["failure.reason"]) == ("KILLED", "its process died")
+    finally:
+        other.kill()
+        other.wait(timeout=60)

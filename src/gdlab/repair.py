@@ -122,21 +122,22 @@ def end_runs_of_this_process(client, experiment_id: str, reason: str) -> int:
 def end_runs_of_dead_trials(client, study) -> int:
     """End KILLED the runs of `study` (an Optuna study) left RUNNING by trials that are over or by a sweep
     whose process, on this host, is gone; how many."""
-    from optuna.trial import TrialState
-
-    over = {t.number: t.state != TrialState.RUNNING for t in study.get_trials(deepcopy=False)}
-    return end_runs_of_finished_trials(client, study.study_name, over)
+    states = {int(number): state for number, state in trial_states(study).items()}
+    return end_runs_of_finished_trials(client, study.study_name, states)
 
 
-def trials_over(study) -> dict[str, bool]:
-    """{trial number: whether it is over}: what `end_runs_of_finished_trials` needs of an Optuna study."""
-    from optuna.trial import TrialState
-
-    return {str(t.number): t.state != TrialState.RUNNING for t in study.get_trials(deepcopy=False)}
+def trial_states(study) -> dict[str, str]:
+    """{trial number: its state's name}: what `end_runs_of_finished_trials` needs of an Optuna study."""
+    return {str(t.number): t.state.name for t in study.get_trials(deepcopy=False)}
 
 
-def end_runs_of_finished_trials(client, study_name: str, over: dict[int, bool]) -> int:
-    """`end_runs_of_dead_trials` for a study whose trials are over or not (`over`: {number: over})."""
+def end_runs_of_finished_trials(client, study_name: str, states: dict[int, str]) -> int:
+    """`end_runs_of_dead_trials` for a study whose trials are in `states` ({number: state name}).
+
+    A failed trial's run is an orphan: its worker died or was declared dead by heartbeat. A trial told
+    COMPLETE or PRUNED was told by its own process, which ends the run after the tell (its metric writer
+    may still hold the end): that run is repaired only if the process that made it, on this host, is gone.
+    Two sweeps on one study would otherwise end each other's finished trials KILLED."""
     filter_string = f"tags.`optuna.study` = '{study_name}' and attributes.status = 'RUNNING'"
     experiment_ids = [e.experiment_id for e in client.search_experiments()]
     if not experiment_ids:
@@ -145,8 +146,10 @@ def end_runs_of_finished_trials(client, study_name: str, over: dict[int, bool]) 
     for run in client.search_runs(experiment_ids, filter_string=filter_string, max_results=5000):
         tags = run.data.tags
         if "optuna.trial" in tags:
-            dead = over.get(int(tags["optuna.trial"]), False)
-            reason = "its worker died; the trial failed by heartbeat"
+            state = states.get(int(tags["optuna.trial"]), "RUNNING")
+            failed = state == "FAIL"
+            dead = failed or (state in ("COMPLETE", "PRUNED") and made_by_dead_process(tags))
+            reason = "its worker died; the trial failed by heartbeat" if failed else "its process died"
         else:  # a sweep's parent run: dead if its process, on this host, is gone
             dead = made_by_dead_process(tags)
             reason = "its gdlab-sweep process died"

@@ -57,12 +57,12 @@ def create_runs(client, runs: list[list], experiment: list | None = None,
     return {"experiment_id": made_in, "run_ids": run_ids, "error": None}
 
 
-def end_runs_of_dead_trials(client, study_name: str, over: dict[str, bool]) -> int:
-    """gdlab.repair.end_runs_of_dead_trials, for a study whose trials are over or not
-    (gdlab.repair.trials_over)."""
+def end_runs_of_dead_trials(client, study_name: str, states: dict[str, str]) -> int:
+    """gdlab.repair.end_runs_of_dead_trials, for a study whose trials are in `states`
+    (gdlab.repair.trial_states)."""
     from gdlab.repair import end_runs_of_finished_trials
 
-    return end_runs_of_finished_trials(client, study_name, {int(n): is_over for n, is_over in over.items()})
+    return end_runs_of_finished_trials(client, study_name, {int(n): state for n, state in states.items()})
 
 
 # --- the store calls of a sweep's end (gdlab.writer_client.WriterClient) --------------------------------

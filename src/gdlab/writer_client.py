@@ -91,9 +91,9 @@ class WriterClient:
         return self._call("create_run", made=[run_name], run_name=run_name, tags=tags, experiment=experiment,
                           parent_run_id=parent_run_id)["run_id"]  # fmt: skip
 
-    def end_runs_of_dead_trials(self, study_name: str, over: dict[str, bool]) -> int:
-        """gdlab.repair.end_runs_of_dead_trials (`over`: gdlab.repair.trials_over)."""
-        return self._call("end_runs_of_dead_trials", study_name=study_name, over=over)
+    def end_runs_of_dead_trials(self, study_name: str, states: dict[str, str]) -> int:
+        """gdlab.repair.end_runs_of_dead_trials (`states`: gdlab.repair.trial_states)."""
+        return self._call("end_runs_of_dead_trials", study_name=study_name, states=states)
 
     def get_run(self, run_id: str) -> RunRecord:
         return RunRecord.of(self._call("get_run", run_id=run_id))

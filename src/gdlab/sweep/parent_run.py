@@ -27,7 +27,7 @@ from gdlab import import_gc, system_metrics
 from gdlab.experiments import experiment_of_run
 from gdlab.interrupts import deferred, interruption_reason
 from gdlab.masking import error_line, install_log_masking, mask_passwords, mask_saved_hydra_configs
-from gdlab.repair import end_runs_of_this_process, trials_over
+from gdlab.repair import end_runs_of_this_process, trial_states
 from gdlab.sweep.optuna_jobs import note_run_on_trial
 from gdlab.sweep.selection import refit_enabled, selected_on
 from gdlab.tracking import (
@@ -428,7 +428,7 @@ def repair_killed_runs(task: DictConfig, study: optuna.Study) -> int:
         return 0
 
     try:
-        return WriterClient(uri).end_runs_of_dead_trials(study.study_name, trials_over(study))
+        return WriterClient(uri).end_runs_of_dead_trials(study.study_name, trial_states(study))
     except Exception as error:  # repairing is housekeeping: it never stops a sweep
         print(f"gdlab-sweep: could not repair MLflow runs: {error_line(error)}")
         return 0
