@@ -11,6 +11,7 @@ from mlflow import MlflowClient
 from optuna.trial import TrialState
 
 import warm
+from conftest import suspend_holding_no_lock
 from gdlab.sweep import load_sweep
 from gdlab.sweep.spec import available_sweeps
 from gdlab.tracking import short_number
@@ -196,11 +197,13 @@ def test_two_workers_lose_and_duplicate_nothing(tmp_path):
 
 @pytest.mark.slow
 def test_exclusive_declines_on_stderr_and_plain_invocations_join(tmp_path):
-    common = ["lr_depth", "trainer.max_epochs=2000", "gdlab_sweep.pruner.n_startup_trials=100"]
+    common = ["lr_depth", "trainer.max_epochs=20", "gdlab_sweep.pruner.n_startup_trials=100"]
     command = [str(BIN / "gdlab-sweep"), *common, "--budget", "50", "--exclusive"]
     first = warm.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
     try:
         assert first.stdout.readline().startswith("gdlab-sweep: study 'lr_depth'")  # the lock is held
+        # It stays held while the process is stopped (outside a SQLite write), without its CPU meanwhile.
+        suspend_holding_no_lock(first.pid, [tmp_path / "mlruns" / db for db in ("optuna.db", "mlflow.db")])
         declined = sweep(*common, "--exclusive", cwd=tmp_path)
         assert declined.returncode == 0 and declined.stdout == ""
         assert f"already being run on this machine by process {first.pid}" in declined.stderr

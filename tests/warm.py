@@ -3,9 +3,9 @@ process forked from a warm server (warm_server.py) that has already imported tor
 Optuna and Hydra, instead of a new interpreter that imports them again (~5 s a command on 2 cores).
 
 The process is the command: its own pid and session (signal it, or its group, as a started script), the
-test's argv, cwd, environment and pipes, the console script's function and its exit status. What is not a
-gdlab command (`mlflow server`, `python script.py`, a shell) is started by subprocess itself, and so is
-every command when GDLAB_TEST_COLD=1 (the suite as it was, for comparison)."""
+test's argv, cwd, environment and pipes, the console script's function (or the script file a test wrote,
+`python FILE.py`) and its exit status. What is neither (`mlflow server`, `python -c`, a shell) is started by
+subprocess itself, and so is every command when GDLAB_TEST_COLD=1 (the suite as it was, for comparison)."""
 
 from __future__ import annotations
 
@@ -33,7 +33,8 @@ SCRIPTS = ("gdlab-train", "gdlab-sweep", "gdlab-report")
 
 
 def warm_command(args) -> dict | None:
-    """What the warm server runs for `args` ({"script"} or {"module"}); None if not a gdlab command."""
+    """What the warm server runs for `args` ({"script"}, {"module"} or {"path"}: a console script, `python -m
+    gdlab.X` or `python FILE.py`); None if not one of those."""
     if os.environ.get("GDLAB_TEST_COLD") == "1" or isinstance(args, (str, bytes)):
         return None
     args = [str(a) for a in args]
@@ -46,6 +47,8 @@ def warm_command(args) -> dict | None:
         }
     if args[0] == sys.executable and len(args) > 2 and args[1] == "-m" and args[2].startswith("gdlab."):
         return {"script": None, "module": args[2], "argv": [f"-m:{args[2]}", *args[3:]]}
+    if args[0] == sys.executable and len(args) > 1 and args[1].endswith(".py") and Path(args[1]).is_file():
+        return {"script": None, "module": None, "path": args[1], "argv": args[1:]}  # a user's script
     return None
 
 

@@ -69,6 +69,11 @@ def run_child(request: dict, fds: list[int], set_by_imports: dict[str, str]) -> 
     sys.argv = list(request["argv"])
     from gdlab.process_exit import exit_now
 
+    if request.get("path"):  # `python FILE.py`: the file's folder first on sys.path, as python puts it
+        import runpy
+
+        sys.path.insert(0, os.path.dirname(os.path.abspath(request["path"])))
+        exit_now(lambda: runpy.run_path(request["path"], run_name="__main__") and None)
     if request["module"]:
         import runpy
 
