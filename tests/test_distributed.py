@@ -311,9 +311,16 @@ def test_no_form_of_a_password_reaches_disk_logs_databases_or_a_command_line(tmp
     in_userinfo = f"postgresql+psycopg://postgres:{odd}@127.0.0.1:5432/{databases[0]}"
     in_query = f"postgresql+psycopg://postgres@127.0.0.1:5432/{databases[1]}?password=Qv7-query"
     quick = ["lr_depth", "trainer.max_epochs=30", "tracking.plots=true"]
-    workers = warm.Popen([str(BIN / "gdlab-sweep"), *quick, "--budget", "4", "--workers", "2"],
-                               env={**os.environ, "GDLAB_OPTUNA_STORAGE": in_userinfo}, cwd=tmp_path,
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    # Its worker and writers started as new interpreters (not by warm_server's zygote): their command lines.
+    env = {**os.environ, "GDLAB_OPTUNA_STORAGE": in_userinfo, "GDLAB_TEST_COLD_CHILDREN": "1"}
+    workers = warm.Popen(
+        [str(BIN / "gdlab-sweep"), *quick, "--budget", "4", "--workers", "2"],
+        env=env,
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     seen = []
     while workers.poll() is None:
         seen += [line for line in command_lines() if "gdlab" in line]

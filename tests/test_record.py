@@ -518,7 +518,8 @@ def process_state(pid: int) -> str | None:
 
 
 def writer_of(process) -> int | None:
-    """The pid of the metric writer child of `process`, once it runs."""
+    """The pid of the metric writer child of `process`, once it runs (by its command line, or by its name
+    where a warm-started command's zygote forked it: warm_server.start_zygote)."""
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
             try:
@@ -526,7 +527,8 @@ def writer_of(process) -> int | None:
                 cmdline = (entry / "cmdline").read_bytes()
             except OSError:
                 continue
-            if int(stat.rsplit(")", 1)[1].split()[1]) == process.pid and b"gdlab.writer_process" in cmdline:
+            named = b"gdlab.writer_process" in cmdline or stat.startswith(f"{entry.name} (writer_process)")
+            if int(stat.rsplit(")", 1)[1].split()[1]) == process.pid and named:
                 return int(entry.name)
     return None
 

@@ -5,7 +5,10 @@ Optuna and Hydra, instead of a new interpreter that imports them again (~5 s a c
 The process is the command: its own pid and session (signal it, or its group, as a started script), the
 test's argv, cwd, environment and pipes, the console script's function (or the script file a test wrote,
 `python FILE.py`) and its exit status. What is neither (`mlflow server`, `python -c`, a shell) is started by
-subprocess itself, and so is every command when GDLAB_TEST_COLD=1 (the suite as it was, for comparison)."""
+subprocess itself, and so is every command when GDLAB_TEST_COLD=1 (the suite as it was, for comparison).
+A warm command's own metric writer and `--workers` workers start warm too, from a zygote the command forks
+before it runs (warm_server.start_zygote), as the command's own children; GDLAB_TEST_COLD_CHILDREN=1 in a
+command's environment starts them as new interpreters."""
 
 from __future__ import annotations
 

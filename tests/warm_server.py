@@ -13,6 +13,7 @@ with three file descriptors (stdin, stdout, stderr), then the request as JSON; t
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import selectors
@@ -20,6 +21,7 @@ import signal
 import socket
 import sys
 import tempfile
+import time
 
 
 def preload() -> dict[str, str]:
@@ -31,6 +33,7 @@ def preload() -> dict[str, str]:
     matplotlib.use("Agg")
     import matplotlib.pyplot  # noqa: F401
     import mlflow  # noqa: F401
+    import mlflow.store.tracking.sqlalchemy_store  # noqa: F401  (a metric writer's)
     import optuna  # noqa: F401
     import pytorch_lightning  # noqa: F401
     import sklearn.model_selection  # noqa: F401
@@ -42,6 +45,7 @@ def preload() -> dict[str, str]:
     import gdlab.sweep.parent_run  # noqa: F401
     import gdlab.tracking  # noqa: F401
     import gdlab.train  # noqa: F401
+    import gdlab.writer_process  # noqa: F401
 
     return {key: value for key, value in os.environ.items() if before.get(key) != value}
 
@@ -67,6 +71,8 @@ def run_child(request: dict, fds: list[int], set_by_imports: dict[str, str]) -> 
         sys.stdout.reconfigure(write_through=True)
     os.chdir(request["cwd"])
     sys.argv = list(request["argv"])
+    if os.environ.get("GDLAB_TEST_COLD_CHILDREN") != "1":
+        start_zygote(set_by_imports)
     from gdlab.process_exit import exit_now
 
     if request.get("path"):  # `python FILE.py`: the file's folder first on sys.path, as python puts it
@@ -83,6 +89,180 @@ def run_child(request: dict, fds: list[int], set_by_imports: dict[str, str]) -> 
 
     (script,) = entry_points(group="console_scripts", name=request["script"])
     exit_now(script.load())
+
+
+# `python -m MODULE` children of a command that start from the command's zygote (see `start_zygote`).
+ZYGOTE_MODULES = ("gdlab.writer_process", "gdlab.sweep")
+PR_SET_CHILD_SUBREAPER = 36
+
+
+def start_zygote(set_by_imports: dict[str, str]) -> None:
+    """In a command, before it runs: fork a zygote (the server's imports, nothing of the command's yet: no
+    thread, no open store) that starts the command's own `python -m gdlab.writer_process` (its metric writer,
+    ~2.8 s of CPU to import MLflow) and `python -m gdlab.sweep --worker` (a `--workers` worker, ~6.7 s) as
+    forks of itself instead of new interpreters. Each such child is still the command's own: the zygote
+    forks twice and the middle process exits, so the child is reparented to the command (a child
+    subreaper), which waits for it, signals it and reads its exit status as subprocess does; it is in the
+    command's process group (or its own new session, if asked), with the command's signal mask, the
+    environment, folder, argv and standard streams the command gave Popen. Anything else (other commands,
+    `pass_fds`, a shell) starts as subprocess starts it; so does everything once the zygote is gone (a
+    signal to the group ended it). The zygote ends with the command (atexit), or when the command is gone.
+    GDLAB_TEST_COLD_CHILDREN=1 leaves it out."""
+    import atexit
+    import ctypes
+    import threading
+
+    if ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
+        return
+    ours, theirs = socket.socketpair()
+    pid = os.fork()
+    if pid == 0:
+        ours.close()
+        zygote(theirs, set_by_imports)
+    theirs.close()
+    lock = threading.Lock()  # one request at a time on the connection
+    patch_popen(ours, lock)
+
+    def end_zygote() -> None:
+        if lock.acquire(timeout=10):
+            with contextlib.suppress(OSError):
+                ours.sendall(b"%08d" % 0)  # the zygote's end
+        for _ in range(1000):
+            with contextlib.suppress(ChildProcessError):
+                if os.waitpid(pid, os.WNOHANG)[0] == 0:
+                    time.sleep(0.01)
+                    continue
+            return
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+
+    atexit.register(end_zygote)
+
+
+def zygote(conn: socket.socket, set_by_imports: dict[str, str]) -> None:
+    """Serve the command's requests until it goes away. Never returns."""
+    try:
+        devnull = os.open(os.devnull, os.O_RDWR)
+        for target in (0, 1, 2):  # the command's streams stay the command's: its readers see their end
+            os.dup2(devnull, target)
+        while True:
+            header, fds, _, _ = socket.recv_fds(conn, 8, 3)
+            if not header or not int(header):
+                break
+            request = json.loads(read_exactly(conn, int(header)))
+            middle = os.fork()
+            if middle == 0:
+                started = os.fork()
+                if started == 0:
+                    conn.close()
+                    module_child(request, fds, set_by_imports)
+                conn.sendall(f"{started}\n".encode())
+                os._exit(0)
+            os.waitpid(middle, 0)
+            for fd in fds:
+                os.close(fd)
+    finally:
+        os._exit(0)
+
+
+def module_child(request: dict, fds: list[int], set_by_imports: dict[str, str]) -> None:
+    """In the zygote's grandchild: become `python -m MODULE` as the command's Popen asked. Never returns."""
+    try:
+        with open("/proc/self/comm", "w") as comm:  # its command line is the server's; its name tells
+            comm.write(request["module"].rsplit(".", 1)[-1][:15])
+        signal.pthread_sigmask(signal.SIG_SETMASK, request["mask"])
+        if request["new_session"]:
+            os.setsid()
+        for target, fd in zip((0, 1, 2), fds, strict=True):
+            os.dup2(fd, target)
+        for fd in fds:
+            if fd > 2:
+                os.close(fd)
+        os.environ.clear()
+        os.environ.update(request["env"])
+        for key, value in set_by_imports.items():
+            os.environ.setdefault(key, value)
+        tempfile.tempdir = None
+        if os.environ.get("PYTHONUNBUFFERED"):
+            sys.stdout.reconfigure(write_through=True)
+        os.chdir(request["cwd"])
+        sys.argv = [f"-m:{request['module']}", *request["argv"]]
+        if request["module"] == "gdlab.sweep":  # a worker: its own metric writer from a zygote of its own
+            start_zygote(set_by_imports)
+        import runpy
+
+        from gdlab.process_exit import exit_now
+
+        for name in (request["module"], f"{request['module']}.__main__"):
+            sys.modules.pop(name, None)  # `python -m` runs it afresh as __main__
+        exit_now(lambda: runpy.run_module(request["module"], run_name="__main__", alter_sys=True) and None)
+    except BaseException as error:
+        sys.excepthook(type(error), error, error.__traceback__)
+        for stream in (sys.stdout, sys.stderr):
+            stream.flush()
+    finally:
+        os._exit(1)
+
+
+def patch_popen(conn: socket.socket, lock) -> None:
+    """subprocess.Popen in the command: `python -m` one of ZYGOTE_MODULES from the zygote on `conn`."""
+    import inspect
+    import subprocess
+
+    original = subprocess.Popen._execute_child
+    names = list(inspect.signature(original).parameters)[1:]  # CPython's own: args, executable, ...
+    command = os.getpid()  # not in a child the command forks (the model logger's, a figure's)
+
+    def execute_child(self, *arguments):
+        a = dict(zip(names, arguments, strict=True))
+        argv = [] if isinstance(a["args"], (str, bytes)) else [os.fsdecode(arg) for arg in a["args"]]
+        plain = os.getpid() == command and not a["shell"] and a["preexec_fn"] is None and a["umask"] < 0
+        plain = plain and not a["pass_fds"] and a["process_group"] in (None, -1)
+        plain = plain and (a["gid"], a["gids"], a["uid"]) == (None, None, None)
+        if not (plain and argv[:2] == [sys.executable, "-m"] and argv[2:3] and argv[2] in ZYGOTE_MODULES):
+            return original(self, *arguments)
+        fds = [a["p2cread"], a["c2pwrite"], a["errwrite"]]
+        fds = [fd if fd != -1 else inherited for fd, inherited in zip(fds, (0, 1, 2), strict=True)]
+        request = {
+            "module": argv[2], "argv": argv[3:], "new_session": bool(a["start_new_session"]),
+            "env": dict(os.environ if a["env"] is None else a["env"]),
+            "cwd": os.fspath(a["cwd"]) if a["cwd"] is not None else os.getcwd(),
+            "mask": sorted(int(signum) for signum in signal.pthread_sigmask(signal.SIG_BLOCK, [])),
+        }  # fmt: skip
+        payload = json.dumps(request).encode()
+        with lock:
+            try:
+                socket.send_fds(conn, [b"%08d" % len(payload)], fds)
+                conn.sendall(payload)
+                pid = int(read_line(conn))
+            except (OSError, ValueError):  # the zygote is gone: a new interpreter, as subprocess starts one
+                return original(self, *arguments)
+        while parent_of(pid) not in (os.getpid(), None):  # until the middle process has exited
+            time.sleep(0.0005)
+        self.pid = pid
+        self._child_created = True
+        self._close_pipe_fds(*(a[name] for name in ("p2cread", "p2cwrite", "c2pread", "c2pwrite", "errread",
+                                                    "errwrite")))  # fmt: skip
+
+    subprocess.Popen._execute_child = execute_child
+
+
+def parent_of(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return int(stat.read().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def read_line(conn: socket.socket) -> bytes:
+    line = b""
+    while not line.endswith(b"\n"):
+        chunk = conn.recv(1)
+        if not chunk:
+            raise ConnectionError("the zygote went away")
+        line += chunk
+    return line
 
 
 def child(request: dict, fds: list[int], set_by_imports: dict[str, str]) -> None:
