@@ -20,8 +20,14 @@ def pytest_collection_modifyitems(items):
     begin with a half (pytest-xdist's worksteal) and take the other's last tests when done, so the suite
     ends on short tests instead of one worker idling while the other runs a long one."""
     slow = [item for item in items if item.get_closest_marker("slow")]
-    fast = [item for item in items if not item.get_closest_marker("slow")]
-    items[:] = slow[0::2] + fast[0::2] + slow[1::2] + fast[1::2]
+    modules: dict[str, list] = {}  # the others module by module: a module's fixtures are made once
+    for item in items:
+        if not item.get_closest_marker("slow"):
+            modules.setdefault(item.module.__name__, []).append(item)
+    halves = ([], [])
+    for index, module in enumerate(modules.values()):
+        halves[index % 2].extend(module)
+    items[:] = slow[0::2] + halves[0] + slow[1::2] + halves[1]
 
 
 @pytest.fixture(autouse=True)
@@ -170,7 +176,8 @@ def suspend_holding_no_lock(pid: int, databases: list) -> None:
     import time
     from pathlib import Path
 
-    while True:
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
         os.kill(pid, signal.SIGSTOP)
         while Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "T":
             time.sleep(0.01)
@@ -178,10 +185,11 @@ def suspend_holding_no_lock(pid: int, databases: list) -> None:
             for database in databases:  # a write needs every other process out of the file
                 if not Path(database).exists():  # not made yet: nobody writes it
                     continue
-                with contextlib.closing(sqlite3.connect(database, timeout=10)) as connection:
+                with contextlib.closing(sqlite3.connect(database, timeout=1)) as connection:
                     version = connection.execute("PRAGMA user_version").fetchone()[0]
                     connection.execute(f"PRAGMA user_version = {version}")
             return
         except sqlite3.OperationalError:  # locked: the stopped process holds it
             os.kill(pid, signal.SIGCONT)
             time.sleep(0.1)
+    raise AssertionError(f"process {pid} held a SQLite lock every time it was stopped")

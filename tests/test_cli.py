@@ -94,6 +94,34 @@ def test_exit_now_joins_a_writing_thread_and_stops_idle_pool_workers(tmp_path):
     assert record.read_text() == "complete"
 
 
+ZYGOTE_CHILD = """
+import os, subprocess, sys
+child = subprocess.Popen([sys.executable, "-m", "gdlab.writer_process"], stdin=subprocess.PIPE,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={"GDLAB_TEST_WHERE": "here"},
+                         cwd=sys.argv[1])
+with open(f"/proc/{child.pid}/stat") as stat:
+    parent, group = stat.read().rsplit(")", 1)[1].split()[1:3]
+_, err = child.communicate(timeout=300)
+print(int(parent) == os.getpid(), int(group) == os.getpgrp(), child.returncode, err.decode().splitlines()[-1])
+"""
+
+
+def test_a_warm_commands_writer_is_its_own_child_with_what_popen_gave_it(tmp_path):
+    """A warm-started command's metric writer comes from its zygote (tests/warm_server.py), not from a new
+    interpreter: still the command's own child in its process group, waited for with its exit status,
+    with the environment, folder and pipes Popen gave it (here no URI: it fails as a new interpreter does)."""
+    script = tmp_path / "starts_a_writer.py"
+    script.write_text(ZYGOTE_CHILD)
+    (tmp_path / "there").mkdir()
+    outputs = []
+    for start, env in ((warm.run, {}), (warm.run, {"GDLAB_TEST_COLD_CHILDREN": "1"}), (subprocess.run, {})):
+        done = start([sys.executable, str(script), str(tmp_path / "there")], capture_output=True, text=True,
+                     cwd=tmp_path, env={**os.environ, **env}, timeout=300)  # fmt: skip
+        assert done.returncode == 0, done.stderr[-3000:]
+        outputs.append(done.stdout)
+    assert outputs[0] == outputs[1] == outputs[2] == "True True 1 KeyError: 'GDLAB_METRIC_WRITER_URI'\n"
+
+
 def test_a_warm_started_command_is_the_command(tmp_path):
     """The suite's warm server (tests/warm.py) runs a command as the installed script does: the same output
     and exit status, in a process of its own session."""

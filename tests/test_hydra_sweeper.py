@@ -69,6 +69,8 @@ def test_multirun_through_the_gdlab_sweeper_prunes_adds_to_the_budget_and_names_
     states = collections.Counter(t.state for t in trials[8:])
     assert states[TrialState.COMPLETE] + states[TrialState.PRUNED] == 2, (states, out[-2000:])
     assert set(states) <= {TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL}, (states, out[-2000:])
+    failed = [t.user_attrs.get("failure", "") for t in trials if t.state == TrialState.FAIL]
+    assert all("became NaN/inf" in reason for reason in failed), failed
     assert len({tuple(sorted(t.params.items())) for t in trials}) == len(trials)  # none replayed
     code, out, _ = finish(gdlab("gdlab-train", *again, cwd=tmp_path))
     assert code == 0 and "budget reached" in out

@@ -40,16 +40,16 @@ def finish(process, timeout=600) -> tuple[int, str, str]:
 
 @pytest.mark.slow
 def test_invocations_and_workers_draw_distinct_trials_and_share_n_trials(tmp_path: Path):
-    for _ in range(2):
+    for _ in range(3):
         code, _, err = finish(gdlab("gdlab-sweep", "lr_depth", "--n-trials", "4", *QUICK, cwd=tmp_path))
         assert code == 0, err[-2000:]
-    code, _, err = finish(gdlab("gdlab-sweep", "lr_depth", "--workers", "2", "--n-trials", "12", *QUICK,
+    code, _, err = finish(gdlab("gdlab-sweep", "lr_depth", "--workers", "3", "--n-trials", "12", *QUICK,
                                 cwd=tmp_path))  # fmt: skip
     assert code == 0, err[-2000:]
     study = optuna.load_study(study_name="lr_depth", storage=f"sqlite:///{tmp_path / 'mlruns' / 'optuna.db'}")
     trials = study.get_trials(deepcopy=False)
-    assert len(trials) == 20  # --n-trials 12 is the invocation's, shared by its 2 processes
-    assert len({tuple(sorted(t.params.items())) for t in trials}) == 20
+    assert len(trials) == 24  # --n-trials 12 is the invocation's, shared by its 3 processes
+    assert len({tuple(sorted(t.params.items())) for t in trials}) == 24
 
 
 @pytest.mark.slow

@@ -1,6 +1,7 @@
 """Sweeps both ways: Hydra's Optuna sweeper (gdlab-train -m +sweep=NAME) and gdlab-sweep."""
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -197,7 +198,7 @@ def test_two_workers_lose_and_duplicate_nothing(tmp_path):
 
 @pytest.mark.slow
 def test_exclusive_declines_on_stderr_and_plain_invocations_join(tmp_path):
-    common = ["lr_depth", "trainer.max_epochs=20", "gdlab_sweep.pruner.n_startup_trials=100"]
+    common = ["lr_depth", "trainer.max_epochs=200", "gdlab_sweep.pruner.n_startup_trials=100"]
     command = [str(BIN / "gdlab-sweep"), *common, "--budget", "50", "--exclusive"]
     first = warm.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
     try:
@@ -207,6 +208,7 @@ def test_exclusive_declines_on_stderr_and_plain_invocations_join(tmp_path):
         declined = sweep(*common, "--exclusive", cwd=tmp_path)
         assert declined.returncode == 0 and declined.stdout == ""
         assert f"already being run on this machine by process {first.pid}" in declined.stderr
+        first.send_signal(signal.SIGCONT)  # training beside the one that joins
         joined = sweep(*common, "--n-trials", "1", cwd=tmp_path)  # not exclusive: it adds its trial
         assert joined.returncode == 0, joined.stderr
         assert "done: " in joined.stdout

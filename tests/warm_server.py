@@ -98,16 +98,17 @@ PR_SET_CHILD_SUBREAPER = 36
 
 def start_zygote(set_by_imports: dict[str, str]) -> None:
     """In a command, before it runs: fork a zygote (the server's imports, nothing of the command's yet: no
-    thread, no open store) that starts the command's own `python -m gdlab.writer_process` (its metric writer,
-    ~2.8 s of CPU to import MLflow) and `python -m gdlab.sweep --worker` (a `--workers` worker, ~6.7 s) as
-    forks of itself instead of new interpreters. Each such child is still the command's own: the zygote
-    forks twice and the middle process exits, so the child is reparented to the command (a child
-    subreaper), which waits for it, signals it and reads its exit status as subprocess does; it is in the
-    command's process group (or its own new session, if asked), with the command's signal mask, the
-    environment, folder, argv and standard streams the command gave Popen. Anything else (other commands,
-    `pass_fds`, a shell) starts as subprocess starts it; so does everything once the zygote is gone (a
-    signal to the group ended it). The zygote ends with the command (atexit), or when the command is gone.
-    GDLAB_TEST_COLD_CHILDREN=1 leaves it out."""
+    thread, no open store; a process forked with a SQLite file open breaks SQLite's locks in the child) that
+    starts the command's own `python -m gdlab.writer_process` (its metric writer, ~2.8 s of CPU to import
+    MLflow) and `python -m gdlab.sweep --worker` (a `--workers` worker, ~6.7 s) as forks of itself instead
+    of new interpreters. Each such child is still the command's own: the zygote forks twice and the middle
+    process exits, so the child is reparented to the command (a child subreaper), which waits for it,
+    signals it and reads its exit status as subprocess does; it is in the command's process group (or its
+    own new session, if asked), with the command's signal mask, the environment, folder, argv and standard
+    streams the command gave Popen. Anything else (other commands, `pass_fds`, a shell) starts as
+    subprocess starts it. The zygote is in a process group of its own with every signal blocked, so a
+    signal to the command's group is not its; it ends with the command (atexit), or when the command is
+    gone. GDLAB_TEST_COLD_CHILDREN=1 leaves it out."""
     import atexit
     import ctypes
     import threading
@@ -124,24 +125,30 @@ def start_zygote(set_by_imports: dict[str, str]) -> None:
     patch_popen(ours, lock)
 
     def end_zygote() -> None:
-        if lock.acquire(timeout=10):
+        if lock.acquire(timeout=2):
             with contextlib.suppress(OSError):
                 ours.sendall(b"%08d" % 0)  # the zygote's end
-        for _ in range(1000):
+        ours.close()
+        deadline = time.monotonic() + 2
+        while time.monotonic() < deadline:
             with contextlib.suppress(ChildProcessError):
                 if os.waitpid(pid, os.WNOHANG)[0] == 0:
                     time.sleep(0.01)
                     continue
             return
         os.kill(pid, signal.SIGKILL)
-        os.waitpid(pid, 0)
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(pid, 0)
 
     atexit.register(end_zygote)
 
 
 def zygote(conn: socket.socket, set_by_imports: dict[str, str]) -> None:
-    """Serve the command's requests until it goes away. Never returns."""
+    """Serve the command's requests until it ends them or goes away: answer each with the pid of the child
+    started, or -1 where none was (then the command starts a new interpreter). Never returns."""
     try:
+        signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())
+        os.setpgid(0, 0)
         devnull = os.open(os.devnull, os.O_RDWR)
         for target in (0, 1, 2):  # the command's streams stay the command's: its readers see their end
             os.dup2(devnull, target)
@@ -150,29 +157,54 @@ def zygote(conn: socket.socket, set_by_imports: dict[str, str]) -> None:
             if not header or not int(header):
                 break
             request = json.loads(read_exactly(conn, int(header)))
-            middle = os.fork()
-            if middle == 0:
-                started = os.fork()
-                if started == 0:
-                    conn.close()
-                    module_child(request, fds, set_by_imports)
-                conn.sendall(f"{started}\n".encode())
-                os._exit(0)
-            os.waitpid(middle, 0)
+            conn.sendall(b"%d\n" % start_child(conn, request, fds, set_by_imports))
             for fd in fds:
                 os.close(fd)
     finally:
         os._exit(0)
 
 
-def module_child(request: dict, fds: list[int], set_by_imports: dict[str, str]) -> None:
-    """In the zygote's grandchild: become `python -m MODULE` as the command's Popen asked. Never returns."""
+def start_child(conn: socket.socket, request: dict, fds: list[int], set_by_imports: dict[str, str]) -> int:
+    """In the zygote: fork a middle process that forks the child and exits; the child's pid, or -1."""
+    read, write = os.pipe()
+    try:
+        middle = os.fork()
+    except OSError:
+        return -1
+    if middle == 0:
+        try:
+            os.close(read)
+            ready, set_up = os.pipe()
+            started = os.fork()
+            if started == 0:
+                for fd in (write, ready):
+                    os.close(fd)
+                conn.close()
+                module_child(request, fds, set_by_imports, set_up)
+            os.close(set_up)
+            os.read(ready, 1)  # its session or group is set (or it died): as when Popen returns
+            os.write(write, b"%d" % started)
+        finally:
+            os._exit(0)
+    os.close(write)
+    os.waitpid(middle, 0)
+    with os.fdopen(read, "rb") as answer:
+        started = answer.read()
+    return int(started) if started else -1
+
+
+def module_child(request: dict, fds: list[int], set_by_imports: dict[str, str], set_up: int) -> None:
+    """In the zygote's grandchild: become `python -m MODULE` as the command's Popen asked; tell `set_up`
+    once its session or process group is the one asked. Never returns."""
     try:
         with open("/proc/self/comm", "w") as comm:  # its command line is the server's; its name tells
             comm.write(request["module"].rsplit(".", 1)[-1][:15])
-        signal.pthread_sigmask(signal.SIG_SETMASK, request["mask"])
         if request["new_session"]:
             os.setsid()
+        else:
+            os.setpgid(0, request["process_group"])  # the command's: the zygote's own is not
+        os.write(set_up, b".")
+        os.close(set_up)
         for target, fd in zip((0, 1, 2), fds, strict=True):
             os.dup2(fd, target)
         for fd in fds:
@@ -186,9 +218,12 @@ def module_child(request: dict, fds: list[int], set_by_imports: dict[str, str]) 
         if os.environ.get("PYTHONUNBUFFERED"):
             sys.stdout.reconfigure(write_through=True)
         os.chdir(request["cwd"])
+        pythonpath = [path for path in request["env"].get("PYTHONPATH", "").split(os.pathsep) if path]
+        sys.path[:1] = [request["cwd"], *pythonpath]  # as `python -m` begins it (not the server's folder)
         sys.argv = [f"-m:{request['module']}", *request["argv"]]
         if request["module"] == "gdlab.sweep":  # a worker: its own metric writer from a zygote of its own
             start_zygote(set_by_imports)
+        signal.pthread_sigmask(signal.SIG_SETMASK, request["mask"])  # the command's, from here on
         import runpy
 
         from gdlab.process_exit import exit_now
@@ -197,9 +232,7 @@ def module_child(request: dict, fds: list[int], set_by_imports: dict[str, str]) 
             sys.modules.pop(name, None)  # `python -m` runs it afresh as __main__
         exit_now(lambda: runpy.run_module(request["module"], run_name="__main__", alter_sys=True) and None)
     except BaseException as error:
-        sys.excepthook(type(error), error, error.__traceback__)
-        for stream in (sys.stdout, sys.stderr):
-            stream.flush()
+        exit_after(error)
     finally:
         os._exit(1)
 
@@ -225,18 +258,15 @@ def patch_popen(conn: socket.socket, lock) -> None:
         fds = [fd if fd != -1 else inherited for fd, inherited in zip(fds, (0, 1, 2), strict=True)]
         request = {
             "module": argv[2], "argv": argv[3:], "new_session": bool(a["start_new_session"]),
-            "env": dict(os.environ if a["env"] is None else a["env"]),
+            "process_group": os.getpgrp(), "env": dict(os.environ if a["env"] is None else a["env"]),
             "cwd": os.fspath(a["cwd"]) if a["cwd"] is not None else os.getcwd(),
             "mask": sorted(int(signum) for signum in signal.pthread_sigmask(signal.SIG_BLOCK, [])),
         }  # fmt: skip
         payload = json.dumps(request).encode()
         with lock:
-            try:
-                socket.send_fds(conn, [b"%08d" % len(payload)], fds)
-                conn.sendall(payload)
-                pid = int(read_line(conn))
-            except (OSError, ValueError):  # the zygote is gone: a new interpreter, as subprocess starts one
-                return original(self, *arguments)
+            pid = ask_zygote(conn, fds, payload)
+        if pid is None:  # no zygote, or it started nothing: a new interpreter, as subprocess starts one
+            return original(self, *arguments)
         while parent_of(pid) not in (os.getpid(), None):  # until the middle process has exited
             time.sleep(0.0005)
         self.pid = pid
@@ -245,6 +275,25 @@ def patch_popen(conn: socket.socket, lock) -> None:
                                                     "errwrite")))  # fmt: skip
 
     subprocess.Popen._execute_child = execute_child
+
+
+def ask_zygote(conn: socket.socket, fds: list[int], payload: bytes) -> int | None:
+    """The pid of the child the zygote started for the request, None if it started none. Interrupted
+    halfway (a signal's exception in this thread), the connection is closed, so that the zygote and this
+    process are never out of step: the zygote ends, and later children start as new interpreters."""
+    if conn.fileno() == -1:
+        return None
+    try:
+        socket.send_fds(conn, [b"%08d" % len(payload)], fds)
+        conn.sendall(payload)
+        pid = int(read_line(conn))
+    except OSError:
+        conn.close()
+        return None
+    except BaseException:
+        conn.close()
+        raise
+    return pid if pid > 0 else None
 
 
 def parent_of(pid: int) -> int | None:
@@ -266,25 +315,31 @@ def read_line(conn: socket.socket) -> bytes:
 
 
 def child(request: dict, fds: list[int], set_by_imports: dict[str, str]) -> None:
-    """run_child, and what the interpreter does with an exception nothing caught: its traceback, the exit
-    steps, status 1 (or, for Ctrl-C, death by SIGINT). Never returns."""
+    """run_child, and what the interpreter does with an exception nothing caught. Never returns."""
     try:
         run_child(request, fds, set_by_imports)
     except BaseException as error:
-        sys.excepthook(type(error), error, error.__traceback__)
-        from gdlab.process_exit import join_threads
-
-        join_threads()
-        import atexit
-
-        atexit._run_exitfuncs()
-        for stream in (sys.stdout, sys.stderr):
-            stream.flush()
-        if isinstance(error, KeyboardInterrupt):
-            signal.signal(signal.SIGINT, signal.SIG_DFL)
-            os.kill(os.getpid(), signal.SIGINT)
+        exit_after(error)
     finally:
         os._exit(1)
+
+
+def exit_after(error: BaseException) -> None:
+    """What the interpreter does with an exception nothing caught: its traceback, the exit steps, status 1
+    (the caller's os._exit) or, for Ctrl-C, death by SIGINT."""
+    sys.excepthook(type(error), error, error.__traceback__)
+    from gdlab.process_exit import join_threads
+
+    join_threads()
+    import atexit
+
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    if isinstance(error, KeyboardInterrupt):
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, [signal.SIGINT])
+        os.kill(os.getpid(), signal.SIGINT)
 
 
 def read_exactly(conn: socket.socket, size: int) -> bytes:
