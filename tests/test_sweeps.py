@@ -305,13 +305,14 @@ def test_a_batch_is_at_most_an_even_share_of_what_the_budget_leaves_among_the_wo
 @pytest.mark.slow
 def test_two_workers_with_batches_larger_than_the_budget_share_it(tmp_path):
     """`--workers 2 --budget 4` with batches of 8: whichever process asks first takes 2 trials, not all 4
-    (it used to take the whole budget while the worker started), and the study ends with exactly 4."""
+    (it used to take the whole budget while the worker started), and the study ends with 4, or 5 where
+    both asked for its last trial at once (K workers end up to K-1 past the budget, README)."""
     proc = sweep("lr_depth", "trainer.max_epochs=20", "tracking=none", "--no-refit", "--workers", "2",
                  "--budget", "4", "--population", "8", cwd=tmp_path)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "2 trials asked before any finished" in proc.stdout and "4 trials asked" not in proc.stdout
     trials = study(tmp_path, "lr_depth").get_trials(deepcopy=False)
-    assert len(trials) == 4 and all(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in trials)
+    assert len(trials) in (4, 5) and all(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in trials)
 
 
 @pytest.mark.slow

@@ -164,8 +164,9 @@ def run_population_batches(spec: SweepSpec, study: optuna.Study, storage, args, 
         if args.timeout is not None and time.monotonic() - started >= args.timeout:
             break
         optuna.storages.fail_stale_trials(study)  # dead workers' trials: FAIL, and retried as WAITING
-        finished = len(study.get_trials(deepcopy=False, states=FINISHED))
-        running = len(study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)))
+        # One read for both counts: between two, another process's trial could leave RUNNING unseen by both.
+        now = [t.state for t in study.get_trials(deepcopy=False, states=(*FINISHED, TrialState.RUNNING))]
+        finished, running = sum(state in FINISHED for state in now), now.count(TrialState.RUNNING)
         size = batch_size(spec.population, budget - finished, running, args.processes or args.workers)
         if args.n_trials:
             size = min(size, args.n_trials - asked)
