@@ -18,7 +18,7 @@ demo: install
 
 # The suite in 2 worker processes (pytest-xdist; worksteal: each takes the next test as it finishes one),
 # then the tests marked `alone` one at a time: their heartbeats' grace periods are a few seconds, which a
-# second busy test on a 2-core machine can stretch. ~11 minutes on 2 cores against ~18 serially.
+# second busy test on a 2-core machine can stretch. ~8.5 minutes on 2 cores (README, Development).
 test: install
 	$(BIN)/python -m pytest -n 2 --dist worksteal -m "not alone" --durations=20
 	$(BIN)/python -m pytest -m alone
