@@ -116,10 +116,14 @@ def start_zygote(set_by_imports: dict[str, str]) -> None:
     if ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
         return
     ours, theirs = socket.socketpair()
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())  # the zygote's from its start
     pid = os.fork()
     if pid == 0:
         ours.close()
         zygote(theirs, set_by_imports)
+    with contextlib.suppress(OSError):
+        os.setpgid(pid, pid)  # as the zygote does itself: whichever comes first, no group signal reaches it
+    signal.pthread_sigmask(signal.SIG_SETMASK, mask)
     theirs.close()
     lock = threading.Lock()  # one request at a time on the connection
     patch_popen(ours, lock)
@@ -147,7 +151,6 @@ def zygote(conn: socket.socket, set_by_imports: dict[str, str]) -> None:
     """Serve the command's requests until it ends them or goes away: answer each with the pid of the child
     started, or -1 where none was (then the command starts a new interpreter). Never returns."""
     try:
-        signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())
         os.setpgid(0, 0)
         devnull = os.open(os.devnull, os.O_RDWR)
         for target in (0, 1, 2):  # the command's streams stay the command's: its readers see their end
