@@ -354,3 +354,63 @@ def test_a_running_trial_added_from_a_template_is_read_as_stored(tmp_path):
     study.ask()
     assert snapshot(study) == snapshot(optuna.load_study(study_name="s", storage=url))
     assert study.get_trials(deepcopy=False)[0].user_attrs == {"pair": [1, 2], "by": {"3": 1}}
+
+
+TAKE_ENQUEUED = """
+import sys, time
+from pathlib import Path
+import optuna
+from gdlab.sweep import owned_trials
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+engine = {"connect_args": {"timeout": 60}}
+storage = owned_trials.wrap(optuna.storages.RDBStorage(sys.argv[1], engine_kwargs=engine))
+study = optuna.load_study(study_name="s", storage=storage)
+while not Path(sys.argv[2]).exists():  # both start asking together
+    time.sleep(0.001)
+print(" ".join(str(study.ask().number) for _ in range(int(sys.argv[3]))))
+"""
+
+
+def test_two_processes_asking_together_take_each_enqueued_trial_once(tmp_path):
+    """Enqueued trials (a Sobol first batch) asked by two processes at once: each is taken by one of them.
+    Optuna's own read-then-write (`SELECT ... FOR UPDATE` locks nothing on SQLite) let both take one."""
+    import subprocess
+    import sys
+
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    study = optuna.create_study(storage=url, study_name="s")
+    for x in range(40):
+        study.enqueue_trial({"x": float(x)})
+    go = tmp_path / "go"
+    command = [sys.executable, "-c", TAKE_ENQUEUED, url, str(go), "20"]
+    askers = [
+        subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in "ab"
+    ]
+    go.touch()
+    taken = []
+    for asker in askers:
+        out, err = asker.communicate(timeout=300)
+        assert asker.returncode == 0, err[-3000:]
+        taken.append([int(number) for number in out.split()])
+    assert len(taken[0]) == len(taken[1]) == 20
+    assert sorted(taken[0] + taken[1]) == list(range(40))  # none taken twice, none left waiting
+    states = {t.number: t.state for t in optuna.load_study(study_name="s", storage=url).trials}
+    assert set(states.values()) == {TrialState.RUNNING}
+
+
+def test_an_enqueued_trial_taken_is_stored_as_optunas_own_storage_stores_it(tmp_path):
+    """The conditional update that takes an enqueued trial writes what RDBStorage writes: its state and
+    start time, read back through Optuna's own storage."""
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    taken = []
+    for storage in (owned_trials.wrap(optuna.storages.RDBStorage(url)), optuna.storages.RDBStorage(url)):
+        study = optuna.create_study(storage=storage, study_name=f"s{len(taken)}")
+        study.enqueue_trial({"x": 0.5})
+        trial = study.ask()
+        trial.suggest_float("x", 0, 1)
+        taken.append(optuna.storages.RDBStorage(url).get_trial(trial._trial_id))
+    ours, optunas = taken
+    assert (ours.state, ours.params) == (optunas.state, optunas.params) == (TrialState.RUNNING, {"x": 0.5})
+    assert ours.system_attrs == optunas.system_attrs
+    assert ours.datetime_start.tzinfo == optunas.datetime_start.tzinfo
+    assert abs((ours.datetime_start - optunas.datetime_start).total_seconds()) < 60

@@ -99,6 +99,8 @@ class OwnedTrialsStorage(_CachedStorage):
             self._told[trial_id] = (state, values)  # written with the others, at the end of the batch's tells
             return True
         try:
+            if state == TrialState.RUNNING and values is None:  # an enqueued trial taken by `study.ask`
+                return self._take_waiting(trial_id)
             return super().set_trial_state_values(trial_id, state, values)
         finally:
             with self._lock:
@@ -106,6 +108,26 @@ class OwnedTrialsStorage(_CachedStorage):
                 self._fresh = None if self._fresh == trial_id else self._fresh
                 if state.is_finished():
                     self._owned.discard(trial_id)
+
+    def _take_waiting(self, trial_id: int) -> bool:
+        """WAITING to RUNNING in one conditional UPDATE, with the start time RDBStorage writes; False where
+        another process took the trial first. Optuna reads the state, then writes it (`SELECT ... FOR
+        UPDATE`, which locks nothing on SQLite): two invocations asking together each took the same
+        enqueued trial (a Sobol first batch) and trained it twice."""
+        from optuna.storages._rdb import models
+
+        trial, started = models.TrialModel, models.TrialModel()
+        started.datetime_start = datetime.now()  # stored as Optuna's model stores it
+        with self._one_transaction() as session:
+            taken = (
+                session.query(trial)
+                .filter(trial.trial_id == trial_id, trial.state == TrialState.WAITING)
+                .update(
+                    {trial.state: TrialState.RUNNING, trial._datetime_start_utc: started._datetime_start_utc},
+                    synchronize_session=False,
+                )  # fmt: skip
+            )
+        return taken == 1
 
     def set_trial_intermediate_value(self, trial_id, step, intermediate_value) -> None:
         super().set_trial_intermediate_value(trial_id, step, intermediate_value)
