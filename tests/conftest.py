@@ -167,8 +167,8 @@ def make_database():
 
 def suspend_holding_no_lock(pid: int, databases: list) -> None:
     """SIGSTOP `pid` at a moment it is not inside a write to a SQLite file: a process stopped there holds
-    the file's lock, and every process on the file waits for it (SQLite's, see the README); what this test
-    is about is a process stopped anywhere else (a test that needs one stopped while it holds nothing)."""
+    the file's lock, and every process on the file waits for it (SQLite's, see the README). For tests about
+    a process stopped anywhere else; an AssertionError if it held a lock at every try for 300 s."""
     import contextlib
     import os
     import signal

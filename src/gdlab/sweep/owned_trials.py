@@ -125,7 +125,7 @@ class OwnedTrialsStorage(_CachedStorage):
                 .update(
                     {trial.state: TrialState.RUNNING, trial._datetime_start_utc: started._datetime_start_utc},
                     synchronize_session=False,
-                )  # fmt: skip
+                )
             )
         return taken == 1
 
